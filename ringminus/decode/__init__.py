@@ -1,0 +1,1 @@
+"""Instruction decoding for the instructions ringminus handles itself."""

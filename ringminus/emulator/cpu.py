@@ -1,0 +1,156 @@
+"""Architectural CPU state of the one Unicorn handle: registers, segment caches, CPL, mode."""
+from __future__ import annotations
+
+from unicorn import Uc
+from unicorn import x86_const as X
+
+from . import ucinternals as uci
+from .descriptors import Segment
+
+MSR_EFER = 0xC000_0080
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+EFER_NXE = 1 << 11
+
+CR0_PE = 1 << 0
+CR0_WP = 1 << 16
+CR0_PG = 1 << 31
+CR4_PSE = 1 << 4
+CR4_PAE = 1 << 5
+
+RFLAGS_TF = 1 << 8
+RFLAGS_IF = 1 << 9
+RFLAGS_NT = 1 << 14
+RFLAGS_RF = 1 << 16
+RFLAGS_VM = 1 << 17
+RFLAGS_AC = 1 << 18
+
+GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+SEGMENT_REGISTERS = ("cs", "ds", "es", "fs", "gs", "ss")
+SYSTEM_SEGMENTS = ("ldtr", "tr")
+CONTROL = ("cr0", "cr2", "cr3", "cr4")
+
+# Every register name the API and ``--set`` accept, mapped to Unicorn's id.  Narrow names
+# (eax, ax, al, r8d …) write only their part, as the instruction set does.
+_UC_NAMES = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in (
+    *GPRS, "rip", "eip", "ip", "rflags", "eflags", *CONTROL, "cr8",
+    "dr0", "dr1", "dr2", "dr3", "dr6", "dr7", "fs_base", "gs_base",
+    "eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp",
+    "ax", "bx", "cx", "dx", "si", "di", "bp", "sp", "al", "bl", "cl", "dl", "ah", "bh", "ch", "dh",
+    *(f"r{n}{s}" for n in range(8, 16) for s in "dwb"))}
+REGISTER_NAMES = frozenset(_UC_NAMES) | {"efer"} | set(SEGMENT_REGISTERS)
+
+
+class Cpu:
+    """Reads and writes the guest CPU through Unicorn's API and, for what that API cannot
+    reach (hidden segment state, CPL), through the saved context (ucinternals)."""
+
+    def __init__(self, uc: Uc):
+        self.uc = uc
+        self.context = uci.Context(uc)
+
+    # -- plain registers -------------------------------------------------------------------
+    def __getitem__(self, name: str) -> int:
+        if name == "efer":
+            return self.uc.msr_read(MSR_EFER)
+        if name in SEGMENT_REGISTERS or name in SYSTEM_SEGMENTS:
+            return self.segment(name).selector
+        return self.uc.reg_read(_UC_NAMES[name])
+
+    def __setitem__(self, name: str, value: int) -> None:
+        if name == "efer":
+            self.uc.msr_write(MSR_EFER, value)
+        else:
+            self.uc.reg_write(_UC_NAMES[name], value)
+
+    @property
+    def rip(self) -> int:
+        return self.uc.reg_read(X.UC_X86_REG_RIP)
+
+    @rip.setter
+    def rip(self, value: int) -> None:
+        self.uc.reg_write(X.UC_X86_REG_RIP, value)
+
+    # -- segments and privilege ------------------------------------------------------------
+    def segment(self, name: str) -> Segment:
+        cache = self.context.snapshot().segment(name)
+        return Segment(cache.selector, cache.base, cache.limit, cache.flags)
+
+    def table_register(self, name: str) -> tuple[int, int]:
+        """(base, limit) of GDTR or IDTR."""
+        _, base, limit, _ = self.uc.reg_read(X.UC_X86_REG_GDTR if name == "gdtr" else X.UC_X86_REG_IDTR)
+        return base, limit
+
+    def set_table_register(self, name: str, base: int, limit: int) -> None:
+        self.uc.reg_write(X.UC_X86_REG_GDTR if name == "gdtr" else X.UC_X86_REG_IDTR, (0, base, limit, 0))
+
+    @property
+    def cpl(self) -> int:
+        return self.context.snapshot().u32(uci.HFLAGS) & uci.HF_CPL_MASK
+
+    def load_segments(self, segments: dict[str, Segment], cpl: int | None = None) -> None:
+        """Write segment caches (selector + hidden part) and, optionally, the CPL, in one
+        context round trip; hflags are re-derived the way QEMU derives them."""
+        ctx = self.context.snapshot()
+        for name, seg in segments.items():
+            ctx.put_segment(name, uci.SegmentCache(seg.selector, seg.base, seg.limit, seg.flags))
+        ctx.recompute_segment_hflags(ctx.u32(uci.HFLAGS) & 3 if cpl is None else cpl)
+        ctx.commit()
+
+    def set_mode_state(self, cr0: int, cr4: int, efer: int) -> None:
+        """Set CR0/CR4/EFER exactly, including leaving long mode, which register writes on a
+        64-bit handle cannot do (reference/unicorn.md §5): EFER, CR0 and the LMA/PE hflags
+        are patched in the saved context."""
+        self.uc.reg_write(X.UC_X86_REG_CR4, cr4)
+        ctx = self.context.snapshot()
+        ctx.put_u64(uci.CR, cr0)
+        ctx.put_u64(uci.EFER, efer)
+        hflags = ctx.u32(uci.HFLAGS) & ~(uci.HF_LMA | uci.HF_PE | 0xE00)
+        hflags |= (uci.HF_LMA if efer & EFER_LMA else 0) | (uci.HF_PE if cr0 & CR0_PE else 0)
+        hflags |= ((cr0 >> 1) & 7) << 9            # MP, EM, TS -> HF_MP/EM/TS (bits 9-11)
+        ctx.put_u32(uci.HFLAGS, hflags)
+        ctx.recompute_segment_hflags(hflags & 3)
+        ctx.commit()
+
+    def clear_inflight_exception(self) -> None:
+        """Forget the fault just handled, so the next one is not taken for a #DF
+        (reference/unicorn.md §3)."""
+        ctx = self.context.snapshot()
+        ctx.put_i32(uci.OLD_EXCEPTION, -1)
+        ctx.commit()
+
+    # -- mode ------------------------------------------------------------------------------
+    @property
+    def long_mode_active(self) -> bool:
+        return bool(self["efer"] & EFER_LMA)
+
+    @property
+    def protected(self) -> bool:
+        return bool(self["cr0"] & CR0_PE)
+
+    @property
+    def vm86(self) -> bool:
+        return bool(self["rflags"] & RFLAGS_VM)
+
+    def code_bits(self) -> int:
+        """Default operand size of the code now running: 16, 32 or 64."""
+        if not self.protected or self.vm86:
+            return 16
+        cs = self.segment("cs")
+        if self.long_mode_active and cs.long:
+            return 64
+        return 32 if cs.big else 16
+
+    def snapshot(self) -> dict:
+        """Every architectural register RunResult reports, keyed by lower-case name."""
+        regs = {name: self[name] for name in (*GPRS, "rip", "rflags", *CONTROL, "efer", "dr6", "dr7")}
+        ctx = self.context.snapshot()
+        for name in (*SEGMENT_REGISTERS, *SYSTEM_SEGMENTS):
+            c = ctx.segment(name)
+            regs[name] = Segment(c.selector, c.base, c.limit, c.flags).as_dict()
+        for name in ("gdtr", "idtr"):
+            base, limit = self.table_register(name)
+            regs[name] = {"base": base, "limit": limit}
+        regs["cpl"] = ctx.u32(uci.HFLAGS) & uci.HF_CPL_MASK
+        return regs

@@ -1,0 +1,142 @@
+"""Segment descriptors, gate descriptors and segment-register state.
+
+Three encodings of the same attributes appear in ringminus and are converted only here:
+
+* the 8-byte descriptor in a GDT/LDT,
+* QEMU's descriptor-cache ``flags`` (the descriptor's high dword: type<<8, S<<12, DPL<<13,
+  P<<15, AVL<<20, L<<21, D/B<<22, G<<23),
+* the 16-bit SMRAM/KVM ``attributes`` (type 0-3, S 4, DPL 5-6, P 7, AVL 12, L 13, D/B 14,
+  G 15) that RunResult and ``--json`` report (semantics.md §C.5).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+FLAG_S = 1 << 12
+FLAG_P = 1 << 15
+FLAG_L = 1 << 21
+FLAG_DB = 1 << 22
+FLAG_G = 1 << 23
+
+TYPE_ACCESSED = 0x1
+TYPE_CODE = 0x8
+TYPE_CONFORMING = 0x4      # for code segments
+TYPE_EXPAND_DOWN = 0x4     # for data segments
+TYPE_WRITABLE = 0x2        # data
+TYPE_READABLE = 0x2        # code
+
+# System descriptor and gate types (S = 0).
+SYS_LDT = 0x2
+SYS_TASK_GATE = 0x5
+SYS_INT_GATE16 = 0x6
+SYS_TRAP_GATE16 = 0x7
+SYS_TSS32_AVAILABLE = 0x9
+SYS_TSS32_BUSY = 0xB
+SYS_INT_GATE = 0xE          # 32-bit, or 64-bit in long mode
+SYS_TRAP_GATE = 0xF
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A segment register with its hidden part, as the CPU caches it."""
+    selector: int
+    base: int
+    limit: int          # in bytes (granularity already applied)
+    flags: int          # descriptor high-dword layout (QEMU's SegmentCache.flags)
+
+    @property
+    def attributes(self) -> int:
+        """The 16-bit SMRAM/KVM attribute encoding (semantics.md §C.5)."""
+        return (self.flags >> 8) & 0xF0FF
+
+    @property
+    def type(self) -> int:
+        return (self.flags >> 8) & 0xF
+
+    @property
+    def dpl(self) -> int:
+        return (self.flags >> 13) & 3
+
+    @property
+    def present(self) -> bool:
+        return bool(self.flags & FLAG_P)
+
+    @property
+    def is_code(self) -> bool:
+        return bool(self.flags & FLAG_S) and bool(self.type & TYPE_CODE)
+
+    @property
+    def long(self) -> bool:
+        return bool(self.flags & FLAG_L)
+
+    @property
+    def big(self) -> bool:
+        return bool(self.flags & FLAG_DB)
+
+    def as_dict(self) -> dict:
+        return {"selector": self.selector, "base": self.base, "limit": self.limit,
+                "attributes": self.attributes}
+
+    @staticmethod
+    def real_mode(selector: int, code: bool = False) -> "Segment":
+        """A segment as real mode loads it: base = selector * 16, 64 KiB, present, accessed."""
+        kind = TYPE_CODE | TYPE_READABLE if code else TYPE_WRITABLE
+        return Segment(selector & 0xFFFF, (selector & 0xFFFF) << 4, 0xFFFF,
+                       FLAG_P | FLAG_S | ((kind | TYPE_ACCESSED) << 8))
+
+
+def attributes_to_flags(attributes: int) -> int:
+    return (attributes & 0xF0FF) << 8
+
+
+def pack_descriptor(base: int, limit: int, attributes: int) -> bytes:
+    """An 8-byte GDT/LDT descriptor.  ``limit`` is in bytes; G is chosen from it unless set."""
+    if limit > 0xFFFFF:
+        attributes |= 0x8000
+    raw_limit = limit >> 12 if attributes & 0x8000 else limit
+    return struct.pack("<HHBBBB", raw_limit & 0xFFFF, base & 0xFFFF, (base >> 16) & 0xFF,
+                       attributes & 0xFF, ((raw_limit >> 16) & 0xF) | ((attributes >> 8) & 0xF0),
+                       (base >> 24) & 0xFF)
+
+
+def pack_system_descriptor64(base: int, limit: int, attributes: int) -> bytes:
+    """A 16-byte long-mode system descriptor (TSS, LDT)."""
+    return pack_descriptor(base, limit, attributes) + struct.pack("<II", base >> 32, 0)
+
+
+def unpack_descriptor(raw: bytes, selector: int, base_high: int = 0) -> Segment:
+    """Decode an 8-byte descriptor into the cached form (limit scaled by G)."""
+    low, high = struct.unpack("<II", raw[:8])
+    base = (low >> 16) | ((high & 0xFF) << 16) | (high & 0xFF000000) | (base_high << 32)
+    limit = (low & 0xFFFF) | (high & 0xF0000)
+    if high & FLAG_G:
+        limit = (limit << 12) | 0xFFF
+    return Segment(selector, base, limit, high & 0x00F0FF00)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """An IDT gate (protected or long mode)."""
+    type: int
+    dpl: int
+    present: bool
+    selector: int
+    offset: int
+    ist: int = 0
+
+
+def unpack_gate(raw: bytes, long_mode: bool) -> Gate:
+    offset_low, selector, ist, access, offset_mid = struct.unpack_from("<HHBBH", raw)
+    offset = offset_low | (offset_mid << 16)
+    if long_mode:
+        offset |= struct.unpack_from("<I", raw, 8)[0] << 32
+    return Gate(access & 0xF, (access >> 5) & 3, bool(access & 0x80), selector, offset,
+                ist & 7 if long_mode else 0)
+
+
+def pack_gate(offset: int, selector: int, gate_type: int, dpl: int = 0, present: bool = True,
+              ist: int = 0, long_mode: bool = False) -> bytes:
+    access = gate_type | (dpl << 5) | (0x80 if present else 0)
+    raw = struct.pack("<HHBBH", offset & 0xFFFF, selector, ist, access, (offset >> 16) & 0xFFFF)
+    return raw + struct.pack("<II", (offset >> 32) & 0xFFFFFFFF, 0) if long_mode else raw

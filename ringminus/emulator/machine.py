@@ -1,0 +1,375 @@
+"""The machine: one 64-bit Unicorn handle, its memory, ports and events, and the run loop.
+
+Unicorn executes the guest natively.  Python runs only when Unicorn reports an event (a fault
+or software interrupt, an invalid opcode, port I/O, an access to unbacked memory, HLT) or when
+an armed code site is reached (sites.py) — never per instruction or per block, except with
+``trace``.  Each report ends the current ``emu_start`` slice; the loop decides, delivers and
+resumes.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, TextIO
+
+import numpy as np
+from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
+from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR,
+                     UC_HOOK_MEM_INVALID, UC_MEM_WRITE_PROT, UC_MODE_64, Uc, UcError)
+from unicorn import x86_const as X
+
+from ..decode.portio import OUT_OPCODES, PortIo, decode_port_io
+from . import boot as boot_states
+from . import ucinternals
+from .cpu import RFLAGS_VM, Cpu
+from .delivery import Delivery, Event, EventKind, Unsupported
+from .loader import Image, bios_windows, check_bios
+from .memory import ROM, PhysicalMemory, UnbackedMemory
+from .paging import LinearMemory
+from .ports import DEBUGCON_PORT, EXIT_PORT, DebugConsole, ExitDevice, PortBus
+from .result import RunResult, Stop, StopReason
+from .sites import CodeSites
+from .vectors import PUSHES_ERROR_CODE, GuestFault, Vector
+
+DEFAULT_MEMORY = 64 << 20
+NO_UNTIL = 0xFFFF_FFFF_FFFF_FFFF          # emu_start's "until": an address never executed
+ICEBP, INT3, INTO = 0xF1, 0xCC, 0xCE
+
+
+@dataclass(frozen=True)
+class _Trap:
+    """What a hook saw before it stopped the slice."""
+    kind: str                   # "exception", "invalid", "port", "memory"
+    vector: int = 0
+    error_code: int = 0
+    software: bool = False
+    address: int = 0
+    port_io: PortIo | None = None
+    port: int = 0
+    detail: str = ""
+
+
+class Machine:
+    def __init__(self, memory_size: int = DEFAULT_MEMORY, cpu_model: str = "qemu64",
+                 debugcon_port: int = DEBUGCON_PORT, exact_instructions: bool = False):
+        ucinternals.verify()
+        if cpu_model not in boot_states.CPU_SIGNATURE:
+            raise ValueError(f"unknown CPU model {cpu_model!r}")
+        self.cpu_model = cpu_model
+        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.cpu = Cpu(self.uc)
+        self.memory = PhysicalMemory(self.uc, memory_size)
+        self.linear = LinearMemory(self.cpu, self.memory)
+        self.delivery = Delivery(self.cpu, self.linear)
+        self.ports = PortBus()
+        self.console = DebugConsole()
+        self.ports.register(debugcon_port, self.console)
+        self.ports.register(EXIT_PORT, ExitDevice(lambda value: self.request_stop(StopReason.EXIT, value)))
+        self.sites = CodeSites(self.uc, self._on_site, OUT_OPCODES)
+        self.exact_instructions = exact_instructions
+        self.instructions = 0
+        self._instructions_exact = True
+        self.halted = False
+        self.stats: Counter = Counter()
+        self._scheduled: list[tuple[int, int, Callable[["Machine"], None]]] = []
+        self._sequence = itertools.count()
+        self._trap: _Trap | None = None
+        self._stop: Stop | None = None
+        self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+        self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
+        self.uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
+        self.uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+        self.uc.hook_add(UC_HOOK_MEM_INVALID, self._on_bad_memory)
+
+    # -- setting up ------------------------------------------------------------------------
+    def boot(self, state: boot_states.BootState | str, entry: int = 0, cpl: int = 0) -> None:
+        """Put the CPU in a boot state (boot.py) with the guest entered at ``entry``."""
+        boot_states.boot(self, boot_states.BootState(state), entry, cpl)
+        self._trap, self.halted = None, False
+
+    def write_memory(self, address: int, data: bytes) -> None:
+        """Place bytes in guest RAM and arm the code sites they contain."""
+        self.memory.load(address, data)
+        self.sites.scan(address, data)
+
+    def read_memory(self, address: int, size: int) -> bytes:
+        return self.memory.read(address, size)
+
+    def load_image(self, image: Image) -> int:
+        for segment in image.segments:
+            end = segment.address + segment.memory_size
+            if segment.address < 0 or end > self.memory.ram_size:
+                raise ValueError(f"image segment {segment.address:#x}-{end:#x} does not fit in "
+                                 f"{self.memory.ram_size >> 20} MiB of guest RAM")
+            self.write_memory(segment.address, segment.data.ljust(segment.memory_size, b"\0"))
+        return image.entry
+
+    def load_bios(self, data: bytes) -> None:
+        """Map a ``-bios`` image as QEMU does (read-only) and scan it for code sites."""
+        check_bios(data)
+        rom = np.frombuffer(bytearray(data), dtype=np.uint8)
+        for address, offset, length in bios_windows(len(data)):
+            self.memory.add_overlay(f"bios@{address:#x}", address, rom[offset:offset + length], ROM)
+            self.sites.scan(address, rom[offset:offset + length])
+
+    def __setitem__(self, register: str, value: int) -> None:
+        """Set a register by name; a segment register loads as the current mode loads it."""
+        if register in ("cs", "ds", "es", "fs", "gs", "ss"):
+            self._load_segment_register(register, value)
+        else:
+            self.cpu[register] = value
+
+    def __getitem__(self, register: str) -> int:
+        return self.cpu[register]
+
+    def _load_segment_register(self, name: str, selector: int) -> None:
+        from .descriptors import Segment as Seg
+        if not self.cpu.protected or self.cpu.vm86:
+            self.cpu.load_segments({name: Seg.real_mode(selector, code=name == "cs")})
+            return
+        if selector & ~3 == 0 and name != "cs":
+            self.cpu.load_segments({name: Seg(selector, 0, 0, 0)})
+            return
+        descriptor = self.delivery.read_descriptor(selector, Vector.GP, 0)
+        self.cpu.load_segments({name: descriptor}, cpl=descriptor.dpl if name == "cs" else None)
+
+    # -- events ----------------------------------------------------------------------------
+    def at_instruction(self, index: int, callback: Callable[["Machine"], None]) -> None:
+        """Call ``callback(machine)`` once exactly ``index`` instructions have retired (counted
+        from the machine's creation).  If the CPU halts first, the event is delivered to the
+        halted CPU.  Runs with a pending event count instructions exactly."""
+        heapq.heappush(self._scheduled, (index, next(self._sequence), callback))
+
+    def request_stop(self, reason: StopReason = StopReason.STOPPED, value: int | None = None,
+                     detail: str | None = None) -> None:
+        """End the run after the current instruction (devices and user handlers call this)."""
+        if self._stop is None:
+            self._stop = Stop(reason, self.cpu.rip, value, detail)
+
+    def deliver(self, event: Event) -> None:
+        """Deliver an event through the IVT/IDT now (wakes a halted CPU)."""
+        self.halted = False
+        try:
+            delivered = self.delivery.deliver(event)
+        except Unsupported as why:
+            self.request_stop(StopReason.UNSUPPORTED, detail=str(why))
+            return
+        self.cpu.clear_inflight_exception()
+        if not delivered:
+            self.request_stop(StopReason.SHUTDOWN, detail=f"triple fault while delivering vector {event.vector}")
+            return
+        self.stats["exceptions_delivered" if event.kind is EventKind.EXCEPTION else "interrupts_delivered"] += 1
+
+    # -- Unicorn hooks (they record and stop; the run loop acts) ---------------------------
+    def _trap_and_stop(self, trap: _Trap) -> None:
+        self._trap = trap
+        self.uc.emu_stop()
+
+    def _on_interrupt(self, uc: Uc, intno: int, _data) -> None:
+        ctx = self.cpu.context.snapshot()
+        self._trap_and_stop(_Trap("exception", vector=intno, error_code=ctx.i32(ucinternals.ERROR_CODE) & 0xFFFFFFFF,
+                                  software=bool(ctx.i32(ucinternals.EXCEPTION_IS_INT))))
+
+    def _on_invalid_opcode(self, uc: Uc, _data) -> bool:
+        self._trap_and_stop(_Trap("invalid"))
+        return True
+
+    def _on_bad_memory(self, uc: Uc, access: int, address: int, size: int, value: int, _data) -> bool:
+        what = "write to ROM" if access == UC_MEM_WRITE_PROT else "access to unbacked memory"
+        self._trap = _Trap("memory", address=address, detail=f"{what} at {address:#x}")
+        return False
+
+    def _on_in(self, uc: Uc, port: int, size: int, _data) -> int:
+        return self.ports.read(port, size)
+
+    def _on_out(self, uc: Uc, port: int, size: int, value: int, _data) -> None:
+        self.ports.write(port, size, value)
+        if self._stop is not None:       # an unarmed OUT to a stopping device: best effort
+            uc.emu_stop()
+
+    def _on_site(self, uc: Uc, address: int, size: int, _data) -> None:
+        try:
+            code = self.linear.read(address, 15)
+        except (GuestFault, UnbackedMemory):
+            return                      # Unicorn will report the fetch fault itself
+        port_io = decode_port_io(code, self.cpu.code_bits())
+        if port_io is None or port_io.direction != "out":
+            return
+        port = port_io.port if port_io.port is not None else self.cpu["dx"]
+        if self.ports.is_precise(port):
+            self._trap_and_stop(_Trap("port", address=address, port_io=port_io, port=port))
+
+    # -- running ---------------------------------------------------------------------------
+    def run(self, max_instructions: int | None = None, timeout: float | None = None,
+            trace: TextIO | None = None) -> RunResult:
+        """Run until a stop reason (result.py).  ``max_instructions`` counts from this call."""
+        limit = None if max_instructions is None else self.instructions + max_instructions
+        deadline = None if timeout is None else time.monotonic() + timeout
+        counting = self.exact_instructions or limit is not None or bool(self._scheduled)
+        if not counting:
+            self._instructions_exact = False
+        trace_hook = self._add_trace(trace) if trace else None
+        self._stop = None
+        try:
+            while self._stop is None:
+                self._step(limit, deadline, counting)
+        finally:
+            if trace_hook is not None:
+                self.uc.hook_del(trace_hook)
+        return self.result()
+
+    def result(self) -> RunResult:
+        stats = dict(self.stats)
+        stats.update(self.ports.stats)
+        stats["unclaimed_ports"] = sorted(self.ports.unclaimed)
+        stats["code_sites"] = len(self.sites.armed)
+        console = self.console.output.decode("utf-8", errors="replace")
+        return RunResult(self._stop or Stop(StopReason.STOPPED, self.cpu.rip), self.cpu.snapshot(), console,
+                         self.instructions if self._instructions_exact else None, stats)
+
+    def _fire_due_events(self) -> None:
+        while self._scheduled and self._scheduled[0][0] <= self.instructions and self._stop is None:
+            _, _, callback = heapq.heappop(self._scheduled)
+            callback(self)
+
+    def _step(self, limit: int | None, deadline: float | None, counting: bool) -> None:
+        self._fire_due_events()
+        if self._stop is not None:
+            return
+        if self.halted:
+            if self._scheduled:              # fast-forward: the halted CPU takes the next event
+                _, _, callback = heapq.heappop(self._scheduled)
+                callback(self)
+            else:
+                self._stop = Stop(StopReason.HLT, self.cpu.rip)
+            return
+        if limit is not None and self.instructions >= limit:
+            self._stop = Stop(StopReason.LIMIT, self.cpu.rip)
+            return
+        budget = 0
+        if counting:
+            targets = [t for t in (limit, self._scheduled[0][0] if self._scheduled else None) if t is not None]
+            budget = min(targets) - self.instructions if targets else 0
+        microseconds = 0
+        if deadline is not None:
+            microseconds = int((deadline - time.monotonic()) * 1e6)
+            if microseconds <= 0:
+                self._stop = Stop(StopReason.TIMEOUT, self.cpu.rip)
+                return
+        self._trap = None
+        error = None
+        try:
+            self.uc.emu_start(self.cpu.rip, NO_UNTIL, timeout=microseconds, count=budget)
+        except UcError as e:
+            error = e
+        self.stats["slices"] += 1
+        started = ucinternals.emu_counter(self.uc) if counting else 0
+        self._after_slice(error, budget, started, deadline)
+
+    def _retire(self, count: int) -> None:
+        self.instructions += max(count, 0)
+
+    def _after_slice(self, error: UcError | None, budget: int, started: int, deadline: float | None) -> None:
+        trap = self._trap
+        if trap is not None and trap.kind == "memory":
+            self._retire(started - 1)
+            self._stop = Stop(StopReason.MEMORY, self.cpu.rip, trap.address, trap.detail)
+        elif error is not None:
+            self._retire(started - 1)
+            self._stop = Stop(StopReason.UNSUPPORTED, self.cpu.rip, detail=f"Unicorn: {error}")
+        elif trap is None:
+            if budget and started > budget:
+                self._retire(budget)                        # a limit or an event is due
+            elif self._stop is not None:                    # a device stopped an unarmed OUT
+                self._retire(started - 1)
+            elif deadline is not None and time.monotonic() >= deadline:
+                self._retire(started - 1)
+                self._stop = Stop(StopReason.TIMEOUT, self.cpu.rip)
+            else:
+                self._retire(started)                       # HLT retired; the CPU is halted
+                self.halted = True
+        elif trap.kind == "exception":
+            self._on_exception_trap(trap, started)
+        elif trap.kind == "invalid":
+            self._retire(started - 1)
+            self._on_invalid_trap()
+        elif trap.kind == "port":
+            self._retire(started - 1)
+            self._emulate_out(trap)
+
+    def _on_exception_trap(self, trap: _Trap, started: int) -> None:
+        rip = self.cpu.rip
+        if trap.software:                     # INT n / INT3 / INTO: retired, RIP is past it
+            self._retire(started)
+            last = self.linear.read(rip - 1, 1)[0]
+            one_byte = (trap.vector, last) in ((3, INT3), (4, INTO))
+            kind = EventKind.SOFTWARE_EXCEPTION if one_byte else EventKind.SOFTWARE_INTERRUPT
+            self.deliver(Event(trap.vector, kind, rip, instruction_rip=rip - (1 if one_byte else 2)))
+            return
+        # #DB from TF or a data breakpoint is a trap (the instruction retired); others fault.
+        self._retire(started if trap.vector == Vector.DB else started - 1)
+        error_code = trap.error_code if trap.vector in PUSHES_ERROR_CODE else None
+        cr2 = self.cpu["cr2"] if trap.vector == Vector.PF else None
+        self.deliver(Event(trap.vector, EventKind.EXCEPTION, rip, error_code, cr2))
+
+    def _on_invalid_trap(self) -> None:
+        rip = self.cpu.rip
+        try:
+            first = self.linear.read(rip, 1)[0]
+        except (GuestFault, UnbackedMemory):
+            first = None
+        if first == ICEBP:                   # INT1: a trap-like #DB that Unicorn reports as #UD
+            self._retire(1)
+            self.deliver(Event(Vector.DB, EventKind.ICEBP, rip + 1, instruction_rip=rip))
+        else:
+            self.deliver(Event(Vector.UD, EventKind.EXCEPTION, rip))
+
+    def _emulate_out(self, trap: _Trap) -> None:
+        """Perform an OUT to a precise device, exactly as the CPU would."""
+        rip = self.cpu.rip
+        io = trap.port_io
+        if not self._io_permitted(trap.port, io.size):
+            self.deliver(Event(Vector.GP, EventKind.EXCEPTION, rip, 0))
+            return
+        self.cpu.rip = rip + io.length
+        self._retire(1)
+        self.ports.write(trap.port, io.size, self.cpu["rax"])
+        if self._stop is not None:
+            self._stop = Stop(self._stop.reason, self.cpu.rip, self._stop.value, self._stop.detail)
+
+    def _io_permitted(self, port: int, size: int) -> bool:
+        """The protected-mode I/O permission check: IOPL, then the TSS I/O bitmap."""
+        rflags = self.cpu["rflags"]
+        if not self.cpu.protected or (self.cpu.cpl <= (rflags >> 12) & 3 and not rflags & RFLAGS_VM):
+            return True
+        tr = self.cpu.segment("tr")
+        if not tr.present or tr.type not in (0x9, 0xB) or tr.limit < 103:
+            return False
+        try:
+            bitmap = self.linear.read_u(tr.base + 0x66, 2) + (port >> 3)
+            if bitmap + 1 > tr.limit:
+                return False
+            bits = self.linear.read_u(tr.base + bitmap, 2)
+        except (GuestFault, UnbackedMemory):
+            return False
+        return not (bits >> (port & 7)) & ((1 << size) - 1)
+
+    # -- tracing (the one per-instruction callback, on request) ----------------------------
+    def _add_trace(self, out: TextIO) -> int:
+        disassemblers = {bits: Cs(CS_ARCH_X86, mode) for bits, mode in
+                         ((16, CS_MODE_16), (32, CS_MODE_32), (64, CS_MODE_64))}
+
+        def on_code(uc: Uc, address: int, size: int, _data) -> None:
+            try:
+                code = self.linear.read(address, size) if size < 16 else b""
+            except (GuestFault, UnbackedMemory):
+                code = b""
+            text = next((f"{i.mnemonic} {i.op_str}".strip() for i in
+                         disassemblers[self.cpu.code_bits()].disasm(code, address)), "(undecodable)")
+            out.write(f"{address:#018x}  {code.hex():<30} {text}\n")
+
+        return self.uc.hook_add(UC_HOOK_CODE, on_code)
+

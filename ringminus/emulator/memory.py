@@ -1,0 +1,109 @@
+"""Guest physical memory: numpy-backed RAM plus overlays (ROM images, aliases), all mapped
+into Unicorn with ``mem_map_ptr`` so guest and Python see the same bytes at once.
+
+An overlay hides what lies beneath it; removing it maps the RAM beneath back.  Switching
+what is visible is a remap (tens of µs, and Unicorn drops the translations of that range
+only), never a copy (DESIGN.md §3, reference/unicorn.md §4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, Uc, UcError
+
+PAGE = 0x1000
+ROM = UC_PROT_READ | UC_PROT_EXEC
+RW = UC_PROT_ALL
+
+
+class UnbackedMemory(Exception):
+    """Python touched a physical address that no RAM, ROM or overlay backs."""
+
+    def __init__(self, address: int):
+        super().__init__(f"no memory at physical address {address:#x}")
+        self.address = address
+
+
+def page_aligned_array(size: int) -> np.ndarray:
+    """A zeroed uint8 array whose first byte is 4 KiB aligned in host memory."""
+    raw = np.zeros(size + PAGE, dtype=np.uint8)
+    skip = (-raw.ctypes.data) % PAGE
+    return raw[skip:skip + size]
+
+
+@dataclass
+class Overlay:
+    name: str
+    base: int
+    data: np.ndarray
+    perms: int
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.data)
+
+
+class PhysicalMemory:
+    def __init__(self, uc: Uc, ram_size: int):
+        if ram_size <= 0 or ram_size % PAGE:
+            raise ValueError(f"memory size must be a positive multiple of 4 KiB, not {ram_size:#x}")
+        self.uc = uc
+        self.ram = page_aligned_array(ram_size)
+        self.overlays: list[Overlay] = []
+        self._map(0, self.ram, RW)
+
+    @property
+    def ram_size(self) -> int:
+        return len(self.ram)
+
+    def _map(self, base: int, data: np.ndarray, perms: int) -> None:
+        if len(data):
+            self.uc.mem_map_ptr(base, len(data), perms, data.ctypes.data)
+
+    def add_overlay(self, name: str, base: int, data: np.ndarray, perms: int = RW) -> Overlay:
+        """Show ``data`` at ``base`` instead of whatever RAM is there."""
+        if base % PAGE or len(data) % PAGE or len(data) == 0:
+            raise ValueError(f"overlay {name} must be whole 4 KiB pages")
+        overlay = Overlay(name, base, data, perms)
+        start, end = max(base, 0), min(overlay.end, self.ram_size)
+        if start < end:
+            self.uc.mem_unmap(start, end - start)
+        self._map(base, data, perms)
+        self.overlays.append(overlay)
+        return overlay
+
+    def remove_overlay(self, overlay: Overlay) -> None:
+        self.uc.mem_unmap(overlay.base, len(overlay.data))
+        self.overlays.remove(overlay)
+        start, end = overlay.base, min(overlay.end, self.ram_size)
+        if start < end:
+            self._map(start, self.ram[start:end], RW)
+
+    # -- Python-side physical access (what the CPU would see right now) --------------------
+    def read(self, address: int, size: int) -> bytes:
+        try:
+            return bytes(self.uc.mem_read(address, size))
+        except UcError:
+            raise UnbackedMemory(address) from None
+
+    def write(self, address: int, data: bytes) -> None:
+        try:
+            self.uc.mem_write(address, bytes(data))
+        except UcError:
+            raise UnbackedMemory(address) from None
+
+    def load(self, address: int, data: bytes) -> None:
+        """Place bytes in guest RAM (loaders, --blob); the whole range must be RAM."""
+        if address < 0 or address + len(data) > self.ram_size:
+            raise ValueError(f"{len(data)} bytes at {address:#x} do not fit in "
+                             f"{self.ram_size >> 20} MiB of guest RAM")
+        self.ram[address:address + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        # Bytes written behind Unicorn's back must not run stale translations (unicorn.md §4).
+        self.uc.ctl_remove_cache(address, address + max(len(data), 1))
+
+    def read_u(self, address: int, size: int) -> int:
+        return int.from_bytes(self.read(address, size), "little")
+
+    def write_u(self, address: int, size: int, value: int) -> None:
+        self.write(address, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))

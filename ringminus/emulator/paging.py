@@ -1,0 +1,98 @@
+"""Linear-address access for ringminus's own guest accesses (event delivery, emulated
+instructions): 32-bit, PAE and 4-level paging with the architecture's permission checks,
+accessed/dirty updates and #PF error codes."""
+from __future__ import annotations
+
+from .cpu import CR0_PG, CR0_WP, CR4_PAE, CR4_PSE, EFER_LMA, EFER_NXE, Cpu
+from .memory import PhysicalMemory
+from .vectors import GuestFault, Vector
+
+PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D, PTE_PS = 1, 2, 4, 0x20, 0x40, 0x80
+PTE_NX = 1 << 63
+PF_P, PF_W, PF_U, PF_I = 1, 2, 4, 16
+ADDRESS_52 = 0x000F_FFFF_FFFF_F000
+
+
+class LinearMemory:
+    def __init__(self, cpu: Cpu, phys: PhysicalMemory):
+        self.cpu = cpu
+        self.phys = phys
+
+    def translate(self, linear: int, write: bool = False, user: bool = False, fetch: bool = False) -> int:
+        cr0, cr4, efer = self.cpu["cr0"], self.cpu["cr4"], self.cpu["efer"]
+        if not efer & EFER_LMA:
+            linear &= 0xFFFF_FFFF
+        if not cr0 & CR0_PG:
+            return linear
+        nx_enabled = bool(efer & EFER_NXE)
+        error = (PF_W if write else 0) | (PF_U if user else 0) | (PF_I if fetch and nx_enabled else 0)
+        cr3 = self.cpu["cr3"]
+        if efer & EFER_LMA:
+            levels = [(cr3 & ADDRESS_52, 39), (None, 30), (None, 21), (None, 12)]
+            entry_size = 8
+        elif cr4 & CR4_PAE:
+            levels = [((cr3 & 0xFFFF_FFE0), 30), (None, 21), (None, 12)]
+            entry_size = 8
+        else:
+            levels = [(cr3 & 0xFFFF_F000, 22), (None, 12)]
+            entry_size = 4
+        table = levels[0][0]
+        writable = user_ok = True
+        no_exec = False
+        walked: list[tuple[int, int]] = []
+        pae_pdpte = bool(cr4 & CR4_PAE) and not efer & EFER_LMA
+        for depth, (_, shift) in enumerate(levels):
+            index_bits = 2 if pae_pdpte and depth == 0 else (10 if entry_size == 4 else 9)
+            index = (linear >> shift) & ((1 << index_bits) - 1)
+            entry_address = table + index * entry_size
+            entry = self.phys.read_u(entry_address, entry_size)
+            if not entry & PTE_P:
+                raise GuestFault(Vector.PF, error, cr2=linear)
+            if not (pae_pdpte and depth == 0):      # PAE PDPTEs carry no permissions
+                writable &= bool(entry & PTE_RW)
+                user_ok &= bool(entry & PTE_US)
+                no_exec |= nx_enabled and bool(entry & PTE_NX)
+                walked.append((entry_address, entry))
+            last = depth == len(levels) - 1
+            large = not last and depth > 0 and entry & PTE_PS and (entry_size == 8 or cr4 & CR4_PSE)
+            if entry_size == 4 and depth == 0 and entry & PTE_PS and cr4 & CR4_PSE:
+                large = True
+            if last or large:
+                break
+            table = entry & (ADDRESS_52 if entry_size == 8 else 0xFFFF_F000)
+        page_mask = (1 << shift) - 1
+        if entry_size == 4 and shift == 22:
+            frame = (entry & 0xFFC0_0000) | ((entry >> 13) & 0xFF) << 32     # PSE-36
+        else:
+            frame = entry & ADDRESS_52 & ~page_mask
+        denied = (user and not user_ok) or (write and not writable and (user or cr0 & CR0_WP)) \
+            or (fetch and no_exec)
+        if denied:
+            raise GuestFault(Vector.PF, error | PF_P, cr2=linear)
+        for i, (entry_address, value) in enumerate(walked):
+            leaf = i == len(walked) - 1
+            updated = value | PTE_A | (PTE_D if leaf and write else 0)
+            if updated != value:
+                self.phys.write_u(entry_address, entry_size, updated)
+        return frame | (linear & page_mask)
+
+    def _chunks(self, linear: int, size: int):
+        while size:
+            step = min(size, 0x1000 - (linear & 0xFFF))
+            yield linear, step
+            linear += step
+            size -= step
+
+    def read(self, linear: int, size: int, user: bool = False) -> bytes:
+        return b"".join(self.phys.read(self.translate(a, user=user), n) for a, n in self._chunks(linear, size))
+
+    def write(self, linear: int, data: bytes, user: bool = False) -> None:
+        # Translate every page first: a fault on the second page must leave the first untouched.
+        targets = [(self.translate(a, write=True, user=user), n) for a, n in self._chunks(linear, len(data))]
+        offset = 0
+        for physical, n in targets:
+            self.phys.write(physical, data[offset:offset + n])
+            offset += n
+
+    def read_u(self, linear: int, size: int, user: bool = False) -> int:
+        return int.from_bytes(self.read(linear, size, user), "little")

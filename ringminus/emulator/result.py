@@ -1,0 +1,65 @@
+"""Why a run stopped, and what it left behind."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class StopReason(Enum):
+    HLT = "hlt"                  # HLT with nothing left to deliver
+    EXIT = "exit"                # a write to the exit device; value = the byte written
+    LIMIT = "limit"              # --max-insns reached
+    TIMEOUT = "timeout"          # --timeout reached
+    SHUTDOWN = "shutdown"        # triple fault
+    MEMORY = "memory"            # an access no memory backs (value = address), or a ROM write
+    UNSUPPORTED = "unsupported"  # an architectural path ringminus does not implement
+    STOPPED = "stopped"          # Machine.request_stop() from a user handler
+
+
+# CLI exit status per stop reason.  ``exit`` maps to 2*value+1 as QEMU's isa-debug-exit does
+# (always odd, never 2, the usage-error status); the others are even and distinct.
+EXIT_STATUS = {
+    StopReason.HLT: 0,
+    StopReason.SHUTDOWN: 4,
+    StopReason.MEMORY: 6,
+    StopReason.UNSUPPORTED: 8,
+    StopReason.LIMIT: 10,
+    StopReason.TIMEOUT: 12,
+    StopReason.STOPPED: 14,
+}
+USAGE_ERROR_STATUS = 2
+
+
+@dataclass(frozen=True)
+class Stop:
+    reason: StopReason
+    rip: int
+    value: int | None = None
+    detail: str | None = None
+
+    @property
+    def exit_status(self) -> int:
+        if self.reason is StopReason.EXIT:
+            return (2 * (self.value or 0) + 1) & 0xFF
+        return EXIT_STATUS[self.reason]
+
+    def as_dict(self) -> dict:
+        out = {"reason": self.reason.value, "rip": self.rip}
+        if self.value is not None:
+            out["value"] = self.value
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
+
+@dataclass(frozen=True)
+class RunResult:
+    stop: Stop
+    regs: dict
+    console: str
+    instructions: int | None      # exact when counting (a limit or an instruction event is set)
+    stats: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"stop": self.stop.as_dict(), "regs": self.regs, "console": self.console,
+                "instructions": self.instructions, "stats": self.stats}

@@ -1,0 +1,204 @@
+"""Unicorn 2.1.4 internals that its API does not expose — the one home for them.
+
+Unicorn keeps the guest CPU in QEMU's ``CPUX86State``; ``uc_context`` is a 40-byte header
+followed by a raw copy of it (reference/unicorn.md §6).  ringminus reads and patches that copy
+for what no register API reaches: hidden segment state, CPL (QEMU's ``hflags``), the error
+code and the "exception in flight" marker of a fault, and Unicorn's own retired-instruction
+counter.  Every offset here was measured on unicorn 2.1.4 and is checked by :func:`verify`
+against values a scratch engine can predict, so another release fails at start-up with a
+clear message instead of corrupting a guest.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import struct
+from dataclasses import dataclass
+
+import unicorn
+from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, Uc
+from unicorn import x86_const as X
+
+CONTEXT_SIZE = 5608          # bytes(UcContext) on 2.1.4, header included
+
+# Offsets inside the context (header included).
+EIP = 168
+EFLAGS = 176
+HFLAGS = 216
+SEGMENTS = 224               # ES, CS, SS, DS, FS, GS; then LDTR, TR, GDTR, IDTR
+SEGMENT_STRIDE = 24          # u32 selector, pad, u64 base, u32 limit, u32 flags
+SEGMENT_SLOT = {"es": 0, "cs": 1, "ss": 2, "ds": 3, "fs": 4, "gs": 5, "ldtr": 6, "tr": 7}
+CR = 464                     # cr[0..4], u64 each
+EFER = 632
+ERROR_CODE = 5424            # i32: error code of the fault being reported
+EXCEPTION_IS_INT = 5428      # i32: 1 for INT n / INT3 / INTO (software)
+EXCEPTION_NEXT_EIP = 5432    # u64
+OLD_EXCEPTION = 5536         # i32: QEMU's "exception in flight" (-1 = none)
+
+# Offset inside ``struct uc_struct`` of the pair (emu_counter, emu_count).
+EMU_COUNTER = 1368
+
+# QEMU hflags bits (target/i386/cpu.h) that ringminus maintains when it patches segments.
+HF_CPL_MASK = 0x3
+HF_CS32 = 1 << 4
+HF_SS32 = 1 << 5
+HF_ADDSEG = 1 << 6
+HF_PE = 1 << 7
+HF_LMA = 1 << 14
+HF_CS64 = 1 << 15
+
+# Descriptor-cache flag bits (descriptor high dword layout).
+DESC_B = 1 << 22
+DESC_L = 1 << 21
+
+
+class UnicornLayoutError(RuntimeError):
+    """The installed Unicorn does not have the CPU-state layout ringminus was built for."""
+
+
+@dataclass(frozen=True)
+class SegmentCache:
+    """One raw QEMU SegmentCache: selector, base, limit (bytes, already scaled), flags."""
+    selector: int
+    base: int
+    limit: int
+    flags: int
+
+
+class Context:
+    """A reusable ``uc_context`` whose bytes ringminus reads and patches in place.
+
+    ``snapshot()`` copies the live CPU into it (about 1 µs); ``commit()`` copies it back.
+    Reads and writes in between touch only the copy.
+    """
+
+    def __init__(self, uc: Uc):
+        self._uc = uc
+        self._ctx = uc.context_save()
+        address = ctypes.cast(self._ctx.context, ctypes.c_void_p).value
+        self.raw = (ctypes.c_uint8 * CONTEXT_SIZE).from_address(address)
+        self.view = memoryview(self.raw).cast("B")
+
+    def snapshot(self) -> "Context":
+        self._uc.context_update(self._ctx)
+        return self
+
+    def commit(self) -> None:
+        self._uc.context_restore(self._ctx)
+
+    def u32(self, offset: int) -> int:
+        return struct.unpack_from("<I", self.view, offset)[0]
+
+    def i32(self, offset: int) -> int:
+        return struct.unpack_from("<i", self.view, offset)[0]
+
+    def u64(self, offset: int) -> int:
+        return struct.unpack_from("<Q", self.view, offset)[0]
+
+    def put_u32(self, offset: int, value: int) -> None:
+        struct.pack_into("<I", self.view, offset, value & 0xFFFFFFFF)
+
+    def put_i32(self, offset: int, value: int) -> None:
+        struct.pack_into("<i", self.view, offset, value)
+
+    def put_u64(self, offset: int, value: int) -> None:
+        struct.pack_into("<Q", self.view, offset, value & 0xFFFFFFFFFFFFFFFF)
+
+    def segment(self, name: str) -> SegmentCache:
+        offset = SEGMENTS + SEGMENT_STRIDE * SEGMENT_SLOT[name]
+        selector, base, limit, flags = struct.unpack_from("<I4xQII", self.view, offset)
+        return SegmentCache(selector & 0xFFFF, base, limit, flags)
+
+    def put_segment(self, name: str, cache: SegmentCache) -> None:
+        offset = SEGMENTS + SEGMENT_STRIDE * SEGMENT_SLOT[name]
+        struct.pack_into("<I4xQII", self.view, offset, cache.selector & 0xFFFF,
+                         cache.base & 0xFFFFFFFFFFFFFFFF, cache.limit & 0xFFFFFFFF,
+                         cache.flags & 0xFFFFFFFF)
+
+    def recompute_segment_hflags(self, cpl: int) -> None:
+        """Re-derive the hflags QEMU computes when it loads segment caches
+        (``cpu_x86_load_seg_cache``) after ringminus wrote caches directly."""
+        hflags = self.u32(HFLAGS)
+        cs, ss = self.segment("cs"), self.segment("ss")
+        hflags &= ~(HF_CPL_MASK | HF_CS32 | HF_SS32 | HF_CS64 | HF_ADDSEG)
+        hflags |= cpl & 3
+        if hflags & HF_LMA and cs.flags & DESC_L:
+            hflags |= HF_CS32 | HF_SS32 | HF_CS64
+        else:
+            if cs.flags & DESC_B:
+                hflags |= HF_CS32
+            if ss.flags & DESC_B:
+                hflags |= HF_SS32
+        if not hflags & HF_CS64:
+            protected32 = (self.u64(CR) & 1) and not (self.u64(EFLAGS) & (1 << 17)) and hflags & HF_CS32
+            if not protected32 or (self.segment("ds").base | self.segment("es").base | ss.base):
+                hflags |= HF_ADDSEG
+        self.put_u32(HFLAGS, hflags)
+
+
+def emu_counter(uc: Uc) -> int:
+    """Unicorn's count of instructions *started* in the last counted ``emu_start``."""
+    return ctypes.c_uint64.from_address(uc._uch.value + EMU_COUNTER).value
+
+
+@functools.cache
+def verify() -> None:
+    """Check every offset above on a scratch engine; raise UnicornLayoutError if one is off."""
+    version = unicorn.__version__
+
+    def fail(what: str) -> None:
+        raise UnicornLayoutError(
+            f"ringminus needs unicorn 2.1.4 (found {version}): {what} is not where 2.1.4 keeps it")
+
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x10000)
+    ctx = Context(uc)
+    if len(bytes(uc.context_save())) != CONTEXT_SIZE:
+        fail("the saved context size")
+    uc.reg_write(X.UC_X86_REG_RIP, 0x1234_5678_9ABC)
+    uc.reg_write(X.UC_X86_REG_CR3, 0x5000)
+    uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x1122_3344, 0x77, 0))
+    uc.reg_write(X.UC_X86_REG_FS_BASE, 0xAB_CDEF_0000)
+    uc.msr_write(0xC000_0080, uc.msr_read(0xC000_0080) | 1)
+    ctx.snapshot()
+    checks = [
+        ("RIP", ctx.u64(EIP), 0x1234_5678_9ABC),
+        ("CR3", ctx.u64(CR + 3 * 8), 0x5000),
+        ("GDTR", struct.unpack_from("<QI", ctx.view, SEGMENTS + SEGMENT_STRIDE * 8 + 8), (0x1122_3344, 0x77)),
+        ("the FS segment cache", ctx.segment("fs").base, 0xAB_CDEF_0000),
+        ("EFER", ctx.u64(EFER) & 1, 1),
+        ("CPL in hflags", ctx.u32(HFLAGS) & (HF_LMA | HF_CS64 | HF_CPL_MASK), HF_LMA | HF_CS64),
+    ]
+    for what, got, want in checks:
+        if got != want:
+            fail(what)
+
+    # A #GP with a known error code, then INT 0x21, then a counted loop.
+    code = bytes.fromhex(
+        "66b83812"          # mov ax, 0x1238   (GDT index 0x247 does not exist -> #GP(0x1238))
+        "8ed8"              # mov ds, ax
+        "cd21"              # int 0x21
+        "b905000000"        # mov ecx, 5
+        "ffc9" "75fc"       # dec ecx; jnz
+        "f4")               # hlt
+    uc.mem_write(0x1000, code)
+    uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x8000, 0x17, 0))
+    seen = []
+
+    def on_intr(u: Uc, intno: int, _data) -> None:
+        ctx.snapshot()
+        seen.append((intno, ctx.i32(ERROR_CODE), ctx.i32(EXCEPTION_IS_INT), ctx.i32(OLD_EXCEPTION),
+                     ctx.u64(EXCEPTION_NEXT_EIP)))
+        ctx.put_i32(OLD_EXCEPTION, -1)
+        ctx.commit()
+        u.reg_write(X.UC_X86_REG_RIP, 0x1006 if intno == 13 else u.reg_read(X.UC_X86_REG_RIP))
+
+    uc.hook_add(UC_HOOK_INTR, on_intr)
+    uc.emu_start(0x1000, 0xFFFF_FFFF_FFFF_FFFF, count=100)
+    if seen[:1] != [(13, 0x1238, 0, 13, seen[0][4])]:
+        fail("the fault error code / in-flight exception marker")
+    if len(seen) != 2 or seen[1][:3] != (0x21, 0, 1) or seen[1][4] != 0x1008:
+        fail("the software-interrupt marker")
+    # Started: mov, mov(faults), int, mov, 5*(dec, jnz), hlt = 15.
+    if emu_counter(uc) != 15 or ctypes.c_uint64.from_address(uc._uch.value + EMU_COUNTER + 8).value != 100:
+        fail("the instruction counter")
