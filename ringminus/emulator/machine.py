@@ -35,7 +35,10 @@ from .sites import CodeSites
 from .vectors import PUSHES_ERROR_CODE, GuestFault, Vector
 
 DEFAULT_MEMORY = 64 << 20
-NO_UNTIL = 0xFFFF_FFFF_FFFF_FFFF          # emu_start's "until": an address never executed
+# emu_start's ``until``.  On leaving, Unicorn translates ``until - 1`` and, if the guest's
+# paging does not map it, overwrites CR2 with it; ``until = 0`` skips that.  Reaching linear 0
+# then ends a slice early, so a slice that starts at 0 uses 1 (0 is mapped: it is running).
+UNTIL, UNTIL_AT_ZERO = 0, 1
 ICEBP, INT3, INTO = 0xF1, 0xCC, 0xCE
 
 
@@ -46,6 +49,7 @@ class _Trap:
     vector: int = 0
     error_code: int = 0
     software: bool = False
+    cr2: int = 0                # #PF: read in the hook; Unicorn clobbers CR2 (to -2) on the way out
     address: int = 0
     port_io: PortIo | None = None
     port: int = 0
@@ -171,7 +175,8 @@ class Machine:
     def _on_interrupt(self, uc: Uc, intno: int, _data) -> None:
         ctx = self.cpu.context.snapshot()
         self._trap_and_stop(_Trap("exception", vector=intno, error_code=ctx.i32(ucinternals.ERROR_CODE) & 0xFFFFFFFF,
-                                  software=bool(ctx.i32(ucinternals.EXCEPTION_IS_INT))))
+                                  software=bool(ctx.i32(ucinternals.EXCEPTION_IS_INT)),
+                                  cr2=ctx.u64(ucinternals.CR + 2 * 8)))
 
     def _on_invalid_opcode(self, uc: Uc, _data) -> bool:
         self._trap_and_stop(_Trap("invalid"))
@@ -261,18 +266,23 @@ class Machine:
                 return
         self._trap = None
         error = None
+        until = UNTIL_AT_ZERO if self._linear_pc() == UNTIL else UNTIL
         try:
-            self.uc.emu_start(self.cpu.rip, NO_UNTIL, timeout=microseconds, count=budget)
+            self.uc.emu_start(self.cpu.rip, until, timeout=microseconds, count=budget)
         except UcError as e:
             error = e
         self.stats["slices"] += 1
         started = ucinternals.emu_counter(self.uc) if counting else 0
-        self._after_slice(error, budget, started, deadline)
+        self._after_slice(error, budget, started, deadline, until)
+
+    def _linear_pc(self) -> int:
+        return (self.cpu.segment("cs").base + self.cpu.rip) & 0xFFFF_FFFF_FFFF_FFFF
 
     def _retire(self, count: int) -> None:
         self.instructions += max(count, 0)
 
-    def _after_slice(self, error: UcError | None, budget: int, started: int, deadline: float | None) -> None:
+    def _after_slice(self, error: UcError | None, budget: int, started: int, deadline: float | None,
+                     until: int) -> None:
         trap = self._trap
         if trap is not None and trap.kind == "memory":
             self._retire(started - 1)
@@ -285,6 +295,8 @@ class Machine:
                 self._retire(budget)                        # a limit or an event is due
             elif self._stop is not None:                    # a device stopped an unarmed OUT
                 self._retire(started - 1)
+            elif self._linear_pc() == until:
+                self._retire(started)                       # reached ``until``: carry on
             elif deadline is not None and time.monotonic() >= deadline:
                 self._retire(started - 1)
                 self._stop = Stop(StopReason.TIMEOUT, self.cpu.rip)
@@ -312,7 +324,7 @@ class Machine:
         # #DB from TF or a data breakpoint is a trap (the instruction retired); others fault.
         self._retire(started if trap.vector == Vector.DB else started - 1)
         error_code = trap.error_code if trap.vector in PUSHES_ERROR_CODE else None
-        cr2 = self.cpu["cr2"] if trap.vector == Vector.PF else None
+        cr2 = trap.cr2 if trap.vector == Vector.PF else None
         self.deliver(Event(trap.vector, EventKind.EXCEPTION, rip, error_code, cr2))
 
     def _on_invalid_trap(self) -> None:

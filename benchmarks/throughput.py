@@ -1,0 +1,136 @@
+"""Guest throughput: bare Unicorn versus ringminus's Machine, in the same process.
+
+Measures guest instructions per second for two tight guest loops, each run on a fresh
+bare ``unicorn.Uc`` and on a fresh ``ringminus.Machine`` (alternating, after one untimed
+warm-up of each), and reports the best figure of each engine plus the ratio
+ringminus / bare (target >= 0.9).  Instruction counts are analytic, from the loop shape,
+because an unlimited ``Machine.run()`` does not count instructions.
+
+This is a manual benchmark: timing depends on the host and is never asserted in tests.
+
+    python benchmarks/throughput.py [--json FILE] [--iterations N] [--repeat R]
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from time import perf_counter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import unicorn  # noqa: E402
+from keystone import Ks, KS_ARCH_X86, KS_MODE_32, KS_MODE_64  # noqa: E402
+from unicorn import Uc, UC_ARCH_X86, UC_MODE_32, UC_MODE_64  # noqa: E402
+from unicorn.x86_const import (UC_X86_REG_ECX, UC_X86_REG_EIP, UC_X86_REG_RCX,  # noqa: E402
+                               UC_X86_REG_RIP, UC_X86_REG_RSP)
+
+from ringminus import Machine  # noqa: E402
+
+CODE_BASE = 0x100000
+MEMORY_SIZE = 2 * 1024 * 1024
+STACK_TOP = 0x1F0000
+DEFAULT_ITERATIONS = 50_000_000
+TARGET_RATIO = 0.9
+
+# Each loop: (name, bits, assembly template, instructions per iteration, fixed instructions).
+# The fixed part is the leading `mov ecx/rcx, N` plus the final `hlt`.
+ALU_BODY = ["add rax, rbx", "xor rdx, rax", "sub rsi, rdx", "add rbx, 3",
+            "or rsi, rbx", "and rdx, rsi", "dec rcx", "jnz l"]
+LOOPS = [
+    ("32-bit dec/jnz", 32, "mov ecx, {n}; l: dec ecx; jnz l; hlt", 2, 2),
+    ("64-bit ALU", 64, "mov rcx, {n}; l: " + "; ".join(ALU_BODY) + "; hlt", len(ALU_BODY), 2),
+]
+
+
+def assemble(bits: int, source: str) -> bytes:
+    ks = Ks(KS_ARCH_X86, KS_MODE_32 if bits == 32 else KS_MODE_64)
+    encoding, _ = ks.asm(source, CODE_BASE)
+    return bytes(encoding)
+
+
+def run_bare(bits: int, code: bytes) -> float:
+    """Run on a fresh bare Uc until HLT; return elapsed seconds."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_32 if bits == 32 else UC_MODE_64)
+    uc.mem_map(0, MEMORY_SIZE)
+    uc.mem_write(CODE_BASE, code)
+    if bits == 32:
+        uc.reg_write(UC_X86_REG_EIP, CODE_BASE)
+    else:
+        uc.reg_write(UC_X86_REG_RIP, CODE_BASE)
+        uc.reg_write(UC_X86_REG_RSP, STACK_TOP)
+    t0 = perf_counter()
+    uc.emu_start(CODE_BASE, until=0xFFFFFFFFFFFFFFFF)
+    elapsed = perf_counter() - t0
+    counter = uc.reg_read(UC_X86_REG_ECX if bits == 32 else UC_X86_REG_RCX)
+    if counter != 0:
+        raise RuntimeError(f"bare unicorn: loop counter ended at {counter}, not 0")
+    return elapsed
+
+
+def run_ringminus(bits: int, code: bytes) -> float:
+    """Run on a fresh Machine until HLT; return elapsed seconds."""
+    m = Machine()
+    m.write_memory(CODE_BASE, code)
+    m.boot("protected" if bits == 32 else "long", CODE_BASE)
+    t0 = perf_counter()
+    r = m.run()
+    elapsed = perf_counter() - t0
+    if r.stop.reason.value != "hlt":
+        raise RuntimeError(f"ringminus: stopped with {r.stop.reason.value!r}, not 'hlt'")
+    if r.regs["rcx"] != 0:
+        raise RuntimeError(f"ringminus: loop counter ended at {r.regs['rcx']}, not 0")
+    return elapsed
+
+
+def measure(name: str, bits: int, template: str, per_iteration: int, fixed: int,
+            iterations: int, repeat: int) -> dict:
+    code = assemble(bits, template.format(n=iterations))
+    instructions = per_iteration * iterations + fixed
+    run_bare(bits, code)                  # untimed warm-up of each engine
+    run_ringminus(bits, code)
+    bare_times, ringminus_times = [], []
+    for _ in range(repeat):               # alternate so host drift hits both engines
+        bare_times.append(run_bare(bits, code))
+        ringminus_times.append(run_ringminus(bits, code))
+    bare = instructions / min(bare_times)
+    ringminus = instructions / min(ringminus_times)
+    return {"name": name, "instructions": instructions, "bare_insn_per_s": bare,
+            "ringminus_insn_per_s": ringminus, "ratio": ringminus / bare}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
+                        help=f"loop iterations (default {DEFAULT_ITERATIONS:,})")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per engine (default 3)")
+    args = parser.parse_args(argv)
+    if args.iterations < 1 or args.repeat < 1:
+        parser.error("--iterations and --repeat must be at least 1")
+    if args.iterations >= 2 ** 32:
+        parser.error("--iterations must fit in 32 bits (the 32-bit loop counter)")
+
+    print(f"unicorn {unicorn.__version__}, {args.iterations:,} iterations, "
+          f"best of {args.repeat} per engine")
+    header = f"{'loop':<16} {'instructions':>14} {'bare M/s':>10} {'ringminus M/s':>14} {'ratio':>7}"
+    print(header)
+    print("-" * len(header))
+    results = []
+    for name, bits, template, per_iteration, fixed in LOOPS:
+        row = measure(name, bits, template, per_iteration, fixed, args.iterations, args.repeat)
+        results.append(row)
+        print(f"{name:<16} {row['instructions']:>14,} {row['bare_insn_per_s'] / 1e6:>10.1f} "
+              f"{row['ringminus_insn_per_s'] / 1e6:>14.1f} {row['ratio']:>7.3f}", flush=True)
+    print()
+    for row in results:
+        verdict = "met" if row["ratio"] >= TARGET_RATIO else "NOT met"
+        print(f"{row['name']}: target ratio >= {TARGET_RATIO}: {verdict}")
+
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"loops": results, "unicorn": unicorn.__version__}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
