@@ -39,6 +39,7 @@ DEFAULT_MEMORY = 64 << 20
 # paging does not map it, overwrites CR2 with it; ``until = 0`` skips that.  Reaching linear 0
 # then ends a slice early, so a slice that starts at 0 uses 1 (0 is mapped: it is running).
 UNTIL, UNTIL_AT_ZERO = 0, 1
+UNBOUNDED_COUNT = 1 << 62
 ICEBP, INT3, INTO = 0xF1, 0xCC, 0xCE
 
 
@@ -255,9 +256,9 @@ class Machine:
             self._stop = Stop(StopReason.LIMIT, self.cpu.rip)
             return
         budget = 0
-        if counting:
+        if counting:                # Unicorn counts only with a count: give it one in any case
             targets = [t for t in (limit, self._scheduled[0][0] if self._scheduled else None) if t is not None]
-            budget = min(targets) - self.instructions if targets else 0
+            budget = min(targets) - self.instructions if targets else UNBOUNDED_COUNT
         microseconds = 0
         if deadline is not None:
             microseconds = int((deadline - time.monotonic()) * 1e6)

@@ -1,0 +1,105 @@
+"""Exact instruction counting, instruction-indexed events, HLT and the internals self-check."""
+import io
+
+from ringminus import Machine, StopReason
+from ringminus.emulator import ucinternals
+from ringminus.emulator.boot import IDT_BASE
+from ringminus.emulator.descriptors import SYS_TRAP_GATE, pack_gate
+
+from .conftest import asm
+
+PROGRAM = """
+    mov eax, 1
+    xor ecx, ecx
+    div ecx
+    int 0x40
+    mov ecx, 3
+l:  inc edx
+    dec ecx
+    jnz l
+    mov al, 0x21
+    out 0xe9, al
+    hlt
+"""
+HANDLERS = 0x200000
+
+
+def machine_for_program():
+    machine = Machine()
+    machine.write_memory(0x100000, asm(PROGRAM, 32, 0x100000))
+    machine.boot("protected", 0x100000)          # boot first: it installs the (empty) IDT
+    machine.write_memory(HANDLERS, asm("add dword ptr [esp], 2; iretd", 32, HANDLERS))        # #DE: skip div
+    machine.write_memory(HANDLERS + 0x10, asm("inc esi; iretd", 32, HANDLERS + 0x10))           # INT 0x40
+    machine.write_memory(IDT_BASE, pack_gate(HANDLERS, 0x08, SYS_TRAP_GATE))
+    machine.write_memory(IDT_BASE + 0x40 * 8, pack_gate(HANDLERS + 0x10, 0x08, SYS_TRAP_GATE))
+    return machine
+
+
+def test_limits_count_retired_instructions_exactly_across_faults_and_interrupts():
+    trace = io.StringIO()
+    full = machine_for_program().run(trace=trace)
+    assert full.stop.reason is StopReason.HLT and full.regs["rsi"] == 1 and full.console == "!"
+    started = [int(line.split()[0], 16) for line in trace.getvalue().splitlines()]
+    div = 0x100000 + len(asm("mov eax, 1; xor ecx, ecx", 32))
+    retired_positions = [i for i, address in enumerate(started) if address != div]   # div faults
+    assert len(retired_positions) == len(started) - 1
+    for k in range(len(retired_positions)):
+        result = machine_for_program().run(max_instructions=k)
+        assert result.stop.reason is StopReason.LIMIT and result.instructions == k
+        next_start = retired_positions[k - 1] + 1 if k else 0
+        assert result.regs["rip"] == started[next_start], k
+    whole = machine_for_program().run(max_instructions=1000)
+    assert whole.stop.reason is StopReason.HLT and whole.instructions == len(retired_positions)
+
+
+def test_instruction_event_fires_at_its_index():
+    machine = machine_for_program()
+    seen = []
+    machine.at_instruction(6, lambda m: seen.append((m.instructions, m.cpu.rip, m.cpu["esi"])))
+    result = machine.run()
+    assert result.stop.reason is StopReason.HLT and result.instructions is not None
+    # Retired: mov, xor, (div faults) add, iretd, int 0x40, inc esi -> the 6th retires inside INT 0x40's handler.
+    assert seen == [(6, HANDLERS + 0x10 + len(asm("inc esi", 32)), 1)]
+
+
+def test_event_pending_at_hlt_is_delivered_to_the_halted_cpu():
+    machine = Machine()
+    machine.write_memory(0x7C00, asm("hlt; mov bx, 7; hlt", 16, 0x7C00))
+    machine.write_memory(0x8000, asm("mov cx, 0x99; iret", 16, 0x8000))
+    machine.write_memory(0x20 * 4, bytes([0x00, 0x80, 0, 0]))
+    machine.boot("real", 0x7C00)
+    from ringminus import Event, EventKind
+    machine.at_instruction(1000, lambda m: m.deliver(Event(0x20, EventKind.EXTERNAL, m.cpu.rip)))
+    result = machine.run()
+    assert result.stop.reason is StopReason.HLT
+    assert result.regs["rcx"] & 0xFFFF == 0x99 and result.regs["rbx"] & 0xFFFF == 7
+    assert result.instructions == 5             # hlt, mov cx, iret, mov bx, hlt
+
+
+def test_unicorn_internals_self_check():
+    ucinternals.verify()        # raises UnicornLayoutError on another Unicorn release
+
+
+def test_a_halted_cpu_stays_halted_until_woken():
+    machine = Machine()
+    machine.write_memory(0x7C00, asm("xor bx, bx; hlt; inc bx; hlt", 16, 0x7C00))
+    machine.boot("real", 0x7C00)
+    first = machine.run()
+    again = machine.run()
+    assert first.stop.reason is again.stop.reason is StopReason.HLT
+    assert again.regs["rip"] == first.regs["rip"] == 0x7C03 and again.regs["rbx"] == 0
+    machine.halted = False                      # as an interrupt's delivery would
+    woken = machine.run()
+    assert woken.regs["rbx"] == 1 and woken.regs["rip"] == 0x7C05
+
+
+def test_random_bytes_never_raise():
+    import random
+    rng = random.Random(1234)
+    for boot, address in (("real", 0x7C00), ("protected", 0x100000), ("long", 0x100000)):
+        for _ in range(15):
+            machine = Machine(memory_size=8 << 20)
+            machine.write_memory(address, bytes(rng.randrange(256) for _ in range(256)))
+            machine.boot(boot, address)
+            result = machine.run(max_instructions=5000, timeout=5)
+            assert result.stop.reason in set(StopReason)
