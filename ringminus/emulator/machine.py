@@ -40,6 +40,8 @@ DEFAULT_MEMORY = 64 << 20
 # then ends a slice early, so a slice that starts at 0 uses 1 (0 is mapped: it is running).
 UNTIL, UNTIL_AT_ZERO = 0, 1
 UNBOUNDED_COUNT = 1 << 62
+STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "port_reads", "port_writes",
+             "unclaimed_port_reads", "unclaimed_port_writes")
 ICEBP, INT3, INTO = 0xF1, 0xCC, 0xCE
 
 
@@ -228,7 +230,8 @@ class Machine:
         return self.result()
 
     def result(self) -> RunResult:
-        stats = dict(self.stats)
+        stats = dict.fromkeys(STAT_KEYS, 0)
+        stats.update(self.stats)
         stats.update(self.ports.stats)
         stats["unclaimed_ports"] = sorted(self.ports.unclaimed)
         stats["code_sites"] = len(self.sites.armed)
