@@ -146,6 +146,8 @@ BAD_INPUTS = [
     (["run", "{image}", "--blob", "/nonexistent@0x1000"], "cannot read"),
     (["run", "{image}", "--set", "xyz=1"], "known register"),
     (["run", "{image}", "--set", "rax=banana"], "not a number"),
+    (["run", "{image}", "--boot", "protected", "--set", "ds=0x1238"], "not in the descriptor table"),
+    (["run", "{image}", "--set", "ds=0x12345"], "not 16 bits"),
     (["run", "{image}", "--debugcon-port", "0x10000"], "outside"),
     (["run", "{image}", "--boot", "bios"], "multiple of 64 KiB"),
     (["run", "{arm_elf}"], "another architecture"),

@@ -103,3 +103,19 @@ def test_random_bytes_never_raise():
             machine.boot(boot, address)
             result = machine.run(max_instructions=5000, timeout=5)
             assert result.stop.reason in set(StopReason)
+
+
+def test_code_at_linear_address_zero_runs():
+    machine = Machine()
+    machine.write_memory(0, asm("mov bx, 5; hlt", 16, 0))
+    machine.write_memory(0x7C00, asm("ljmp 0:0", 16, 0x7C00))
+    machine.boot("real", 0x7C00)
+    result = machine.run()
+    assert result.stop.reason is StopReason.HLT and result.regs["rbx"] & 0xFFFF == 5 and result.regs["rip"] == 4
+
+
+def test_cr2_survives_the_end_of_a_run_with_paging():
+    machine = Machine()
+    machine.write_memory(0x100000, asm("mov rax, 0x1234; mov cr2, rax; hlt", 64, 0x100000))
+    machine.boot("long", 0x100000)
+    assert machine.run().regs["cr2"] == 0x1234

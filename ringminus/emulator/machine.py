@@ -24,7 +24,8 @@ from unicorn import x86_const as X
 from ..decode.portio import OUT_OPCODES, PortIo, decode_port_io
 from . import boot as boot_states
 from . import ucinternals
-from .cpu import RFLAGS_VM, Cpu
+from .cpu import RFLAGS_VM, SEGMENT_REGISTERS, Cpu
+from .descriptors import Segment
 from .delivery import Delivery, Event, EventKind, Unsupported
 from .loader import Image, bios_windows, check_bios
 from .memory import ROM, PhysicalMemory, UnbackedMemory
@@ -35,10 +36,6 @@ from .sites import CodeSites
 from .vectors import PUSHES_ERROR_CODE, GuestFault, Vector
 
 DEFAULT_MEMORY = 64 << 20
-# emu_start's ``until``.  On leaving, Unicorn translates ``until - 1`` and, if the guest's
-# paging does not map it, overwrites CR2 with it; ``until = 0`` skips that.  Reaching linear 0
-# then ends a slice early, so a slice that starts at 0 uses 1 (0 is mapped: it is running).
-UNTIL, UNTIL_AT_ZERO = 0, 1
 UNBOUNDED_COUNT = 1 << 62
 STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "port_reads", "port_writes",
              "unclaimed_port_reads", "unclaimed_port_writes")
@@ -67,6 +64,10 @@ class Machine:
             raise ValueError(f"unknown CPU model {cpu_model!r}")
         self.cpu_model = cpu_model
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        # No ``until`` address: with one, Unicorn stops at it and, on leaving emu_start,
+        # translates ``until - 1``, overwriting CR2 when the guest's paging does not map it.
+        self.uc.ctl_exits_enabled(True)
+        self.uc.ctl_set_exits([])
         self.cpu = Cpu(self.uc)
         self.memory = PhysicalMemory(self.uc, memory_size)
         self.linear = LinearMemory(self.cpu, self.memory)
@@ -124,7 +125,7 @@ class Machine:
 
     def __setitem__(self, register: str, value: int) -> None:
         """Set a register by name; a segment register loads as the current mode loads it."""
-        if register in ("cs", "ds", "es", "fs", "gs", "ss"):
+        if register in SEGMENT_REGISTERS:
             self._load_segment_register(register, value)
         else:
             self.cpu[register] = value
@@ -133,14 +134,18 @@ class Machine:
         return self.cpu[register]
 
     def _load_segment_register(self, name: str, selector: int) -> None:
-        from .descriptors import Segment as Seg
+        if not 0 <= selector <= 0xFFFF:
+            raise ValueError(f"segment selector {selector:#x} is not 16 bits")
         if not self.cpu.protected or self.cpu.vm86:
-            self.cpu.load_segments({name: Seg.real_mode(selector, code=name == "cs")})
+            self.cpu.load_segments({name: Segment.real_mode(selector, code=name == "cs")})
             return
         if selector & ~3 == 0 and name != "cs":
-            self.cpu.load_segments({name: Seg(selector, 0, 0, 0)})
+            self.cpu.load_segments({name: Segment(selector, 0, 0, 0)})     # a null selector
             return
-        descriptor = self.delivery.read_descriptor(selector, Vector.GP, 0)
+        try:
+            descriptor = self.delivery.read_descriptor(selector, Vector.GP, 0)
+        except (GuestFault, UnbackedMemory):
+            raise ValueError(f"selector {selector:#x} is not in the descriptor table") from None
         self.cpu.load_segments({name: descriptor}, cpl=descriptor.dpl if name == "cs" else None)
 
     # -- events ----------------------------------------------------------------------------
@@ -163,6 +168,9 @@ class Machine:
             delivered = self.delivery.deliver(event)
         except Unsupported as why:
             self.request_stop(StopReason.UNSUPPORTED, detail=str(why))
+            return
+        except UnbackedMemory as missing:
+            self.request_stop(StopReason.MEMORY, missing.address, f"delivering vector {event.vector}: {missing}")
             return
         self.cpu.clear_inflight_exception()
         if not delivered:
@@ -270,23 +278,18 @@ class Machine:
                 return
         self._trap = None
         error = None
-        until = UNTIL_AT_ZERO if self._linear_pc() == UNTIL else UNTIL
         try:
-            self.uc.emu_start(self.cpu.rip, until, timeout=microseconds, count=budget)
+            self.uc.emu_start(self.cpu.rip, 0, timeout=microseconds, count=budget)
         except UcError as e:
             error = e
         self.stats["slices"] += 1
         started = ucinternals.emu_counter(self.uc) if counting else 0
-        self._after_slice(error, budget, started, deadline, until)
-
-    def _linear_pc(self) -> int:
-        return (self.cpu.segment("cs").base + self.cpu.rip) & 0xFFFF_FFFF_FFFF_FFFF
+        self._after_slice(error, budget, started, deadline)
 
     def _retire(self, count: int) -> None:
         self.instructions += max(count, 0)
 
-    def _after_slice(self, error: UcError | None, budget: int, started: int, deadline: float | None,
-                     until: int) -> None:
+    def _after_slice(self, error: UcError | None, budget: int, started: int, deadline: float | None) -> None:
         trap = self._trap
         if trap is not None and trap.kind == "memory":
             self._retire(started - 1)
@@ -299,8 +302,6 @@ class Machine:
                 self._retire(budget)                        # a limit or an event is due
             elif self._stop is not None:                    # a device stopped an unarmed OUT
                 self._retire(started - 1)
-            elif self._linear_pc() == until:
-                self._retire(started)                       # reached ``until``: carry on
             elif deadline is not None and time.monotonic() >= deadline:
                 self._retire(started - 1)
                 self._stop = Stop(StopReason.TIMEOUT, self.cpu.rip)
@@ -320,7 +321,10 @@ class Machine:
         rip = self.cpu.rip
         if trap.software:                     # INT n / INT3 / INTO: retired, RIP is past it
             self._retire(started)
-            last = self.linear.read(rip - 1, 1)[0]
+            try:
+                last = self.linear.read(rip - 1, 1)[0]
+            except (GuestFault, UnbackedMemory):
+                last = None
             one_byte = (trap.vector, last) in ((3, INT3), (4, INTO))
             kind = EventKind.SOFTWARE_EXCEPTION if one_byte else EventKind.SOFTWARE_INTERRUPT
             self.deliver(Event(trap.vector, kind, rip, instruction_rip=rip - (1 if one_byte else 2)))
