@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .emulator import BootState, ImageError, Machine, RunResult, StopReason, parse_elf, parse_flat
-from .emulator.boot import DEFAULT_LOAD, SYSTEM_AREA_END
+from .emulator.boot import DEFAULT_LOAD, SYSTEM_AREA, overlaps_system_area
 from .emulator.cpu import REGISTER_NAMES
 from .emulator.loader import is_elf
 from .emulator.result import USAGE_ERROR_STATUS
@@ -113,8 +113,10 @@ def prepare(args: argparse.Namespace) -> Machine:
             machine.load_bios(data)
         else:
             image = parse_elf(data) if is_elf(data) else parse_flat(data, DEFAULT_LOAD[state] if args.load is None else args.load)
-            if state is not BootState.REAL and not is_elf(data) and image.entry < SYSTEM_AREA_END:
-                raise UsageError(f"--load {image.entry:#x} overlaps the machine's system tables (below {SYSTEM_AREA_END:#x})")
+            clash = [s for s in image.segments if overlaps_system_area(s.address, s.address + s.memory_size)]
+            if state is not BootState.REAL and clash:
+                raise UsageError(f"image at {clash[0].address:#x} overlaps the machine's system tables "
+                                 f"({SYSTEM_AREA.start:#x}-{SYSTEM_AREA.stop - 1:#x})")
             entry = machine.load_image(image)
         for path, address in args.blob:
             machine.write_memory(address, read_file(path))

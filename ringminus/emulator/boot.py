@@ -9,12 +9,14 @@ TSS                0x1100       ESP0/RSP0 = RING0_STACK_TOP, all-zero I/O bitmap
                                 allowed at any CPL)
 IDT                0x4000       256 gates, all not present (8 bytes each in protected mode,
                                 16 in long mode); a guest finds it with SIDT
-ring-3 trampoline  0x3000       ``ltr; iret`` — how the machine enters the guest's CPL
-page tables        0x6000       long mode: PML4, PDPT, then one PD per GiB of RAM, 2 MiB
+trampoline         0x3800       ``ltr; iret`` — how the machine enters the guest's CPL
+page tables        0x10000      long mode: PML4, PDPT, then one PD per GiB of RAM, 2 MiB
                                 pages, identity map of all RAM, user + writable
 guest stack        0x80000      initial RSP for protected and long mode (any CPL)
 ring-0 stack       0x9F000      TSS stack for events that change privilege
 =================  ===========  ===============================================
+
+Images for these modes must stay out of SYSTEM_AREA (0x1000-0x9FFFF).
 """
 from __future__ import annotations
 
@@ -37,13 +39,14 @@ DEFAULT_LOAD = {BootState.REAL: 0x7C00, BootState.PROTECTED: 0x100000, BootState
 
 GDT_BASE = 0x1000
 TSS_BASE = 0x1100
-TRAMPOLINE = 0x3000
+TRAMPOLINE = 0x3800
 IDT_BASE = 0x4000
-PAGE_TABLES = 0x6000
+PAGE_TABLES = 0x10000
+MAX_IDENTITY_GIB = 64
 GUEST_STACK_TOP = 0x80000
 RING0_STACK_TOP = 0x9F000
 REAL_MODE_STACK_TOP = 0x7C00
-SYSTEM_AREA_END = 0x7C00    # protected/long-mode images must not be loaded below this
+SYSTEM_AREA = range(0x1000, 0xA0000)     # protected/long mode: tables, trampoline, stacks
 
 SEL_CODE32, SEL_DATA, SEL_CODE32_USER, SEL_DATA_USER = 0x08, 0x10, 0x18, 0x20
 SEL_CODE64, SEL_CODE64_USER, SEL_TSS = 0x28, 0x30, 0x38
@@ -125,8 +128,8 @@ def _tss(long_mode: bool) -> bytes:
 def _page_tables(ram_size: int) -> tuple[bytes, int]:
     """Identity map of all RAM with 2 MiB pages (user, writable); returns (bytes, CR3)."""
     gib = max(1, -(-ram_size // (1 << 30)))
-    if gib > 512:
-        raise ValueError("long-mode identity map covers at most 512 GiB")
+    if gib > MAX_IDENTITY_GIB:
+        raise ValueError(f"long-mode identity map covers at most {MAX_IDENTITY_GIB} GiB")
     pml4 = struct.pack("<Q", (PAGE_TABLES + 0x1000) | 0x7).ljust(0x1000, b"\0")
     pdpt = b"".join(struct.pack("<Q", (PAGE_TABLES + 0x2000 + i * 0x1000) | 0x7)
                     for i in range(gib)).ljust(0x1000, b"\0")
@@ -188,6 +191,10 @@ def boot_flat(machine, entry: int, long_mode: bool, cpl: int) -> None:
         for name in ("ds", "es", "fs", "gs"):
             cpu.load_segments({name: unpack_descriptor(gdt[data:data + 8], data_selector)})
     mem.load(TRAMPOLINE, bytes(0x10))
+
+
+def overlaps_system_area(start: int, end: int) -> bool:
+    return start < SYSTEM_AREA.stop and end > SYSTEM_AREA.start
 
 
 def boot(machine, state: BootState, entry: int, cpl: int = 0) -> None:
