@@ -1,0 +1,70 @@
+"""Where KVM, the APM and QEMU disagree about intercepts: one named choice per divergence
+(semantics.md §F), one row per profile.  The checker reads these fields and nothing else
+about the profile."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    #: F.1 — MOV CR value checks (reserved bits, PG without PE, NW without CD) before the
+    #: POST_EXCEPT intercept (APM, KVM <= 5.11) or only in execute, after it (KVM today, QEMU).
+    cr_value_checks_before_intercept: bool
+    #: F.2 — UMIP #GP for SGDT/SIDT/SLDT/STR/SMSW at CPL>0 before the intercept (APM, QEMU) or in
+    #: execute, after it (KVM).
+    umip_before_intercept: bool
+    #: F.4 — MONITOR checks its DS:rAX operand (segment, canonical, paging) before its
+    #: POST_MEMACCESS intercept (APM) or decodes no operand (KVM); QEMU raises #UD at CPL>0.
+    monitor_checks_operand: bool
+    monitor_mwait_ud_at_cpl3: bool
+    #: F.5 — VMMCALL is #UD in real/VM86 mode before the intercept (KVM's Prot flag) or
+    #: intercepted in any mode (APM, QEMU).
+    vmmcall_prot: bool
+    #: F.5 — STGI/SKINIT are allowed with EFER.SVME=0 when CPUID advertises SKINIT (APM).
+    stgi_skinit_without_svme: bool
+    #: F.5 — VMRUN/VMLOAD/VMSAVE: #GP for a bad rAX before the SVME #UD (KVM) or after it.
+    svm_rax_gp_before_svme_ud: bool
+    #: F.7 — IOIO EXITINFO1 carries SEG (APM only) and the address-size bits (APM, KVM).
+    ioio_segment: bool
+    ioio_address_size: bool
+    #: F.8 — the SMI intercept's EXITINFO1 bit 0 for an external SMI (APM) or 0 (KVM).
+    smi_exitinfo: bool
+    #: F.9 — decode assists fill EXITINFO1 for MOV CR/DR, INTn and INVLPG (hardware, APM) or
+    #: not (KVM's emulated exits, QEMU).
+    decode_assists: bool
+    #: F.16 — selective CR0: the ordinary CR0-write intercept has priority and LMSW always
+    #: exits (APM, KVM since Oct 2025).  False models older KVM.
+    selective_cr0_fixed: bool
+    #: F.18 — a REP INS/OUTS with rCX = 0 still takes the IOIO intercept (KVM, QEMU) or
+    #: completes without one.
+    rep_zero_count_intercepts: bool
+
+
+PROFILES = {p.name: p for p in (
+    Profile("kvm", cr_value_checks_before_intercept=False, umip_before_intercept=False,
+            monitor_checks_operand=False, monitor_mwait_ud_at_cpl3=False, vmmcall_prot=True,
+            stgi_skinit_without_svme=False, svm_rax_gp_before_svme_ud=True, ioio_segment=False,
+            ioio_address_size=True, smi_exitinfo=False, decode_assists=False,
+            selective_cr0_fixed=True, rep_zero_count_intercepts=True),
+    Profile("apm", cr_value_checks_before_intercept=True, umip_before_intercept=True,
+            monitor_checks_operand=True, monitor_mwait_ud_at_cpl3=False, vmmcall_prot=False,
+            stgi_skinit_without_svme=True, svm_rax_gp_before_svme_ud=False, ioio_segment=True,
+            ioio_address_size=True, smi_exitinfo=True, decode_assists=True,
+            selective_cr0_fixed=True, rep_zero_count_intercepts=True),
+    Profile("qemu", cr_value_checks_before_intercept=False, umip_before_intercept=True,
+            monitor_checks_operand=False, monitor_mwait_ud_at_cpl3=True, vmmcall_prot=False,
+            stgi_skinit_without_svme=False, svm_rax_gp_before_svme_ud=False, ioio_segment=False,
+            ioio_address_size=False, smi_exitinfo=False, decode_assists=False,
+            selective_cr0_fixed=True, rep_zero_count_intercepts=True),
+)}
+DEFAULT_PROFILE = "kvm"
+CHOICES = tuple(f.name for f in fields(Profile) if f.name != "name")
+
+
+def profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r} (choose from {', '.join(PROFILES)})") from None
