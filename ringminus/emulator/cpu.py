@@ -11,6 +11,7 @@ MSR_EFER = 0xC000_0080
 EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 EFER_NXE = 1 << 11
+EFER_SVME = 1 << 12
 
 CR0_PE = 1 << 0
 CR0_WP = 1 << 16
@@ -49,18 +50,22 @@ class Cpu:
     def __init__(self, uc: Uc):
         self.uc = uc
         self.context = uci.Context(uc)
+        # The guest-visible EFER.SVME.  Unicorn's CPU model drops the bit, and it must stay
+        # clear there anyway so every SVM instruction traps as #UD (reference/unicorn.md §3).
+        self.svme = False
 
     # -- plain registers -------------------------------------------------------------------
     def __getitem__(self, name: str) -> int:
         if name == "efer":
-            return self.uc.msr_read(MSR_EFER)
+            return self.uc.msr_read(MSR_EFER) | (EFER_SVME if self.svme else 0)
         if name in SEGMENT_REGISTERS or name in SYSTEM_SEGMENTS:
             return self.segment(name).selector
         return self.uc.reg_read(_UC_NAMES[name])
 
     def __setitem__(self, name: str, value: int) -> None:
         if name == "efer":
-            self.uc.msr_write(MSR_EFER, value)
+            self.svme = bool(value & EFER_SVME)
+            self.uc.msr_write(MSR_EFER, value & ~EFER_SVME)
         else:
             self.uc.reg_write(_UC_NAMES[name], value)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import Callable
 
 from .cpu import RFLAGS_AC, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM, Cpu
 from .descriptors import (FLAG_DB, SYS_INT_GATE, SYS_INT_GATE16, SYS_TASK_GATE, SYS_TRAP_GATE,
@@ -50,6 +51,17 @@ class Event:
         return self.kind is EventKind.EXCEPTION and self.vector in PUSHES_ERROR_CODE
 
 
+class Outcome(Enum):
+    DELIVERED = "delivered"
+    INTERCEPTED = "intercepted"      # an exception intercept took it (intercept callback said so)
+    SHUTDOWN = "shutdown"            # a fault while delivering #DF
+
+
+#: ``intercept(event, during)`` is asked before an event is delivered and before a fault that
+#: arises while delivering ``during`` is combined with it (semantics.md §B.2); True = L1 took it.
+InterceptCallback = Callable[[Event, "Event | None"], bool]
+
+
 class Unsupported(Exception):
     """An architectural path ringminus does not implement (task gates, VM86 delivery)."""
 
@@ -71,20 +83,30 @@ class Delivery:
     def __init__(self, cpu: Cpu, linear: LinearMemory):
         self.cpu = cpu
         self.mem = linear
+        self.intercept: InterceptCallback | None = None
 
-    def deliver(self, event: Event) -> bool:
-        """Deliver ``event`` and any exceptions its delivery raises; False = shutdown."""
+    def _intercepted(self, event: Event, during: Event | None) -> bool:
+        return self.intercept is not None and self.intercept(event, during)
+
+    def deliver(self, event: Event) -> Outcome:
+        """Deliver ``event`` and any exceptions its delivery raises."""
+        if self._intercepted(event, None):
+            return Outcome.INTERCEPTED
         current = event
         while True:
             try:
                 self._deliver_once(current)
-                return True
+                return Outcome.DELIVERED
             except GuestFault as fault:
                 restart = current.instruction_rip if current.instruction_rip is not None else current.return_rip
                 nested = Event(fault.vector, EventKind.EXCEPTION, restart, fault.error_code, fault.cr2)
+                if self._intercepted(nested, current):          # checked before combining
+                    return Outcome.INTERCEPTED
                 combined = combine(current, nested)
                 if combined is None:
-                    return False
+                    return Outcome.SHUTDOWN
+                if combined is not nested and self._intercepted(combined, current):
+                    return Outcome.INTERCEPTED                  # the #DF itself
                 current = combined
 
     # -- one attempt -----------------------------------------------------------------------

@@ -21,31 +21,34 @@ from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INSN_INVAL
                      UC_HOOK_MEM_INVALID, UC_MEM_WRITE_PROT, UC_MODE_64, Uc, UcError)
 from unicorn import x86_const as X
 
+from ..decode.decoder import Instruction, decode
+from ..decode.length import instruction_length
 from ..decode.portio import OUT_OPCODES, PortIo, decode_port_io
+from ..decode.table import site_opcodes
 from . import boot as boot_states
 from . import ucinternals
-from .cpu import RFLAGS_VM, SEGMENT_REGISTERS, Cpu
+from .cpu import SEGMENT_REGISTERS, Cpu
 from .descriptors import Segment
-from .delivery import Delivery, Event, EventKind, Unsupported
+from .delivery import Delivery, Event, EventKind, Outcome, Unsupported
 from .loader import Image, bios_windows, check_bios
 from .memory import ROM, PhysicalMemory, UnbackedMemory
 from .paging import LinearMemory
-from .ports import DEBUGCON_PORT, EXIT_PORT, DebugConsole, ExitDevice, PortBus
+from .ports import DEBUGCON_PORT, EXIT_PORT, DebugConsole, ExitDevice, PortBus, io_permitted
 from .result import RunResult, Stop, StopReason
 from .sites import CodeSites
 from .vectors import PUSHES_ERROR_CODE, GuestFault, Vector
 
 DEFAULT_MEMORY = 64 << 20
 UNBOUNDED_COUNT = 1 << 62
-STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "port_reads", "port_writes",
-             "unclaimed_port_reads", "unclaimed_port_writes")
+STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "vmexits", "port_reads",
+             "port_writes", "unclaimed_port_reads", "unclaimed_port_writes")
 ICEBP, INT3, INTO = 0xF1, 0xCC, 0xCE
 
 
 @dataclass(frozen=True)
 class _Trap:
     """What a hook saw before it stopped the slice."""
-    kind: str                   # "exception", "invalid", "port", "memory"
+    kind: str                   # "exception", "invalid", "port", "memory", "vmexit", "fault"
     vector: int = 0
     error_code: int = 0
     software: bool = False
@@ -54,6 +57,7 @@ class _Trap:
     port_io: PortIo | None = None
     port: int = 0
     detail: str = ""
+    outcome: object = None      # "vmexit": the VmExit; "fault": the checker's Fault
 
 
 class Machine:
@@ -76,7 +80,7 @@ class Machine:
         self.console = DebugConsole()
         self.ports.register(debugcon_port, self.console)
         self.ports.register(EXIT_PORT, ExitDevice(lambda value: self.request_stop(StopReason.EXIT, value)))
-        self.sites = CodeSites(self.uc, self._on_site, OUT_OPCODES)
+        self.sites = CodeSites(self.uc, self._on_site, OUT_OPCODES, self.memory.read)
         self.exact_instructions = exact_instructions
         self.instructions = 0
         self._instructions_exact = True
@@ -86,6 +90,10 @@ class Machine:
         self._sequence = itertools.count()
         self._trap: _Trap | None = None
         self._stop: Stop | None = None
+        self.guest = None                   # intercepts.Guest while the guest runs as L2
+        self.last_exit = None               # the VmExit that ended the last run, if any
+        self.events: list[dict] = []        # exits taken with on_exit="skip", in order
+        self.delivery.intercept = self._intercept_event
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
         self.uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
@@ -148,6 +156,54 @@ class Machine:
             raise ValueError(f"selector {selector:#x} is not in the descriptor table") from None
         self.cpu.load_segments({name: descriptor}, cpl=descriptor.dpl if name == "cs" else None)
 
+    # -- running as L2 ------------------------------------------------------------------------
+    def enter_guest(self, controls, profile: str = "kvm", on_exit: str = "stop") -> None:
+        """Run the guest as L2 under ``controls`` (intercepts.InterceptControls): the caller
+        plays L1.  Only the intercepts that are set are armed."""
+        from ..intercepts.guest import Guest
+        self.guest = Guest(self, controls, profile, on_exit)
+        self.sites.set_opcodes(OUT_OPCODES | site_opcodes(controls))
+
+    def leave_guest(self) -> None:
+        self.guest = None
+        self.sites.set_opcodes(OUT_OPCODES)
+
+    def skip_instruction(self) -> None:
+        """After a vmexit stop: resume at the exit's next RIP, as an L1 that emulated it."""
+        exit_ = self.last_exit
+        if exit_ is None:
+            raise ValueError("no vmexit to skip")
+        self.cpu.rip = exit_.next_rip or exit_.rip + self._length_at(exit_.rip)
+
+    def _length_at(self, rip: int) -> int:
+        try:
+            code = self.linear.read((self.cpu.segment("cs").base + rip) & 0xFFFF_FFFF_FFFF_FFFF, 15)
+        except (GuestFault, UnbackedMemory):
+            return 1
+        return instruction_length(code, self.cpu.code_bits()) or 1
+
+    def _take_exit(self, exit_) -> bool:
+        """L1 takes ``exit_``: record it, then stop at the intercepted instruction, or (with
+        on_exit="skip") go on after it.  Returns True when the run must stop."""
+        self.stats["vmexits"] += 1
+        self.last_exit = exit_
+        if self.guest.on_exit == "skip":
+            self.events.append({"type": "vmexit", **exit_.as_dict()})
+            self.cpu.rip = exit_.next_rip or exit_.rip + self._length_at(exit_.rip)
+            return False
+        self.cpu.rip = exit_.rip
+        self._stop = Stop(StopReason.VMEXIT, exit_.rip, exit_.code, exit_.name)
+        return True
+
+    def _intercept_event(self, event: Event, during: Event | None) -> bool:
+        if self.guest is None:
+            return False
+        exit_ = self.guest.exception_exit(event, during)
+        if exit_ is None:
+            return False
+        self._take_exit(exit_)
+        return True
+
     # -- events ----------------------------------------------------------------------------
     def at_instruction(self, index: int, callback: Callable[["Machine"], None]) -> None:
         """Call ``callback(machine)`` once exactly ``index`` instructions have retired (counted
@@ -173,10 +229,14 @@ class Machine:
             self.request_stop(StopReason.MEMORY, missing.address, f"delivering vector {event.vector}: {missing}")
             return
         self.cpu.clear_inflight_exception()
-        if not delivered:
-            self.request_stop(StopReason.SHUTDOWN, detail=f"triple fault while delivering vector {event.vector}")
-            return
-        self.stats["exceptions_delivered" if event.kind is EventKind.EXCEPTION else "interrupts_delivered"] += 1
+        if delivered is Outcome.SHUTDOWN:
+            shutdown = self.guest.shutdown_exit(self.cpu.rip) if self.guest else None
+            if shutdown is not None:
+                self._take_exit(shutdown)
+            else:
+                self.request_stop(StopReason.SHUTDOWN, detail=f"triple fault while delivering vector {event.vector}")
+        elif delivered is Outcome.DELIVERED:
+            self.stats["exceptions_delivered" if event.kind is EventKind.EXCEPTION else "interrupts_delivered"] += 1
 
     # -- Unicorn hooks (they record and stop; the run loop acts) ---------------------------
     def _trap_and_stop(self, trap: _Trap) -> None:
@@ -211,12 +271,34 @@ class Machine:
             code = self.linear.read(address, 15)
         except (GuestFault, UnbackedMemory):
             return                      # Unicorn will report the fetch fault itself
-        port_io = decode_port_io(code, self.cpu.code_bits())
+        bits = self.cpu.code_bits()
+        if self.guest is not None and self._check_at_site(code, bits, address):
+            return
+        port_io = decode_port_io(code, bits)
         if port_io is None or port_io.direction != "out":
             return
         port = port_io.port if port_io.port is not None else self.cpu["dx"]
         if self.ports.is_precise(port):
             self._trap_and_stop(_Trap("port", address=address, port_io=port_io, port=port))
+
+    def _check_at_site(self, code: bytes, bits: int, address: int) -> bool:
+        """Run the staged checker before an intercepted instruction executes.  True when the
+        instruction has been dealt with (an exit, a fault, or skipped)."""
+        from ..intercepts.checker import Fault, VmExit, check
+        insn = decode(code, bits, self.cpu.rip)
+        if insn is None or insn.row.intercept is None:
+            return False
+        outcome = check(insn, self.guest)
+        if isinstance(outcome, VmExit):
+            if self.guest.on_exit == "skip":
+                self._take_exit(outcome)          # moves RIP past it; Unicorn honours the write
+            else:
+                self._trap_and_stop(_Trap("vmexit", outcome=outcome))
+            return True
+        if isinstance(outcome, Fault):
+            self._trap_and_stop(_Trap("fault", outcome=outcome))
+            return True
+        return False
 
     # -- running ---------------------------------------------------------------------------
     def run(self, max_instructions: int | None = None, timeout: float | None = None,
@@ -229,6 +311,7 @@ class Machine:
             self._instructions_exact = False
         trace_hook = self._add_trace(trace) if trace else None
         self._stop = None
+        self.last_exit = None
         try:
             while self._stop is None:
                 self._step(limit, deadline, counting)
@@ -244,8 +327,10 @@ class Machine:
         stats["unclaimed_ports"] = sorted(self.ports.unclaimed)
         stats["code_sites"] = len(self.sites.armed)
         console = self.console.output.decode("utf-8", errors="replace")
-        return RunResult(self._stop or Stop(StopReason.STOPPED, self.cpu.rip), self.cpu.snapshot(), console,
-                         self.instructions if self._instructions_exact else None, stats)
+        stop = self._stop or Stop(StopReason.STOPPED, self.cpu.rip)
+        vmexit = self.last_exit.as_dict() if stop.reason is StopReason.VMEXIT else None
+        return RunResult(stop, self.cpu.snapshot(), console,
+                         self.instructions if self._instructions_exact else None, stats, vmexit, list(self.events))
 
     def _fire_due_events(self) -> None:
         while self._scheduled and self._scheduled[0][0] <= self.instructions and self._stop is None:
@@ -316,6 +401,13 @@ class Machine:
         elif trap.kind == "port":
             self._retire(started - 1)
             self._emulate_out(trap)
+        elif trap.kind == "vmexit":
+            self._retire(started - 1)
+            self._take_exit(trap.outcome)
+        elif trap.kind == "fault":
+            self._retire(started - 1)
+            fault = trap.outcome
+            self.deliver(Event(fault.vector, EventKind.EXCEPTION, self.cpu.rip, fault.error_code, fault.cr2))
 
     def _on_exception_trap(self, trap: _Trap, started: int) -> None:
         rip = self.cpu.rip
@@ -336,11 +428,25 @@ class Machine:
         self.deliver(Event(trap.vector, EventKind.EXCEPTION, rip, error_code, cr2))
 
     def _on_invalid_trap(self) -> None:
+        """An instruction Unicorn cannot execute: SVM instructions, RSM, VMMCALL, ICEBP, UD2…
+        As L2 the staged checker decides first; then ringminus executes it or raises #UD."""
+        from ..intercepts.checker import Fault, VmExit, check
         rip = self.cpu.rip
+        linear = (self.cpu.segment("cs").base + rip) & 0xFFFF_FFFF_FFFF_FFFF
         try:
-            first = self.linear.read(rip, 1)[0]
+            code = self.linear.read(linear, 15)
         except (GuestFault, UnbackedMemory):
-            first = None
+            code = b""
+        insn = decode(code, self.cpu.code_bits(), rip) if code else None
+        if insn is not None and self.guest is not None:
+            outcome = check(insn, self.guest)
+            if isinstance(outcome, VmExit):
+                self._take_exit(outcome)
+                return
+            if isinstance(outcome, Fault):
+                self.deliver(Event(outcome.vector, EventKind.EXCEPTION, rip, outcome.error_code, outcome.cr2))
+                return
+        first = code[0] if code else None
         if first == ICEBP:                   # INT1: a trap-like #DB that Unicorn reports as #UD
             self._retire(1)
             self.deliver(Event(Vector.DB, EventKind.ICEBP, rip + 1, instruction_rip=rip))
@@ -351,7 +457,7 @@ class Machine:
         """Perform an OUT to a precise device, exactly as the CPU would."""
         rip = self.cpu.rip
         io = trap.port_io
-        if not self._io_permitted(trap.port, io.size):
+        if not io_permitted(self.cpu, self.linear, trap.port, io.size):
             self.deliver(Event(Vector.GP, EventKind.EXCEPTION, rip, 0))
             return
         self.cpu.rip = rip + io.length
@@ -359,23 +465,6 @@ class Machine:
         self.ports.write(trap.port, io.size, self.cpu["rax"])
         if self._stop is not None:
             self._stop = Stop(self._stop.reason, self.cpu.rip, self._stop.value, self._stop.detail)
-
-    def _io_permitted(self, port: int, size: int) -> bool:
-        """The protected-mode I/O permission check: IOPL, then the TSS I/O bitmap."""
-        rflags = self.cpu["rflags"]
-        if not self.cpu.protected or (self.cpu.cpl <= (rflags >> 12) & 3 and not rflags & RFLAGS_VM):
-            return True
-        tr = self.cpu.segment("tr")
-        if not tr.present or tr.type not in (0x9, 0xB) or tr.limit < 103:
-            return False
-        try:
-            bitmap = self.linear.read_u(tr.base + 0x66, 2) + (port >> 3)
-            if bitmap + 1 > tr.limit:
-                return False
-            bits = self.linear.read_u(tr.base + bitmap, 2)
-        except (GuestFault, UnbackedMemory):
-            return False
-        return not (bits >> (port & 7)) & ((1 << size) - 1)
 
     # -- tracing (the one per-instruction callback, on request) ----------------------------
     def _add_trace(self, out: TextIO) -> int:

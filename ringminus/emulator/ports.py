@@ -4,6 +4,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Callable, Iterable, Protocol
 
+from .cpu import RFLAGS_VM
+from .memory import UnbackedMemory
+from .vectors import GuestFault
+
 DEBUGCON_PORT = 0xE9      # Bochs / QEMU debugcon
 EXIT_PORT = 0xF4          # QEMU isa-debug-exit as commonly configured (iobase=0xf4)
 
@@ -105,3 +109,22 @@ class PortBus:
             self.stats["unclaimed_port_writes"] += 1
             return
         device.write(port, size, value & ((1 << (8 * size)) - 1))
+
+
+def io_permitted(cpu, linear, port: int, size: int) -> bool:
+    """The protected-mode I/O permission check: CPL <= IOPL (outside virtual-8086 mode), or
+    the TSS I/O bitmap clears every bit of the access (APM §8.2.10 "I/O permission")."""
+    rflags = cpu["rflags"]
+    if not cpu.protected or (cpu.cpl <= (rflags >> 12) & 3 and not rflags & RFLAGS_VM):
+        return True
+    tr = cpu.segment("tr")
+    if not tr.present or tr.type not in (0x9, 0xB) or tr.limit < 103:
+        return False
+    try:
+        bitmap = linear.read_u(tr.base + 0x66, 2) + (port >> 3)
+        if bitmap + 1 > tr.limit:
+            return False
+        bits = linear.read_u(tr.base + bitmap, 2)
+    except (GuestFault, UnbackedMemory):
+        return False
+    return not (bits >> (port & 7)) & ((1 << size) - 1)

@@ -14,6 +14,7 @@ class StopReason(Enum):
     MEMORY = "memory"            # an access no memory backs (value = address), or a ROM write
     UNSUPPORTED = "unsupported"  # an architectural path ringminus does not implement
     STOPPED = "stopped"          # Machine.request_stop() from a user handler
+    VMEXIT = "vmexit"            # L2 took an intercept L1 asked for; value = the exit code
 
 
 # CLI exit status per stop reason.  ``exit`` maps to 2*value+1 as QEMU's isa-debug-exit does
@@ -26,6 +27,7 @@ EXIT_STATUS = {
     StopReason.LIMIT: 10,
     StopReason.TIMEOUT: 12,
     StopReason.STOPPED: 14,
+    StopReason.VMEXIT: 16,
 }
 USAGE_ERROR_STATUS = 2
 
@@ -59,7 +61,10 @@ class RunResult:
     console: str
     instructions: int | None      # exact when counting (a limit or an instruction event is set)
     stats: dict = field(default_factory=dict)
+    vmexit: dict | None = None    # the exit that stopped the run (reason vmexit)
+    events: list = field(default_factory=list)   # exits taken and skipped, in order
 
     def as_dict(self) -> dict:
         return {"stop": self.stop.as_dict(), "regs": self.regs, "console": self.console,
-                "instructions": self.instructions, "stats": self.stats}
+                "instructions": self.instructions, "stats": self.stats, "vmexit": self.vmexit,
+                "events": self.events}

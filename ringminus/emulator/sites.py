@@ -18,16 +18,29 @@ from ..decode.prefixes import MAX_INSTRUCTION_LENGTH, is_prefix
 
 
 class CodeSites:
-    def __init__(self, uc: Uc, callback: Callable, opcodes: frozenset[int]):
+    def __init__(self, uc: Uc, callback: Callable, opcodes: frozenset[int],
+                 read: Callable[[int, int], bytes]):
         self._uc = uc
         self._callback = callback
+        self._read = read
         self._opcodes = np.array(sorted(opcodes), dtype=np.uint8)
+        self._regions: list[tuple[int, int]] = []
         self.armed: dict[int, int] = {}
+
+    def set_opcodes(self, opcodes: frozenset[int]) -> None:
+        """Flag another set of opcode bytes and rescan every region scanned so far."""
+        self._opcodes = np.array(sorted(opcodes), dtype=np.uint8)
+        for address, size in self._regions:
+            self._scan(address, np.frombuffer(self._read(address, size), dtype=np.uint8))
 
     def scan(self, address: int, data: bytes | np.ndarray) -> int:
         """Arm every possible start of a flagged instruction in ``data`` placed at
         ``address``; returns how many new sites were armed."""
         code = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else data
+        self._regions.append((address, len(code)))
+        return self._scan(address, code)
+
+    def _scan(self, address: int, code: np.ndarray) -> int:
         before = len(self.armed)
         for offset in np.flatnonzero(np.isin(code, self._opcodes)).tolist():
             self.arm(address + offset)
@@ -42,3 +55,5 @@ class CodeSites:
     def arm(self, address: int) -> None:
         if address not in self.armed:
             self.armed[address] = self._uc.hook_add(UC_HOOK_CODE, self._callback, begin=address, end=address)
+            # A block translated before the hook existed would run without it.
+            self._uc.ctl_remove_cache(address, address + 1)

@@ -1,0 +1,154 @@
+"""The named permission checks of the decode-flag table (KVM's ``check_perm`` callbacks, with
+the profile's choices where the references disagree).  Each raises GuestFault or returns."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from ..emulator.cpu import CR0_PE, CR0_PG, EFER_LME, EFER_SVME
+from ..emulator.ports import io_permitted
+from ..emulator.segmentation import linear_address
+from ..emulator.vectors import GuestFault, Vector
+
+if TYPE_CHECKING:
+    from ..decode.decoder import Instruction
+    from .guest import Guest
+
+CR4_DE, CR4_TSD, CR4_PCE, CR4_UMIP = 1 << 3, 1 << 2, 1 << 8, 1 << 11
+CR0_NW, CR0_CD = 1 << 29, 1 << 30
+DR7_GD = 1 << 13
+DR6_BD = 1 << 13
+VALID_CRS = frozenset({0, 2, 3, 4, 8})
+CR4_RESERVED = ~0x3F7FFF & 0xFFFF_FFFF_FFFF_FFFF     # bits KVM/APM treat as must-be-zero (no LA57 etc.)
+MAX_PMC = 5
+
+
+def _ud() -> GuestFault:
+    return GuestFault(Vector.UD)
+
+
+def _gp() -> GuestFault:
+    return GuestFault(Vector.GP, 0)
+
+
+def gpr(guest: "Guest", number: int, size: int = 8) -> int:
+    from ..decode.decoder import GPR64
+    return guest.cpu[GPR64[number]] & ((1 << (8 * size)) - 1)
+
+
+def cr_access(insn: "Instruction", guest: "Guest") -> None:
+    """MOV CR: #UD for a CR that does not exist; with the profile's F.1 choice, the value
+    checks of a CR write too (reserved bits, PG without PE, NW without CD)."""
+    if insn.reg not in VALID_CRS:
+        raise _ud()
+    if insn.row.name != "mov_to_cr" or not guest.profile.cr_value_checks_before_intercept:
+        return
+    value = gpr(guest, insn.rm, 8 if insn.bits == 64 else 4)
+    if insn.reg == 0:
+        bad = (value >> 32) or (value & CR0_PG and not value & CR0_PE) or (value & CR0_NW and not value & CR0_CD)
+        bad = bad or (value & CR0_PG and guest.cpu["efer"] & EFER_LME and not guest.cpu["cr4"] & 0x20)
+    elif insn.reg == 4:
+        bad = value & CR4_RESERVED
+    elif insn.reg == 3:
+        bad = value >> 52
+    elif insn.reg == 8:
+        bad = value >> 4
+    else:
+        bad = False
+    if bad:
+        raise _gp()
+
+
+def _dr_common(insn: "Instruction", guest: "Guest") -> None:
+    if insn.reg > 7 or (insn.reg in (4, 5) and guest.cpu["cr4"] & CR4_DE):
+        raise _ud()
+    if guest.cpu["dr7"] & DR7_GD:
+        guest.cpu["dr6"] = (guest.cpu["dr6"] & ~0xF) | DR6_BD
+        raise GuestFault(Vector.DB)
+
+
+def dr_read(insn: "Instruction", guest: "Guest") -> None:
+    _dr_common(insn, guest)
+
+
+def dr_write(insn: "Instruction", guest: "Guest") -> None:
+    _dr_common(insn, guest)
+    if insn.reg in (4, 5, 6, 7) and insn.bits == 64 and gpr(guest, insn.rm) >> 32:
+        raise _gp()
+
+
+def umip(insn: "Instruction", guest: "Guest") -> None:
+    """F.2: UMIP's #GP before the intercept (APM, QEMU); KVM raises it in execute."""
+    if guest.profile.umip_before_intercept and guest.cpu["cr4"] & CR4_UMIP and guest.cpu.cpl > 0:
+        raise _gp()
+
+
+def rdtsc(insn: "Instruction", guest: "Guest") -> None:
+    if guest.cpu["cr4"] & CR4_TSD and guest.cpu.cpl > 0:
+        raise _gp()
+
+
+def rdpmc(insn: "Instruction", guest: "Guest") -> None:
+    if (not guest.cpu["cr4"] & CR4_PCE and guest.cpu.cpl > 0) or guest.cpu["ecx"] > MAX_PMC:
+        raise _gp()
+
+
+def rdpru(insn: "Instruction", guest: "Guest") -> None:
+    rdtsc(insn, guest)
+
+
+def svme(insn: "Instruction", guest: "Guest") -> None:
+    if not guest.cpu["efer"] & EFER_SVME:
+        raise _ud()
+
+
+def svme_or_skinit(insn: "Instruction", guest: "Guest") -> None:
+    """F.5: STGI/SKINIT also run with SVME=0 when CPUID advertises SKINIT (APM)."""
+    if not guest.profile.stgi_skinit_without_svme:
+        svme(insn, guest)
+
+
+def svme_rax(insn: "Instruction", guest: "Guest") -> None:
+    """VMRUN/VMLOAD/VMSAVE: rAX must be a valid physical address; F.5 orders its #GP
+    against the SVME #UD."""
+    rax = guest.cpu["rax"] if insn.address_size == 8 else guest.cpu["rax"] & 0xFFFF_FFFF
+    if guest.profile.svm_rax_gp_before_svme_ud:
+        if rax >> 48:
+            raise _gp()
+        svme(insn, guest)
+    else:
+        svme(insn, guest)
+        if rax >> 48:
+            raise _gp()
+
+
+def vmmcall(insn: "Instruction", guest: "Guest") -> None:
+    """F.5: KVM's emulator marks VMMCALL Prot (#UD in real and VM86 mode before the
+    intercept); the APM intercepts it in any mode."""
+    if guest.profile.vmmcall_prot and (not guest.cpu["cr0"] & CR0_PE or guest.cpu.vm86):
+        raise _ud()
+
+
+def monitor(insn: "Instruction", guest: "Guest") -> None:
+    """MONITOR/MWAIT privilege (F.4: #GP in KVM and the APM profile, #UD in QEMU at CPL>0)
+    and, for the APM profile, MONITOR's DS:rAX operand checks before its intercept."""
+    if guest.cpu.cpl > 0:
+        raise _ud() if guest.profile.monitor_mwait_ud_at_cpl3 else _gp()
+    if insn.row.name == "monitor" and guest.profile.monitor_checks_operand:
+        segment = insn.prefixes.segment or "ds"
+        address = linear_address(guest.cpu, segment, guest.cpu["rax"], 1, False, insn.address_size)
+        guest.linear.translate(address, user=guest.cpu.cpl == 3)
+
+
+def io(insn: "Instruction", guest: "Guest") -> None:
+    """IN/OUT/INS/OUTS: only the VM86/IOPL/TSS-bitmap #GP precedes the intercept (§A.5)."""
+    port = insn.immediate if insn.immediate is not None else guest.cpu["dx"]
+    if not io_permitted(guest.cpu, guest.linear, port, insn.operand_size if insn.operand_size < 8 else 4):
+        raise _gp()
+
+
+CHECKS: dict[str, Callable[["Instruction", "Guest"], None]] = {
+    "cr_access": cr_access, "dr_read": dr_read, "dr_write": dr_write, "umip": umip,
+    "rdtsc": rdtsc, "rdpmc": rdpmc, "rdpru": rdpru, "svme": svme,
+    "svme_or_skinit": svme_or_skinit, "svme_rax": svme_rax, "vmmcall": vmmcall,
+    "monitor": monitor, "io": io,
+}
