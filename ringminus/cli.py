@@ -12,6 +12,10 @@ from .emulator.cpu import REGISTER_NAMES
 from .emulator.loader import is_elf
 from .emulator.result import USAGE_ERROR_STATUS
 from .emulator.ucinternals import UnicornLayoutError
+from .harness import VectorError, collect, run_vector
+from .intercepts.controls import InterceptControls
+from .intercepts.exitcodes import ExitCode, parse_exit
+from .intercepts.profiles import DEFAULT_PROFILE, PROFILES
 
 SIZE_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -54,6 +58,46 @@ def parse_assignment(text: str) -> tuple[str, int]:
     return name, parse_number(value)
 
 
+def parse_exit_names(text: str) -> list[int]:
+    """``cr0_write,cpuid,excp14`` (APM or Linux names, or numbers), or ``all``."""
+    if text.strip().lower() == "all":
+        return ["all"]
+    try:
+        return [parse_exit(name) for name in text.split(",") if name.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_vectors(text: str) -> list[int]:
+    vectors = [parse_number(v) for v in text.split(",") if v.strip()]
+    if any(not 0 <= v <= 31 for v in vectors):
+        raise argparse.ArgumentTypeError(f"exception vectors are 0-31, not {text!r}")
+    return vectors
+
+
+def parse_port_ranges(text: str) -> list[tuple[int, int]]:
+    ranges = []
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        first, dash, last = item.partition("-")
+        low, high = parse_port(first), parse_port(last) if dash else None
+        high = low if high is None else high
+        if high < low:
+            raise argparse.ArgumentTypeError(f"port range {item!r} runs backwards")
+        ranges.append((low, high))
+    return ranges
+
+
+def parse_msr_permissions(text: str) -> list[tuple[int, bool, bool]]:
+    out = []
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        msr, colon, access = item.partition(":")
+        access = access.strip().lower()
+        if not colon or access not in ("r", "w", "rw"):
+            raise argparse.ArgumentTypeError(f"--msrpm takes MSR:r|w|rw, not {item!r}")
+        out.append((parse_number(msr), "r" in access, "w" in access))
+    return out
+
+
 def parse_port(text: str) -> int:
     port = parse_number(text)
     if not 0 <= port <= 0xFFFF:
@@ -85,7 +129,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="port of the debug console (default 0xe9)")
     run.add_argument("--max-insns", type=parse_number, metavar="N", help="stop after N instructions (reason limit)")
     run.add_argument("--timeout", type=float, metavar="SECONDS", help="stop after SECONDS of wall time")
+    run.add_argument("--guest", action="store_true",
+                     help="run the image as an L2 guest; the intercept options say what L1 intercepts")
+    run.add_argument("--intercept", type=parse_exit_names, action="append", default=[], metavar="NAME[,NAME…]",
+                     help="intercepts by exit name (cr0_write, cpuid, ioio, msr, excp14 …) or 'all'")
+    run.add_argument("--intercept-exception", type=parse_vectors, action="append", default=[],
+                     metavar="VEC[,VEC…]", help="exception vectors to intercept")
+    run.add_argument("--iopm", type=parse_port_ranges, action="append", default=[], metavar="PORT[-PORT][,…]",
+                     help="ports whose IOPM bits are set (implies the ioio intercept)")
+    run.add_argument("--msrpm", type=parse_msr_permissions, action="append", default=[], metavar="MSR:r|w|rw[,…]",
+                     help="MSRPM bits to set (implies the msr intercept)")
+    run.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE,
+                     help="whose behaviour where KVM, the APM and QEMU disagree (default kvm)")
+    run.add_argument("--on-exit", choices=("stop", "skip"), default="stop",
+                     help="at an intercept: stop the run (default), or skip the instruction and go on")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    harness = commands.add_parser("harness", help="run nested-intercept vector files")
+    harness.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="vector files, or directories of *.toml")
+    harness.add_argument("--profile", choices=sorted(PROFILES),
+                         help="run every vector under this profile instead of the file's")
+    harness.add_argument("--json", action="store_true", help="print the results as one JSON object")
     run.add_argument("--trace", action="store_true", help="print every executed instruction to stderr")
     return parser
 
@@ -99,6 +162,9 @@ def read_file(path: str) -> bytes:
 
 def prepare(args: argparse.Namespace) -> Machine:
     state = BootState(args.boot)
+    intercepting = args.intercept or args.intercept_exception or args.iopm or args.msrpm
+    if intercepting and not args.guest:
+        raise UsageError("--intercept, --intercept-exception, --iopm and --msrpm need --guest")
     data = read_file(args.image)
     if args.max_insns is not None and args.max_insns < 0:
         raise UsageError("--max-insns must not be negative")
@@ -123,9 +189,32 @@ def prepare(args: argparse.Namespace) -> Machine:
         machine.boot(state, entry, args.cpl)
         for name, value in args.set:
             machine[name] = value
+        if args.guest:
+            machine.enter_guest(intercept_controls(args), args.profile, args.on_exit)
     except (ImageError, ValueError) as e:
         raise UsageError(str(e)) from None
     return machine
+
+
+def intercept_controls(args: argparse.Namespace) -> InterceptControls:
+    controls = InterceptControls()
+    for names in args.intercept:
+        for name in names:
+            if name == "all":
+                controls.set_all()
+            else:
+                controls.set(name)
+    for vectors in args.intercept_exception:
+        controls.intercept_exception(*vectors)
+    for ranges in args.iopm:
+        controls.set(ExitCode.IOIO)
+        for low, high in ranges:
+            controls.set_ports(low, high)
+    for permissions in args.msrpm:
+        controls.set(ExitCode.MSR)
+        for msr, read, write in permissions:
+            controls.set_msr(msr, read, write)
+    return controls
 
 
 def summary(result: RunResult) -> str:
@@ -139,6 +228,12 @@ def summary(result: RunResult) -> str:
     detail = f" ({stop.detail})" if stop.detail else ""
     count = "" if result.instructions is None else f" after {result.instructions} instructions"
     lines.append(f"stop: {reason} at rip {stop.rip:#x}{count}{detail}")
+    if result.vmexit:
+        v = result.vmexit
+        lines.append(f"vmexit: {v['name']} ({v['code']:#x}) info1={v['info1']:#x} info2={v['info2']:#x} "
+                     f"next_rip={v['next_rip']:#x} stage={v['stage']} exit_int_info={v['exit_int_info']:#x}")
+    if result.events:
+        lines.append(f"events: {len(result.events)} exits skipped")
     names = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp")
     lines.append("  ".join(f"{n}={regs[n]:#018x}" for n in names[:4]))
     lines.append("  ".join(f"{n}={regs[n]:#018x}" for n in names[4:]))
@@ -160,10 +255,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result.stop.exit_status
 
 
+def cmd_harness(args: argparse.Namespace) -> int:
+    try:
+        vectors = collect(args.paths)
+        results = [run_vector(v, args.profile) for v in vectors]
+    except VectorError as e:
+        raise UsageError(str(e)) from None
+    passed = sum(r.status == "PASS" for r in results)
+    failed = sum(r.status == "FAIL" for r in results)
+    skipped = sum(r.status == "SKIP" for r in results)
+    summary_line = f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else "")
+    if args.json:
+        print(json.dumps({"results": [r.as_dict() for r in results], "passed": passed, "failed": failed,
+                          "skipped": skipped}))
+    else:
+        for r in results:
+            print(r.line())
+        print(summary_line)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return cmd_run(args)
+        return cmd_harness(args) if args.command == "harness" else cmd_run(args)
     except UsageError as e:
         print(f"ringminus: {e}", file=sys.stderr)
         return USAGE_ERROR_STATUS

@@ -182,6 +182,7 @@ def boot_flat(machine, entry: int, long_mode: bool, cpl: int) -> None:
     mem.load(TRAMPOLINE, _trampoline(long_mode))
     cpu["rsp"] = frame_address
     machine.uc.emu_start(TRAMPOLINE, entry, count=3)
+    cpu["rax"] = 0                                      # the trampoline's scratch register
     if cpu.rip != entry or cpu.cpl != cpl:
         raise RuntimeError(f"entering CPL {cpl} at {entry:#x} failed (rip {cpu.rip:#x}, cpl {cpu.cpl})")
     if cpl == 0 and not long_mode:

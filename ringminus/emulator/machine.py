@@ -92,7 +92,8 @@ class Machine:
         self._stop: Stop | None = None
         self.guest = None                   # intercepts.Guest while the guest runs as L2
         self.last_exit = None               # the VmExit that ended the last run, if any
-        self.events: list[dict] = []        # exits taken with on_exit="skip", in order
+        self.events: list[dict] = []        # events delivered and exits skipped, in order
+        self._breakpoints: dict[int, int] = {}
         self.delivery.intercept = self._intercept_event
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
@@ -211,6 +212,15 @@ class Machine:
         halted CPU.  Runs with a pending event count instructions exactly."""
         heapq.heappush(self._scheduled, (index, next(self._sequence), callback))
 
+    def break_at(self, address: int) -> None:
+        """Stop with reason ``breakpoint`` before the instruction at linear ``address`` runs."""
+        if address not in self._breakpoints:
+            self._breakpoints[address] = self.uc.hook_add(UC_HOOK_CODE, self._on_breakpoint, begin=address, end=address)
+            self.uc.ctl_remove_cache(address, address + 1)
+
+    def _on_breakpoint(self, uc: Uc, address: int, size: int, _data) -> None:
+        self._trap_and_stop(_Trap("breakpoint", address=address))
+
     def request_stop(self, reason: StopReason = StopReason.STOPPED, value: int | None = None,
                      detail: str | None = None) -> None:
         """End the run after the current instruction (devices and user handlers call this)."""
@@ -220,6 +230,13 @@ class Machine:
     def deliver(self, event: Event) -> None:
         """Deliver an event through the IVT/IDT now (wakes a halted CPU)."""
         self.halted = False
+        record = {"type": event.kind.value, "vector": event.vector, "rip": event.instruction_rip
+                  if event.instruction_rip is not None else event.return_rip}
+        if event.error_code is not None and event.pushes_error_code:
+            record["error_code"] = event.error_code
+        if event.cr2 is not None:
+            record["cr2"] = event.cr2
+        self.events.append(record)
         try:
             delivered = self.delivery.deliver(event)
         except Unsupported as why:
@@ -401,6 +418,9 @@ class Machine:
         elif trap.kind == "port":
             self._retire(started - 1)
             self._emulate_out(trap)
+        elif trap.kind == "breakpoint":
+            self._retire(started - 1)
+            self._stop = Stop(StopReason.BREAKPOINT, self.cpu.rip)
         elif trap.kind == "vmexit":
             self._retire(started - 1)
             self._take_exit(trap.outcome)

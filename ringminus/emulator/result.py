@@ -15,6 +15,7 @@ class StopReason(Enum):
     UNSUPPORTED = "unsupported"  # an architectural path ringminus does not implement
     STOPPED = "stopped"          # Machine.request_stop() from a user handler
     VMEXIT = "vmexit"            # L2 took an intercept L1 asked for; value = the exit code
+    BREAKPOINT = "breakpoint"    # Machine.break_at() address reached
 
 
 # CLI exit status per stop reason.  ``exit`` maps to 2*value+1 as QEMU's isa-debug-exit does
@@ -28,6 +29,7 @@ EXIT_STATUS = {
     StopReason.TIMEOUT: 12,
     StopReason.STOPPED: 14,
     StopReason.VMEXIT: 16,
+    StopReason.BREAKPOINT: 18,
 }
 USAGE_ERROR_STATUS = 2
 
