@@ -7,8 +7,8 @@ GDT                0x1000       null, code32/data ring 0 (0x08/0x10), code32/dat
                                 (0x18/0x20), code64 ring 0/3 (0x28/0x30), TSS (0x38)
 TSS                0x1100       ESP0/RSP0 = RING0_STACK_TOP, all-zero I/O bitmap (every port
                                 allowed at any CPL)
-IDT                0x4000       256 gates, all not present (8 bytes each in protected mode,
-                                16 in long mode); a guest finds it with SIDT
+IDT                0x4000       256 interrupt gates, all not present (8 bytes each in
+                                protected mode, 16 in long mode); a guest finds it with SIDT
 trampoline         0x3800       ``ltr; iret`` — how the machine enters the guest's CPL
 page tables        0x10000      long mode: PML4, PDPT, then one PD per GiB of RAM, 2 MiB
                                 pages, identity map of all RAM, user + writable
@@ -24,8 +24,8 @@ import struct
 from enum import Enum
 
 from .cpu import CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, GPRS
-from .descriptors import (FLAG_DB, FLAG_P, FLAG_S, SYS_LDT, SYS_TSS32_AVAILABLE, SYS_TSS32_BUSY,
-                          Segment, pack_descriptor, pack_system_descriptor64, unpack_descriptor)
+from .descriptors import (FLAG_P, FLAG_S, SYS_INT_GATE, SYS_LDT, SYS_TSS32_AVAILABLE, SYS_TSS32_BUSY,
+                          Segment, pack_descriptor, pack_gate, pack_system_descriptor64, unpack_descriptor)
 
 
 class BootState(Enum):
@@ -152,7 +152,9 @@ def boot_flat(machine, entry: int, long_mode: bool, cpl: int) -> None:
     gdt = _gdt()
     mem.load(GDT_BASE, gdt)
     mem.load(TSS_BASE, _tss(long_mode))
-    mem.load(IDT_BASE, bytes(256 * (16 if long_mode else 8)))    # every gate not present
+    # Every gate a valid interrupt gate with P = 0: a fault raises #NP, not #GP for a bad type.
+    ring0_code = SEL_CODE64 if long_mode else SEL_CODE32
+    mem.load(IDT_BASE, pack_gate(0, ring0_code, SYS_INT_GATE, present=False, long_mode=long_mode) * 256)
     cpu.set_table_register("gdtr", GDT_BASE, len(gdt) - 1)
     cpu.set_table_register("idtr", IDT_BASE, 256 * (16 if long_mode else 8) - 1)
     if long_mode:
@@ -165,7 +167,6 @@ def boot_flat(machine, entry: int, long_mode: bool, cpl: int) -> None:
         cpu.set_mode_state(PROTECTED_CR0, 0, 0)
         code = SEL_CODE32_USER if cpl == 3 else SEL_CODE32
     data = SEL_DATA_USER if cpl == 3 else SEL_DATA
-    ring0_code = SEL_CODE64 if long_mode else SEL_CODE32
     flat = {name: unpack_descriptor(gdt[SEL_DATA:SEL_DATA + 8], SEL_DATA) for name in ("ds", "es", "fs", "gs", "ss")}
     flat["cs"] = unpack_descriptor(gdt[ring0_code:ring0_code + 8], ring0_code)
     cpu.load_segments(flat, cpl=0)
