@@ -41,6 +41,7 @@ _UC_NAMES = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in (
     "ax", "bx", "cx", "dx", "si", "di", "bp", "sp", "al", "bl", "cl", "dl", "ah", "bh", "ch", "dh",
     *(f"r{n}{s}" for n in range(8, 16) for s in "dwb"))}
 REGISTER_NAMES = frozenset(_UC_NAMES) | {"efer"} | set(SEGMENT_REGISTERS)
+_CONTROL_NAMES = frozenset({*CONTROL, "cr8", "rflags", "eflags"})
 
 
 class Cpu:
@@ -50,6 +51,7 @@ class Cpu:
     def __init__(self, uc: Uc):
         self.uc = uc
         self.context = uci.Context(uc)
+        self.fast = uci.FastAccess(uc)
         # The guest-visible EFER.SVME.  Unicorn's CPU model drops the bit, and it must stay
         # clear there anyway so every SVM instruction traps as #UD (reference/unicorn.md §3).
         self.svme = False
@@ -57,25 +59,27 @@ class Cpu:
     # -- plain registers -------------------------------------------------------------------
     def __getitem__(self, name: str) -> int:
         if name == "efer":
-            return self.uc.msr_read(MSR_EFER) | (EFER_SVME if self.svme else 0)
+            return self.fast.read_msr(MSR_EFER) | (EFER_SVME if self.svme else 0)
         if name in SEGMENT_REGISTERS or name in SYSTEM_SEGMENTS:
             return self.segment(name).selector
-        return self.uc.reg_read(_UC_NAMES[name])
+        return self.fast.read(_UC_NAMES[name])
 
     def __setitem__(self, name: str, value: int) -> None:
         if name == "efer":
             self.svme = bool(value & EFER_SVME)
             self.uc.msr_write(MSR_EFER, value & ~EFER_SVME)
+        elif name in _CONTROL_NAMES:
+            self.uc.reg_write(_UC_NAMES[name], value)     # the binding keeps QEMU's hflags in step
         else:
-            self.uc.reg_write(_UC_NAMES[name], value)
+            self.fast.write(_UC_NAMES[name], value)
 
     @property
     def rip(self) -> int:
-        return self.uc.reg_read(X.UC_X86_REG_RIP)
+        return self.fast.read(X.UC_X86_REG_RIP)
 
     @rip.setter
     def rip(self, value: int) -> None:
-        self.uc.reg_write(X.UC_X86_REG_RIP, value)
+        self.fast.write(X.UC_X86_REG_RIP, value)
 
     # -- segments and privilege ------------------------------------------------------------
     def segment(self, name: str) -> Segment:
@@ -139,23 +143,39 @@ class Cpu:
         return bool(self["rflags"] & RFLAGS_VM)
 
     def code_bits(self) -> int:
-        """Default operand size of the code now running: 16, 32 or 64."""
-        if not self.protected or self.vm86:
-            return 16
-        cs = self.segment("cs")
-        if self.long_mode_active and cs.long:
-            return 64
-        return 32 if cs.big else 16
+        """Default operand size of the code now running: 16, 32 or 64 (QEMU's hflags hold
+        it: CS64, CS32; neither in real and virtual-8086 mode)."""
+        hflags = self.context.snapshot().u32(uci.HFLAGS)
+        return 64 if hflags & uci.HF_CS64 else 32 if hflags & uci.HF_CS32 else 16
 
-    def snapshot(self) -> dict:
-        """Every architectural register RunResult reports, keyed by lower-case name."""
-        regs = {name: self[name] for name in (*GPRS, "rip", "rflags", *CONTROL, "efer", "dr6", "dr7")}
-        ctx = self.context.snapshot()
+    def snapshot(self) -> "CpuSnapshot":
+        """The architectural registers now, cheaply: one copy of the context, parsed later."""
+        return CpuSnapshot(bytes(self.context.snapshot().raw), self["rflags"], self.svme)
+
+
+class CpuSnapshot:
+    """Registers as they were when taken; ``registers()`` names them (RunResult.regs)."""
+
+    def __init__(self, raw: bytes, rflags: int, svme: bool):
+        self._raw, self._rflags, self._svme = raw, rflags, svme
+
+    def registers(self) -> dict:
+        ctx = uci.Context.from_bytes(self._raw)
+        regs = {name: ctx.u64(uci.GPRS + 8 * i) for i, name in enumerate(
+            ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", *GPRS[8:]))}
+        regs = {name: regs[name] for name in GPRS}
+        regs["rip"] = ctx.u64(uci.EIP)
+        regs["rflags"] = self._rflags
+        for n in (0, 2, 3, 4):
+            regs[f"cr{n}"] = ctx.u64(uci.CR + 8 * n)
+        regs["efer"] = ctx.u64(uci.EFER) | (EFER_SVME if self._svme else 0)
+        regs["dr6"] = ctx.u64(uci.DEBUG_REGISTERS + 6 * 8)
+        regs["dr7"] = ctx.u64(uci.DEBUG_REGISTERS + 7 * 8)
         for name in (*SEGMENT_REGISTERS, *SYSTEM_SEGMENTS):
             c = ctx.segment(name)
             regs[name] = Segment(c.selector, c.base, c.limit, c.flags).as_dict()
-        for name in ("gdtr", "idtr"):
-            base, limit = self.table_register(name)
-            regs[name] = {"base": base, "limit": limit}
+        for name, slot in (("gdtr", 8), ("idtr", 9)):
+            c = ctx.segment_slot(slot)
+            regs[name] = {"base": c.base, "limit": c.limit}
         regs["cpl"] = ctx.u32(uci.HFLAGS) & uci.HF_CPL_MASK
         return regs

@@ -37,6 +37,7 @@ from .ports import DEBUGCON_PORT, EXIT_PORT, DebugConsole, ExitDevice, PortBus, 
 from .result import RunResult, Stop, StopReason
 from .sites import CodeSites
 from .vectors import PUSHES_ERROR_CODE, GuestFault, Vector
+from ..intercepts.checker import Fault, VmExit, check
 
 DEFAULT_MEMORY = 64 << 20
 UNBOUNDED_COUNT = 1 << 62
@@ -94,6 +95,7 @@ class Machine:
         self.last_exit = None               # the VmExit that ended the last run, if any
         self.events: list[dict] = []        # events delivered and exits skipped, in order
         self._breakpoints: dict[int, int] = {}
+        self._decoded: dict[tuple[int, bytes, int], Instruction | None] = {}
         self.delivery.intercept = self._intercept_event
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
@@ -110,6 +112,7 @@ class Machine:
     def write_memory(self, address: int, data: bytes) -> None:
         """Place bytes in guest RAM and arm the code sites they contain."""
         self.memory.load(address, data)
+        self.linear.flush()
         self.sites.scan(address, data)
 
     def read_memory(self, address: int, size: int) -> bytes:
@@ -164,6 +167,7 @@ class Machine:
         from ..intercepts.guest import Guest
         self.guest = Guest(self, controls, profile, on_exit)
         self.sites.set_opcodes(OUT_OPCODES | site_opcodes(controls))
+        self.linear.flush()
 
     def leave_guest(self) -> None:
         self.guest = None
@@ -189,11 +193,11 @@ class Machine:
         self.stats["vmexits"] += 1
         self.last_exit = exit_
         if self.guest.on_exit == "skip":
-            self.events.append({"type": "vmexit", **exit_.as_dict()})
+            self.events.append(exit_)
             self.cpu.rip = exit_.next_rip or exit_.rip + self._length_at(exit_.rip)
             return False
         self.cpu.rip = exit_.rip
-        self._stop = Stop(StopReason.VMEXIT, exit_.rip, exit_.code, exit_.name)
+        self._stop = Stop(StopReason.VMEXIT, exit_.rip, int(exit_.code), exit_.name)
         return True
 
     def _intercept_event(self, event: Event, during: Event | None) -> bool:
@@ -284,9 +288,8 @@ class Machine:
             uc.emu_stop()
 
     def _on_site(self, uc: Uc, address: int, size: int, _data) -> None:
-        try:
-            code = self.linear.read(address, 15)
-        except (GuestFault, UnbackedMemory):
+        code = self.linear.fetch(address, 15)
+        if code is None:
             return                      # Unicorn will report the fetch fault itself
         bits = self.cpu.code_bits()
         if self.guest is not None and self._check_at_site(code, bits, address):
@@ -298,11 +301,19 @@ class Machine:
         if self.ports.is_precise(port):
             self._trap_and_stop(_Trap("port", address=address, port_io=port_io, port=port))
 
+    def _decode(self, code: bytes, bits: int, rip: int) -> Instruction | None:
+        """Decode once per (address, bytes, mode) — DESIGN.md §3."""
+        key = (rip, code, bits)
+        if key not in self._decoded:
+            if len(self._decoded) > 65536:
+                self._decoded.clear()
+            self._decoded[key] = decode(code, bits, rip)
+        return self._decoded[key]
+
     def _check_at_site(self, code: bytes, bits: int, address: int) -> bool:
         """Run the staged checker before an intercepted instruction executes.  True when the
         instruction has been dealt with (an exit, a fault, or skipped)."""
-        from ..intercepts.checker import Fault, VmExit, check
-        insn = decode(code, bits, self.cpu.rip)
+        insn = self._decode(code, bits, self.cpu.rip)
         if insn is None or insn.row.intercept is None:
             return False
         outcome = check(insn, self.guest)
@@ -347,7 +358,8 @@ class Machine:
         stop = self._stop or Stop(StopReason.STOPPED, self.cpu.rip)
         vmexit = self.last_exit.as_dict() if stop.reason is StopReason.VMEXIT else None
         return RunResult(stop, self.cpu.snapshot(), console,
-                         self.instructions if self._instructions_exact else None, stats, vmexit, list(self.events))
+                         self.instructions if self._instructions_exact else None, stats, vmexit,
+                         [{"type": "vmexit", **e.as_dict()} if isinstance(e, VmExit) else e for e in self.events])
 
     def _fire_due_events(self) -> None:
         while self._scheduled and self._scheduled[0][0] <= self.instructions and self._stop is None:
@@ -450,14 +462,13 @@ class Machine:
     def _on_invalid_trap(self) -> None:
         """An instruction Unicorn cannot execute: SVM instructions, RSM, VMMCALL, ICEBP, UD2…
         As L2 the staged checker decides first; then ringminus executes it or raises #UD."""
-        from ..intercepts.checker import Fault, VmExit, check
         rip = self.cpu.rip
         linear = (self.cpu.segment("cs").base + rip) & 0xFFFF_FFFF_FFFF_FFFF
         try:
             code = self.linear.read(linear, 15)
         except (GuestFault, UnbackedMemory):
             code = b""
-        insn = decode(code, self.cpu.code_bits(), rip) if code else None
+        insn = self._decode(code, self.cpu.code_bits(), rip) if code else None
         if insn is not None and self.guest is not None:
             outcome = check(insn, self.guest)
             if isinstance(outcome, VmExit):

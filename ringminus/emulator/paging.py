@@ -3,6 +3,8 @@ instructions): 32-bit, PAE and 4-level paging with the architecture's permission
 accessed/dirty updates and #PF error codes."""
 from __future__ import annotations
 
+from unicorn.x86_const import UC_X86_REG_CR0 as X86_CR0, UC_X86_REG_CR3 as X86_CR3
+
 from .cpu import CR0_PG, CR0_WP, CR4_PAE, CR4_PSE, EFER_LMA, EFER_NXE, Cpu
 from .memory import PhysicalMemory
 from .vectors import GuestFault, Vector
@@ -17,6 +19,42 @@ class LinearMemory:
     def __init__(self, cpu: Cpu, phys: PhysicalMemory):
         self.cpu = cpu
         self.phys = phys
+        # Instruction fetches for decoding reuse translations, as a CPU's TLB does: keyed by
+        # CR3 and page, dropped by flush() (each run, and whenever ringminus writes memory).
+        self._code_tlb: dict[tuple[int, int], int] = {}
+
+    def flush(self) -> None:
+        self._code_tlb.clear()
+
+    def fetch(self, linear: int, size: int) -> bytes | None:
+        """Up to ``size`` instruction bytes at ``linear`` (fewer at an unmapped page), or None
+        when the first byte is unmapped.  No permission checks: the CPU is executing there."""
+        fast = self.cpu.fast
+        paged = fast.read(X86_CR0) & CR0_PG
+        cr3 = fast.read(X86_CR3) if paged else 0
+        if paged and (linear & 0xFFF) + size <= 0x1000:          # the common case: one page
+            frame = self._code_tlb.get((cr3, linear >> 12))
+            if frame is not None:
+                return fast.read_memory(frame | (linear & 0xFFF), size)
+        out = b""
+        for page_linear, count in self._chunks(linear, size):
+            if paged:
+                key = (cr3, page_linear >> 12)
+                frame = self._code_tlb.get(key)
+                if frame is None:
+                    try:
+                        frame = self.translate(page_linear) & ~0xFFF
+                    except GuestFault:
+                        break
+                    self._code_tlb[key] = frame
+                physical = frame | (page_linear & 0xFFF)
+            else:
+                physical = page_linear if self.cpu.long_mode_active else page_linear & 0xFFFF_FFFF
+            chunk = fast.read_memory(physical, count)
+            if chunk is None:
+                break
+            out += chunk
+        return out or None
 
     def translate(self, linear: int, write: bool = False, user: bool = False, fetch: bool = False) -> int:
         cr0, cr4, efer = self.cpu["cr0"], self.cpu["cr4"], self.cpu["efer"]

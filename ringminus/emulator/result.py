@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 
 
 class StopReason(Enum):
@@ -59,12 +60,17 @@ class Stop:
 @dataclass(frozen=True)
 class RunResult:
     stop: Stop
-    regs: dict
+    cpu: object                   # emulator.cpu.CpuSnapshot at the stop
     console: str
     instructions: int | None      # exact when counting (a limit or an instruction event is set)
     stats: dict = field(default_factory=dict)
     vmexit: dict | None = None    # the exit that stopped the run (reason vmexit)
     events: list = field(default_factory=list)   # exits taken and skipped, in order
+
+    @cached_property
+    def regs(self) -> dict:
+        """Registers at the stop, by lower-case name (segments as selector/base/limit/attributes)."""
+        return self.cpu.registers()
 
     def as_dict(self) -> dict:
         return {"stop": self.stop.as_dict(), "regs": self.regs, "console": self.console,

@@ -39,6 +39,10 @@ class InterceptControls:
                 raise ValueError(f"exit code {code:#x} has no intercept bit")
             self.vector |= 1 << code
 
+    def clear(self, *codes: int) -> None:
+        for code in codes:
+            self.vector &= ~(1 << code)
+
     def set_all(self) -> None:
         self.vector = (1 << (LAST_INTERCEPT_BIT + 1)) - 1
 

@@ -57,9 +57,12 @@ _LINUX_ALIASES = {
 }
 
 
+_NAMES = {int(code): code.name.lower() for code in ExitCode}
+
+
 def exit_name(code: int) -> str:
     """The lower-case APM name of an exit code (``excp14``, ``cr0_sel_write``)."""
-    return ExitCode(code).name.lower()
+    return _NAMES[int(code)]
 
 
 def parse_exit(text: str) -> ExitCode:
