@@ -20,7 +20,7 @@ PAGING32_DIRECTORY = 0x20000           # protected mode: PD, then one page table
 SPLIT_TABLES = 0x40000                 # long mode: 4 KiB tables that replace split 2 MiB pages
 MAX_INSTRUCTIONS = 100_000
 TIMEOUT = 10.0
-EXCEPTION_EVENTS = ("exception", "software-exception")
+EXCEPTION_EVENTS = ("exception", "software-exception", "icebp")   # ICEBP delivers #DB (type 3)
 PTE_PRESENT, PTE_LARGE = 1, 0x80
 
 

@@ -123,9 +123,11 @@ def svme_rax(insn: "Instruction", guest: "Guest") -> None:
 
 def vmmcall(insn: "Instruction", guest: "Guest") -> None:
     """F.5: KVM's emulator marks VMMCALL Prot (#UD in real and VM86 mode before the
-    intercept); the APM intercepts it in any mode."""
+    intercept); the APM intercepts it in any mode; QEMU needs EFER.SVME first."""
     if guest.profile.vmmcall_prot and (not guest.cpu["cr0"] & CR0_PE or guest.cpu.vm86):
         raise _ud()
+    if guest.profile.vmmcall_needs_svme:
+        svme(insn, guest)
 
 
 def monitor(insn: "Instruction", guest: "Guest") -> None:

@@ -22,6 +22,8 @@ class Profile:
     #: F.5 — VMMCALL is #UD in real/VM86 mode before the intercept (KVM's Prot flag) or
     #: intercepted in any mode (APM, QEMU).
     vmmcall_prot: bool
+    #: F.5 — QEMU raises #UD for VMMCALL with EFER.SVME=0 before the intercept check.
+    vmmcall_needs_svme: bool
     #: F.5 — STGI/SKINIT are allowed with EFER.SVME=0 when CPUID advertises SKINIT (APM).
     stgi_skinit_without_svme: bool
     #: F.5 — VMRUN/VMLOAD/VMSAVE: #GP for a bad rAX before the SVME #UD (KVM) or after it.
@@ -45,16 +47,19 @@ class Profile:
 PROFILES = {p.name: p for p in (
     Profile("kvm", cr_value_checks_before_intercept=False, umip_before_intercept=False,
             monitor_checks_operand=False, monitor_mwait_ud_at_cpl3=False, vmmcall_prot=True,
+            vmmcall_needs_svme=False,
             stgi_skinit_without_svme=False, svm_rax_gp_before_svme_ud=True, ioio_segment=False,
             ioio_address_size=True, smi_exitinfo=False, decode_assists=False,
             selective_cr0_fixed=True, rep_zero_count_intercepts=True),
     Profile("apm", cr_value_checks_before_intercept=True, umip_before_intercept=True,
             monitor_checks_operand=True, monitor_mwait_ud_at_cpl3=False, vmmcall_prot=False,
+            vmmcall_needs_svme=False,
             stgi_skinit_without_svme=True, svm_rax_gp_before_svme_ud=False, ioio_segment=True,
             ioio_address_size=True, smi_exitinfo=True, decode_assists=True,
             selective_cr0_fixed=True, rep_zero_count_intercepts=True),
     Profile("qemu", cr_value_checks_before_intercept=False, umip_before_intercept=True,
             monitor_checks_operand=False, monitor_mwait_ud_at_cpl3=True, vmmcall_prot=False,
+            vmmcall_needs_svme=True,
             stgi_skinit_without_svme=False, svm_rax_gp_before_svme_ud=False, ioio_segment=False,
             ioio_address_size=False, smi_exitinfo=False, decode_assists=False,
             selective_cr0_fixed=True, rep_zero_count_intercepts=True),
