@@ -166,3 +166,25 @@ def test_intercepts_cost_nothing_outside_flagged_instructions():
     result = machine.run()
     assert result.stop.reason is StopReason.VMEXIT and result.vmexit["name"] == "hlt"
     assert result.stats["slices"] == 1
+
+
+def test_code_written_by_the_guest_into_scanned_pages_is_rescanned():
+    # The guest writes CPUID (0F A2) over two NOPs of its own page, then runs them.
+    source = "mov word ptr [rip + patch], 0xa20f; jmp patch; patch: nop; nop; hlt"
+    machine, result = guest(source, codes=[ExitCode.CPUID])
+    assert result.stop.reason is StopReason.VMEXIT and result.vmexit["name"] == "cpuid"
+    assert machine.sites.rescans == 1
+
+
+def test_moving_cr3_rearms_sites_at_the_new_linear_addresses():
+    # Map the code's physical page at a second linear address, switch to those tables and
+    # jump there: the CPUID must still exit.
+    from ringminus.emulator.boot import PAGE_TABLES
+    alias = 0x4000_0000                               # PDPT slot 1 -> the same page directory
+    head = "mov rax, cr3; mov rbx, [rax]; and rbx, -4096; mov rcx, [rbx]; mov [rbx + 8], rcx; mov cr3, rax; "
+    probe = asm(head + f"mov rax, {alias:#x}; jmp rax", 64, 0x100000)       # same encoding size
+    target = alias + 0x100000 + len(probe)
+    source = head + f"mov rax, {target:#x}; jmp rax; cpuid; hlt"
+    machine, result = guest(source, codes=[ExitCode.CPUID])
+    assert result.stop.reason is StopReason.VMEXIT and result.vmexit["name"] == "cpuid"
+    assert result.vmexit["rip"] >= alias

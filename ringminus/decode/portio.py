@@ -12,7 +12,7 @@ PORT_IO_OPCODES = {
     0xEC: ("in", False, True), 0xED: ("in", False, False),
     0xEE: ("out", False, True), 0xEF: ("out", False, False),
 }
-OUT_OPCODES = frozenset(op for op, (direction, _, _) in PORT_IO_OPCODES.items() if direction == "out")
+OUT_OPCODES = frozenset(bytes([op]) for op, (direction, _, _) in PORT_IO_OPCODES.items() if direction == "out")
 
 
 @dataclass(frozen=True)

@@ -154,8 +154,11 @@ for _row in ROWS:
     ROWS_BY_OPCODE[_row.opcode] = ROWS_BY_OPCODE.get(_row.opcode, ()) + (_row,)
 
 
-def site_opcodes(intercepted) -> frozenset[int]:
-    """First opcode bytes of every row that can produce an intercepted exit code — the bytes
-    a code site is armed on (a two-byte opcode at its 0F)."""
-    return frozenset(row.opcode[0] for row in ROWS
+def site_opcodes(intercepted) -> frozenset[bytes]:
+    """The opcode bytes (1-3) of every row that can produce an intercepted exit code: a code
+    site is armed where they occur, and at every prefix start before them."""
+    return frozenset(row.opcode for row in ROWS
                      if row.intercept and any(code in intercepted for code in row.intercept.codes))
+
+
+ADDRESS_SPACE_OPCODES = frozenset({b"\x0f\x22"})    # MOV to CR: always armed (sites are linear)

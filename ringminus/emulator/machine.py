@@ -24,10 +24,10 @@ from unicorn import x86_const as X
 from ..decode.decoder import Instruction, decode
 from ..decode.length import instruction_length
 from ..decode.portio import OUT_OPCODES, PortIo, decode_port_io
-from ..decode.table import site_opcodes
+from ..decode.table import ADDRESS_SPACE_OPCODES, site_opcodes
 from . import boot as boot_states
 from . import ucinternals
-from .cpu import SEGMENT_REGISTERS, Cpu
+from .cpu import CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA, SEGMENT_REGISTERS, Cpu
 from .descriptors import Segment
 from .delivery import Delivery, Event, EventKind, Outcome, Unsupported
 from .loader import Image, bios_windows, check_bios
@@ -81,7 +81,7 @@ class Machine:
         self.console = DebugConsole()
         self.ports.register(debugcon_port, self.console)
         self.ports.register(EXIT_PORT, ExitDevice(lambda value: self.request_stop(StopReason.EXIT, value)))
-        self.sites = CodeSites(self.uc, self._on_site, OUT_OPCODES, self.memory.read)
+        self.sites = CodeSites(self.uc, self._on_site, OUT_OPCODES | ADDRESS_SPACE_OPCODES, self.cpu.fast.read_memory)
         self.exact_instructions = exact_instructions
         self.instructions = 0
         self._instructions_exact = True
@@ -96,6 +96,8 @@ class Machine:
         self.events: list[dict] = []        # events delivered and exits skipped, in order
         self._breakpoints: dict[int, int] = {}
         self._decoded: dict[tuple[int, bytes, int], Instruction | None] = {}
+        self._stepping_over: int | None = None     # a MOV CR site run by a one-instruction slice
+        self._address_space: tuple | None = None
         self.delivery.intercept = self._intercept_event
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
@@ -166,12 +168,12 @@ class Machine:
         plays L1.  Only the intercepts that are set are armed."""
         from ..intercepts.guest import Guest
         self.guest = Guest(self, controls, profile, on_exit)
-        self.sites.set_opcodes(OUT_OPCODES | site_opcodes(controls))
+        self.sites.set_opcodes(OUT_OPCODES | ADDRESS_SPACE_OPCODES | site_opcodes(controls))
         self.linear.flush()
 
     def leave_guest(self) -> None:
         self.guest = None
-        self.sites.set_opcodes(OUT_OPCODES)
+        self.sites.set_opcodes(OUT_OPCODES | ADDRESS_SPACE_OPCODES)
 
     def skip_instruction(self) -> None:
         """After a vmexit stop: resume at the exit's next RIP, as an L1 that emulated it."""
@@ -292,8 +294,15 @@ class Machine:
         if code is None:
             return                      # Unicorn will report the fetch fault itself
         bits = self.cpu.code_bits()
-        if self.guest is not None and self._check_at_site(code, bits, address):
-            return
+        insn = self._decode(code, bits, self.cpu.rip)
+        if insn is not None:
+            if self.guest is not None and self._check_at_site(insn):
+                return
+            if insn.row.name == "mov_to_cr" and insn.reg in (0, 3, 4):
+                if self._stepping_over != address:       # step it, then re-arm for the new space
+                    self._trap_and_stop(_Trap("address_space", address=address))
+                    return
+                self._stepping_over = None
         port_io = decode_port_io(code, bits)
         if port_io is None or port_io.direction != "out":
             return
@@ -310,11 +319,10 @@ class Machine:
             self._decoded[key] = decode(code, bits, rip)
         return self._decoded[key]
 
-    def _check_at_site(self, code: bytes, bits: int, address: int) -> bool:
+    def _check_at_site(self, insn: Instruction) -> bool:
         """Run the staged checker before an intercepted instruction executes.  True when the
         instruction has been dealt with (an exit, a fault, or skipped)."""
-        insn = self._decode(code, bits, self.cpu.rip)
-        if insn is None or insn.row.intercept is None:
+        if insn.row.intercept is None:
             return False
         outcome = check(insn, self.guest)
         if isinstance(outcome, VmExit):
@@ -380,8 +388,11 @@ class Machine:
         if limit is not None and self.instructions >= limit:
             self._stop = Stop(StopReason.LIMIT, self.cpu.rip)
             return
+        self._rearm_if_address_space_changed()
         budget = 0
-        if counting:                # Unicorn counts only with a count: give it one in any case
+        if self._stepping_over is not None:
+            budget, counting = 1, True
+        elif counting:              # Unicorn counts only with a count: give it one in any case
             targets = [t for t in (limit, self._scheduled[0][0] if self._scheduled else None) if t is not None]
             budget = min(targets) - self.instructions if targets else UNBOUNDED_COUNT
         microseconds = 0
@@ -399,6 +410,21 @@ class Machine:
         self.stats["slices"] += 1
         started = ucinternals.emu_counter(self.uc) if counting else 0
         self._after_slice(error, budget, started, deadline)
+
+    def _rearm_if_address_space_changed(self) -> None:
+        """Sites sit on linear addresses: when paging changes, arm them where the code is now
+        mapped (semantics of DESIGN.md §3, rule 2)."""
+        cpu = self.cpu
+        paged = bool(cpu["cr0"] & CR0_PG)
+        space = (paged, cpu["cr3"], cpu["cr4"] & (CR4_PAE | CR4_PSE), cpu["efer"] & EFER_LMA) if paged else (False,)
+        if space == self._address_space:
+            return
+        self._address_space = space
+        if not paged:
+            self.sites.remap(None)
+            return
+        inverse = self.linear.inverse({p & ~0xFFF for p in self.sites.physical})
+        self.sites.remap(lambda page: inverse.get(page, []))
 
     def _retire(self, count: int) -> None:
         self.instructions += max(count, 0)
@@ -430,6 +456,11 @@ class Machine:
         elif trap.kind == "port":
             self._retire(started - 1)
             self._emulate_out(trap)
+        elif trap.kind == "address_space":
+            self._retire(started - 1)
+            self._stepping_over = trap.address
+            self._address_space = None          # even a reload of the same CR3 flushes the TLB
+            self.linear.flush()
         elif trap.kind == "breakpoint":
             self._retire(started - 1)
             self._stop = Stop(StopReason.BREAKPOINT, self.cpu.rip)

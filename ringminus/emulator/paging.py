@@ -3,6 +3,7 @@ instructions): 32-bit, PAE and 4-level paging with the architecture's permission
 accessed/dirty updates and #PF error codes."""
 from __future__ import annotations
 
+import numpy as np
 from unicorn.x86_const import UC_X86_REG_CR0 as X86_CR0, UC_X86_REG_CR3 as X86_CR3
 
 from .cpu import CR0_PG, CR0_WP, CR4_PAE, CR4_PSE, EFER_LMA, EFER_NXE, Cpu
@@ -134,3 +135,47 @@ class LinearMemory:
 
     def read_u(self, linear: int, size: int, user: bool = False) -> int:
         return int.from_bytes(self.read(linear, size, user), "little")
+
+    def inverse(self, physical_pages: set[int]) -> dict[int, list[int]]:
+        """Every linear page that maps each of ``physical_pages`` under the current paging
+        (all present leaves of the tables walked; user/supervisor alike)."""
+        wanted = sorted(physical_pages)
+        found: dict[int, list[int]] = {}
+        cr4, efer = self.cpu["cr4"], self.cpu["efer"]
+        cr3 = self.cpu["cr3"]
+        if efer & EFER_LMA:
+            self._walk(cr3 & ADDRESS_52, (39, 30, 21, 12), 0, 8, wanted, found, sign_extend=True)
+        elif cr4 & CR4_PAE:
+            for i in range(4):
+                pdpte = self.phys.read_u((cr3 & 0xFFFF_FFE0) + 8 * i, 8)
+                if pdpte & PTE_P:
+                    self._walk(pdpte & ADDRESS_52, (21, 12), i << 30, 8, wanted, found)
+        else:
+            self._walk(cr3 & 0xFFFF_F000, (22, 12), 0, 4, wanted, found, pse=bool(cr4 & CR4_PSE))
+        return found
+
+    def _walk(self, table: int, shifts, base: int, entry_size: int, wanted, found, sign_extend=False,
+              pse=False) -> None:
+        import bisect
+        count = 4096 // entry_size
+        raw = self.cpu.fast.read_memory(table, 4096)
+        if raw is None:
+            return
+        entries = np.frombuffer(raw, dtype=np.uint64 if entry_size == 8 else np.uint32)
+        shift, rest = shifts[0], shifts[1:]
+        for index in np.flatnonzero(entries & PTE_P).tolist():
+            entry = int(entries[index])
+            linear = base | (index << shift)
+            if sign_extend and linear >> 47:
+                linear |= 0xFFFF_0000_0000_0000
+            large = rest and (entry & PTE_PS) and (entry_size == 8 or pse) and shift != 39
+            if not rest or large:
+                size = 1 << shift
+                frame = (entry & 0xFFC0_0000) if entry_size == 4 and large else entry & ADDRESS_52 & ~(size - 1)
+                lo = bisect.bisect_left(wanted, frame)
+                hi = bisect.bisect_left(wanted, frame + size)
+                for page in wanted[lo:hi]:
+                    found.setdefault(page, []).append(linear + (page - frame))
+            else:
+                next_table = entry & (ADDRESS_52 if entry_size == 8 else 0xFFFF_F000)
+                self._walk(next_table, rest, linear, entry_size, wanted, found, sign_extend, pse)

@@ -182,6 +182,8 @@ class FastAccess:
 
     def read_memory(self, address: int, size: int) -> bytes | None:
         """Physical bytes, or None when something is not mapped."""
+        if size > len(self._buffer):
+            self._buffer = ctypes.create_string_buffer(size)
         if self._lib.uc_mem_read(self._handle, address, self._buffer, size) != 0:
             return None
         return self._buffer.raw[:size]
