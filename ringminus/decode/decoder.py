@@ -28,7 +28,7 @@ class MemoryOperand:
     rip_relative: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)      # decoded once and cached: identity is equality
 class Instruction:
     address: int
     raw: bytes

@@ -42,6 +42,7 @@ _UC_NAMES = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in (
     *(f"r{n}{s}" for n in range(8, 16) for s in "dwb"))}
 REGISTER_NAMES = frozenset(_UC_NAMES) | {"efer"} | set(SEGMENT_REGISTERS)
 _CONTROL_NAMES = frozenset({*CONTROL, "cr8", "rflags", "eflags"})
+_PAGING_NAMES = frozenset({"cr0", "cr3", "cr4", "efer"})
 
 
 class Cpu:
@@ -52,6 +53,9 @@ class Cpu:
         self.uc = uc
         self.context = uci.Context(uc)
         self.fast = uci.FastAccess(uc)
+        # Bumped whenever ringminus writes CR0/CR3/CR4/EFER: code sites sit on linear
+        # addresses, so the machine re-arms them when this moves.
+        self.paging_epoch = 0
         # The guest-visible EFER.SVME.  Unicorn's CPU model drops the bit, and it must stay
         # clear there anyway so every SVM instruction traps as #UD (reference/unicorn.md §3).
         self.svme = False
@@ -65,6 +69,8 @@ class Cpu:
         return self.fast.read(_UC_NAMES[name])
 
     def __setitem__(self, name: str, value: int) -> None:
+        if name in _PAGING_NAMES:
+            self.paging_epoch += 1
         if name == "efer":
             self.svme = bool(value & EFER_SVME)
             self.uc.msr_write(MSR_EFER, value & ~EFER_SVME)
@@ -111,6 +117,7 @@ class Cpu:
         """Set CR0/CR4/EFER exactly, including leaving long mode, which register writes on a
         64-bit handle cannot do (reference/unicorn.md §5): EFER, CR0 and the LMA/PE hflags
         are patched in the saved context."""
+        self.paging_epoch += 1
         self.uc.reg_write(X.UC_X86_REG_CR4, cr4)
         ctx = self.context.snapshot()
         ctx.put_u64(uci.CR, cr0)

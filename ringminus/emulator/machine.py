@@ -46,7 +46,7 @@ STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "vmexits"
 ICEBP, INT3, INTO = 0xF1, 0xCC, 0xCE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Trap:
     """What a hook saw before it stopped the slice."""
     kind: str                   # "exception", "invalid", "port", "memory", "vmexit", "fault"
@@ -98,6 +98,7 @@ class Machine:
         self._decoded: dict[tuple[int, bytes, int], Instruction | None] = {}
         self._stepping_over: int | None = None     # a MOV CR site run by a one-instruction slice
         self._address_space: tuple | None = None
+        self._armed_epoch = -1
         self.delivery.intercept = self._intercept_event
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
@@ -196,7 +197,7 @@ class Machine:
         self.last_exit = exit_
         if self.guest.on_exit == "skip":
             self.events.append(exit_)
-            self.cpu.rip = exit_.next_rip or exit_.rip + self._length_at(exit_.rip)
+            self.cpu.fast.write(X.UC_X86_REG_RIP, exit_.next_rip or exit_.rip + self._length_at(exit_.rip))
             return False
         self.cpu.rip = exit_.rip
         self._stop = Stop(StopReason.VMEXIT, exit_.rip, int(exit_.code), exit_.name)
@@ -290,11 +291,13 @@ class Machine:
             uc.emu_stop()
 
     def _on_site(self, uc: Uc, address: int, size: int, _data) -> None:
-        code = self.linear.fetch(address, 15)
+        ctx = self.cpu.context.snapshot()           # one copy serves mode, RIP, CR0 and CR3
+        code = self.linear.fetch(address, 15, ctx.u64(ucinternals.CR), ctx.u64(ucinternals.CR + 24))
         if code is None:
             return                      # Unicorn will report the fetch fault itself
-        bits = self.cpu.code_bits()
-        insn = self._decode(code, bits, self.cpu.rip)
+        hflags = ctx.u32(ucinternals.HFLAGS)
+        bits = 64 if hflags & ucinternals.HF_CS64 else 32 if hflags & ucinternals.HF_CS32 else 16
+        insn = self._decode(code, bits, ctx.u64(ucinternals.EIP))
         if insn is not None:
             if self.guest is not None and self._check_at_site(insn):
                 return
@@ -348,6 +351,8 @@ class Machine:
         trace_hook = self._add_trace(trace) if trace else None
         self._stop = None
         self.last_exit = None
+        if self.cpu.paging_epoch != self._armed_epoch:     # the caller changed paging registers
+            self._address_space = None
         try:
             while self._stop is None:
                 self._step(limit, deadline, counting)
@@ -360,7 +365,7 @@ class Machine:
         stats = dict.fromkeys(STAT_KEYS, 0)
         stats.update(self.stats)
         stats.update(self.ports.stats)
-        stats["unclaimed_ports"] = sorted(self.ports.unclaimed)
+        stats["unclaimed_ports"] = sorted(self.ports.unclaimed) if self.ports.unclaimed else []
         stats["code_sites"] = len(self.sites.armed)
         console = self.console.output.decode("utf-8", errors="replace")
         stop = self._stop or Stop(StopReason.STOPPED, self.cpu.rip)
@@ -388,11 +393,12 @@ class Machine:
         if limit is not None and self.instructions >= limit:
             self._stop = Stop(StopReason.LIMIT, self.cpu.rip)
             return
-        self._rearm_if_address_space_changed()
         budget = 0
         if self._stepping_over is not None:
-            budget, counting = 1, True
-        elif counting:              # Unicorn counts only with a count: give it one in any case
+            budget, counting = 1, True              # run the MOV CR alone, then re-arm
+        elif self._address_space is None:
+            self._rearm_if_address_space_changed()
+        if self._stepping_over is None and counting:    # Unicorn counts only with a count
             targets = [t for t in (limit, self._scheduled[0][0] if self._scheduled else None) if t is not None]
             budget = min(targets) - self.instructions if targets else UNBOUNDED_COUNT
         microseconds = 0
@@ -415,6 +421,7 @@ class Machine:
         """Sites sit on linear addresses: when paging changes, arm them where the code is now
         mapped (semantics of DESIGN.md §3, rule 2)."""
         cpu = self.cpu
+        self._armed_epoch = cpu.paging_epoch
         paged = bool(cpu["cr0"] & CR0_PG)
         space = (paged, cpu["cr3"], cpu["cr4"] & (CR4_PAE | CR4_PSE), cpu["efer"] & EFER_LMA) if paged else (False,)
         if space == self._address_space:

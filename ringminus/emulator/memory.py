@@ -87,6 +87,17 @@ class PhysicalMemory:
         except UcError:
             raise UnbackedMemory(address) from None
 
+    def read_fast(self, address: int, size: int) -> bytes | None:
+        """``read`` for hot paths: RAM not under an overlay is sliced from the numpy array;
+        anything else goes through Unicorn.  None where nothing is mapped."""
+        if address + size <= len(self.ram) and not any(o.base < address + size and address < o.end
+                                                       for o in self.overlays):
+            return self.ram[address:address + size].tobytes()
+        try:
+            return bytes(self.uc.mem_read(address, size))
+        except UcError:
+            return None
+
     def write(self, address: int, data: bytes) -> None:
         try:
             self.uc.mem_write(address, bytes(data))

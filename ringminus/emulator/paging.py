@@ -27,16 +27,17 @@ class LinearMemory:
     def flush(self) -> None:
         self._code_tlb.clear()
 
-    def fetch(self, linear: int, size: int) -> bytes | None:
+    def fetch(self, linear: int, size: int, cr0: int | None = None, cr3: int | None = None) -> bytes | None:
         """Up to ``size`` instruction bytes at ``linear`` (fewer at an unmapped page), or None
-        when the first byte is unmapped.  No permission checks: the CPU is executing there."""
+        when the first byte is unmapped.  No permission checks: the CPU is executing there.
+        Callers that hold CR0/CR3 already pass them."""
         fast = self.cpu.fast
-        paged = fast.read(X86_CR0) & CR0_PG
-        cr3 = fast.read(X86_CR3) if paged else 0
+        paged = (fast.read(X86_CR0) if cr0 is None else cr0) & CR0_PG
+        cr3 = (fast.read(X86_CR3) if cr3 is None else cr3) if paged else 0
         if paged and (linear & 0xFFF) + size <= 0x1000:          # the common case: one page
             frame = self._code_tlb.get((cr3, linear >> 12))
             if frame is not None:
-                return fast.read_memory(frame | (linear & 0xFFF), size)
+                return self.phys.read_fast(frame | (linear & 0xFFF), size)
         out = b""
         for page_linear, count in self._chunks(linear, size):
             if paged:
@@ -51,7 +52,7 @@ class LinearMemory:
                 physical = frame | (page_linear & 0xFFF)
             else:
                 physical = page_linear if self.cpu.long_mode_active else page_linear & 0xFFFF_FFFF
-            chunk = fast.read_memory(physical, count)
+            chunk = self.phys.read_fast(physical, count)
             if chunk is None:
                 break
             out += chunk

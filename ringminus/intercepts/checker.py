@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .guest import Guest
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VmExit:
     """A #VMEXIT as L1 would see it in the VMCB."""
     code: int
@@ -39,6 +39,9 @@ class VmExit:
                 "rip": self.rip, "next_rip": self.next_rip,
                 "stage": self.stage.name if self.stage else None, "exit_int_info": self.exit_int_info,
                 "insn_bytes": self.insn_bytes.hex()}
+
+
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,17 @@ def check(insn: "Instruction", guest: "Guest") -> VmExit | Fault | Complete | No
     """Run every check and intercept stage for ``insn``.  None: nothing stops it — it
     executes."""
     row = insn.row
+    intercept = row.intercept
+    if intercept is not None and intercept.stage == Stage.PRE_EXCEPT and intercept.exit == "fixed" \
+            and not insn.prefixes.lock:
+        # Nothing precedes a fixed PRE_EXCEPT intercept: its outcome depends on the bytes and
+        # L1's controls only (CPUID, PUSHF, POPF, IRET, RSM, PAUSE, ICEBP, XSETBV).
+        key = (insn, guest.controls.vector)
+        cached = guest.pre_except_exits.get(key, _MISSING)
+        if cached is _MISSING:
+            guest.pre_except_exits[key] = cached = _stage(insn, guest, Stage.PRE_EXCEPT)
+        if cached is not None:
+            return cached
     cpu = guest.cpu
     try:
         if insn.prefixes.lock:                                      # no table row is lockable

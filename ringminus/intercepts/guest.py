@@ -50,6 +50,7 @@ class Guest:
         self.on_exit = on_exit
         self.monitor_armed = False
         self.virtual_interrupt_pending = False
+        self.pre_except_exits: dict = {}      # checker.py: outcomes that depend on nothing else
 
     # -- operands ------------------------------------------------------------------------------
     def register(self, number: int, size: int) -> int:
