@@ -101,11 +101,13 @@ class Guest:
         info2 = (event.cr2 or 0) if event.vector == Vector.PF else 0
         software = event.kind is EventKind.SOFTWARE_EXCEPTION
         rip = event.instruction_rip if software and event.instruction_rip is not None else event.return_rip
+        next_rip = event.return_rip if software else 0
+        if event.vector == Vector.BR and event.kind is EventKind.EXCEPTION:
+            next_rip = rip + self.machine._length_at(rip)         # BOUND saves nRIP too (§A.9)
         insn_bytes = b""
         if event.vector == Vector.PF and self.profile.decode_assists:
             insn_bytes = self._instruction_bytes(rip)
-        return VmExit(code, info1, info2, rip, event.return_rip if software else 0, None,
-                      exit_int_info(during), insn_bytes)
+        return VmExit(code, info1, info2, rip, next_rip, None, exit_int_info(during), insn_bytes)
 
     def shutdown_exit(self, rip: int) -> VmExit | None:
         return VmExit(ExitCode.SHUTDOWN, rip=rip) if ExitCode.SHUTDOWN in self.controls else None
