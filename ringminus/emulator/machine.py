@@ -367,12 +367,11 @@ class Machine:
         stats.update(self.ports.stats)
         stats["unclaimed_ports"] = sorted(self.ports.unclaimed) if self.ports.unclaimed else []
         stats["code_sites"] = len(self.sites.armed)
-        console = self.console.output.decode("utf-8", errors="replace")
         stop = self._stop or Stop(StopReason.STOPPED, self.cpu.rip)
-        vmexit = self.last_exit.as_dict() if stop.reason is StopReason.VMEXIT else None
-        return RunResult(stop, self.cpu.snapshot(), console,
-                         self.instructions if self._instructions_exact else None, stats, vmexit,
-                         [{"type": "vmexit", **e.as_dict()} if isinstance(e, VmExit) else e for e in self.events])
+        exit_ = self.last_exit if stop.reason is StopReason.VMEXIT else None
+        return RunResult(stop, self.cpu.snapshot(), bytes(self.console.output),
+                         self.instructions if self._instructions_exact else None, stats, exit_,
+                         tuple(self.events))
 
     def _fire_due_events(self) -> None:
         while self._scheduled and self._scheduled[0][0] <= self.instructions and self._stop is None:

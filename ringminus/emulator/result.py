@@ -59,18 +59,36 @@ class Stop:
 
 @dataclass(frozen=True)
 class RunResult:
+    """What a run left.  ``regs``, ``stats``, ``vmexit`` and ``events`` are built on first use
+    from what was captured at the stop (a stop-and-resume loop rarely reads them all)."""
     stop: Stop
     cpu: object                   # emulator.cpu.CpuSnapshot at the stop
-    console: str
+    console_bytes: bytes
     instructions: int | None      # exact when counting (a limit or an instruction event is set)
-    stats: dict = field(default_factory=dict)
-    vmexit: dict | None = None    # the exit that stopped the run (reason vmexit)
-    events: list = field(default_factory=list)   # exits taken and skipped, in order
+    counters: dict = field(default_factory=dict)
+    exit: object = None           # intercepts.VmExit that stopped the run (reason vmexit)
+    event_log: tuple = ()         # events delivered and exits skipped, in order
 
     @cached_property
     def regs(self) -> dict:
         """Registers at the stop, by lower-case name (segments as selector/base/limit/attributes)."""
         return self.cpu.registers()
+
+    @cached_property
+    def console(self) -> str:
+        return self.console_bytes.decode("utf-8", errors="replace")
+
+    @cached_property
+    def stats(self) -> dict:
+        return dict(self.counters)
+
+    @cached_property
+    def vmexit(self) -> dict | None:
+        return self.exit.as_dict() if self.exit is not None else None
+
+    @cached_property
+    def events(self) -> list:
+        return [e if isinstance(e, dict) else {"type": "vmexit", **e.as_dict()} for e in self.event_log]
 
     def as_dict(self) -> dict:
         return {"stop": self.stop.as_dict(), "regs": self.regs, "console": self.console,
