@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .emulator import BootState, ImageError, Machine, RunResult, StopReason, parse_elf, parse_flat
+from .emulator import BootState, ImageError, Machine, RunResult, parse_elf, parse_flat
 from .emulator.boot import DEFAULT_LOAD, SYSTEM_AREA, overlaps_system_area
 from .emulator.cpu import REGISTER_NAMES
 from .emulator.loader import is_elf

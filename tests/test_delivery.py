@@ -1,5 +1,4 @@
 """Exceptions and interrupts are delivered through the guest's IVT/IDT by ringminus."""
-import struct
 
 from ringminus import StopReason
 from ringminus.emulator.boot import IDT_BASE, RING0_STACK_TOP

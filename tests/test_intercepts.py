@@ -179,7 +179,6 @@ def test_code_written_by_the_guest_into_scanned_pages_is_rescanned():
 def test_moving_cr3_rearms_sites_at_the_new_linear_addresses():
     # Map the code's physical page at a second linear address, switch to those tables and
     # jump there: the CPUID must still exit.
-    from ringminus.emulator.boot import PAGE_TABLES
     alias = 0x4000_0000                               # PDPT slot 1 -> the same page directory
     head = "mov rax, cr3; mov rbx, [rax]; and rbx, -4096; mov rcx, [rbx]; mov [rbx + 8], rcx; mov cr3, rax; "
     probe = asm(head + f"mov rax, {alias:#x}; jmp rax", 64, 0x100000)       # same encoding size

@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 from enum import Enum
 
-from .cpu import CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, GPRS
+from .cpu import CR4_PAE, EFER_LMA, EFER_LME, GPRS
 from .descriptors import (FLAG_P, FLAG_S, SYS_INT_GATE, SYS_LDT, SYS_TSS32_AVAILABLE, SYS_TSS32_BUSY,
                           Segment, pack_descriptor, pack_gate, pack_system_descriptor64, unpack_descriptor)
 

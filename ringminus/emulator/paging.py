@@ -3,6 +3,8 @@ instructions): 32-bit, PAE and 4-level paging with the architecture's permission
 accessed/dirty updates and #PF error codes."""
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 from unicorn.x86_const import UC_X86_REG_CR0 as X86_CR0, UC_X86_REG_CR3 as X86_CR3
 
@@ -157,8 +159,6 @@ class LinearMemory:
 
     def _walk(self, table: int, shifts, base: int, entry_size: int, wanted, found, sign_extend=False,
               pse=False) -> None:
-        import bisect
-        count = 4096 // entry_size
         raw = self.cpu.fast.read_memory(table, 4096)
         if raw is None:
             return
