@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .emulator import BootState, ImageError, Machine, RunResult, parse_elf, parse_flat
-from .emulator.boot import DEFAULT_LOAD, SYSTEM_AREA, overlaps_system_area
+from .emulator.boot import CPU_SIGNATURE, DEFAULT_LOAD, SYSTEM_AREA, overlaps_system_area
 from .emulator.cpu import REGISTER_NAMES
 from .emulator.loader import is_elf
 from .emulator.result import USAGE_ERROR_STATUS
@@ -48,6 +48,23 @@ def parse_blob(text: str) -> tuple[str, int]:
     if not at or not path:
         raise argparse.ArgumentTypeError(f"--blob takes FILE@ADDR, not {text!r}")
     return path, parse_number(address)
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    base, colon, size = text.partition(":")
+    if not colon:
+        raise argparse.ArgumentTypeError(f"expected BASE:SIZE, not {text!r}")
+    return parse_number(base), parse_size(size)
+
+
+def parse_dump(text: str) -> tuple[int, int]:
+    address, colon, length = text.partition(":")
+    if not colon:
+        raise argparse.ArgumentTypeError(f"--dump takes ADDR:LEN, not {text!r}")
+    count = parse_number(length)
+    if not 0 < count <= 1 << 20:
+        raise argparse.ArgumentTypeError(f"--dump length must be 1..1M, not {length!r}")
+    return parse_number(address), count
 
 
 def parse_assignment(text: str) -> tuple[str, int]:
@@ -129,6 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="port of the debug console (default 0xe9)")
     run.add_argument("--max-insns", type=parse_number, metavar="N", help="stop after N instructions (reason limit)")
     run.add_argument("--timeout", type=float, metavar="SECONDS", help="stop after SECONDS of wall time")
+    run.add_argument("--cpu", choices=sorted(CPU_SIGNATURE), default="qemu64",
+                     help="CPU model: qemu64 (long mode, 64-bit SMM map) or qemu32 (32-bit map)")
+    run.add_argument("--chipset", choices=("q35", "pc"), default="q35",
+                     help="host bridge, SMRAM register and SMI enables as QEMU's machine (default q35)")
+    run.add_argument("--smram", type=parse_range, action="append", default=[], metavar="BASE:SIZE",
+                     help="a further private SMRAM range (the A-segment is always one)")
+    run.add_argument("--smram-state", choices=("open", "closed", "locked"),
+                     help="set the SMRAM control as firmware would (default: as at reset)")
+    run.add_argument("--smram-load", type=parse_blob, action="append", default=[], metavar="FILE@ADDR",
+                     help="place a file straight into SMRAM (the address must lie in an SMRAM range)")
+    run.add_argument("--smbase", type=parse_number, metavar="ADDR", help="initial SMBASE (default 0x30000)")
+    run.add_argument("--smi-at", type=parse_number, action="append", default=[], metavar="N",
+                     help="raise an SMI after exactly N retired instructions (repeatable)")
+    run.add_argument("--apm-smi", action="store_true",
+                     help="writes to APM_CNT (port 0xb2) always raise an SMI, whatever the chipset enables")
+    run.add_argument("--dump", type=parse_dump, action="append", default=[], metavar="ADDR:LEN",
+                     help="add memory contents (hex) to --json, read through the CPU's view at the end")
     run.add_argument("--guest", action="store_true",
                      help="run the image as an L2 guest; the intercept options say what L1 intercepts")
     run.add_argument("--intercept", type=parse_exit_names, action="append", default=[], metavar="NAME[,NAME…]",
@@ -170,8 +204,21 @@ def prepare(args: argparse.Namespace) -> Machine:
         raise UsageError("--max-insns must not be negative")
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be positive")
-    machine = Machine(memory_size=args.mem, debugcon_port=args.debugcon_port)
     try:
+        machine = Machine(memory_size=args.mem, debugcon_port=args.debugcon_port, cpu_model=args.cpu,
+                          chipset=args.chipset, profile=args.profile, apm_smi=args.apm_smi)
+        if state is BootState.LONG and not machine.long_mode_capable:
+            raise UsageError(f"--cpu {args.cpu} has no long mode")
+        for base, size in args.smram:
+            machine.smram.add_range(base, size)
+        if args.smram_state:
+            machine.smram.set_state(args.smram_state)
+        for path, address in args.smram_load:
+            machine.smram.load(address, read_file(path))
+        if args.smbase is not None:
+            machine.set_smbase(args.smbase)
+        for index in args.smi_at:
+            machine.at_instruction(index, Machine.raise_smi)
         entry = 0
         if state is BootState.BIOS:
             if args.load is not None or is_elf(data):
@@ -249,7 +296,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = machine.run(max_instructions=args.max_insns, timeout=args.timeout,
                          trace=sys.stderr if args.trace else None)
     if args.json:
-        print(json.dumps(result.as_dict()))
+        document = result.as_dict()
+        if args.dump:
+            document["dump"] = [{"address": address, "hex": machine.read_view(address, length).hex()}
+                                for address, length in args.dump]
+        print(json.dumps(document))
     else:
         print(summary(result))
     return result.stop.exit_status

@@ -58,7 +58,8 @@ PROTECTED_CR0 = 0x11               # PE | ET
 LONG_CR0 = 0x8000_0011             # PG | PE | ET
 
 # QEMU's CPU models: the CPUID.1 signature EDX holds at reset.
-CPU_SIGNATURE = {"qemu64": 0x0006_0FB1}       # family 15, model 107, stepping 1
+# qemu64: family 15, model 107, stepping 1; qemu32: family 6, model 6, stepping 3.
+CPU_SIGNATURE = {"qemu64": 0x0006_0FB1, "qemu32": 0x0000_0663}
 
 RESET_CODE = FLAG_P | FLAG_S | (0xB << 8)        # 0x9B: code, readable, accessed
 RESET_DATA = FLAG_P | FLAG_S | (0x3 << 8)        # 0x93: data, writable, accessed

@@ -38,6 +38,10 @@ from .result import RunResult, Stop, StopReason
 from .sites import CodeSites
 from .vectors import PUSHES_ERROR_CODE, GuestFault, Vector
 from ..intercepts.checker import Fault, VmExit, check
+from ..intercepts.profiles import DEFAULT_PROFILE, profile as profile_named
+from ..smm.chipset import Chipset
+from ..smm.smram import Smram
+from ..smm.world import SmmState, enter_smm, leave_smm
 
 DEFAULT_MEMORY = 64 << 20
 UNBOUNDED_COUNT = 1 << 62
@@ -63,11 +67,13 @@ class _Trap:
 
 class Machine:
     def __init__(self, memory_size: int = DEFAULT_MEMORY, cpu_model: str = "qemu64",
-                 debugcon_port: int = DEBUGCON_PORT, exact_instructions: bool = False):
+                 debugcon_port: int = DEBUGCON_PORT, exact_instructions: bool = False,
+                 chipset: str = "q35", profile: str = DEFAULT_PROFILE, apm_smi: bool = False):
         ucinternals.verify()
         if cpu_model not in boot_states.CPU_SIGNATURE:
-            raise ValueError(f"unknown CPU model {cpu_model!r}")
+            raise ValueError(f"unknown CPU model {cpu_model!r} (qemu64 or qemu32)")
         self.cpu_model = cpu_model
+        self.profile = profile_named(profile)
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         # No ``until`` address: with one, Unicorn stops at it and, on leaving emu_start,
         # translates ``until - 1``, overwriting CR2 when the guest's paging does not map it.
@@ -81,6 +87,9 @@ class Machine:
         self.console = DebugConsole()
         self.ports.register(debugcon_port, self.console)
         self.ports.register(EXIT_PORT, ExitDevice(lambda value: self.request_stop(StopReason.EXIT, value)))
+        self.smm = SmmState()
+        self.smram = Smram(self.memory)
+        self.chipset = Chipset(chipset, self.smram, self.ports, self.raise_smi, apm_smi)
         self.sites = CodeSites(self.uc, self._on_site, OUT_OPCODES | ADDRESS_SPACE_OPCODES, self.cpu.fast.read_memory)
         self.exact_instructions = exact_instructions
         self.instructions = 0
@@ -120,6 +129,15 @@ class Machine:
 
     def read_memory(self, address: int, size: int) -> bytes:
         return self.memory.read(address, size)
+
+    def read_view(self, address: int, size: int) -> bytes:
+        """Physical bytes as the CPU sees them now (SMRAM or not); 0xFF where nothing is mapped."""
+        out = bytearray()
+        for at in range(address, address + size, 0x1000):
+            count = min(0x1000 - (at & 0xFFF), address + size - at)
+            chunk = self.memory.read_fast(at, count)
+            out += chunk if chunk is not None else b"\xff" * count
+        return bytes(out[:size])
 
     def load_image(self, image: Image) -> int:
         for segment in image.segments:
@@ -163,12 +181,48 @@ class Machine:
             raise ValueError(f"selector {selector:#x} is not in the descriptor table") from None
         self.cpu.load_segments({name: descriptor}, cpl=descriptor.dpl if name == "cs" else None)
 
+    # -- SMM -------------------------------------------------------------------------------------
+    @property
+    def long_mode_capable(self) -> bool:
+        """qemu64 has long mode (and so the 64-bit state-save map); qemu32 does not."""
+        return self.cpu_model == "qemu64"
+
+    @property
+    def smm_profile(self):
+        return self.profile
+
+    @property
+    def instructions_if_exact(self) -> int | None:
+        return self.instructions if self._instructions_exact else None
+
+    def raise_smi(self) -> None:
+        """An SMI: taken at the next instruction boundary, or latched while in SMM."""
+        self.smm.pending = True
+
+    def set_smbase(self, smbase: int) -> None:
+        if not 0 <= smbase < 1 << 32:
+            raise ValueError(f"SMBASE {smbase:#x} must lie below 4 GiB")
+        self.smm.smbase = smbase
+
+    def request_stop_shutdown(self, reason: str) -> None:
+        self.request_stop(StopReason.SHUTDOWN, detail=reason)
+
+    def _execute_rsm(self, rip: int) -> None:
+        if not self.smm.in_smm:
+            self.deliver(Event(Vector.UD, EventKind.EXCEPTION, rip))
+            return
+        self._retire(1)
+        leave_smm(self)
+
     # -- running as L2 ------------------------------------------------------------------------
-    def enter_guest(self, controls, profile: str = "kvm", on_exit: str = "stop") -> None:
+    def enter_guest(self, controls, profile: str | None = None, on_exit: str = "stop") -> None:
         """Run the guest as L2 under ``controls`` (intercepts.InterceptControls): the caller
-        plays L1.  Only the intercepts that are set are armed."""
+        plays L1.  Only the intercepts that are set are armed.  ``profile`` (default: the
+        machine's) also becomes the machine's profile."""
         from ..intercepts.guest import Guest
-        self.guest = Guest(self, controls, profile, on_exit)
+        if profile is not None:
+            self.profile = profile_named(profile)
+        self.guest = Guest(self, controls, self.profile.name, on_exit)
         self.sites.set_opcodes(OUT_OPCODES | ADDRESS_SPACE_OPCODES | site_opcodes(controls))
         self.linear.flush()
 
@@ -237,7 +291,7 @@ class Machine:
     def deliver(self, event: Event) -> None:
         """Deliver an event through the IVT/IDT now (wakes a halted CPU)."""
         self.halted = False
-        record = {"type": event.kind.value, "vector": event.vector, "rip": event.instruction_rip
+        record = {"kind": event.kind.value, "vector": event.vector, "rip": event.instruction_rip
                   if event.instruction_rip is not None else event.return_rip}
         if event.error_code is not None and event.pushes_error_code:
             record["error_code"] = event.error_code
@@ -278,8 +332,10 @@ class Machine:
         return True
 
     def _on_bad_memory(self, uc: Uc, access: int, address: int, size: int, value: int, _data) -> bool:
-        what = "write to ROM" if access == UC_MEM_WRITE_PROT else "access to unbacked memory"
-        self._trap = _Trap("memory", address=address, detail=f"{what} at {address:#x}")
+        if access == UC_MEM_WRITE_PROT:          # ROM: the write is dropped, as QEMU drops it
+            self.stats["rom_writes_ignored"] += 1
+            return True
+        self._trap = _Trap("memory", address=address, detail=f"access to unbacked memory at {address:#x}")
         return False
 
     def _on_in(self, uc: Uc, port: int, size: int, _data) -> int:
@@ -371,7 +427,7 @@ class Machine:
         exit_ = self.last_exit if stop.reason is StopReason.VMEXIT else None
         return RunResult(stop, self.cpu.snapshot(), bytes(self.console.output),
                          self.instructions if self._instructions_exact else None, stats, exit_,
-                         tuple(self.events))
+                         tuple(self.events), self.smm.as_dict(self.smram.state))
 
     def _fire_due_events(self) -> None:
         while self._scheduled and self._scheduled[0][0] <= self.instructions and self._stop is None:
@@ -382,6 +438,11 @@ class Machine:
         self._fire_due_events()
         if self._stop is not None:
             return
+        if self.smm.pending and not self.smm.in_smm:
+            self.smm.pending = False
+            enter_smm(self)                  # an SMI also ends a halt
+            if self._stop is not None:
+                return
         if self.halted:
             if self._scheduled:              # fast-forward: the halted CPU takes the next event
                 _, _, callback = heapq.heappop(self._scheduled)
@@ -514,6 +575,9 @@ class Machine:
             if isinstance(outcome, Fault):
                 self.deliver(Event(outcome.vector, EventKind.EXCEPTION, rip, outcome.error_code, outcome.cr2))
                 return
+        if insn is not None and insn.row.name == "rsm":
+            self._execute_rsm(rip)
+            return
         first = code[0] if code else None
         if first == ICEBP:                   # INT1: a trap-like #DB that Unicorn reports as #UD
             self._retire(1)

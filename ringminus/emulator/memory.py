@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, Uc, UcError
+from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, Uc, UcError
 
 PAGE = 0x1000
 ROM = UC_PROT_READ | UC_PROT_EXEC
@@ -58,8 +58,16 @@ class PhysicalMemory:
         return len(self.ram)
 
     def _map(self, base: int, data: np.ndarray, perms: int) -> None:
-        if len(data):
+        if not len(data):
+            return
+        if perms & UC_PROT_WRITE:
             self.uc.mem_map_ptr(base, len(data), perms, data.ctypes.data)
+        else:
+            # ROM lives in memory Unicorn owns: over a host pointer, Unicorn performs a write
+            # to a read-only page once the protection hook has returned; over its own memory
+            # it drops the write, as QEMU's ROM does.
+            self.uc.mem_map(base, len(data), perms)
+            self.uc.mem_write(base, data.tobytes())
 
     def add_overlay(self, name: str, base: int, data: np.ndarray, perms: int = RW) -> Overlay:
         """Show ``data`` at ``base`` instead of whatever RAM is there."""

@@ -12,7 +12,7 @@ class StopReason(Enum):
     LIMIT = "limit"              # --max-insns reached
     TIMEOUT = "timeout"          # --timeout reached
     SHUTDOWN = "shutdown"        # triple fault
-    MEMORY = "memory"            # an access no memory backs (value = address), or a ROM write
+    MEMORY = "memory"            # an access no memory backs (value = address)
     UNSUPPORTED = "unsupported"  # an architectural path ringminus does not implement
     STOPPED = "stopped"          # Machine.request_stop() from a user handler
     VMEXIT = "vmexit"            # L2 took an intercept L1 asked for; value = the exit code
@@ -68,6 +68,7 @@ class RunResult:
     counters: dict = field(default_factory=dict)
     exit: object = None           # intercepts.VmExit that stopped the run (reason vmexit)
     event_log: tuple = ()         # events delivered and exits skipped, in order
+    smm: dict = field(default_factory=dict)   # the KVM vcpu-events view of SMM, SMBASE, SMRAM state
 
     @cached_property
     def regs(self) -> dict:
@@ -88,9 +89,9 @@ class RunResult:
 
     @cached_property
     def events(self) -> list:
-        return [e if isinstance(e, dict) else {"type": "vmexit", **e.as_dict()} for e in self.event_log]
+        return [e if isinstance(e, dict) else {"kind": "vmexit", **e.as_dict()} for e in self.event_log]
 
     def as_dict(self) -> dict:
         return {"stop": self.stop.as_dict(), "regs": self.regs, "console": self.console,
                 "instructions": self.instructions, "stats": self.stats, "vmexit": self.vmexit,
-                "events": self.events}
+                "events": self.events, "smm": self.smm}

@@ -136,7 +136,7 @@ def observe(machine: Machine, result) -> Outcome:
         v = result.vmexit
         return Outcome("vmexit", {"vmexit": v["code"], "info1": v["info1"], "info2": v["info2"],
                                   "next_rip": v["next_rip"], "stage": v["stage"], "rip": v["rip"]})
-    first = next((e for e in result.events if e["type"] in EXCEPTION_EVENTS), None)
+    first = next((e for e in result.events if e["kind"] in EXCEPTION_EVENTS), None)
     if first is not None:
         fields = {"exception": first["vector"]}
         fields.update({k: first[k] for k in ("error_code", "cr2") if k in first})

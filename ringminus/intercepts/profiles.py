@@ -42,6 +42,24 @@ class Profile:
     #: F.18 — a REP INS/OUTS with rCX = 0 still takes the IOIO intercept (KVM, QEMU) or
     #: completes without one.
     rep_zero_count_intercepts: bool
+    # -- SMM (semantics.md §C, §F.6, §F.10-F.14) -------------------------------------------
+    #: F.10 — SMI entry zeroes IDTR (KVM) or leaves it (QEMU; the APM does not list it).
+    smm_zero_idtr: bool = False
+    #: F.11 — QEMU writes its fields over what SMRAM held (KVM fills a zeroed buffer) and
+    #: CR0/CR4/DR6/DR7/RFLAGS as 32-bit values; it also zeroes EFER even without long mode.
+    smm_writes_over_memory: bool = False
+    smm_narrow_control_fields: bool = False
+    smm_clears_efer_always: bool = False
+    #: F.6 — the 32-bit map stores segment flags shifted (QEMU) or as descriptor bits (KVM).
+    smm_shifted_attributes_32: bool = False
+    #: F.12 — RSM checks what KVM's CR/DR/EFER writes reject; the APM adds CS.L+CS.D, the
+    #: revision identifier and fix-ups (RFLAGS.VM); QEMU checks nothing.
+    rsm_checks: bool = True
+    rsm_apm_checks: bool = False
+    #: EFER.LMA after RSM: recomputed from LME, PG (and PAE) (KVM, APM) or as saved (QEMU).
+    rsm_recomputes_lma: bool = True
+    #: F.13 — SMBASE reloaded on RSM always (KVM, APM) or only with revision bit 17 (QEMU).
+    smm_smbase_needs_revision_bit: bool = False
 
 
 PROFILES = {p.name: p for p in (
@@ -50,19 +68,24 @@ PROFILES = {p.name: p for p in (
             vmmcall_needs_svme=False,
             stgi_skinit_without_svme=False, svm_rax_gp_before_svme_ud=True, ioio_segment=False,
             ioio_address_size=True, smi_exitinfo=False, decode_assists=False,
-            selective_cr0_fixed=True, rep_zero_count_intercepts=True),
+            selective_cr0_fixed=True, rep_zero_count_intercepts=True,
+            smm_zero_idtr=True),
     Profile("apm", cr_value_checks_before_intercept=True, umip_before_intercept=True,
             monitor_checks_operand=True, monitor_mwait_ud_at_cpl3=False, vmmcall_prot=False,
             vmmcall_needs_svme=False,
             stgi_skinit_without_svme=True, svm_rax_gp_before_svme_ud=False, ioio_segment=True,
             ioio_address_size=True, smi_exitinfo=True, decode_assists=True,
-            selective_cr0_fixed=True, rep_zero_count_intercepts=True),
+            selective_cr0_fixed=True, rep_zero_count_intercepts=True,
+            rsm_apm_checks=True),
     Profile("qemu", cr_value_checks_before_intercept=False, umip_before_intercept=True,
             monitor_checks_operand=False, monitor_mwait_ud_at_cpl3=True, vmmcall_prot=False,
             vmmcall_needs_svme=True,
             stgi_skinit_without_svme=False, svm_rax_gp_before_svme_ud=False, ioio_segment=False,
             ioio_address_size=False, smi_exitinfo=False, decode_assists=False,
-            selective_cr0_fixed=True, rep_zero_count_intercepts=True),
+            selective_cr0_fixed=True, rep_zero_count_intercepts=True,
+            smm_writes_over_memory=True, smm_narrow_control_fields=True, smm_clears_efer_always=True,
+            smm_shifted_attributes_32=True, rsm_checks=False, rsm_recomputes_lma=False,
+            smm_smbase_needs_revision_bit=True),
 )}
 DEFAULT_PROFILE = "kvm"
 CHOICES = tuple(f.name for f in fields(Profile) if f.name != "name")

@@ -1,0 +1,243 @@
+"""The SMI/RSM world switch (semantics.md §C.2, §C.6), ringminus's own: Unicorn cannot
+enter SMM (reference/unicorn.md §5).
+
+Entry saves the CPU into the state-save map at SMBASE+0xFE00 — written after the switch to
+the SMM view, so it lands in SMRAM — and loads the SMM entry state.  RSM reads the map (still
+in the SMM view), leaves SMM, and restores in KVM's order with the profile's validity checks;
+an invalid state ends in shutdown with the reason recorded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..emulator.cpu import (CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE, EFER_SVME, GPRS,
+                            RFLAGS_VM)
+from ..emulator.descriptors import FLAG_DB, FLAG_L, Segment
+from ..emulator.memory import UnbackedMemory
+from . import layouts as L
+
+if TYPE_CHECKING:
+    from ..emulator.machine import Machine
+
+CR0_EM, CR0_TS, CR0_NW, CR0_CD = 1 << 2, 1 << 3, 1 << 29, 1 << 30
+CR4_PCIDE = 1 << 17
+EFER_SCE = 1 << 0
+EFER_DEFINED = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE | EFER_SVME | (1 << 14) | (1 << 15)
+CR4_DEFINED = 0x003F_7FFF & ~(1 << 12)        # no LA57 on these CPU models
+MAX_PHYSICAL_BITS = 52
+SMM_DR7 = 0x400
+SMM_SEGMENT_FLAGS = L.descriptor_flags(0x3, granularity=1)        # data R/W accessed, G, P, S
+GPR_NAMES_32 = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
+SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
+
+
+class InvalidSavedState(Exception):
+    """RSM found a state the profile refuses; the machine shuts down with this reason."""
+
+
+@dataclass
+class SmmState:
+    """The KVM vcpu-events view of SMM (semantics.md §C.8) plus SMBASE and counters."""
+    smbase: int = L.DEFAULT_SMBASE
+    in_smm: bool = False
+    pending: bool = False              # an SMI waiting (latched while in SMM)
+    inside_nmi: bool = False           # HF_SMM_INSIDE_NMI: the SMI came inside an NMI handler
+    nmi_blocked: bool = False
+    latched_init: bool = False
+    entries: int = 0
+
+    def as_dict(self, smram_state: str) -> dict:
+        return {"smm": self.in_smm, "pending": self.pending, "inside_nmi": self.inside_nmi,
+                "latched_init": self.latched_init, "smbase": self.smbase, "entries": self.entries,
+                "smram": smram_state}
+
+
+def _segment_record_64(segment: Segment) -> tuple:
+    return (segment.selector, L.attributes_64(segment.flags), segment.limit, segment.base)
+
+
+def save_state(machine: "Machine", layout, previous: bytes | None) -> bytes:
+    """The state-save map for the CPU now.  KVM fills a zeroed buffer; QEMU writes its fields
+    over what SMRAM held, CR0/CR4/DR6/DR7/RFLAGS as 32-bit values (§F.11)."""
+    cpu, profile = machine.cpu, machine.smm_profile
+    regs = cpu.snapshot().registers()
+    area = L.from_bytes(previous, layout) if profile.smm_writes_over_memory and previous else L.new_save_area(layout)
+    wide = 0xFFFF_FFFF if profile.smm_narrow_control_fields else 0xFFFF_FFFF_FFFF_FFFF
+    segments = {name: cpu.segment(name) for name in (*SEGMENTS, "ldtr", "tr")}
+    if layout == L.SMRAM_STATE_64:
+        for name in (*SEGMENTS, "ldtr", "tr"):
+            area[name] = _segment_record_64(segments[name])
+        area["gdtr_base"], area["gdtr_limit"] = regs["gdtr"]["base"], regs["gdtr"]["limit"]
+        area["idtr_base"], area["idtr_limit"] = regs["idtr"]["base"], regs["idtr"]["limit"]
+        area["efer"] = regs["efer"]
+        for name in ("cr0", "cr4", "dr6", "dr7", "rflags"):
+            area[name] = regs[name] & wide
+        area["cr3"], area["rip"] = regs["cr3"], regs["rip"]
+        for name in GPRS:
+            area[name] = regs[name]
+        area["smbase"] = machine.smm.smbase
+    else:
+        shifted = profile.smm_shifted_attributes_32
+        for name in SEGMENTS:
+            seg = segments[name]
+            area[f"{name}_selector"] = seg.selector
+            area[f"{name}_cache"] = (L.segment_flags_32(seg.flags, shifted), seg.limit, seg.base & 0xFFFF_FFFF)
+        for name in ("ldtr", "tr"):
+            seg = segments[name]
+            area[f"{name}_selector"] = seg.selector
+            area[f"{name}_cache"] = (L.segment_flags_32(seg.flags, shifted), seg.limit, seg.base & 0xFFFF_FFFF)
+        area["gdtr_base"], area["gdtr_limit"] = regs["gdtr"]["base"], regs["gdtr"]["limit"]
+        area["idtr_base"], area["idtr_limit"] = regs["idtr"]["base"], regs["idtr"]["limit"]
+        for wide_name, name in zip(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi"), GPR_NAMES_32):
+            area[name] = regs[wide_name] & 0xFFFF_FFFF
+        area["eip"], area["eflags"] = regs["rip"] & 0xFFFF_FFFF, regs["rflags"] & 0xFFFF_FFFF
+        for name in ("cr0", "cr3", "cr4", "dr6", "dr7"):
+            area[name] = regs[name] & 0xFFFF_FFFF
+        area["smbase"] = machine.smm.smbase
+    area["revision"] = L.revision_for(layout)
+    return L.to_bytes(area)
+
+
+def enter_smm(machine: "Machine") -> None:
+    """Take an SMI now, at an instruction boundary (§C.2)."""
+    cpu, smm = machine.cpu, machine.smm
+    layout = L.layout_for(machine.long_mode_capable)
+    address = smm.smbase + L.SAVE_AREA
+    rip = cpu.rip
+    machine.smram.set_smm(True)
+    smm.in_smm = True
+    try:
+        previous = machine.memory.read(address, L.SAVE_AREA_SIZE) if machine.smm_profile.smm_writes_over_memory else None
+        machine.memory.write(address, save_state(machine, layout, previous))
+    except UnbackedMemory:
+        machine.request_stop_shutdown(f"SMI: no memory for the state-save map at {address:#x}")
+        return
+    if smm.nmi_blocked:
+        smm.inside_nmi = True
+    smm.nmi_blocked = True
+    cr0 = cpu["cr0"] & ~(CR0_PE | CR0_EM | CR0_TS | CR0_PG) & 0xFFFF_FFFF_FFFF_FFFF
+    efer = 0 if machine.long_mode_capable or machine.smm_profile.smm_clears_efer_always else cpu["efer"]
+    cpu.set_mode_state(cr0, 0, efer)
+    if machine.smm_profile.smm_zero_idtr:
+        cpu.set_table_register("idtr", 0, 0)
+    cpu["dr7"] = SMM_DR7
+    flat = Segment(0, 0, 0xFFFF_FFFF, SMM_SEGMENT_FLAGS)
+    code = Segment((smm.smbase >> 4) & 0xFFFF, smm.smbase, 0xFFFF_FFFF, SMM_SEGMENT_FLAGS)
+    cpu.load_segments({"cs": code, **{name: flat for name in ("ds", "es", "fs", "gs", "ss")}}, cpl=0)
+    cpu["rflags"] = 0x2
+    cpu.rip = L.ENTRY_OFFSET
+    machine.halted = False
+    smm.entries += 1
+    machine.events.append({"kind": "smi", "instructions": machine.instructions_if_exact, "rip": rip,
+                           "smbase": smm.smbase})
+    machine.linear.flush()
+
+
+def _check(condition: bool, reason: str) -> None:
+    if condition:
+        raise InvalidSavedState(reason)
+
+
+def _control_checks(profile, cr0: int, cr3: int, cr4: int, efer: int, dr6: int, dr7: int,
+                    long_mode_capable: bool) -> None:
+    """What KVM's CR/DR/EFER writes reject (every profile that checks), §C.6 / §F.12."""
+    _check(cr0 >> 32, f"CR0 {cr0:#x}: bits 63:32 set")
+    _check(cr0 & CR0_PG and not cr0 & CR0_PE, f"CR0 {cr0:#x}: PG without PE")
+    _check(cr0 & CR0_NW and not cr0 & CR0_CD, f"CR0 {cr0:#x}: NW without CD")
+    _check(cr4 & ~CR4_DEFINED, f"CR4 {cr4:#x}: reserved bits")
+    _check(cr3 >> MAX_PHYSICAL_BITS, f"CR3 {cr3:#x}: bits above the physical address width")
+    _check(dr6 >> 32 or dr7 >> 32, "DR6/DR7: bits 63:32 set")
+    _check(efer & ~EFER_DEFINED, f"EFER {efer:#x}: reserved bits")
+    _check(efer & EFER_LME and not long_mode_capable, "EFER.LME on a CPU without long mode")
+    _check(efer & EFER_LME and cr0 & CR0_PG and not cr4 & CR4_PAE, "EFER.LME and CR0.PG without CR4.PAE")
+
+
+def leave_smm(machine: "Machine") -> None:
+    """RSM inside SMM (§C.6): restore the saved state, or shut down."""
+    cpu, smm, profile = machine.cpu, machine.smm, machine.smm_profile
+    layout = L.layout_for(machine.long_mode_capable)
+    area = L.from_bytes(machine.memory.read(smm.smbase + L.SAVE_AREA, L.SAVE_AREA_SIZE), layout)
+    if not smm.inside_nmi:
+        smm.nmi_blocked = False
+    smm.in_smm = smm.inside_nmi = False
+    machine.smram.set_smm(False)
+    try:
+        restored = _restore_64(machine, area) if layout == L.SMRAM_STATE_64 else _restore_32(machine, area)
+    except InvalidSavedState as why:
+        machine.request_stop_shutdown(f"RSM: {why}")
+        return
+    machine.events.append({"kind": "rsm", "instructions": machine.instructions_if_exact, "rip": restored,
+                           "smbase": smm.smbase})
+    machine.linear.flush()
+
+
+def _new_smbase(profile, area, old: int) -> int:
+    """F.13: the APM and KVM always reload SMBASE; QEMU only with revision bit 17 set."""
+    if profile.smm_smbase_needs_revision_bit and not int(area["revision"]) & L.REVISION_SMBASE_RELOCATION:
+        return old
+    return int(area["smbase"])
+
+
+def _restore_64(machine: "Machine", area) -> int:
+    cpu, profile = machine.cpu, machine.smm_profile
+    cr0, cr3, cr4 = int(area["cr0"]), int(area["cr3"]), int(area["cr4"])
+    dr6, dr7, efer = int(area["dr6"]), int(area["dr7"]), int(area["efer"])
+    rflags = int(area["rflags"]) | 0x2
+    segments = {name: Segment(int(area[name]["selector"]), int(area[name]["base"]), int(area[name]["limit"]),
+                              L.flags_from_attributes_64(int(area[name]["attributes"])))
+                for name in (*SEGMENTS, "ldtr", "tr")}
+    if profile.rsm_checks:
+        _control_checks(profile, cr0, cr3, cr4, efer, dr6, dr7, True)
+    if profile.rsm_apm_checks:
+        _check(int(area["revision"]) != L.REVISION_64, f"revision identifier modified ({int(area['revision']):#x})")
+        cs = segments["cs"]
+        _check(efer & EFER_LME and cr0 & CR0_PG and cs.flags & FLAG_L and cs.flags & FLAG_DB,
+               "long-mode return with CS.L and CS.D both set")
+    if profile.rsm_recomputes_lma:
+        efer = (efer & ~EFER_LMA) | (EFER_LMA if efer & EFER_LME and cr0 & CR0_PG and cr4 & CR4_PAE else 0)
+    if profile.rsm_apm_checks and (not cr0 & CR0_PE or efer & EFER_LMA):
+        rflags &= ~RFLAGS_VM
+    for name in GPRS:
+        cpu[name] = int(area[name])
+    cpu["dr6"], cpu["dr7"] = dr6, dr7
+    machine.smm.smbase = _new_smbase(profile, area, machine.smm.smbase)
+    cpu.set_table_register("gdtr", int(area["gdtr_base"]), int(area["gdtr_limit"]) & 0xFFFF)
+    cpu.set_table_register("idtr", int(area["idtr_base"]), int(area["idtr_limit"]) & 0xFFFF)
+    cpu.set_mode_state(cr0, cr4, efer)
+    cpu["cr3"] = cr3
+    cpu.load_segments(segments, cpl=segments["ss"].dpl if cr0 & CR0_PE else 0)
+    cpu["rflags"] = rflags
+    cpu.rip = int(area["rip"])
+    return int(area["rip"])
+
+
+def _restore_32(machine: "Machine", area) -> int:
+    cpu, profile = machine.cpu, machine.smm_profile
+    shifted = profile.smm_shifted_attributes_32
+    cr0, cr3, cr4 = int(area["cr0"]), int(area["cr3"]), int(area["cr4"])
+    dr6, dr7 = int(area["dr6"]), int(area["dr7"])
+    if profile.rsm_checks:
+        _control_checks(profile, cr0, cr3, cr4, 0, dr6, dr7, False)
+    if profile.rsm_apm_checks:
+        _check(int(area["revision"]) != L.REVISION_32, f"revision identifier modified ({int(area['revision']):#x})")
+    segments = {}
+    for name in (*SEGMENTS, "ldtr", "tr"):
+        cache = area[f"{name}_cache"]
+        segments[name] = Segment(int(area[f"{name}_selector"]) & 0xFFFF, int(cache["base"]), int(cache["limit"]),
+                                 L.flags_from_32(int(cache["flags"]), shifted))
+    rflags = int(area["eflags"]) | 0x2
+    if profile.rsm_apm_checks and not cr0 & CR0_PE:
+        rflags &= ~RFLAGS_VM
+    for wide_name, name in zip(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi"), GPR_NAMES_32):
+        cpu[wide_name] = int(area[name])
+    cpu["dr6"], cpu["dr7"] = dr6, dr7
+    cpu.set_table_register("gdtr", int(area["gdtr_base"]), int(area["gdtr_limit"]) & 0xFFFF)
+    cpu.set_table_register("idtr", int(area["idtr_base"]), int(area["idtr_limit"]) & 0xFFFF)
+    cpu.set_mode_state(cr0, cr4, cpu["efer"])
+    cpu["cr3"] = cr3
+    cpu.load_segments(segments, cpl=segments["ss"].dpl if cr0 & CR0_PE else 0)
+    machine.smm.smbase = _new_smbase(profile, area, machine.smm.smbase)
+    cpu["rflags"] = rflags
+    cpu.rip = int(area["eip"])
+    return int(area["eip"])
