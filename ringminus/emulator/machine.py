@@ -104,6 +104,7 @@ class Machine:
         self.last_exit = None               # the VmExit that ended the last run, if any
         self.events: list[dict] = []        # events delivered and exits skipped, in order
         self._breakpoints: dict[int, int] = {}
+        self._resuming_at_breakpoint: int | None = None
         self._decoded: dict[tuple[int, bytes, int], Instruction | None] = {}
         self._stepping_over: int | None = None     # a MOV CR site run by a one-instruction slice
         self._address_space: tuple | None = None
@@ -280,6 +281,9 @@ class Machine:
             self.uc.ctl_remove_cache(address, address + 1)
 
     def _on_breakpoint(self, uc: Uc, address: int, size: int, _data) -> None:
+        if address == self._resuming_at_breakpoint:      # the run starts where it stopped
+            self._resuming_at_breakpoint = None
+            return
         self._trap_and_stop(_Trap("breakpoint", address=address))
 
     def request_stop(self, reason: StopReason = StopReason.STOPPED, value: int | None = None,
@@ -409,6 +413,8 @@ class Machine:
         self.last_exit = None
         if self.cpu.paging_epoch != self._armed_epoch:     # the caller changed paging registers
             self._address_space = None
+        pc = (self.cpu.segment("cs").base + self.cpu.rip) & 0xFFFF_FFFF_FFFF_FFFF
+        self._resuming_at_breakpoint = pc if pc in self._breakpoints else None
         try:
             while self._stop is None:
                 self._step(limit, deadline, counting)

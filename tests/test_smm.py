@@ -1,0 +1,270 @@
+"""SMI entry and RSM per semantics.md §C (kvm profile unless stated), SMRAM views, the
+chipset's SMRAM register and SMI enables, and the §E.3 SMM vectors (S64 baseline with
+private SMRAM at 0x30000)."""
+import json
+import struct
+
+import pytest
+
+from ringminus import Machine, StopReason
+from ringminus.cli import main
+from ringminus.smm import layouts as L
+
+from .conftest import asm
+
+CODE = 0x401000
+SMRAM_BASE = 0x30000
+RSM = bytes.fromhex("0faa")
+S64 = {"rax": 0x1111, "rsp": 0x8000, "rflags": 0x246, "cr0": 0x8005_0033, "cr4": 0x6A0, "efer": 0xD01,
+       "dr6": 0xFFFF_0FF0, "dr7": 0x400}
+
+
+def s64_machine(profile="kvm", handler=RSM, code="mov ebx, 0x77; hlt"):
+    """The S64 baseline: 64-bit CPL0 at 0x401000, SMRAM private at 0x30000-0x3FFFF."""
+    machine = Machine(profile=profile)
+    machine.smram.add_range(SMRAM_BASE, 0x10000)
+    machine.smram.load(SMRAM_BASE + L.ENTRY_OFFSET, handler)
+    machine.write_memory(CODE, asm(code, 64, CODE))
+    machine.boot("long", CODE)
+    for name, value in S64.items():
+        machine[name] = value
+    machine.cpu.set_table_register("idtr", 0x6000, 0xFFF)
+    machine.break_at(SMRAM_BASE + L.ENTRY_OFFSET)
+    return machine
+
+
+def saved(machine, field, size=8):
+    return int.from_bytes(machine.read_view(machine.smm.smbase + L.offset_of(L.SMRAM_STATE_64, field), size), "little")
+
+
+def put(machine, field, value, size=8):
+    machine.memory.write(machine.smm.smbase + L.offset_of(L.SMRAM_STATE_64, field), value.to_bytes(size, "little"))
+
+
+def test_smi_entry_state_kvm():                                            # §E.3 #65
+    machine = s64_machine()
+    cr3 = machine["cr3"]
+    machine.raise_smi()
+    result = machine.run()
+    regs = result.regs
+    assert result.stop.reason is StopReason.BREAKPOINT and result.smm["smm"] is True
+    assert regs["cs"] == {"selector": 0x3000, "base": 0x30000, "limit": 0xFFFF_FFFF, "attributes": 0x8093}
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        assert regs[name] == {"selector": 0, "base": 0, "limit": 0xFFFF_FFFF, "attributes": 0x8093}
+    assert regs["rip"] == 0x8000 and regs["rflags"] == 0x2
+    assert regs["cr0"] == 0x0005_0032 and regs["cr3"] == cr3 and regs["cr4"] == 0 and regs["efer"] == 0
+    assert regs["dr7"] == 0x400 and regs["dr6"] == 0xFFFF_0FF0
+    assert regs["idtr"] == {"base": 0, "limit": 0}                         # KVM zeroes IDTR (§F.10)
+    assert regs["rax"] == 0x1111 and regs["rsp"] == 0x8000
+    assert result.smm["entries"] == 1
+    # The save map, written into SMRAM.
+    assert saved(machine, "revision", 4) == L.REVISION_64 and saved(machine, "smbase", 4) == 0x30000
+    assert saved(machine, "rip") == CODE and saved(machine, "rflags") == 0x246
+    assert saved(machine, "cr0") == 0x8005_0033 and saved(machine, "cr4") == 0x6A0 and saved(machine, "efer") == 0xD01
+    assert saved(machine, "cs.attributes", 2) == 0xA09B and saved(machine, "idtr_base") == 0x6000
+
+
+def test_qemu_profile_keeps_idtr():
+    machine = s64_machine("qemu")
+    machine.raise_smi()
+    assert machine.run().regs["idtr"] == {"base": 0x6000, "limit": 0xFFF}
+
+
+def test_rsm_restores_the_interrupted_state():                             # §E.3 #69
+    machine = s64_machine()
+    machine.raise_smi()
+    machine.run()
+    result = machine.run()
+    regs = result.regs
+    assert result.stop.reason is StopReason.HLT and regs["rbx"] == 0x77
+    assert regs["rflags"] == 0x246 and regs["cr0"] == 0x8005_0033 and regs["cr4"] == 0x6A0
+    assert regs["efer"] == 0xD01 and regs["cs"]["attributes"] == 0xA09B and regs["idtr"] == {"base": 0x6000, "limit": 0xFFF}
+    assert result.smm["smm"] is False
+    assert [e["kind"] for e in result.events] == ["smi", "rsm"]
+
+
+def test_rsm_to_long_mode_with_pcide():                                   # §E.3 #71
+    machine = s64_machine()
+    machine.raise_smi()
+    machine.run()
+    put(machine, "cr4", 0x2_06A0)
+    put(machine, "cr3", machine["cr3"] | 5)
+    result = machine.run()
+    assert result.stop.reason is StopReason.HLT
+    assert result.regs["cr3"] & 0xFFF == 5 and result.regs["cr4"] & (1 << 17)
+
+
+@pytest.mark.parametrize("profile,expect_shutdown", [("kvm", True), ("apm", True), ("qemu", False)])
+def test_rsm_rejects_nw_without_cd(profile, expect_shutdown):              # §E.3 #73
+    machine = s64_machine(profile)
+    machine.raise_smi()
+    machine.run()
+    put(machine, "cr0", 0xA005_0033)
+    result = machine.run()
+    if expect_shutdown:
+        assert result.stop.reason is StopReason.SHUTDOWN and "NW without CD" in result.stop.detail
+        assert result.smm["smm"] is False                                   # KVM leaves SMM first
+    else:
+        assert result.stop.reason is not StopReason.SHUTDOWN
+
+
+def test_rsm_rejects_long_mode_without_pae():                             # §E.3 #75
+    machine = s64_machine()
+    machine.raise_smi()
+    machine.run()
+    put(machine, "cr4", 0)
+    result = machine.run()
+    assert result.stop.reason is StopReason.SHUTDOWN and "PAE" in result.stop.detail
+
+
+def test_modified_revision_id_per_profile():                              # §E.3 #77
+    outcomes = {}
+    for profile in ("kvm", "apm", "qemu"):
+        machine = s64_machine(profile)
+        machine.raise_smi()
+        machine.run()
+        put(machine, "revision", 0, 4)
+        put(machine, "smbase", 0x50000, 4)
+        result = machine.run()
+        outcomes[profile] = (result.stop.reason, result.smm["smbase"])
+    assert outcomes["kvm"] == (StopReason.HLT, 0x50000)        # ignored, SMBASE reloaded
+    assert outcomes["apm"][0] is StopReason.SHUTDOWN          # "SMM revision identifier modified"
+    assert outcomes["qemu"] == (StopReason.HLT, 0x30000)      # bit 17 clear: no relocation
+
+
+def test_smbase_relocation_takes_effect_at_the_next_smi():
+    machine = s64_machine(code="nop; nop; hlt")
+    machine.smram.add_range(0x50000, 0x10000)
+    machine.smram.load(0x58000, RSM)
+    machine.raise_smi()
+    machine.run()
+    put(machine, "smbase", 0x50000, 4)
+    machine.break_at(0x58000)
+    machine.at_instruction(1, Machine.raise_smi)
+    result = machine.run()
+    assert result.stop.reason is StopReason.BREAKPOINT and result.regs["cs"]["base"] == 0x50000
+    assert result.smm["smbase"] == 0x50000 and result.smm["entries"] == 2
+
+
+def test_smram_is_private_outside_smm():                                  # §E.3 #85
+    machine = s64_machine(handler=RSM)
+    machine.memory.write(0x38000, b"\xaa")                 # outside SMM: lands in normal RAM
+    assert machine.read_view(0x38000, 2) == b"\xaa\x00"
+    machine.raise_smi()
+    machine.run()
+    assert machine.read_view(0x38000, 2) == RSM             # in SMM: the handler's bytes
+    machine.run()
+    assert machine.read_view(0x38000, 2) == b"\xaa\x00"
+
+
+def test_smi_while_in_smm_is_latched_and_taken_after_rsm():
+    machine = s64_machine()
+    machine.raise_smi()
+    machine.run()
+    machine.raise_smi()                                     # while in SMM
+    assert machine.run().stop.reason is StopReason.BREAKPOINT
+    assert [e["kind"] for e in machine.result().events] == ["smi", "rsm", "smi"]
+
+
+def test_rsm_outside_smm_is_ud():
+    machine = Machine()
+    machine.write_memory(0x100000, RSM)
+    machine.boot("protected", 0x100000)
+    result = machine.run()
+    assert result.events[0]["kind"] == "exception" and result.events[0]["vector"] == 6
+
+
+def test_smi_at_is_exact_and_auto_halted_cpus_take_pending_events():
+    machine = Machine()
+    machine.smram.add_range(SMRAM_BASE, 0x10000)
+    machine.smram.load(0x38000, asm("inc byte ptr [0x9000]; rsm", 16))
+    machine.write_memory(0x7C00, asm("inc edi; inc edi; inc edi; hlt; mov ebx, 1; hlt", 16, 0x7C00))
+    machine.boot("real", 0x7C00)
+    machine.at_instruction(2, Machine.raise_smi)
+    machine.at_instruction(1000, Machine.raise_smi)          # still pending at the HLT
+    result = machine.run()
+    smis = [e for e in result.events if e["kind"] == "smi"]
+    assert [e["instructions"] for e in smis] == [2, 6] and smis[0]["rip"] == 0x7C04   # after two inc edi
+    assert machine.read_view(0x9000, 1) == b"\x02" and result.regs["rdi"] == 3 and result.regs["rbx"] == 1
+    assert smis[1]["rip"] == 0x7C07                           # the halted CPU resumes after HLT
+
+
+def test_32_bit_map_for_qemu32():
+    machine = Machine(cpu_model="qemu32")
+    machine.smram.add_range(SMRAM_BASE, 0x10000)
+    machine.smram.load(0x38000, RSM)
+    machine.write_memory(0x100000, asm("mov eax, 0x1234; hlt", 32, 0x100000))
+    machine.boot("protected", 0x100000)
+    machine.raise_smi()
+    machine.break_at(0x38000)
+    machine.run()
+    area = L.from_bytes(machine.read_view(0x3FE00, 512), L.SMRAM_STATE_32)
+    assert int(area["revision"]) == L.REVISION_32 and int(area["eip"]) == 0x100000
+    assert int(area["cs_selector"]) == 0x08 and int(area["cs_cache"]["flags"]) == 0x00C09B00
+    assert machine.run().regs["rax"] == 0x1234
+
+
+def test_smram_register_open_closed_locked_from_the_guest():
+    # q35: host bridge 00:00.0, SMRAM register 0x9D.  Open (0x4A), write a marker into the
+    # A-segment SMRAM, close (0x0A), read it back from outside SMM, lock (0x1A), try to reopen.
+    out = "mov dx, 0xcf8; mov eax, 0x8000009c; out dx, eax; mov dx, 0xcfd; mov al, {}; out dx, al; "
+    source = (out.format(0x4A) + "mov byte ptr [0xa8000], 0x5a; mov bl, [0xa8000]; " + out.format(0x0A) +
+              "mov cl, [0xa8000]; " + out.format(0x1A) + out.format(0x4A) + "movzx esi, byte ptr [0xa8000]; "
+              "in al, dx; hlt")
+    machine = Machine()
+    machine.write_memory(0x100000, asm(source, 32, 0x100000))
+    machine.boot("protected", 0x100000)
+    result = machine.run()
+    assert result.regs["rbx"] & 0xFF == 0x5A                  # open: SMRAM visible
+    assert result.regs["rcx"] & 0xFF == 0                     # closed: the RAM behind it
+    assert result.regs["rsi"] == 0                            # locked: reopening failed
+    assert result.regs["rax"] & 0xFF == 0x1A and result.smm["smram"] == "locked"
+    assert machine.smram.ranges[0].data[0x8000] == 0x5A
+
+
+def test_apm_port_smi_needs_the_chipset_enable():
+    # pc/PIIX4: config 0x5B bit 1 enables SMIs from APM_CNT writes.
+    enable = "mov dx, 0xcf8; mov eax, 0x80000b58; out dx, eax; mov dx, 0xcff; mov al, 2; out dx, al; "
+    for source, smis in (("mov al, 1; out 0xb2, al; hlt", 0), (enable + "mov al, 1; out 0xb2, al; hlt", 1)):
+        machine = Machine(chipset="pc")
+        machine.smram.add_range(SMRAM_BASE, 0x10000)
+        machine.smram.load(0x38000, RSM)
+        machine.write_memory(0x100000, asm(source, 32, 0x100000))
+        machine.boot("protected", 0x100000)
+        result = machine.run()
+        assert result.smm["entries"] == smis and result.stop.reason is StopReason.HLT
+
+
+def test_cli_smm_options_and_json(tmp_path, capsys):
+    image = tmp_path / "g.bin"
+    image.write_bytes(asm("mov al, 1; out 0xb2, al; mov ebx, 2; hlt", 16, 0x7C00))
+    handler = tmp_path / "h.bin"
+    handler.write_bytes(asm("mov byte ptr [0x9000], 0x77; rsm", 16))
+    status = main(["run", str(image), "--smram", "0x50000:0x10000", "--smbase", "0x50000",
+                   "--smram-load", f"{handler}@0x58000", "--apm-smi", "--json", "--dump", "0x58000:4",
+                   "--dump", "0x9000:1"])
+    doc = json.loads(capsys.readouterr().out)
+    assert status == 0 and doc["regs"]["rbx"] == 2
+    assert doc["smm"] == {"smm": False, "pending": False, "inside_nmi": False, "latched_init": False,
+                          "smbase": 0x50000, "entries": 1, "smram": "closed"}
+    kinds = [(e["kind"], e["smbase"]) for e in doc["events"]]
+    assert kinds == [("smi", 0x50000), ("rsm", 0x50000)]
+    assert doc["dump"][0]["hex"] == "00000000"                # outside SMM: not the handler
+    assert doc["dump"][1]["hex"] == "77"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--smram", "0x30001:0x1000"], "4 KiB"),
+    (["--smram-load", "{h}@0x38000"], "SMRAM range"),
+    (["--boot", "long", "--cpu", "qemu32"], "no long mode"),
+    (["--smram", "0x30000:0x10000", "--smram", "0x38000:0x1000"], "overlaps"),
+    (["--smram-state", "ajar"], "invalid choice"),
+])
+def test_cli_smm_errors(tmp_path, capsys, args, message):
+    image = tmp_path / "g.bin"
+    image.write_bytes(b"\xf4")
+    handler = tmp_path / "h.bin"
+    handler.write_bytes(RSM)
+    status = main(["run", str(image), *[a.format(h=handler) for a in args]])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and message in err
