@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--smbase", type=parse_number, metavar="ADDR", help="initial SMBASE (default 0x30000)")
     run.add_argument("--smi-at", type=parse_number, action="append", default=[], metavar="N",
                      help="raise an SMI after exactly N retired instructions (repeatable)")
+    run.add_argument("--nmi-at", type=parse_number, action="append", default=[], metavar="N",
+                     help="raise an NMI after exactly N retired instructions (repeatable)")
     run.add_argument("--apm-smi", action="store_true",
                      help="writes to APM_CNT (port 0xb2) always raise an SMI, whatever the chipset enables")
     run.add_argument("--dump", type=parse_dump, action="append", default=[], metavar="ADDR:LEN",
@@ -214,11 +216,13 @@ def prepare(args: argparse.Namespace) -> Machine:
         if args.smram_state:
             machine.smram.set_state(args.smram_state)
         for path, address in args.smram_load:
-            machine.smram.load(address, read_file(path))
+            machine.load_smram(address, read_file(path))
         if args.smbase is not None:
             machine.set_smbase(args.smbase)
         for index in args.smi_at:
             machine.at_instruction(index, Machine.raise_smi)
+        for index in args.nmi_at:
+            machine.at_instruction(index, Machine.raise_nmi)
         entry = 0
         if state is BootState.BIOS:
             if args.load is not None or is_elf(data):

@@ -23,7 +23,7 @@ def s64_machine(profile="kvm", handler=RSM, code="mov ebx, 0x77; hlt"):
     """The S64 baseline: 64-bit CPL0 at 0x401000, SMRAM private at 0x30000-0x3FFFF."""
     machine = Machine(profile=profile)
     machine.smram.add_range(SMRAM_BASE, 0x10000)
-    machine.smram.load(SMRAM_BASE + L.ENTRY_OFFSET, handler)
+    machine.load_smram(SMRAM_BASE + L.ENTRY_OFFSET, handler)
     machine.write_memory(CODE, asm(code, 64, CODE))
     machine.boot("long", CODE)
     for name, value in S64.items():
@@ -135,7 +135,7 @@ def test_modified_revision_id_per_profile():                              # §E.
 def test_smbase_relocation_takes_effect_at_the_next_smi():
     machine = s64_machine(code="nop; nop; hlt")
     machine.smram.add_range(0x50000, 0x10000)
-    machine.smram.load(0x58000, RSM)
+    machine.load_smram(0x58000, RSM)
     machine.raise_smi()
     machine.run()
     put(machine, "smbase", 0x50000, 4)
@@ -177,7 +177,7 @@ def test_rsm_outside_smm_is_ud():
 def test_smi_at_is_exact_and_auto_halted_cpus_take_pending_events():
     machine = Machine()
     machine.smram.add_range(SMRAM_BASE, 0x10000)
-    machine.smram.load(0x38000, asm("inc byte ptr [0x9000]; rsm", 16))
+    machine.load_smram(0x38000, asm("inc byte ptr [0x9000]; rsm", 16))
     machine.write_memory(0x7C00, asm("inc edi; inc edi; inc edi; hlt; mov ebx, 1; hlt", 16, 0x7C00))
     machine.boot("real", 0x7C00)
     machine.at_instruction(2, Machine.raise_smi)
@@ -192,7 +192,7 @@ def test_smi_at_is_exact_and_auto_halted_cpus_take_pending_events():
 def test_32_bit_map_for_qemu32():
     machine = Machine(cpu_model="qemu32")
     machine.smram.add_range(SMRAM_BASE, 0x10000)
-    machine.smram.load(0x38000, RSM)
+    machine.load_smram(0x38000, RSM)
     machine.write_memory(0x100000, asm("mov eax, 0x1234; hlt", 32, 0x100000))
     machine.boot("protected", 0x100000)
     machine.raise_smi()
@@ -228,7 +228,7 @@ def test_apm_port_smi_needs_the_chipset_enable():
     for source, smis in (("mov al, 1; out 0xb2, al; hlt", 0), (enable + "mov al, 1; out 0xb2, al; hlt", 1)):
         machine = Machine(chipset="pc")
         machine.smram.add_range(SMRAM_BASE, 0x10000)
-        machine.smram.load(0x38000, RSM)
+        machine.load_smram(0x38000, RSM)
         machine.write_memory(0x100000, asm(source, 32, 0x100000))
         machine.boot("protected", 0x100000)
         result = machine.run()
@@ -268,3 +268,96 @@ def test_cli_smm_errors(tmp_path, capsys, args, message):
     status = main(["run", str(image), *[a.format(h=handler) for a in args]])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and message in err
+
+
+def real_mode_machine(handler, main="nop; nop; nop; nop; hlt", profile="kvm"):
+    """Real-mode code at 0x7C00, an NMI handler at 0:0x8000 (IVT vector 2) that records the IP
+    it interrupted in [0x9002] and counts in [0x9000], and an SMI handler in SMRAM."""
+    machine = Machine(profile=profile)
+    machine.smram.add_range(SMRAM_BASE, 0x10000)
+    machine.load_smram(0x38000, asm(handler, 16, 0x8000) if isinstance(handler, str) else handler)
+    machine.write_memory(0x7C00, asm(main, 16, 0x7C00))
+    machine.write_memory(0x8000, asm("inc byte ptr [0x9000]; push bp; mov bp, sp; mov ax, [bp + 2]; "
+                                     "mov [0x9002], ax; pop bp; iret", 16, 0x8000))
+    machine.write_memory(2 * 4, struct.pack("<HH", 0x8000, 0))
+    machine.boot("real", 0x7C00)
+    return machine
+
+
+def nmi_count(machine):
+    return machine.read_view(0x9000, 1)[0]
+
+
+def test_nmi_in_smm_waits_for_rsm():                                     # §E.3 #79
+    machine = real_mode_machine(RSM)
+    machine.at_instruction(1, Machine.raise_smi)
+    machine.break_at(0x38000)
+    machine.run()                                           # in the SMI handler
+    machine.raise_nmi()
+    result = machine.run()
+    assert result.stop.reason is StopReason.HLT and nmi_count(machine) == 1
+    assert struct.unpack("<H", machine.read_view(0x9002, 2))[0] == 0x7C01   # taken right after RSM
+    assert [e["kind"] for e in result.events] == ["smi", "rsm", "nmi"]
+
+
+def test_iret_in_the_smi_handler_unblocks_nmis():                        # §E.3 #81
+    # KVM zeroes IDTR on entry: the handler loads the real-mode IVT first, then IRETs.
+    head = "lidt [0x9100]; pushf; push cs; mov ax, 0x8000; push ax; iret; "
+    after_iret = 0x8000 + len(asm(head, 16, 0x8000))
+    code = asm(head.replace("0x8000", hex(after_iret)) + "inc byte ptr [0x9004]", 16, 0x8000) + RSM
+    machine = real_mode_machine(code)
+    machine.write_memory(0x9100, struct.pack("<HI", 0x3FF, 0))
+    machine.at_instruction(1, Machine.raise_smi)
+    machine.break_at(0x38000)
+    machine.run()
+    machine.raise_nmi()                                     # blocked until the handler's IRET
+    result = machine.run()
+    assert nmi_count(machine) == 1 and result.smm["entries"] == 1
+    nmi = next(e for e in result.events if e["kind"] == "nmi")
+    assert result.events.index(nmi) == 1                    # inside SMM, before the RSM
+
+
+def test_smi_inside_an_nmi_handler_keeps_nmis_blocked_after_rsm():
+    machine = real_mode_machine(RSM, main="nop; nop; nop; nop; nop; nop; hlt")
+    machine.raise_nmi()                                     # taken at once: handler at 0x8000
+    machine.at_instruction(1, Machine.raise_smi)            # inside the NMI handler
+    machine.at_instruction(2, Machine.raise_nmi)            # while in SMM
+    result = machine.run()
+    smi = next(e for e in result.events if e["kind"] == "smi")
+    assert smi["rip"] != 0x7C00 and nmi_count(machine) == 2  # the second NMI after the handler's IRET
+    kinds = [e["kind"] for e in result.events]
+    assert kinds == ["nmi", "smi", "rsm", "nmi"]
+
+
+def test_init_in_smm_is_latched_until_rsm():                             # §E.3 #83
+    machine = real_mode_machine(RSM)
+    machine.at_instruction(1, Machine.raise_smi)
+    machine.break_at(0x38000)
+    machine.run()
+    machine.raise_init()
+    assert machine.result().smm["latched_init"] is True
+    result = machine.run(max_instructions=1)
+    assert [e["kind"] for e in result.events][-2:] == ["rsm", "init"]
+    assert result.regs["cs"]["base"] == 0xFFFF0000 and result.regs["rip"] == 0xFFF0   # reset vector
+    assert result.smm["smbase"] == 0x30000 and result.smm["latched_init"] is False
+
+
+def test_auto_halt_restart_in_the_apm_profile():
+    for profile, halts_again in (("apm", True), ("kvm", False)):
+        machine = real_mode_machine(RSM, main="hlt; mov bx, 5; hlt", profile=profile)
+        machine.at_instruction(100, Machine.raise_smi)     # pending when the CPU halts
+        result = machine.run()
+        revision = int.from_bytes(machine.smram.ranges[1].data[0xFEFC:0xFF00].tobytes(), "little")
+        assert machine.smram.ranges[1].data[0xFEC9] == (1 if profile == "apm" else 0)
+        assert result.stop.reason is StopReason.HLT and revision == L.REVISION_64
+        assert (result.regs["rbx"] & 0xFFFF == 5) is not halts_again
+
+
+def test_set_smm_state_like_kvm_vcpu_events():
+    machine = s64_machine()
+    machine.set_smm_state(smm=True, pending=True)
+    assert machine.read_view(0x38000, 2) == RSM and machine.result().smm["pending"] is True
+    machine.set_smm_state(smm=False, pending=False, latched_init=True)
+    state = machine.result().smm
+    assert state["smm"] is False and state["pending"] is False and state["latched_init"] is True
+    assert machine.read_view(0x38000, 2) == b"\0\0"

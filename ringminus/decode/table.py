@@ -161,4 +161,6 @@ def site_opcodes(intercepted) -> frozenset[bytes]:
                      if row.intercept and any(code in intercepted for code in row.intercept.codes))
 
 
-ADDRESS_SPACE_OPCODES = frozenset({b"\x0f\x22"})    # MOV to CR: always armed (sites are linear)
+# Always armed: MOV to CR (sites are linear: paging changes re-arm them) and IRET (it ends
+# NMI blocking, after which a pending NMI is taken at once).
+ALWAYS_ARMED_OPCODES = frozenset({b"\x0f\x22", b"\xcf"})

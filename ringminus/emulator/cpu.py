@@ -129,6 +129,18 @@ class Cpu:
         ctx.recompute_segment_hflags(hflags & 3)
         ctx.commit()
 
+    @property
+    def nmi_blocked(self) -> bool:
+        """NMIs blocked (after an NMI is delivered, and in SMM); the guest's IRET unblocks them."""
+        return bool(self.context.snapshot().u32(uci.HFLAGS2) & uci.HF2_NMI_MASK)
+
+    @nmi_blocked.setter
+    def nmi_blocked(self, blocked: bool) -> None:
+        ctx = self.context.snapshot()
+        hflags2 = ctx.u32(uci.HFLAGS2)
+        ctx.put_u32(uci.HFLAGS2, hflags2 | uci.HF2_NMI_MASK if blocked else hflags2 & ~uci.HF2_NMI_MASK)
+        ctx.commit()
+
     def clear_inflight_exception(self) -> None:
         """Forget the fault just handled, so the next one is not taken for a #DF
         (reference/unicorn.md §3)."""

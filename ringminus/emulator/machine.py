@@ -24,7 +24,7 @@ from unicorn import x86_const as X
 from ..decode.decoder import Instruction, decode
 from ..decode.length import instruction_length
 from ..decode.portio import OUT_OPCODES, PortIo, decode_port_io
-from ..decode.table import ADDRESS_SPACE_OPCODES, site_opcodes
+from ..decode.table import ALWAYS_ARMED_OPCODES, site_opcodes
 from . import boot as boot_states
 from . import ucinternals
 from .cpu import CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA, SEGMENT_REGISTERS, Cpu
@@ -88,9 +88,10 @@ class Machine:
         self.ports.register(debugcon_port, self.console)
         self.ports.register(EXIT_PORT, ExitDevice(lambda value: self.request_stop(StopReason.EXIT, value)))
         self.smm = SmmState()
+        self.nmi_pending = False
         self.smram = Smram(self.memory)
         self.chipset = Chipset(chipset, self.smram, self.ports, self.raise_smi, apm_smi)
-        self.sites = CodeSites(self.uc, self._on_site, OUT_OPCODES | ADDRESS_SPACE_OPCODES, self.cpu.fast.read_memory)
+        self.sites = CodeSites(self.uc, self._on_site, OUT_OPCODES | ALWAYS_ARMED_OPCODES, self.cpu.fast.read_memory)
         self.exact_instructions = exact_instructions
         self.instructions = 0
         self._instructions_exact = True
@@ -134,11 +135,13 @@ class Machine:
     def read_view(self, address: int, size: int) -> bytes:
         """Physical bytes as the CPU sees them now (SMRAM or not); 0xFF where nothing is mapped."""
         out = bytearray()
-        for at in range(address, address + size, 0x1000):
-            count = min(0x1000 - (at & 0xFFF), address + size - at)
+        at, end = address, address + size
+        while at < end:
+            count = min(0x1000 - (at & 0xFFF), end - at)         # up to the next page boundary
             chunk = self.memory.read_fast(at, count)
             out += chunk if chunk is not None else b"\xff" * count
-        return bytes(out[:size])
+            at += count
+        return bytes(out)
 
     def load_image(self, image: Image) -> int:
         for segment in image.segments:
@@ -200,6 +203,46 @@ class Machine:
         """An SMI: taken at the next instruction boundary, or latched while in SMM."""
         self.smm.pending = True
 
+    def raise_nmi(self) -> None:
+        """An NMI: delivered at the next instruction boundary unless NMIs are blocked (after
+        an NMI until its handler's IRET, and in SMM until RSM unless the handler IRETs)."""
+        self.nmi_pending = True
+
+    def raise_init(self) -> None:
+        """An INIT: latched while in SMM and processed after RSM; otherwise the CPU resets to
+        the reset vector (SMBASE is kept)."""
+        if self.smm.in_smm:
+            self.smm.latched_init = True
+        else:
+            self._process_init()
+
+    def _process_init(self) -> None:
+        self.smm.latched_init = False
+        boot_states.boot_bios(self)
+        self.halted = False
+        self.events.append({"kind": "init", "instructions": self.instructions_if_exact})
+
+    def set_smm_state(self, smm: bool | None = None, pending: bool | None = None,
+                      inside_nmi: bool | None = None, latched_init: bool | None = None) -> None:
+        """Like KVM's SET_VCPU_EVENTS with VALID_SMM (semantics.md §C.8): flipping ``smm``
+        switches the memory view only — no state is saved or restored."""
+        if smm is not None and smm != self.smm.in_smm:
+            self.smm.in_smm = smm
+            self.smram.set_smm(smm)
+            if not smm:
+                self.smm.inside_nmi = False
+        if pending is not None:
+            self.smm.pending = pending
+        if inside_nmi is not None and self.smm.in_smm:
+            self.smm.inside_nmi = inside_nmi
+        if latched_init is not None:
+            self.smm.latched_init = latched_init
+
+    def load_smram(self, address: int, data: bytes) -> None:
+        """Place bytes straight into SMRAM (whatever the view) and arm the code sites in them."""
+        self.smram.load(address, data)
+        self.sites.scan(address, data, watch=False)
+
     def set_smbase(self, smbase: int) -> None:
         if not 0 <= smbase < 1 << 32:
             raise ValueError(f"SMBASE {smbase:#x} must lie below 4 GiB")
@@ -214,6 +257,20 @@ class Machine:
             return
         self._retire(1)
         leave_smm(self)
+        if self.smm.latched_init and self._stop is None:
+            self._process_init()
+
+    def _take_pending_event(self) -> bool:
+        """At an instruction boundary: SMI before NMI (semantics.md §C.7).  False when the
+        run must stop."""
+        if self.smm.pending and not self.smm.in_smm:
+            self.smm.pending = False
+            enter_smm(self)                  # an SMI also ends a halt
+        elif self.nmi_pending and not self.cpu.nmi_blocked:
+            self.nmi_pending = False
+            self.deliver(Event(Vector.NMI, EventKind.NMI, self.cpu.rip))
+            self.cpu.nmi_blocked = True
+        return self._stop is None
 
     # -- running as L2 ------------------------------------------------------------------------
     def enter_guest(self, controls, profile: str | None = None, on_exit: str = "stop") -> None:
@@ -224,12 +281,12 @@ class Machine:
         if profile is not None:
             self.profile = profile_named(profile)
         self.guest = Guest(self, controls, self.profile.name, on_exit)
-        self.sites.set_opcodes(OUT_OPCODES | ADDRESS_SPACE_OPCODES | site_opcodes(controls))
+        self.sites.set_opcodes(OUT_OPCODES | ALWAYS_ARMED_OPCODES | site_opcodes(controls))
         self.linear.flush()
 
     def leave_guest(self) -> None:
         self.guest = None
-        self.sites.set_opcodes(OUT_OPCODES | ADDRESS_SPACE_OPCODES)
+        self.sites.set_opcodes(OUT_OPCODES | ALWAYS_ARMED_OPCODES)
 
     def skip_instruction(self) -> None:
         """After a vmexit stop: resume at the exit's next RIP, as an L1 that emulated it."""
@@ -361,9 +418,11 @@ class Machine:
         if insn is not None:
             if self.guest is not None and self._check_at_site(insn):
                 return
-            if insn.row.name == "mov_to_cr" and insn.reg in (0, 3, 4):
-                if self._stepping_over != address:       # step it, then re-arm for the new space
-                    self._trap_and_stop(_Trap("address_space", address=address))
+            changes_space = insn.row.name == "mov_to_cr" and insn.reg in (0, 3, 4)
+            ends_nmi_block = insn.row.name == "iret" and self.nmi_pending
+            if changes_space or ends_nmi_block:
+                if self._stepping_over != address:       # run it alone, then look again
+                    self._trap_and_stop(_Trap("step", address=address, detail="paging" if changes_space else ""))
                     return
                 self._stepping_over = None
         port_io = decode_port_io(code, bits)
@@ -444,11 +503,8 @@ class Machine:
         self._fire_due_events()
         if self._stop is not None:
             return
-        if self.smm.pending and not self.smm.in_smm:
-            self.smm.pending = False
-            enter_smm(self)                  # an SMI also ends a halt
-            if self._stop is not None:
-                return
+        if not self._take_pending_event():
+            return
         if self.halted:
             if self._scheduled:              # fast-forward: the halted CPU takes the next event
                 _, _, callback = heapq.heappop(self._scheduled)
@@ -461,7 +517,7 @@ class Machine:
             return
         budget = 0
         if self._stepping_over is not None:
-            budget, counting = 1, True              # run the MOV CR alone, then re-arm
+            budget, counting = 1, True              # run the stepped instruction alone
         elif self._address_space is None:
             self._rearm_if_address_space_changed()
         if self._stepping_over is None and counting:    # Unicorn counts only with a count
@@ -529,11 +585,12 @@ class Machine:
         elif trap.kind == "port":
             self._retire(started - 1)
             self._emulate_out(trap)
-        elif trap.kind == "address_space":
+        elif trap.kind == "step":
             self._retire(started - 1)
             self._stepping_over = trap.address
-            self._address_space = None          # even a reload of the same CR3 flushes the TLB
-            self.linear.flush()
+            if trap.detail == "paging":
+                self._address_space = None      # even a reload of the same CR3 flushes the TLB
+                self.linear.flush()
         elif trap.kind == "breakpoint":
             self._retire(started - 1)
             self._stop = Stop(StopReason.BREAKPOINT, self.cpu.rip)

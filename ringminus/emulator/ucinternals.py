@@ -25,6 +25,9 @@ CONTEXT_SIZE = 5608          # bytes(UcContext) on 2.1.4, header included
 EIP = 168
 EFLAGS = 176
 HFLAGS = 216
+HFLAGS2 = 220
+HF2_GIF = 1 << 0
+HF2_NMI_MASK = 1 << 2        # NMIs blocked; QEMU's IRET clears it, so the guest's IRET ends the block
 SEGMENTS = 224               # ES, CS, SS, DS, FS, GS; then LDTR, TR, GDTR, IDTR
 SEGMENT_STRIDE = 24          # u32 selector, pad, u64 base, u32 limit, u32 flags
 SEGMENT_SLOT = {"es": 0, "cs": 1, "ss": 2, "ds": 3, "fs": 4, "gs": 5, "ldtr": 6, "tr": 7}
@@ -227,6 +230,7 @@ def verify() -> None:
         ("EFER", ctx.u64(EFER) & 1, 1),
         ("RAX", ctx.u64(GPRS), uc.reg_read(X.UC_X86_REG_RAX)),
         ("CPL in hflags", ctx.u32(HFLAGS) & (HF_LMA | HF_CS64 | HF_CPL_MASK), HF_LMA | HF_CS64),
+        ("GIF in hflags2", ctx.u32(HFLAGS2) & (HF2_GIF | HF2_NMI_MASK), HF2_GIF),
     ]
     for what, got, want in checks:
         if got != want:

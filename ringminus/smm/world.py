@@ -43,8 +43,7 @@ class SmmState:
     in_smm: bool = False
     pending: bool = False              # an SMI waiting (latched while in SMM)
     inside_nmi: bool = False           # HF_SMM_INSIDE_NMI: the SMI came inside an NMI handler
-    nmi_blocked: bool = False
-    latched_init: bool = False
+    latched_init: bool = False         # an INIT that arrived in SMM, processed after RSM
     entries: int = 0
 
     def as_dict(self, smram_state: str) -> dict:
@@ -96,6 +95,8 @@ def save_state(machine: "Machine", layout, previous: bytes | None) -> bytes:
             area[name] = regs[name] & 0xFFFF_FFFF
         area["smbase"] = machine.smm.smbase
     area["revision"] = L.revision_for(layout)
+    if profile.smm_halt_restart:        # APM §10.3.4, beyond KVM and QEMU (§F.14)
+        area["auto_halt_restart"] = 1 if machine.halted else 0
     return L.to_bytes(area)
 
 
@@ -113,9 +114,9 @@ def enter_smm(machine: "Machine") -> None:
     except UnbackedMemory:
         machine.request_stop_shutdown(f"SMI: no memory for the state-save map at {address:#x}")
         return
-    if smm.nmi_blocked:
+    if cpu.nmi_blocked:                 # an SMI inside an NMI handler keeps NMIs blocked after RSM
         smm.inside_nmi = True
-    smm.nmi_blocked = True
+    cpu.nmi_blocked = True
     cr0 = cpu["cr0"] & ~(CR0_PE | CR0_EM | CR0_TS | CR0_PG) & 0xFFFF_FFFF_FFFF_FFFF
     efer = 0 if machine.long_mode_capable or machine.smm_profile.smm_clears_efer_always else cpu["efer"]
     cpu.set_mode_state(cr0, 0, efer)
@@ -159,7 +160,7 @@ def leave_smm(machine: "Machine") -> None:
     layout = L.layout_for(machine.long_mode_capable)
     area = L.from_bytes(machine.memory.read(smm.smbase + L.SAVE_AREA, L.SAVE_AREA_SIZE), layout)
     if not smm.inside_nmi:
-        smm.nmi_blocked = False
+        cpu.nmi_blocked = False
     smm.in_smm = smm.inside_nmi = False
     machine.smram.set_smm(False)
     try:
@@ -167,6 +168,8 @@ def leave_smm(machine: "Machine") -> None:
     except InvalidSavedState as why:
         machine.request_stop_shutdown(f"RSM: {why}")
         return
+    if profile.smm_halt_restart and int(area["auto_halt_restart"]) & 1:
+        machine.halted = True           # back to the HLT the SMI interrupted
     machine.events.append({"kind": "rsm", "instructions": machine.instructions_if_exact, "rip": restored,
                            "smbase": smm.smbase})
     machine.linear.flush()
