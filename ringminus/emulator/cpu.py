@@ -1,6 +1,9 @@
 """Architectural CPU state of the one Unicorn handle: registers, segment caches, CPL, mode."""
 from __future__ import annotations
 
+import struct
+from dataclasses import dataclass
+
 from unicorn import Uc
 from unicorn import x86_const as X
 
@@ -41,6 +44,8 @@ _UC_NAMES = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in (
     "ax", "bx", "cx", "dx", "si", "di", "bp", "sp", "al", "bl", "cl", "dl", "ah", "bh", "ch", "dh",
     *(f"r{n}{s}" for n in range(8, 16) for s in "dwb"))}
 REGISTER_NAMES = frozenset(_UC_NAMES) | {"efer"} | set(SEGMENT_REGISTERS)
+_CONTEXT_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+                      "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 _CONTROL_NAMES = frozenset({*CONTROL, "cr8", "rflags", "eflags"})
 _PAGING_NAMES = frozenset({"cr0", "cr3", "cr4", "efer"})
 
@@ -129,6 +134,48 @@ class Cpu:
         ctx.recompute_segment_hflags(hflags & 3)
         ctx.commit()
 
+    def capture(self) -> "ArchState":
+        """Every register a world switch saves, from one copy of the context."""
+        ctx = self.context.snapshot()
+        gprs = dict(zip(_CONTEXT_GPR_ORDER, struct.unpack_from("<16Q", ctx.view, uci.GPRS)))
+        segments = {}
+        for name in (*SEGMENT_REGISTERS, *SYSTEM_SEGMENTS):
+            c = ctx.segment(name)
+            segments[name] = Segment(c.selector, c.base, c.limit, c.flags)
+        gdtr, idtr = ctx.segment_slot(8), ctx.segment_slot(9)
+        cr0, _, cr2, cr3, cr4 = struct.unpack_from("<5Q", ctx.view, uci.CR)
+        return ArchState(gprs, ctx.u64(uci.EIP), self.fast.read(X.UC_X86_REG_RFLAGS), segments,
+                         (gdtr.base, gdtr.limit), (idtr.base, idtr.limit), cr0, cr3, cr4,
+                         ctx.u64(uci.EFER) | (EFER_SVME if self.svme else 0),
+                         ctx.u64(uci.DEBUG_REGISTERS + 6 * 8), ctx.u64(uci.DEBUG_REGISTERS + 7 * 8),
+                         ctx.u32(uci.HFLAGS) & uci.HF_CPL_MASK)
+
+    def load(self, state: "ArchState") -> None:
+        """Make ``state`` the CPU's, mode included (one context round trip for everything the
+        register API cannot set, the C API for the rest)."""
+        self.paging_epoch += 1
+        self.svme = bool(state.efer & EFER_SVME)
+        self.fast.write(X.UC_X86_REG_CR4, state.cr4)
+        ctx = self.context.snapshot()
+        struct.pack_into("<16Q", ctx.view, uci.GPRS, *(state.gprs[n] & 0xFFFF_FFFF_FFFF_FFFF for n in _CONTEXT_GPR_ORDER))
+        ctx.put_u64(uci.EIP, state.rip)
+        for name, seg in state.segments.items():
+            ctx.put_segment(name, uci.SegmentCache(seg.selector, seg.base, seg.limit, seg.flags))
+        for slot, (base, limit) in ((8, state.gdtr), (9, state.idtr)):
+            ctx.put_segment_slot(slot, uci.SegmentCache(0, base, limit, 0))
+        ctx.put_u64(uci.CR, state.cr0)
+        ctx.put_u64(uci.EFER, state.efer & ~EFER_SVME)
+        hflags = ctx.u32(uci.HFLAGS) & ~(uci.HF_LMA | uci.HF_PE | 0xE00)
+        hflags |= (uci.HF_LMA if state.efer & EFER_LMA else 0) | (uci.HF_PE if state.cr0 & CR0_PE else 0)
+        hflags |= ((state.cr0 >> 1) & 7) << 9
+        ctx.put_u32(uci.HFLAGS, hflags)
+        ctx.recompute_segment_hflags(state.cpl)
+        ctx.commit()
+        self.fast.write(X.UC_X86_REG_CR3, state.cr3)
+        self.fast.write(X.UC_X86_REG_RFLAGS, state.rflags)
+        self.fast.write(X.UC_X86_REG_DR6, state.dr6)
+        self.fast.write(X.UC_X86_REG_DR7, state.dr7)
+
     @property
     def nmi_blocked(self) -> bool:
         """NMIs blocked (after an NMI is delivered, and in SMM); the guest's IRET unblocks them."""
@@ -172,6 +219,24 @@ class Cpu:
         return CpuSnapshot(bytes(self.context.snapshot().raw), self["rflags"], self.svme)
 
 
+@dataclass
+class ArchState:
+    """The architectural state a world switch moves (SMM entry/RSM, snapshots)."""
+    gprs: dict[str, int]
+    rip: int
+    rflags: int
+    segments: dict[str, Segment]       # cs ds es fs gs ss ldtr tr
+    gdtr: tuple[int, int]              # (base, limit)
+    idtr: tuple[int, int]
+    cr0: int
+    cr3: int
+    cr4: int
+    efer: int
+    dr6: int
+    dr7: int
+    cpl: int
+
+
 class CpuSnapshot:
     """Registers as they were when taken; ``registers()`` names them (RunResult.regs)."""
 
@@ -180,8 +245,7 @@ class CpuSnapshot:
 
     def registers(self) -> dict:
         ctx = uci.Context.from_bytes(self._raw)
-        regs = {name: ctx.u64(uci.GPRS + 8 * i) for i, name in enumerate(
-            ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", *GPRS[8:]))}
+        regs = dict(zip(_CONTEXT_GPR_ORDER, struct.unpack_from("<16Q", ctx.view, uci.GPRS)))
         regs = {name: regs[name] for name in GPRS}
         regs["rip"] = ctx.u64(uci.EIP)
         regs["rflags"] = self._rflags

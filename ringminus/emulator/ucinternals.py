@@ -128,7 +128,10 @@ class Context:
         return SegmentCache(selector & 0xFFFF, base, limit, flags)
 
     def put_segment(self, name: str, cache: SegmentCache) -> None:
-        offset = SEGMENTS + SEGMENT_STRIDE * SEGMENT_SLOT[name]
+        self.put_segment_slot(SEGMENT_SLOT[name], cache)
+
+    def put_segment_slot(self, slot: int, cache: SegmentCache) -> None:
+        offset = SEGMENTS + SEGMENT_STRIDE * slot
         struct.pack_into("<I4xQII", self.view, offset, cache.selector & 0xFFFF,
                          cache.base & 0xFFFFFFFFFFFFFFFF, cache.limit & 0xFFFFFFFF,
                          cache.flags & 0xFFFFFFFF)

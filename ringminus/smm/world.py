@@ -8,11 +8,12 @@ an invalid state ends in shutdown with the reason recorded.
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..emulator.cpu import (CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE, EFER_SVME, GPRS,
-                            RFLAGS_VM)
+                            RFLAGS_VM, ArchState)
 from ..emulator.descriptors import FLAG_DB, FLAG_L, Segment
 from ..emulator.memory import UnbackedMemory
 from . import layouts as L
@@ -52,82 +53,105 @@ class SmmState:
                 "smram": smram_state}
 
 
-def _segment_record_64(segment: Segment) -> tuple:
-    return (segment.selector, L.attributes_64(segment.flags), segment.limit, segment.base)
+_STRUCT = {"u1": "B", "<u2": "<H", "<u4": "<I", "<u8": "<Q"}
 
 
-def save_state(machine: "Machine", layout, previous: bytes | None) -> bytes:
-    """The state-save map for the CPU now.  KVM fills a zeroed buffer; QEMU writes its fields
+def _fields(layout) -> dict[str, tuple[int, str]]:
+    """name (or "record.member") -> (offset in the map, struct format), from the dtype."""
+    out = {}
+    for name, (dtype, offset, *_) in layout.fields.items():
+        if dtype.fields:
+            for member, (sub, sub_offset, *_) in dtype.fields.items():
+                out[f"{name}.{member}"] = (offset + sub_offset, _STRUCT[sub.str.replace("|", "")])
+        else:
+            out[name] = (offset, _STRUCT[dtype.str.replace("|", "")])
+    return out
+
+
+FIELDS = {id(L.SMRAM_STATE_64): _fields(L.SMRAM_STATE_64), id(L.SMRAM_STATE_32): _fields(L.SMRAM_STATE_32)}
+
+
+class SaveArea:
+    """The 512 bytes of a state-save map, read and written by field name."""
+
+    def __init__(self, layout, data: bytes | None = None):
+        self.fields = FIELDS[id(layout)]
+        self.data = bytearray(data) if data is not None else bytearray(L.SAVE_AREA_SIZE)
+
+    def __getitem__(self, name: str) -> int:
+        offset, fmt = self.fields[name]
+        return struct.unpack_from(fmt, self.data, offset)[0]
+
+    def __setitem__(self, name: str, value: int) -> None:
+        offset, fmt = self.fields[name]
+        struct.pack_into(fmt, self.data, offset, value & ((1 << (8 * struct.calcsize(fmt))) - 1))
+
+
+def save_state(machine: "Machine", state: ArchState, layout, previous: bytes | None) -> bytes:
+    """The state-save map for ``state``.  KVM fills a zeroed buffer; QEMU writes its fields
     over what SMRAM held, CR0/CR4/DR6/DR7/RFLAGS as 32-bit values (§F.11)."""
-    cpu, profile = machine.cpu, machine.smm_profile
-    regs = cpu.snapshot().registers()
-    area = L.from_bytes(previous, layout) if profile.smm_writes_over_memory and previous else L.new_save_area(layout)
+    profile = machine.smm_profile
+    area = SaveArea(layout, previous if profile.smm_writes_over_memory else None)
     wide = 0xFFFF_FFFF if profile.smm_narrow_control_fields else 0xFFFF_FFFF_FFFF_FFFF
-    segments = {name: cpu.segment(name) for name in (*SEGMENTS, "ldtr", "tr")}
-    if layout == L.SMRAM_STATE_64:
+    if layout is L.SMRAM_STATE_64:
         for name in (*SEGMENTS, "ldtr", "tr"):
-            area[name] = _segment_record_64(segments[name])
-        area["gdtr_base"], area["gdtr_limit"] = regs["gdtr"]["base"], regs["gdtr"]["limit"]
-        area["idtr_base"], area["idtr_limit"] = regs["idtr"]["base"], regs["idtr"]["limit"]
-        area["efer"] = regs["efer"]
-        for name in ("cr0", "cr4", "dr6", "dr7", "rflags"):
-            area[name] = regs[name] & wide
-        area["cr3"], area["rip"] = regs["cr3"], regs["rip"]
+            seg = state.segments[name]
+            area[f"{name}.selector"], area[f"{name}.attributes"] = seg.selector, L.attributes_64(seg.flags)
+            area[f"{name}.limit"], area[f"{name}.base"] = seg.limit, seg.base
+        (area["gdtr_base"], area["gdtr_limit"]), (area["idtr_base"], area["idtr_limit"]) = state.gdtr, state.idtr
+        area["efer"] = state.efer
+        area["cr0"], area["cr4"], area["dr6"], area["dr7"] = (v & wide for v in (state.cr0, state.cr4, state.dr6, state.dr7))
+        area["rflags"] = state.rflags & wide
+        area["cr3"], area["rip"] = state.cr3, state.rip
         for name in GPRS:
-            area[name] = regs[name]
-        area["smbase"] = machine.smm.smbase
+            area[name] = state.gprs[name]
     else:
         shifted = profile.smm_shifted_attributes_32
-        for name in SEGMENTS:
-            seg = segments[name]
+        for name in (*SEGMENTS, "ldtr", "tr"):
+            seg = state.segments[name]
             area[f"{name}_selector"] = seg.selector
-            area[f"{name}_cache"] = (L.segment_flags_32(seg.flags, shifted), seg.limit, seg.base & 0xFFFF_FFFF)
-        for name in ("ldtr", "tr"):
-            seg = segments[name]
-            area[f"{name}_selector"] = seg.selector
-            area[f"{name}_cache"] = (L.segment_flags_32(seg.flags, shifted), seg.limit, seg.base & 0xFFFF_FFFF)
-        area["gdtr_base"], area["gdtr_limit"] = regs["gdtr"]["base"], regs["gdtr"]["limit"]
-        area["idtr_base"], area["idtr_limit"] = regs["idtr"]["base"], regs["idtr"]["limit"]
+            area[f"{name}_cache.flags"] = L.segment_flags_32(seg.flags, shifted)
+            area[f"{name}_cache.limit"], area[f"{name}_cache.base"] = seg.limit, seg.base
+        (area["gdtr_base"], area["gdtr_limit"]), (area["idtr_base"], area["idtr_limit"]) = state.gdtr, state.idtr
         for wide_name, name in zip(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi"), GPR_NAMES_32):
-            area[name] = regs[wide_name] & 0xFFFF_FFFF
-        area["eip"], area["eflags"] = regs["rip"] & 0xFFFF_FFFF, regs["rflags"] & 0xFFFF_FFFF
-        for name in ("cr0", "cr3", "cr4", "dr6", "dr7"):
-            area[name] = regs[name] & 0xFFFF_FFFF
-        area["smbase"] = machine.smm.smbase
+            area[name] = state.gprs[wide_name]
+        area["eip"], area["eflags"] = state.rip, state.rflags
+        area["cr0"], area["cr3"], area["cr4"], area["dr6"], area["dr7"] = state.cr0, state.cr3, state.cr4, state.dr6, state.dr7
+    area["smbase"] = machine.smm.smbase
     area["revision"] = L.revision_for(layout)
     if profile.smm_halt_restart:        # APM §10.3.4, beyond KVM and QEMU (§F.14)
         area["auto_halt_restart"] = 1 if machine.halted else 0
-    return L.to_bytes(area)
+    return bytes(area.data)
 
 
 def enter_smm(machine: "Machine") -> None:
     """Take an SMI now, at an instruction boundary (§C.2)."""
-    cpu, smm = machine.cpu, machine.smm
+    cpu, smm, profile = machine.cpu, machine.smm, machine.smm_profile
     layout = L.layout_for(machine.long_mode_capable)
     address = smm.smbase + L.SAVE_AREA
-    rip = cpu.rip
+    state = cpu.capture()
     machine.smram.set_smm(True)
     smm.in_smm = True
     try:
-        previous = machine.memory.read(address, L.SAVE_AREA_SIZE) if machine.smm_profile.smm_writes_over_memory else None
-        machine.memory.write(address, save_state(machine, layout, previous))
+        previous = machine.memory.read(address, L.SAVE_AREA_SIZE) if profile.smm_writes_over_memory else None
+        machine.memory.write(address, save_state(machine, state, layout, previous))
     except UnbackedMemory:
         machine.request_stop_shutdown(f"SMI: no memory for the state-save map at {address:#x}")
         return
     if cpu.nmi_blocked:                 # an SMI inside an NMI handler keeps NMIs blocked after RSM
         smm.inside_nmi = True
-    cpu.nmi_blocked = True
-    cr0 = cpu["cr0"] & ~(CR0_PE | CR0_EM | CR0_TS | CR0_PG) & 0xFFFF_FFFF_FFFF_FFFF
-    efer = 0 if machine.long_mode_capable or machine.smm_profile.smm_clears_efer_always else cpu["efer"]
-    cpu.set_mode_state(cr0, 0, efer)
-    if machine.smm_profile.smm_zero_idtr:
-        cpu.set_table_register("idtr", 0, 0)
-    cpu["dr7"] = SMM_DR7
     flat = Segment(0, 0, 0xFFFF_FFFF, SMM_SEGMENT_FLAGS)
-    code = Segment((smm.smbase >> 4) & 0xFFFF, smm.smbase, 0xFFFF_FFFF, SMM_SEGMENT_FLAGS)
-    cpu.load_segments({"cs": code, **{name: flat for name in ("ds", "es", "fs", "gs", "ss")}}, cpl=0)
-    cpu["rflags"] = 0x2
-    cpu.rip = L.ENTRY_OFFSET
+    entry = ArchState(
+        gprs=state.gprs, rip=L.ENTRY_OFFSET, rflags=0x2,
+        segments={**state.segments, "cs": Segment((smm.smbase >> 4) & 0xFFFF, smm.smbase, 0xFFFF_FFFF, SMM_SEGMENT_FLAGS),
+                  **{name: flat for name in ("ds", "es", "fs", "gs", "ss")}},
+        gdtr=state.gdtr, idtr=(0, 0) if profile.smm_zero_idtr else state.idtr,
+        cr0=state.cr0 & ~(CR0_PE | CR0_EM | CR0_TS | CR0_PG), cr3=state.cr3, cr4=0,
+        efer=0 if machine.long_mode_capable or profile.smm_clears_efer_always else state.efer,
+        dr6=state.dr6, dr7=SMM_DR7, cpl=0)
+    cpu.load(entry)
+    cpu.nmi_blocked = True
+    rip = state.rip
     machine.halted = False
     smm.entries += 1
     machine.events.append({"kind": "smi", "instructions": machine.instructions_if_exact, "rip": rip,
@@ -158,7 +182,7 @@ def leave_smm(machine: "Machine") -> None:
     """RSM inside SMM (§C.6): restore the saved state, or shut down."""
     cpu, smm, profile = machine.cpu, machine.smm, machine.smm_profile
     layout = L.layout_for(machine.long_mode_capable)
-    area = L.from_bytes(machine.memory.read(smm.smbase + L.SAVE_AREA, L.SAVE_AREA_SIZE), layout)
+    area = SaveArea(layout, machine.memory.read(smm.smbase + L.SAVE_AREA, L.SAVE_AREA_SIZE))
     if not smm.inside_nmi:
         cpu.nmi_blocked = False
     smm.in_smm = smm.inside_nmi = False
@@ -168,32 +192,31 @@ def leave_smm(machine: "Machine") -> None:
     except InvalidSavedState as why:
         machine.request_stop_shutdown(f"RSM: {why}")
         return
-    if profile.smm_halt_restart and int(area["auto_halt_restart"]) & 1:
+    if profile.smm_halt_restart and area["auto_halt_restart"] & 1:
         machine.halted = True           # back to the HLT the SMI interrupted
     machine.events.append({"kind": "rsm", "instructions": machine.instructions_if_exact, "rip": restored,
                            "smbase": smm.smbase})
     machine.linear.flush()
 
 
-def _new_smbase(profile, area, old: int) -> int:
+def _new_smbase(profile, area: SaveArea, old: int) -> int:
     """F.13: the APM and KVM always reload SMBASE; QEMU only with revision bit 17 set."""
-    if profile.smm_smbase_needs_revision_bit and not int(area["revision"]) & L.REVISION_SMBASE_RELOCATION:
+    if profile.smm_smbase_needs_revision_bit and not area["revision"] & L.REVISION_SMBASE_RELOCATION:
         return old
-    return int(area["smbase"])
+    return area["smbase"]
 
 
-def _restore_64(machine: "Machine", area) -> int:
-    cpu, profile = machine.cpu, machine.smm_profile
-    cr0, cr3, cr4 = int(area["cr0"]), int(area["cr3"]), int(area["cr4"])
-    dr6, dr7, efer = int(area["dr6"]), int(area["dr7"]), int(area["efer"])
-    rflags = int(area["rflags"]) | 0x2
-    segments = {name: Segment(int(area[name]["selector"]), int(area[name]["base"]), int(area[name]["limit"]),
-                              L.flags_from_attributes_64(int(area[name]["attributes"])))
+def _restore_64(machine: "Machine", area: SaveArea) -> int:
+    profile = machine.smm_profile
+    cr0, cr3, cr4, efer = area["cr0"], area["cr3"], area["cr4"], area["efer"]
+    dr6, dr7, rflags = area["dr6"], area["dr7"], area["rflags"] | 0x2
+    segments = {name: Segment(area[f"{name}.selector"], area[f"{name}.base"], area[f"{name}.limit"],
+                              L.flags_from_attributes_64(area[f"{name}.attributes"]))
                 for name in (*SEGMENTS, "ldtr", "tr")}
     if profile.rsm_checks:
         _control_checks(profile, cr0, cr3, cr4, efer, dr6, dr7, True)
     if profile.rsm_apm_checks:
-        _check(int(area["revision"]) != L.REVISION_64, f"revision identifier modified ({int(area['revision']):#x})")
+        _check(area["revision"] != L.REVISION_64, f"revision identifier modified ({area['revision']:#x})")
         cs = segments["cs"]
         _check(efer & EFER_LME and cr0 & CR0_PG and cs.flags & FLAG_L and cs.flags & FLAG_DB,
                "long-mode return with CS.L and CS.D both set")
@@ -201,46 +224,33 @@ def _restore_64(machine: "Machine", area) -> int:
         efer = (efer & ~EFER_LMA) | (EFER_LMA if efer & EFER_LME and cr0 & CR0_PG and cr4 & CR4_PAE else 0)
     if profile.rsm_apm_checks and (not cr0 & CR0_PE or efer & EFER_LMA):
         rflags &= ~RFLAGS_VM
-    for name in GPRS:
-        cpu[name] = int(area[name])
-    cpu["dr6"], cpu["dr7"] = dr6, dr7
     machine.smm.smbase = _new_smbase(profile, area, machine.smm.smbase)
-    cpu.set_table_register("gdtr", int(area["gdtr_base"]), int(area["gdtr_limit"]) & 0xFFFF)
-    cpu.set_table_register("idtr", int(area["idtr_base"]), int(area["idtr_limit"]) & 0xFFFF)
-    cpu.set_mode_state(cr0, cr4, efer)
-    cpu["cr3"] = cr3
-    cpu.load_segments(segments, cpl=segments["ss"].dpl if cr0 & CR0_PE else 0)
-    cpu["rflags"] = rflags
-    cpu.rip = int(area["rip"])
-    return int(area["rip"])
+    machine.cpu.load(ArchState({name: area[name] for name in GPRS}, area["rip"], rflags, segments,
+                               (area["gdtr_base"], area["gdtr_limit"] & 0xFFFF),
+                               (area["idtr_base"], area["idtr_limit"] & 0xFFFF),
+                               cr0, cr3, cr4, efer, dr6, dr7, segments["ss"].dpl if cr0 & CR0_PE else 0))
+    return area["rip"]
 
 
-def _restore_32(machine: "Machine", area) -> int:
+def _restore_32(machine: "Machine", area: SaveArea) -> int:
     cpu, profile = machine.cpu, machine.smm_profile
     shifted = profile.smm_shifted_attributes_32
-    cr0, cr3, cr4 = int(area["cr0"]), int(area["cr3"]), int(area["cr4"])
-    dr6, dr7 = int(area["dr6"]), int(area["dr7"])
+    cr0, cr3, cr4, dr6, dr7 = area["cr0"], area["cr3"], area["cr4"], area["dr6"], area["dr7"]
     if profile.rsm_checks:
         _control_checks(profile, cr0, cr3, cr4, 0, dr6, dr7, False)
     if profile.rsm_apm_checks:
-        _check(int(area["revision"]) != L.REVISION_32, f"revision identifier modified ({int(area['revision']):#x})")
-    segments = {}
-    for name in (*SEGMENTS, "ldtr", "tr"):
-        cache = area[f"{name}_cache"]
-        segments[name] = Segment(int(area[f"{name}_selector"]) & 0xFFFF, int(cache["base"]), int(cache["limit"]),
-                                 L.flags_from_32(int(cache["flags"]), shifted))
-    rflags = int(area["eflags"]) | 0x2
+        _check(area["revision"] != L.REVISION_32, f"revision identifier modified ({area['revision']:#x})")
+    segments = {name: Segment(area[f"{name}_selector"] & 0xFFFF, area[f"{name}_cache.base"],
+                              area[f"{name}_cache.limit"], L.flags_from_32(area[f"{name}_cache.flags"], shifted))
+                for name in (*SEGMENTS, "ldtr", "tr")}
+    rflags = area["eflags"] | 0x2
     if profile.rsm_apm_checks and not cr0 & CR0_PE:
         rflags &= ~RFLAGS_VM
-    for wide_name, name in zip(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi"), GPR_NAMES_32):
-        cpu[wide_name] = int(area[name])
-    cpu["dr6"], cpu["dr7"] = dr6, dr7
-    cpu.set_table_register("gdtr", int(area["gdtr_base"]), int(area["gdtr_limit"]) & 0xFFFF)
-    cpu.set_table_register("idtr", int(area["idtr_base"]), int(area["idtr_limit"]) & 0xFFFF)
-    cpu.set_mode_state(cr0, cr4, cpu["efer"])
-    cpu["cr3"] = cr3
-    cpu.load_segments(segments, cpl=segments["ss"].dpl if cr0 & CR0_PE else 0)
+    gprs = dict(cpu.capture().gprs)
+    gprs.update({wide: area[narrow] for wide, narrow in zip(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi"),
+                                                            GPR_NAMES_32)})
     machine.smm.smbase = _new_smbase(profile, area, machine.smm.smbase)
-    cpu["rflags"] = rflags
-    cpu.rip = int(area["eip"])
-    return int(area["eip"])
+    cpu.load(ArchState(gprs, area["eip"], rflags, segments, (area["gdtr_base"], area["gdtr_limit"] & 0xFFFF),
+                       (area["idtr_base"], area["idtr_limit"] & 0xFFFF), cr0, cr3, cr4, cpu["efer"], dr6, dr7,
+                       segments["ss"].dpl if cr0 & CR0_PE else 0))
+    return area["eip"]
