@@ -53,58 +53,67 @@ class SmmState:
                 "smram": smram_state}
 
 
-_STRUCT = {"u1": "B", "<u2": "<H", "<u4": "<I", "<u8": "<Q"}
+_STRUCT = {"u1": "B", "<u2": "H", "<u4": "I", "<u8": "Q"}
 
 
-def _fields(layout) -> dict[str, tuple[int, str]]:
-    """name (or "record.member") -> (offset in the map, struct format), from the dtype."""
-    out = {}
-    for name, (dtype, offset, *_) in layout.fields.items():
-        if dtype.fields:
-            for member, (sub, sub_offset, *_) in dtype.fields.items():
-                out[f"{name}.{member}"] = (offset + sub_offset, _STRUCT[sub.str.replace("|", "")])
-        else:
-            out[name] = (offset, _STRUCT[dtype.str.replace("|", "")])
-    return out
+class MapCodec:
+    """Packs and unpacks a whole state-save map in one struct call: the fields of the
+    layout dtype in offset order, reserved bytes as padding."""
+
+    def __init__(self, layout):
+        fields = []
+        for name, (dtype, offset, *_) in layout.fields.items():
+            if dtype.fields:
+                fields += [(offset + sub_offset, f"{name}.{member}", _STRUCT[sub.str.replace("|", "")])
+                           for member, (sub, sub_offset, *_) in dtype.fields.items()]
+            else:
+                fields.append((offset, name, _STRUCT[dtype.str.replace("|", "")]))
+        fields.sort()
+        fmt, at = "<", 0
+        for offset, _, code in fields:
+            fmt += f"{offset - at}x{code}" if offset > at else code
+            at = offset + struct.calcsize("<" + code)
+        self.struct = struct.Struct(fmt + f"{L.SAVE_AREA_SIZE - at}x")
+        self.names = [name for _, name, _ in fields]
+        self.spans = [(offset, offset + struct.calcsize("<" + code)) for offset, _, code in fields]
+        self.masks = [(1 << (8 * struct.calcsize("<" + code))) - 1 for _, _, code in fields]
+
+    def unpack(self, data: bytes) -> dict[str, int]:
+        return dict(zip(self.names, self.struct.unpack(data)))
+
+    def pack(self, values: dict[str, int], over: bytes | None = None) -> bytes:
+        """The map holding ``values`` (others zero); with ``over``, only the fields given are
+        written over those bytes (reserved bytes and other fields keep their contents)."""
+        base = self.unpack(over) if over is not None else {}
+        packed = self.struct.pack(*(values.get(n, base.get(n, 0)) & m for n, m in zip(self.names, self.masks)))
+        if over is None:
+            return packed
+        out = bytearray(over)
+        for name, (start, stop) in zip(self.names, self.spans):
+            if name in values:
+                out[start:stop] = packed[start:stop]
+        return bytes(out)
 
 
-FIELDS = {id(L.SMRAM_STATE_64): _fields(L.SMRAM_STATE_64), id(L.SMRAM_STATE_32): _fields(L.SMRAM_STATE_32)}
-
-
-class SaveArea:
-    """The 512 bytes of a state-save map, read and written by field name."""
-
-    def __init__(self, layout, data: bytes | None = None):
-        self.fields = FIELDS[id(layout)]
-        self.data = bytearray(data) if data is not None else bytearray(L.SAVE_AREA_SIZE)
-
-    def __getitem__(self, name: str) -> int:
-        offset, fmt = self.fields[name]
-        return struct.unpack_from(fmt, self.data, offset)[0]
-
-    def __setitem__(self, name: str, value: int) -> None:
-        offset, fmt = self.fields[name]
-        struct.pack_into(fmt, self.data, offset, value & ((1 << (8 * struct.calcsize(fmt))) - 1))
+CODECS = {id(L.SMRAM_STATE_64): MapCodec(L.SMRAM_STATE_64), id(L.SMRAM_STATE_32): MapCodec(L.SMRAM_STATE_32)}
+GPR_PAIRS_32 = tuple(zip(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi"), GPR_NAMES_32))
 
 
 def save_state(machine: "Machine", state: ArchState, layout, previous: bytes | None) -> bytes:
     """The state-save map for ``state``.  KVM fills a zeroed buffer; QEMU writes its fields
     over what SMRAM held, CR0/CR4/DR6/DR7/RFLAGS as 32-bit values (§F.11)."""
     profile = machine.smm_profile
-    area = SaveArea(layout, previous if profile.smm_writes_over_memory else None)
+    area: dict[str, int] = {}
     wide = 0xFFFF_FFFF if profile.smm_narrow_control_fields else 0xFFFF_FFFF_FFFF_FFFF
     if layout is L.SMRAM_STATE_64:
         for name in (*SEGMENTS, "ldtr", "tr"):
             seg = state.segments[name]
             area[f"{name}.selector"], area[f"{name}.attributes"] = seg.selector, L.attributes_64(seg.flags)
             area[f"{name}.limit"], area[f"{name}.base"] = seg.limit, seg.base
-        (area["gdtr_base"], area["gdtr_limit"]), (area["idtr_base"], area["idtr_limit"]) = state.gdtr, state.idtr
-        area["efer"] = state.efer
+        area["efer"], area["cr3"], area["rip"] = state.efer, state.cr3, state.rip
         area["cr0"], area["cr4"], area["dr6"], area["dr7"] = (v & wide for v in (state.cr0, state.cr4, state.dr6, state.dr7))
         area["rflags"] = state.rflags & wide
-        area["cr3"], area["rip"] = state.cr3, state.rip
-        for name in GPRS:
-            area[name] = state.gprs[name]
+        area.update(state.gprs)
     else:
         shifted = profile.smm_shifted_attributes_32
         for name in (*SEGMENTS, "ldtr", "tr"):
@@ -112,16 +121,16 @@ def save_state(machine: "Machine", state: ArchState, layout, previous: bytes | N
             area[f"{name}_selector"] = seg.selector
             area[f"{name}_cache.flags"] = L.segment_flags_32(seg.flags, shifted)
             area[f"{name}_cache.limit"], area[f"{name}_cache.base"] = seg.limit, seg.base
-        (area["gdtr_base"], area["gdtr_limit"]), (area["idtr_base"], area["idtr_limit"]) = state.gdtr, state.idtr
-        for wide_name, name in zip(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi"), GPR_NAMES_32):
+        for wide_name, name in GPR_PAIRS_32:
             area[name] = state.gprs[wide_name]
         area["eip"], area["eflags"] = state.rip, state.rflags
         area["cr0"], area["cr3"], area["cr4"], area["dr6"], area["dr7"] = state.cr0, state.cr3, state.cr4, state.dr6, state.dr7
+    (area["gdtr_base"], area["gdtr_limit"]), (area["idtr_base"], area["idtr_limit"]) = state.gdtr, state.idtr
     area["smbase"] = machine.smm.smbase
     area["revision"] = L.revision_for(layout)
     if profile.smm_halt_restart:        # APM §10.3.4, beyond KVM and QEMU (§F.14)
         area["auto_halt_restart"] = 1 if machine.halted else 0
-    return bytes(area.data)
+    return CODECS[id(layout)].pack(area, previous if profile.smm_writes_over_memory else None)
 
 
 def enter_smm(machine: "Machine") -> None:
@@ -182,7 +191,7 @@ def leave_smm(machine: "Machine") -> None:
     """RSM inside SMM (§C.6): restore the saved state, or shut down."""
     cpu, smm, profile = machine.cpu, machine.smm, machine.smm_profile
     layout = L.layout_for(machine.long_mode_capable)
-    area = SaveArea(layout, machine.memory.read(smm.smbase + L.SAVE_AREA, L.SAVE_AREA_SIZE))
+    area = CODECS[id(layout)].unpack(machine.memory.read(smm.smbase + L.SAVE_AREA, L.SAVE_AREA_SIZE))
     if not smm.inside_nmi:
         cpu.nmi_blocked = False
     smm.in_smm = smm.inside_nmi = False
@@ -199,14 +208,14 @@ def leave_smm(machine: "Machine") -> None:
     machine.linear.flush()
 
 
-def _new_smbase(profile, area: SaveArea, old: int) -> int:
+def _new_smbase(profile, area: dict, old: int) -> int:
     """F.13: the APM and KVM always reload SMBASE; QEMU only with revision bit 17 set."""
     if profile.smm_smbase_needs_revision_bit and not area["revision"] & L.REVISION_SMBASE_RELOCATION:
         return old
     return area["smbase"]
 
 
-def _restore_64(machine: "Machine", area: SaveArea) -> int:
+def _restore_64(machine: "Machine", area: dict) -> int:
     profile = machine.smm_profile
     cr0, cr3, cr4, efer = area["cr0"], area["cr3"], area["cr4"], area["efer"]
     dr6, dr7, rflags = area["dr6"], area["dr7"], area["rflags"] | 0x2
@@ -232,7 +241,7 @@ def _restore_64(machine: "Machine", area: SaveArea) -> int:
     return area["rip"]
 
 
-def _restore_32(machine: "Machine", area: SaveArea) -> int:
+def _restore_32(machine: "Machine", area: dict) -> int:
     cpu, profile = machine.cpu, machine.smm_profile
     shifted = profile.smm_shifted_attributes_32
     cr0, cr3, cr4, dr6, dr7 = area["cr0"], area["cr3"], area["cr4"], area["dr6"], area["dr7"]
@@ -247,8 +256,7 @@ def _restore_32(machine: "Machine", area: SaveArea) -> int:
     if profile.rsm_apm_checks and not cr0 & CR0_PE:
         rflags &= ~RFLAGS_VM
     gprs = dict(cpu.capture().gprs)
-    gprs.update({wide: area[narrow] for wide, narrow in zip(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi"),
-                                                            GPR_NAMES_32)})
+    gprs.update({wide: area[narrow] for wide, narrow in GPR_PAIRS_32})
     machine.smm.smbase = _new_smbase(profile, area, machine.smm.smbase)
     cpu.load(ArchState(gprs, area["eip"], rflags, segments, (area["gdtr_base"], area["gdtr_limit"] & 0xFFFF),
                        (area["idtr_base"], area["idtr_limit"] & 0xFFFF), cr0, cr3, cr4, cpu["efer"], dr6, dr7,
