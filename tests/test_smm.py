@@ -361,3 +361,36 @@ def test_set_smm_state_like_kvm_vcpu_events():
     state = machine.result().smm
     assert state["smm"] is False and state["pending"] is False and state["latched_init"] is True
     assert machine.read_view(0x38000, 2) == b"\0\0"
+
+
+def test_snapshot_restore_reproduces_the_run_bit_for_bit():
+    source = """mov ecx, 200
+    l:  rdtsc
+        add [0x9000], eax
+        mov al, cl
+        out 0xe9, al
+        dec ecx
+        jnz l
+        hlt"""
+    machine = Machine()
+    machine.smram.add_range(SMRAM_BASE, 0x10000)
+    machine.load_smram(0x38000, asm("inc dword ptr [0x9100]; rsm", 16))
+    machine.write_memory(0x7C00, asm(source, 16, 0x7C00))
+    machine.boot("real", 0x7C00)
+    for index in (150, 500, 900):
+        machine.at_instruction(index, Machine.raise_smi)
+    first = machine.run(max_instructions=400)
+    assert first.stop.reason is StopReason.LIMIT
+    snap = machine.snapshot()
+
+    def finish():
+        result = machine.run()
+        return (result.stop, result.regs, result.console, result.events, result.instructions, result.smm,
+                machine.read_view(0, 0x10000), machine.smram.ranges[1].data.tobytes(), machine.tsc.value)
+
+    reference = finish()
+    assert reference[0].reason is StopReason.HLT and reference[5]["entries"] == 3
+    machine.restore(snap)
+    assert finish() == reference
+    machine.restore(snap)
+    assert finish() == reference

@@ -36,6 +36,7 @@ from .paging import LinearMemory
 from .ports import DEBUGCON_PORT, EXIT_PORT, DebugConsole, ExitDevice, PortBus, io_permitted
 from .result import RunResult, Stop, StopReason
 from .sites import CodeSites
+from .snapshot import Snapshot, restore as restore_snapshot, take as take_snapshot
 from .vectors import PUSHES_ERROR_CODE, GuestFault, Vector
 from ..intercepts.checker import Fault, VmExit, check
 from ..intercepts.profiles import DEFAULT_PROFILE, profile as profile_named
@@ -48,6 +49,26 @@ UNBOUNDED_COUNT = 1 << 62
 STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "vmexits", "port_reads",
              "port_writes", "unclaimed_port_reads", "unclaimed_port_writes")
 ICEBP, INT3, INTO = 0xF1, 0xCC, 0xCE
+
+
+class VirtualTsc:
+    """RDTSC/RDTSCP read a deterministic time-stamp counter: it advances by a fixed step per
+    read, so a run and its replay from a snapshot read the same values."""
+    STEP = 1000
+
+    def __init__(self, cpu: Cpu):
+        self.cpu = cpu
+        self.value = 0
+
+    def rdtsc(self) -> int:
+        self.value += self.STEP
+        self.cpu.fast.write(X.UC_X86_REG_RAX, self.value & 0xFFFF_FFFF)
+        self.cpu.fast.write(X.UC_X86_REG_RDX, self.value >> 32)
+        return 1                                  # the native instruction is skipped
+
+    def rdtscp(self) -> int:
+        self.cpu.fast.write(X.UC_X86_REG_RCX, 0)  # TSC_AUX
+        return self.rdtsc()
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +110,9 @@ class Machine:
         self.ports.register(EXIT_PORT, ExitDevice(lambda value: self.request_stop(StopReason.EXIT, value)))
         self.smm = SmmState()
         self.nmi_pending = False
+        self.tsc = VirtualTsc(self.cpu)
+        self._tsc_hooks = [ucinternals.add_instruction_hook(self.uc, X.UC_X86_INS_RDTSC, self.tsc.rdtsc),
+                           ucinternals.add_instruction_hook(self.uc, X.UC_X86_INS_RDTSCP, self.tsc.rdtscp)]
         self.smram = Smram(self.memory)
         self.chipset = Chipset(chipset, self.smram, self.ports, self.raise_smi, apm_smi)
         self.sites = CodeSites(self.uc, self._on_site, OUT_OPCODES | ALWAYS_ARMED_OPCODES, self.cpu.fast.read_memory)
@@ -271,6 +295,21 @@ class Machine:
             self.deliver(Event(Vector.NMI, EventKind.NMI, self.cpu.rip))
             self.cpu.nmi_blocked = True
         return self._stop is None
+
+    # -- snapshots --------------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """Everything the rest of the run depends on; ``restore`` brings it back exactly."""
+        return take_snapshot(self)
+
+    def restore(self, snapshot: Snapshot) -> None:
+        restore_snapshot(self, snapshot)
+
+    def forget_translations(self) -> None:
+        """Drop what ringminus cached about code and paging (after memory changed wholesale)."""
+        self._decoded.clear()
+        self.linear.flush()
+        self._address_space = None
+        self._stop = None
 
     # -- running as L2 ------------------------------------------------------------------------
     def enter_guest(self, controls, profile: str | None = None, on_exit: str = "stop") -> None:

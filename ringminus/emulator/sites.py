@@ -64,6 +64,10 @@ class CodeSites:
     def set_opcodes(self, opcodes: frozenset[bytes]) -> None:
         """Flag another set of opcode bytes and rescan every region scanned so far."""
         self._set_opcodes(opcodes)
+        self.rescan()
+
+    def rescan(self) -> None:
+        """Scan every region scanned so far again, as its bytes are now."""
         for address, size in self._regions:
             data = self._read(address, size)
             if data is not None:

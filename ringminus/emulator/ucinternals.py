@@ -195,6 +195,24 @@ class FastAccess:
         return self._buffer.raw[:size]
 
 
+_INSN_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)
+
+
+def add_instruction_hook(uc: Uc, instruction: int, callback) -> object:
+    """A UC_HOOK_INSN hook for an instruction the Python binding refuses (RDTSC, RDTSCP),
+    registered with the C core (reference/unicorn.md §2).  ``callback()`` returns 1 to skip the
+    native instruction.  Returns the ctypes callback, which must be kept alive."""
+    from unicorn import UC_HOOK_INSN
+    function = _INSN_CALLBACK(lambda handle, data: callback())
+    handle = ctypes.c_size_t()
+    status = uc_library().uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_INSN,
+                                      ctypes.cast(function, ctypes.c_void_p), None,
+                                      ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(instruction))
+    if status != 0:
+        raise UnicornLayoutError(f"unicorn refused an instruction hook (status {status})")
+    return function
+
+
 def uc_library():
     from unicorn.unicorn_py3 import unicorn as binding
     return binding.uclib

@@ -1,0 +1,64 @@
+"""Machine snapshots: everything a run depends on — the CPU (Unicorn's whole saved state),
+RAM, SMRAM and its control, SMM and event state, the virtual TSC, instruction count and
+pending instruction-indexed events — so that restoring reproduces the run bit for bit."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    context: object                 # unicorn UcContext: every register Unicorn keeps
+    svme: bool
+    ram: np.ndarray
+    smram: tuple[np.ndarray, ...]
+    smram_register: int
+    smm: object                     # smm.world.SmmState
+    nmi_pending: bool
+    halted: bool
+    instructions: int
+    instructions_exact: bool
+    tsc: int
+    scheduled: tuple
+    console: bytes
+    events: tuple
+
+
+def take(machine: "Machine") -> Snapshot:
+    return Snapshot(machine.uc.context_save(), machine.cpu.svme, machine.memory.ram.copy(),
+                    tuple(r.data.copy() for r in machine.smram.ranges), machine.smram.register,
+                    copy.copy(machine.smm), machine.nmi_pending, machine.halted, machine.instructions,
+                    machine._instructions_exact, machine.tsc.value, tuple(machine._scheduled),
+                    bytes(machine.console.output), tuple(machine.events))
+
+
+def restore(machine: "Machine", snap: Snapshot) -> None:
+    if len(snap.smram) != len(machine.smram.ranges) or len(snap.ram) != len(machine.memory.ram):
+        raise ValueError("snapshot is from a machine with other memory or SMRAM ranges")
+    machine.memory.ram[:] = snap.ram
+    for smram, data in zip(machine.smram.ranges, snap.smram):
+        smram.data[:] = data
+    machine.smram.register = snap.smram_register
+    machine.smm = copy.copy(snap.smm)
+    machine.smram.set_smm(machine.smm.in_smm)
+    machine.uc.context_restore(snap.context)
+    machine.cpu.svme = snap.svme
+    machine.cpu.paging_epoch += 1
+    machine.nmi_pending, machine.halted = snap.nmi_pending, snap.halted
+    machine.instructions, machine._instructions_exact = snap.instructions, snap.instructions_exact
+    machine.tsc.value = snap.tsc
+    machine._scheduled = list(snap.scheduled)
+    machine.console.output = bytearray(snap.console)
+    machine.events = list(snap.events)
+    # Memory changed behind Unicorn's back: drop every translation, and find the code sites
+    # in the bytes as they are now.
+    machine.uc.ctl_flush_tb()
+    machine.sites.rescan()
+    machine.forget_translations()
