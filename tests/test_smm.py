@@ -349,7 +349,8 @@ def test_auto_halt_restart_in_the_apm_profile():
         result = machine.run()
         revision = int.from_bytes(machine.smram.ranges[1].data[0xFEFC:0xFF00].tobytes(), "little")
         assert machine.smram.ranges[1].data[0xFEC9] == (1 if profile == "apm" else 0)
-        assert result.stop.reason is StopReason.HLT and revision == L.REVISION_64
+        io_restart = L.REVISION_IO_RESTART if profile == "apm" else 0
+        assert result.stop.reason is StopReason.HLT and revision == L.REVISION_64 | io_restart
         assert (result.regs["rbx"] & 0xFFFF == 5) is not halts_again
 
 
@@ -394,3 +395,21 @@ def test_snapshot_restore_reproduces_the_run_bit_for_bit():
     assert finish() == reference
     machine.restore(snap)
     assert finish() == reference
+
+
+def test_io_instruction_restart_in_the_apm_profile():
+    # The handler asks, on its first entry only, for the OUT that raised the SMI to run again.
+    handler = ("inc byte ptr [0x9000]; cmp byte ptr [0x9000], 1; jne done; mov eax, 0x3fec8; "
+               "mov byte ptr [eax], 0xff; done: rsm")
+    for profile, smis in (("apm", 2), ("kvm", 1)):
+        machine = Machine(profile=profile, apm_smi=True)
+        machine.smram.add_range(SMRAM_BASE, 0x10000)
+        machine.load_smram(0x38000, asm(handler.replace("rsm", "nop"), 16, 0x8000)[:-1] + RSM)
+        machine.write_memory(0x7C00, asm("mov ecx, 0x11; mov al, 1; out 0xb2, al; inc ebx; hlt", 16, 0x7C00))
+        machine.boot("real", 0x7C00)
+        result = machine.run()
+        assert result.smm["entries"] == smis and result.regs["rbx"] & 0xFFFF == 1
+        if profile == "apm":
+            rip = int.from_bytes(machine.smram.ranges[1].data[0xFEA0:0xFEA8].tobytes(), "little")
+            rcx = int.from_bytes(machine.smram.ranges[1].data[0xFEA8:0xFEB0].tobytes(), "little")
+            assert rip == 0x7C00 + len(asm("mov ecx, 0x11; mov al, 1", 16)) and rcx == 0x11

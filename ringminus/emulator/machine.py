@@ -696,7 +696,11 @@ class Machine:
             return
         self.cpu.rip = rip + io.length
         self._retire(1)
+        smi_before = self.smm.pending
+        before = (rip, self.cpu["rcx"], self.cpu["rsi"], self.cpu["rdi"])
         self.ports.write(trap.port, io.size, self.cpu["rax"])
+        if self.smm.pending and not smi_before:
+            self.smm.io_instruction = before        # an I/O-instruction SMI (APM §10.3.5)
         if self._stop is not None:
             self._stop = Stop(self._stop.reason, self.cpu.rip, self._stop.value, self._stop.detail)
 

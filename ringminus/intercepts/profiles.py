@@ -60,9 +60,9 @@ class Profile:
     rsm_recomputes_lma: bool = True
     #: F.13 — SMBASE reloaded on RSM always (KVM, APM) or only with revision bit 17 (QEMU).
     smm_smbase_needs_revision_bit: bool = False
-    #: F.14 — auto-HALT restart (FEC9h / FF02h) as the APM defines it; KVM and QEMU write 0
-    #: and ignore it, resuming after the HLT.
-    smm_halt_restart: bool = False
+    #: F.14 — I/O-instruction restart (FEC8h and the I/O restart fields, revision bit 16) and
+    #: auto-HALT restart (FEC9h) as the APM defines them; KVM and QEMU write 0 and ignore them.
+    smm_restart_fields: bool = False
 
 
 PROFILES = {p.name: p for p in (
@@ -79,7 +79,7 @@ PROFILES = {p.name: p for p in (
             stgi_skinit_without_svme=True, svm_rax_gp_before_svme_ud=False, ioio_segment=True,
             ioio_address_size=True, smi_exitinfo=True, decode_assists=True,
             selective_cr0_fixed=True, rep_zero_count_intercepts=True,
-            rsm_apm_checks=True, smm_halt_restart=True),
+            rsm_apm_checks=True, smm_restart_fields=True),
     Profile("qemu", cr_value_checks_before_intercept=False, umip_before_intercept=True,
             monitor_checks_operand=False, monitor_mwait_ud_at_cpl3=True, vmmcall_prot=False,
             vmmcall_needs_svme=True,

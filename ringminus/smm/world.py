@@ -45,6 +45,7 @@ class SmmState:
     pending: bool = False              # an SMI waiting (latched while in SMM)
     inside_nmi: bool = False           # HF_SMM_INSIDE_NMI: the SMI came inside an NMI handler
     latched_init: bool = False         # an INIT that arrived in SMM, processed after RSM
+    io_instruction: tuple | None = None  # (RIP, RCX, RSI, RDI) of the I/O instruction that raised the pending SMI
     entries: int = 0
 
     def as_dict(self, smram_state: str) -> dict:
@@ -127,10 +128,25 @@ def save_state(machine: "Machine", state: ArchState, layout, previous: bytes | N
         area["cr0"], area["cr3"], area["cr4"], area["dr6"], area["dr7"] = state.cr0, state.cr3, state.cr4, state.dr6, state.dr7
     (area["gdtr_base"], area["gdtr_limit"]), (area["idtr_base"], area["idtr_limit"]) = state.gdtr, state.idtr
     area["smbase"] = machine.smm.smbase
-    area["revision"] = L.revision_for(layout)
-    if profile.smm_halt_restart:        # APM §10.3.4, beyond KVM and QEMU (§F.14)
+    area["revision"] = revision(machine, layout)
+    if profile.smm_restart_fields:        # APM §10.3.4-10.3.5, beyond KVM and QEMU (§F.14)
         area["auto_halt_restart"] = 1 if machine.halted else 0
+        area["io_instruction_restart"] = 0
+        io = machine.smm.io_instruction
+        if io is not None:                # the SMI was raised by this I/O instruction
+            names = IO_RESTART_64 if layout is L.SMRAM_STATE_64 else IO_RESTART_32
+            for name, value in zip(names, io):
+                area[name] = value
     return CODECS[id(layout)].pack(area, previous if profile.smm_writes_over_memory else None)
+
+
+IO_RESTART_64 = ("io_restart_rip", "io_restart_rcx", "io_restart_rsi", "io_restart_rdi")
+IO_RESTART_32 = ("io_restart_eip", "io_restart_ecx", "io_restart_esi", "io_restart_edi")
+
+
+def revision(machine: "Machine", layout) -> int:
+    """The SMM revision identifier written (and, for the APM checks, expected back)."""
+    return L.revision_for(layout) | (L.REVISION_IO_RESTART if machine.smm_profile.smm_restart_fields else 0)
 
 
 def enter_smm(machine: "Machine") -> None:
@@ -160,6 +176,7 @@ def enter_smm(machine: "Machine") -> None:
         dr6=state.dr6, dr7=SMM_DR7, cpl=0)
     cpu.load(entry)
     cpu.nmi_blocked = True
+    smm.io_instruction = None
     rip = state.rip
     machine.halted = False
     smm.entries += 1
@@ -201,8 +218,14 @@ def leave_smm(machine: "Machine") -> None:
     except InvalidSavedState as why:
         machine.request_stop_shutdown(f"RSM: {why}")
         return
-    if profile.smm_halt_restart and area["auto_halt_restart"] & 1:
-        machine.halted = True           # back to the HLT the SMI interrupted
+    if profile.smm_restart_fields:
+        io_fields = IO_RESTART_64 if layout is L.SMRAM_STATE_64 else IO_RESTART_32
+        if area["io_instruction_restart"]:    # run the I/O instruction that raised the SMI again
+            rip, rcx, rsi, rdi = (area[name] for name in io_fields)
+            cpu.rip, cpu["rcx"], cpu["rsi"], cpu["rdi"] = rip, rcx, rsi, rdi
+            restored = rip
+        elif area["auto_halt_restart"] & 1:
+            machine.halted = True            # back to the HLT the SMI interrupted
     machine.events.append({"kind": "rsm", "instructions": machine.instructions_if_exact, "rip": restored,
                            "smbase": smm.smbase})
     machine.linear.flush()
@@ -225,7 +248,8 @@ def _restore_64(machine: "Machine", area: dict) -> int:
     if profile.rsm_checks:
         _control_checks(profile, cr0, cr3, cr4, efer, dr6, dr7, True)
     if profile.rsm_apm_checks:
-        _check(area["revision"] != L.REVISION_64, f"revision identifier modified ({area['revision']:#x})")
+        _check(area["revision"] != revision(machine, L.SMRAM_STATE_64),
+               f"revision identifier modified ({area['revision']:#x})")
         cs = segments["cs"]
         _check(efer & EFER_LME and cr0 & CR0_PG and cs.flags & FLAG_L and cs.flags & FLAG_DB,
                "long-mode return with CS.L and CS.D both set")
@@ -248,7 +272,8 @@ def _restore_32(machine: "Machine", area: dict) -> int:
     if profile.rsm_checks:
         _control_checks(profile, cr0, cr3, cr4, 0, dr6, dr7, False)
     if profile.rsm_apm_checks:
-        _check(area["revision"] != L.REVISION_32, f"revision identifier modified ({area['revision']:#x})")
+        _check(area["revision"] != revision(machine, L.SMRAM_STATE_32),
+               f"revision identifier modified ({area['revision']:#x})")
     segments = {name: Segment(area[f"{name}_selector"] & 0xFFFF, area[f"{name}_cache.base"],
                               area[f"{name}_cache.limit"], L.flags_from_32(area[f"{name}_cache.flags"], shifted))
                 for name in (*SEGMENTS, "ldtr", "tr")}
