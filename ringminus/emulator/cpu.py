@@ -46,6 +46,8 @@ _UC_NAMES = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in (
 REGISTER_NAMES = frozenset(_UC_NAMES) | {"efer"} | set(SEGMENT_REGISTERS)
 _CONTEXT_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
                       "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+_SLOT_ORDER = tuple(sorted(uci.SEGMENT_SLOT, key=uci.SEGMENT_SLOT.get))      # es cs ss ds fs gs ldtr tr
+_SEGMENT_SLOTS = struct.Struct("<" + "I4xQII" * 10)                       # ... then GDTR, IDTR
 _CONTROL_NAMES = frozenset({*CONTROL, "cr8", "rflags", "eflags"})
 _PAGING_NAMES = frozenset({"cr0", "cr3", "cr4", "efer"})
 
@@ -138,31 +140,34 @@ class Cpu:
         """Every register a world switch saves, from one copy of the context."""
         ctx = self.context.snapshot()
         gprs = dict(zip(_CONTEXT_GPR_ORDER, struct.unpack_from("<16Q", ctx.view, uci.GPRS)))
-        segments = {}
-        for name in (*SEGMENT_REGISTERS, *SYSTEM_SEGMENTS):
-            c = ctx.segment(name)
-            segments[name] = Segment(c.selector, c.base, c.limit, c.flags)
-        gdtr, idtr = ctx.segment_slot(8), ctx.segment_slot(9)
+        raw = _SEGMENT_SLOTS.unpack_from(ctx.view, uci.SEGMENTS)
+        segments = {name: Segment(raw[4 * slot] & 0xFFFF, *raw[4 * slot + 1:4 * slot + 4])
+                    for name, slot in uci.SEGMENT_SLOT.items()}
         cr0, _, cr2, cr3, cr4 = struct.unpack_from("<5Q", ctx.view, uci.CR)
         return ArchState(gprs, ctx.u64(uci.EIP), self.fast.read(X.UC_X86_REG_RFLAGS), segments,
-                         (gdtr.base, gdtr.limit), (idtr.base, idtr.limit), cr0, cr3, cr4,
+                         (raw[33], raw[34]), (raw[37], raw[38]), cr0, cr3, cr4,
                          ctx.u64(uci.EFER) | (EFER_SVME if self.svme else 0),
                          ctx.u64(uci.DEBUG_REGISTERS + 6 * 8), ctx.u64(uci.DEBUG_REGISTERS + 7 * 8),
                          ctx.u32(uci.HFLAGS) & uci.HF_CPL_MASK)
 
-    def load(self, state: "ArchState") -> None:
+    def load(self, state: "ArchState", nmi_blocked: bool | None = None) -> None:
         """Make ``state`` the CPU's, mode included (one context round trip for everything the
-        register API cannot set, the C API for the rest)."""
+        register API cannot set, the C API for the rest); optionally set NMI blocking too."""
         self.paging_epoch += 1
         self.svme = bool(state.efer & EFER_SVME)
         self.fast.write(X.UC_X86_REG_CR4, state.cr4)
         ctx = self.context.snapshot()
         struct.pack_into("<16Q", ctx.view, uci.GPRS, *(state.gprs[n] & 0xFFFF_FFFF_FFFF_FFFF for n in _CONTEXT_GPR_ORDER))
         ctx.put_u64(uci.EIP, state.rip)
-        for name, seg in state.segments.items():
-            ctx.put_segment(name, uci.SegmentCache(seg.selector, seg.base, seg.limit, seg.flags))
-        for slot, (base, limit) in ((8, state.gdtr), (9, state.idtr)):
-            ctx.put_segment_slot(slot, uci.SegmentCache(0, base, limit, 0))
+        slots = []
+        for name in _SLOT_ORDER:
+            seg = state.segments[name]
+            slots += (seg.selector, seg.base & 0xFFFF_FFFF_FFFF_FFFF, seg.limit & 0xFFFF_FFFF, seg.flags & 0xFFFF_FFFF)
+        slots += (0, state.gdtr[0], state.gdtr[1], 0, 0, state.idtr[0], state.idtr[1], 0)
+        _SEGMENT_SLOTS.pack_into(ctx.view, uci.SEGMENTS, *slots)
+        if nmi_blocked is not None:
+            hflags2 = ctx.u32(uci.HFLAGS2)
+            ctx.put_u32(uci.HFLAGS2, hflags2 | uci.HF2_NMI_MASK if nmi_blocked else hflags2 & ~uci.HF2_NMI_MASK)
         ctx.put_u64(uci.CR, state.cr0)
         ctx.put_u64(uci.EFER, state.efer & ~EFER_SVME)
         hflags = ctx.u32(uci.HFLAGS) & ~(uci.HF_LMA | uci.HF_PE | 0xE00)

@@ -174,8 +174,7 @@ def enter_smm(machine: "Machine") -> None:
         cr0=state.cr0 & ~(CR0_PE | CR0_EM | CR0_TS | CR0_PG), cr3=state.cr3, cr4=0,
         efer=0 if machine.long_mode_capable or profile.smm_clears_efer_always else state.efer,
         dr6=state.dr6, dr7=SMM_DR7, cpl=0)
-    cpu.load(entry)
-    cpu.nmi_blocked = True
+    cpu.load(entry, nmi_blocked=True)
     smm.io_instruction = None
     rip = state.rip
     machine.halted = False
