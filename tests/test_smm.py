@@ -413,3 +413,23 @@ def test_io_instruction_restart_in_the_apm_profile():
             rip = int.from_bytes(machine.smram.ranges[1].data[0xFEA0:0xFEA8].tobytes(), "little")
             rcx = int.from_bytes(machine.smram.ranges[1].data[0xFEA8:0xFEB0].tobytes(), "little")
             assert rip == 0x7C00 + len(asm("mov ecx, 0x11; mov al, 1", 16)) and rcx == 0x11
+
+
+def test_smbase_above_one_mib():
+    # CS selector (SMBASE >> 4) & 0xFFFF with base SMBASE: a real-mode CS a selector write
+    # could not express (reference/unicorn.md §5).
+    machine = Machine()
+    machine.smram.add_range(0x200000, 0x10000)
+    machine.set_smbase(0x200000)
+    machine.load_smram(0x208000, asm("mov ebx, 0x5a", 16) + RSM)
+    machine.write_memory(0x7C00, asm("nop; hlt", 16, 0x7C00))
+    machine.boot("real", 0x7C00)
+    machine.break_at(0x208000)
+    machine.raise_smi()
+    entry = machine.run()
+    assert entry.regs["cs"]["selector"] == 0x0000 and entry.regs["cs"]["base"] == 0x200000
+    done = machine.run()
+    saved = machine.smram.ranges[1].data
+    assert done.stop.reason is StopReason.HLT and done.regs["rip"] == 0x7C02
+    assert int.from_bytes(saved[0xFF00:0xFF04].tobytes(), "little") == 0x200000     # the SMBASE slot
+    assert int.from_bytes(saved[0xFF78:0xFF80].tobytes(), "little") == 0x7C01       # saved RIP

@@ -77,7 +77,8 @@ class MapCodec:
         self.struct = struct.Struct(fmt + f"{L.SAVE_AREA_SIZE - at}x")
         self.names = [name for _, name, _ in fields]
         self.spans = [(offset, offset + struct.calcsize("<" + code)) for offset, _, code in fields]
-        self.masks = [(1 << (8 * struct.calcsize("<" + code))) - 1 for _, _, code in fields]
+        self.masks = {name: (1 << (8 * struct.calcsize("<" + code))) - 1 for _, name, code in fields}
+        self.zero = dict.fromkeys(self.names, 0)
 
     def unpack(self, data: bytes) -> dict[str, int]:
         return dict(zip(self.names, self.struct.unpack(data)))
@@ -85,8 +86,9 @@ class MapCodec:
     def pack(self, values: dict[str, int], over: bytes | None = None) -> bytes:
         """The map holding ``values`` (others zero); with ``over``, only the fields given are
         written over those bytes (reserved bytes and other fields keep their contents)."""
-        base = self.unpack(over) if over is not None else {}
-        packed = self.struct.pack(*(values.get(n, base.get(n, 0)) & m for n, m in zip(self.names, self.masks)))
+        full = self.unpack(over) if over is not None else dict(self.zero)
+        full.update({name: value & self.masks[name] for name, value in values.items()})
+        packed = self.struct.pack(*map(full.__getitem__, self.names))
         if over is None:
             return packed
         out = bytearray(over)
