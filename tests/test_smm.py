@@ -432,4 +432,4 @@ def test_smbase_above_one_mib():
     saved = machine.smram.ranges[1].data
     assert done.stop.reason is StopReason.HLT and done.regs["rip"] == 0x7C02
     assert int.from_bytes(saved[0xFF00:0xFF04].tobytes(), "little") == 0x200000     # the SMBASE slot
-    assert int.from_bytes(saved[0xFF78:0xFF80].tobytes(), "little") == 0x7C01       # saved RIP
+    assert int.from_bytes(saved[0xFF78:0xFF80].tobytes(), "little") == 0x7C00       # saved RIP
