@@ -42,7 +42,7 @@ from ..intercepts.checker import Fault, VmExit, check
 from ..intercepts.profiles import DEFAULT_PROFILE, profile as profile_named
 from ..smm.chipset import Chipset
 from ..smm.smram import Smram
-from ..smm.world import SmmState, enter_smm, leave_smm
+from ..smm.world import IoInstruction, SmmState, enter_smm, leave_smm
 
 DEFAULT_MEMORY = 64 << 20
 UNBOUNDED_COUNT = 1 << 62
@@ -699,8 +699,8 @@ class Machine:
         smi_before = self.smm.pending
         before = (rip, self.cpu["rcx"], self.cpu["rsi"], self.cpu["rdi"])
         self.ports.write(trap.port, io.size, self.cpu["rax"])
-        if self.smm.pending and not smi_before:
-            self.smm.io_instruction = before        # an I/O-instruction SMI (APM §10.3.5)
+        if self.smm.pending and not smi_before:     # an I/O-instruction SMI (APM §10.3.5)
+            self.smm.io_instruction = IoInstruction(before, trap.port, read=False)
         if self._stop is not None:
             self._stop = Stop(self._stop.reason, self.cpu.rip, self._stop.value, self._stop.detail)
 

@@ -45,7 +45,7 @@ class SmmState:
     pending: bool = False              # an SMI waiting (latched while in SMM)
     inside_nmi: bool = False           # HF_SMM_INSIDE_NMI: the SMI came inside an NMI handler
     latched_init: bool = False         # an INIT that arrived in SMM, processed after RSM
-    io_instruction: tuple | None = None  # (RIP, RCX, RSI, RDI) of the I/O instruction that raised the pending SMI
+    io_instruction: "IoInstruction | None" = None   # the I/O instruction that raised the pending SMI
     entries: int = 0
 
     def as_dict(self, smram_state: str) -> dict:
@@ -137,12 +137,26 @@ def save_state(machine: "Machine", state: ArchState, layout, previous: bytes | N
         io = machine.smm.io_instruction
         if io is not None:                # the SMI was raised by this I/O instruction
             names = IO_RESTART_64 if layout is L.SMRAM_STATE_64 else IO_RESTART_32
-            for name, value in zip(names, io):
+            for name, value in zip(names, io.registers):
                 area[name] = value
+            if layout is L.SMRAM_STATE_64:
+                area["io_restart_dword"] = io.port << IO_TRAP_PORT_SHIFT | IO_TRAP_VALID | (IO_TRAP_READ if io.read else 0)
     return CODECS[id(layout)].pack(area, previous if profile.smm_writes_over_memory else None)
 
 
 IO_RESTART_64 = ("io_restart_rip", "io_restart_rcx", "io_restart_rsi", "io_restart_rdi")
+# The I/O trap dword at FEC0h: port in 31:16, bit 1 valid, bit 0 read (IN).  These are the
+# bits AMD firmware relies on (coreboot's APMC handlers find the CPU that wrote APM_CNT by
+# them); the size/string/repeat bits of APM Figure 10-6 are not filled [unverified layout].
+IO_TRAP_READ, IO_TRAP_VALID, IO_TRAP_PORT_SHIFT = 1 << 0, 1 << 1, 16
+
+
+@dataclass(frozen=True)
+class IoInstruction:
+    """The I/O instruction that raised an SMI: its RIP and RCX/RSI/RDI before it ran."""
+    registers: tuple[int, int, int, int]
+    port: int
+    read: bool
 IO_RESTART_32 = ("io_restart_eip", "io_restart_ecx", "io_restart_esi", "io_restart_edi")
 
 
