@@ -161,6 +161,11 @@ def site_opcodes(intercepted) -> frozenset[bytes]:
                      if row.intercept and any(code in intercepted for code in row.intercept.codes))
 
 
+# OUT with an immediate or DX port: armed always, so an OUT to a device that stops the run (the
+# exit device, APM_CNT) is performed by ringminus and nothing after it runs.
+PORT_OUT_ROWS = frozenset({"out_imm", "out_imm_wide", "out_dx", "out_dx_wide"})
+OUT_OPCODES = frozenset(row.opcode for row in ROWS if row.name in PORT_OUT_ROWS)
+
 # Always armed: MOV to CR (sites are linear: paging changes re-arm them) and IRET (it ends
 # NMI blocking, after which a pending NMI is taken at once).
 ALWAYS_ARMED_OPCODES = frozenset({b"\x0f\x22", b"\xcf"})

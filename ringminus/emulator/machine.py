@@ -23,8 +23,7 @@ from unicorn import x86_const as X
 
 from ..decode.decoder import Instruction, decode
 from ..decode.length import instruction_length
-from ..decode.portio import OUT_OPCODES, PortIo, decode_port_io
-from ..decode.table import ALWAYS_ARMED_OPCODES, site_opcodes
+from ..decode.table import ALWAYS_ARMED_OPCODES, OUT_OPCODES, PORT_OUT_ROWS, site_opcodes
 from . import boot as boot_states
 from . import ucinternals
 from .cpu import CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA, SEGMENT_REGISTERS, Cpu
@@ -80,10 +79,9 @@ class _Trap:
     software: bool = False
     cr2: int = 0                # #PF: read in the hook; Unicorn clobbers CR2 (to -2) on the way out
     address: int = 0
-    port_io: PortIo | None = None
     port: int = 0
     detail: str = ""
-    outcome: object = None      # "vmexit": the VmExit; "fault": the checker's Fault
+    outcome: object = None      # "vmexit": the VmExit; "fault": the checker's Fault; "port": the OUT
 
 
 class Machine:
@@ -464,12 +462,11 @@ class Machine:
                     self._trap_and_stop(_Trap("step", address=address, detail="paging" if changes_space else ""))
                     return
                 self._stepping_over = None
-        port_io = decode_port_io(code, bits)
-        if port_io is None or port_io.direction != "out":
+        if insn is None or insn.row.name not in PORT_OUT_ROWS:
             return
-        port = port_io.port if port_io.port is not None else self.cpu["dx"]
+        port = insn.immediate if insn.immediate is not None else self.cpu["dx"] & 0xFFFF
         if self.ports.is_precise(port):
-            self._trap_and_stop(_Trap("port", address=address, port_io=port_io, port=port))
+            self._trap_and_stop(_Trap("port", address=address, port=port, outcome=insn))
 
     def _decode(self, code: bytes, bits: int, rip: int) -> Instruction | None:
         """Decode once per (address, bytes, mode) — DESIGN.md §3."""
@@ -690,17 +687,18 @@ class Machine:
     def _emulate_out(self, trap: _Trap) -> None:
         """Perform an OUT to a precise device, exactly as the CPU would."""
         rip = self.cpu.rip
-        io = trap.port_io
-        if not io_permitted(self.cpu, self.linear, trap.port, io.size):
+        io = trap.outcome                       # the decoded OUT
+        size = min(io.operand_size, 4)
+        if not io_permitted(self.cpu, self.linear, trap.port, size):
             self.deliver(Event(Vector.GP, EventKind.EXCEPTION, rip, 0))
             return
         self.cpu.rip = rip + io.length
         self._retire(1)
         smi_before = self.smm.pending
-        before = (rip, self.cpu["rcx"], self.cpu["rsi"], self.cpu["rdi"])
-        self.ports.write(trap.port, io.size, self.cpu["rax"])
+        self.ports.write(trap.port, size, self.cpu["rax"])
         if self.smm.pending and not smi_before:     # an I/O-instruction SMI (APM §10.3.5)
-            self.smm.io_instruction = IoInstruction(before, trap.port, read=False)
+            cpu = self.cpu                          # OUT leaves RCX/RSI/RDI as they were
+            self.smm.io_instruction = IoInstruction((rip, cpu["rcx"], cpu["rsi"], cpu["rdi"]), trap.port, read=False)
         if self._stop is not None:
             self._stop = Stop(self._stop.reason, self.cpu.rip, self._stop.value, self._stop.detail)
 

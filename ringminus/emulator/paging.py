@@ -53,7 +53,7 @@ class LinearMemory:
                     self._code_tlb[key] = frame
                 physical = frame | (page_linear & 0xFFF)
             else:
-                physical = page_linear if self.cpu.long_mode_active else page_linear & 0xFFFF_FFFF
+                physical = page_linear & 0xFFFF_FFFF        # no paging: no long mode either
             chunk = self.phys.read_fast(physical, count)
             if chunk is None:
                 break

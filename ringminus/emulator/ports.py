@@ -114,8 +114,10 @@ class PortBus:
 def io_permitted(cpu, linear, port: int, size: int) -> bool:
     """The protected-mode I/O permission check: CPL <= IOPL (outside virtual-8086 mode), or
     the TSS I/O bitmap clears every bit of the access (APM §8.2.10 "I/O permission")."""
+    if not cpu.protected:
+        return True
     rflags = cpu["rflags"]
-    if not cpu.protected or (cpu.cpl <= (rflags >> 12) & 3 and not rflags & RFLAGS_VM):
+    if cpu.cpl <= (rflags >> 12) & 3 and not rflags & RFLAGS_VM:
         return True
     tr = cpu.segment("tr")
     if not tr.present or tr.type not in (0x9, 0xB) or tr.limit < 103:
