@@ -140,7 +140,8 @@ def test_shutdown_intercept_on_triple_fault():
 
 def test_page_fault_exit_has_instruction_bytes_with_decode_assists():
     _, result = guest("mov rax, 0x70000000; mov rbx, [rax]", codes=[ExitCode.EXCP14], profile="apm")
-    assert result.vmexit["insn_bytes"].startswith("488b18")
+    vmcb = bytes.fromhex(result.vmexit["insn_bytes"])      # VMCB 0xD0: count, then the bytes
+    assert len(vmcb) == 16 and vmcb[0] == 15 and vmcb[1:4] == bytes.fromhex("488b18")
     _, result = guest("mov rax, 0x70000000; mov rbx, [rax]", codes=[ExitCode.EXCP14], profile="kvm")
     assert result.vmexit["insn_bytes"] == ""
 

@@ -38,7 +38,15 @@ class VmExit:
         return {"code": int(self.code), "name": self.name, "info1": self.info1, "info2": self.info2,
                 "rip": self.rip, "next_rip": self.next_rip,
                 "stage": self.stage.name if self.stage else None, "exit_int_info": self.exit_int_info,
-                "insn_bytes": self.insn_bytes.hex()}
+                "insn_bytes": self.vmcb_instruction_bytes.hex()}
+
+    @property
+    def vmcb_instruction_bytes(self) -> bytes:
+        """The 16 bytes at VMCB 0xD0: the count in bits 3:0 of the first, then the bytes
+        (empty when the exit fills none)."""
+        if not self.insn_bytes:
+            return b""
+        return bytes([len(self.insn_bytes)]) + self.insn_bytes.ljust(15, b"\0")
 
 
 _MISSING = object()
