@@ -214,10 +214,8 @@ class Cpu:
         return bool(self["rflags"] & RFLAGS_VM)
 
     def code_bits(self) -> int:
-        """Default operand size of the code now running: 16, 32 or 64 (QEMU's hflags hold
-        it: CS64, CS32; neither in real and virtual-8086 mode)."""
-        hflags = self.context.snapshot().u32(uci.HFLAGS)
-        return 64 if hflags & uci.HF_CS64 else 32 if hflags & uci.HF_CS32 else 16
+        """Default operand size of the code now running: 16, 32 or 64."""
+        return uci.code_bits(self.context.snapshot().u32(uci.HFLAGS))
 
     def snapshot(self) -> "CpuSnapshot":
         """The architectural registers now, cheaply: one copy of the context, parsed later."""

@@ -38,6 +38,7 @@ from .sites import CodeSites
 from .snapshot import Snapshot, restore as restore_snapshot, take as take_snapshot
 from .vectors import PUSHES_ERROR_CODE, GuestFault, Vector
 from ..intercepts.checker import Fault, VmExit, check
+from ..intercepts.guest import Guest
 from ..intercepts.profiles import DEFAULT_PROFILE, profile as profile_named
 from ..smm.chipset import Chipset
 from ..smm.smram import Smram
@@ -214,10 +215,6 @@ class Machine:
         return self.cpu_model == "qemu64"
 
     @property
-    def smm_profile(self):
-        return self.profile
-
-    @property
     def instructions_if_exact(self) -> int | None:
         return self.instructions if self._instructions_exact else None
 
@@ -314,7 +311,6 @@ class Machine:
         """Run the guest as L2 under ``controls`` (intercepts.InterceptControls): the caller
         plays L1.  Only the intercepts that are set are armed.  ``profile`` (default: the
         machine's) also becomes the machine's profile."""
-        from ..intercepts.guest import Guest
         if profile is not None:
             self.profile = profile_named(profile)
         self.guest = Guest(self, controls, self.profile.name, on_exit)
@@ -449,8 +445,7 @@ class Machine:
         code = self.linear.fetch(address, 15, ctx.u64(ucinternals.CR), ctx.u64(ucinternals.CR + 24))
         if code is None:
             return                      # Unicorn will report the fetch fault itself
-        hflags = ctx.u32(ucinternals.HFLAGS)
-        bits = 64 if hflags & ucinternals.HF_CS64 else 32 if hflags & ucinternals.HF_CS32 else 16
+        bits = ucinternals.code_bits(ctx.u32(ucinternals.HFLAGS))
         insn = self._decode(code, bits, ctx.u64(ucinternals.EIP))
         if insn is not None:
             if self.guest is not None and self._check_at_site(insn):

@@ -57,6 +57,12 @@ DESC_B = 1 << 22
 DESC_L = 1 << 21
 
 
+def code_bits(hflags: int) -> int:
+    """Default operand size of the code running under these hflags: 16, 32 or 64 (CS64, CS32;
+    neither in real and virtual-8086 mode)."""
+    return 64 if hflags & HF_CS64 else 32 if hflags & HF_CS32 else 16
+
+
 class UnicornLayoutError(RuntimeError):
     """The installed Unicorn does not have the CPU-state layout ringminus was built for."""
 

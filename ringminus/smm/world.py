@@ -105,7 +105,7 @@ GPR_PAIRS_32 = tuple(zip(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi"
 def save_state(machine: "Machine", state: ArchState, layout, previous: bytes | None) -> bytes:
     """The state-save map for ``state``.  KVM fills a zeroed buffer; QEMU writes its fields
     over what SMRAM held, CR0/CR4/DR6/DR7/RFLAGS as 32-bit values (§F.11)."""
-    profile = machine.smm_profile
+    profile = machine.profile
     area: dict[str, int] = {}
     wide = 0xFFFF_FFFF if profile.smm_narrow_control_fields else 0xFFFF_FFFF_FFFF_FFFF
     if layout is L.SMRAM_STATE_64:
@@ -162,12 +162,12 @@ IO_RESTART_32 = ("io_restart_eip", "io_restart_ecx", "io_restart_esi", "io_resta
 
 def revision(machine: "Machine", layout) -> int:
     """The SMM revision identifier written (and, for the APM checks, expected back)."""
-    return L.revision_for(layout) | (L.REVISION_IO_RESTART if machine.smm_profile.smm_restart_fields else 0)
+    return L.revision_for(layout) | (L.REVISION_IO_RESTART if machine.profile.smm_restart_fields else 0)
 
 
 def enter_smm(machine: "Machine") -> None:
     """Take an SMI now, at an instruction boundary (§C.2)."""
-    cpu, smm, profile = machine.cpu, machine.smm, machine.smm_profile
+    cpu, smm, profile = machine.cpu, machine.smm, machine.profile
     layout = L.layout_for(machine.long_mode_capable)
     address = smm.smbase + L.SAVE_AREA
     state = cpu.capture()
@@ -221,7 +221,7 @@ def _control_checks(profile, cr0: int, cr3: int, cr4: int, efer: int, dr6: int, 
 
 def leave_smm(machine: "Machine") -> None:
     """RSM inside SMM (§C.6): restore the saved state, or shut down."""
-    cpu, smm, profile = machine.cpu, machine.smm, machine.smm_profile
+    cpu, smm, profile = machine.cpu, machine.smm, machine.profile
     layout = L.layout_for(machine.long_mode_capable)
     area = CODECS[id(layout)].unpack(machine.memory.read(smm.smbase + L.SAVE_AREA, L.SAVE_AREA_SIZE))
     if not smm.inside_nmi:
@@ -254,7 +254,7 @@ def _new_smbase(profile, area: dict, old: int) -> int:
 
 
 def _restore_64(machine: "Machine", area: dict) -> int:
-    profile = machine.smm_profile
+    profile = machine.profile
     cr0, cr3, cr4, efer = area["cr0"], area["cr3"], area["cr4"], area["efer"]
     dr6, dr7, rflags = area["dr6"], area["dr7"], area["rflags"] | 0x2
     segments = {name: Segment(area[f"{name}.selector"], area[f"{name}.base"], area[f"{name}.limit"],
@@ -281,7 +281,7 @@ def _restore_64(machine: "Machine", area: dict) -> int:
 
 
 def _restore_32(machine: "Machine", area: dict) -> int:
-    cpu, profile = machine.cpu, machine.smm_profile
+    cpu, profile = machine.cpu, machine.profile
     shifted = profile.smm_shifted_attributes_32
     cr0, cr3, cr4, dr6, dr7 = area["cr0"], area["cr3"], area["cr4"], area["dr6"], area["dr7"]
     if profile.rsm_checks:
