@@ -414,7 +414,7 @@ def test_io_instruction_restart_in_the_apm_profile():
             rcx = int.from_bytes(machine.smram.ranges[1].data[0xFEA8:0xFEB0].tobytes(), "little")
             assert rip == 0x7C00 + len(asm("mov ecx, 0x11; mov al, 1", 16)) and rcx == 0x11
             trap = int.from_bytes(machine.smram.ranges[1].data[0xFEC0:0xFEC4].tobytes(), "little")
-            assert trap == 0xB2 << 16 | 0b10                 # port 0xB2, valid, a write
+            assert trap == 0xB2 << 16 | 1 << 4 | 0b10        # port 0xB2, SZ8, valid, a write
 
 
 def test_smbase_above_one_mib():

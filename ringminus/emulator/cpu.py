@@ -1,9 +1,6 @@
 """Architectural CPU state of the one Unicorn handle: registers, segment caches, CPL, mode."""
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass
-
 from unicorn import Uc
 from unicorn import x86_const as X
 
@@ -21,6 +18,9 @@ CR0_WP = 1 << 16
 CR0_PG = 1 << 31
 CR4_PSE = 1 << 4
 CR4_PAE = 1 << 5
+
+CR4_PGE = 1 << 7
+TRANSLATION_CR4_BITS = CR4_PSE | CR4_PAE | CR4_PGE | 1 << 12 | 1 << 17 | 1 << 20 | 1 << 21 | 1 << 22  # LA57 PCIDE SMEP SMAP PKE
 
 RFLAGS_TF = 1 << 8
 RFLAGS_IF = 1 << 9
@@ -44,10 +44,6 @@ _UC_NAMES = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in (
     "ax", "bx", "cx", "dx", "si", "di", "bp", "sp", "al", "bl", "cl", "dl", "ah", "bh", "ch", "dh",
     *(f"r{n}{s}" for n in range(8, 16) for s in "dwb"))}
 REGISTER_NAMES = frozenset(_UC_NAMES) | {"efer"} | set(SEGMENT_REGISTERS)
-_CONTEXT_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-                      "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
-_SLOT_ORDER = tuple(sorted(uci.SEGMENT_SLOT, key=uci.SEGMENT_SLOT.get))      # es cs ss ds fs gs ldtr tr
-_SEGMENT_SLOTS = struct.Struct("<" + "I4xQII" * 10)                       # ... then GDTR, IDTR
 _CONTROL_NAMES = frozenset({*CONTROL, "cr8", "rflags", "eflags"})
 _PAGING_NAMES = frozenset({"cr0", "cr3", "cr4", "efer"})
 
@@ -63,6 +59,8 @@ class Cpu:
         # Bumped whenever ringminus writes CR0/CR3/CR4/EFER: code sites sit on linear
         # addresses, so the machine re-arms them when this moves.
         self.paging_epoch = 0
+        self._space: tuple = ()
+        self._space_epoch = -1
         # The guest-visible EFER.SVME.  Unicorn's CPU model drops the bit, and it must stay
         # clear there anyway so every SVM instruction traps as #UD (reference/unicorn.md §3).
         self.svme = False
@@ -129,57 +127,58 @@ class Cpu:
         ctx = self.context.snapshot()
         ctx.put_u64(uci.CR, cr0)
         ctx.put_u64(uci.EFER, efer)
-        hflags = ctx.u32(uci.HFLAGS) & ~(uci.HF_LMA | uci.HF_PE | 0xE00)
-        hflags |= (uci.HF_LMA if efer & EFER_LMA else 0) | (uci.HF_PE if cr0 & CR0_PE else 0)
-        hflags |= ((cr0 >> 1) & 7) << 9            # MP, EM, TS -> HF_MP/EM/TS (bits 9-11)
-        ctx.put_u32(uci.HFLAGS, hflags)
-        ctx.recompute_segment_hflags(hflags & 3)
+        ctx.recompute_segment_hflags(ctx.u32(uci.HFLAGS) & uci.HF_CPL_MASK)
         ctx.commit()
 
     def capture(self) -> "ArchState":
-        """Every register a world switch saves, from one copy of the context."""
-        ctx = self.context.snapshot()
-        gprs = dict(zip(_CONTEXT_GPR_ORDER, struct.unpack_from("<16Q", ctx.view, uci.GPRS)))
-        raw = _SEGMENT_SLOTS.unpack_from(ctx.view, uci.SEGMENTS)
-        segments = {name: Segment(raw[4 * slot] & 0xFFFF, *raw[4 * slot + 1:4 * slot + 4])
-                    for name, slot in uci.SEGMENT_SLOT.items()}
-        cr0, _, cr2, cr3, cr4 = struct.unpack_from("<5Q", ctx.view, uci.CR)
-        return ArchState(gprs, ctx.u64(uci.EIP), self.fast.read(X.UC_X86_REG_RFLAGS), segments,
-                         (raw[33], raw[34]), (raw[37], raw[38]), cr0, cr3, cr4,
-                         ctx.u64(uci.EFER) | (EFER_SVME if self.svme else 0),
-                         ctx.u64(uci.DEBUG_REGISTERS + 6 * 8), ctx.u64(uci.DEBUG_REGISTERS + 7 * 8),
-                         ctx.u32(uci.HFLAGS) & uci.HF_CPL_MASK)
+        """Every register a world switch moves, from one copy of the context."""
+        state = ArchState(uci.STATE.unpack_from(self.context.snapshot().view))
+        state.append(self.fast.read(X.UC_X86_REG_RFLAGS))
+        if self.svme:
+            state[At.efer] |= EFER_SVME
+        return state
 
-    def load(self, state: "ArchState", nmi_blocked: bool | None = None) -> None:
-        """Make ``state`` the CPU's, mode included (one context round trip for everything the
-        register API cannot set, the C API for the rest); optionally set NMI blocking too."""
+    def load(self, state: "ArchState") -> None:
+        """Make ``state`` the CPU's, mode, CPL and NMI blocking included: one context round
+        trip for what the register API cannot set, the C API for what QEMU must react to
+        (CR4, RFLAGS, DR7), and a TLB flush when the translation regime changed.  Inside a
+        code hook the caller must also write RIP through the API, as any change of control
+        flow there must be (reference/unicorn.md §2)."""
         self.paging_epoch += 1
-        self.svme = bool(state.efer & EFER_SVME)
-        self.fast.write(X.UC_X86_REG_CR4, state.cr4)
+        self.svme = bool(state[At.efer] & EFER_SVME)
         ctx = self.context.snapshot()
-        struct.pack_into("<16Q", ctx.view, uci.GPRS, *(state.gprs[n] & 0xFFFF_FFFF_FFFF_FFFF for n in _CONTEXT_GPR_ORDER))
-        ctx.put_u64(uci.EIP, state.rip)
-        slots = []
-        for name in _SLOT_ORDER:
-            seg = state.segments[name]
-            slots += (seg.selector, seg.base & 0xFFFF_FFFF_FFFF_FFFF, seg.limit & 0xFFFF_FFFF, seg.flags & 0xFFFF_FFFF)
-        slots += (0, state.gdtr[0], state.gdtr[1], 0, 0, state.idtr[0], state.idtr[1], 0)
-        _SEGMENT_SLOTS.pack_into(ctx.view, uci.SEGMENTS, *slots)
-        if nmi_blocked is not None:
-            hflags2 = ctx.u32(uci.HFLAGS2)
-            ctx.put_u32(uci.HFLAGS2, hflags2 | uci.HF2_NMI_MASK if nmi_blocked else hflags2 & ~uci.HF2_NMI_MASK)
-        ctx.put_u64(uci.CR, state.cr0)
-        ctx.put_u64(uci.EFER, state.efer & ~EFER_SVME)
-        hflags = ctx.u32(uci.HFLAGS) & ~(uci.HF_LMA | uci.HF_PE | 0xE00)
-        hflags |= (uci.HF_LMA if state.efer & EFER_LMA else 0) | (uci.HF_PE if state.cr0 & CR0_PE else 0)
-        hflags |= ((state.cr0 >> 1) & 7) << 9
-        ctx.put_u32(uci.HFLAGS, hflags)
-        ctx.recompute_segment_hflags(state.cpl)
+        old_cr0, _, _, old_cr3, old_cr4 = ctx.u64s(uci.CR, 5)
+        old_efer, old_dr7 = ctx.u64(uci.EFER), ctx.u64(uci.DEBUG_REGISTERS + 7 * 8)
+        values = list(state)
+        values[At.efer] &= ~EFER_SVME
+        values[At.cr4] = old_cr4                # set below through the API, which QEMU reacts to
+        keep = uci.HF_CPL_MASK | uci.HF_INHIBIT_IRQ
+        values[At.hflags] = uci.derive_hflags(
+            ctx.u32(uci.HFLAGS) & ~keep | state[At.hflags] & keep, state[At.cr0], values[At.efer],
+            state[At.rflags], state[At.hflags] & uci.HF_CPL_MASK, state[At.cs_flags], state[At.ss_flags],
+            state[At.ds_base] | state[At.es_base] | state[At.ss_base])
+        for run, offset, fields in uci.STATE_RUNS:
+            run.pack_into(ctx.view, offset, *values[fields])
         ctx.commit()
-        self.fast.write(X.UC_X86_REG_CR3, state.cr3)
-        self.fast.write(X.UC_X86_REG_RFLAGS, state.rflags)
-        self.fast.write(X.UC_X86_REG_DR6, state.dr6)
-        self.fast.write(X.UC_X86_REG_DR7, state.dr7)
+        write = self.fast.write
+        if state[At.cr4] != old_cr4:
+            write(X.UC_X86_REG_CR4, state[At.cr4])       # QEMU re-derives its CR4 hflags
+        write(X.UC_X86_REG_RFLAGS, state[At.rflags])
+        if state[At.dr7] != old_dr7:
+            write(X.UC_X86_REG_DR7, state[At.dr7])       # QEMU re-arms its breakpoints
+        if _translation_regime(old_cr0, old_cr3, old_cr4, old_efer) != \
+                _translation_regime(state[At.cr0], state[At.cr3], state[At.cr4], values[At.efer]):
+            self.fast.flush_tlb()
+        self._space = _address_space(state[At.cr0], state[At.cr3], state[At.cr4], state[At.efer])
+        self._space_epoch = self.paging_epoch
+
+    def address_space(self) -> tuple:
+        """What linear addresses mean now: (True, CR3, CR4.PAE|PSE, EFER.LMA), or (False,)
+        with paging off.  Sites are armed per address space."""
+        if self._space_epoch != self.paging_epoch:
+            self._space = _address_space(self["cr0"], self["cr3"], self["cr4"], self["efer"])
+            self._space_epoch = self.paging_epoch
+        return self._space
 
     @property
     def nmi_blocked(self) -> bool:
@@ -222,22 +221,55 @@ class Cpu:
         return CpuSnapshot(bytes(self.context.snapshot().raw), self["rflags"], self.svme)
 
 
-@dataclass
-class ArchState:
-    """The architectural state a world switch moves (SMM entry/RSM, snapshots)."""
-    gprs: dict[str, int]
-    rip: int
-    rflags: int
-    segments: dict[str, Segment]       # cs ds es fs gs ss ldtr tr
-    gdtr: tuple[int, int]              # (base, limit)
-    idtr: tuple[int, int]
-    cr0: int
-    cr3: int
-    cr4: int
-    efer: int
-    dr6: int
-    dr7: int
-    cpl: int
+def _translation_regime(cr0: int, cr3: int, cr4: int, efer: int) -> tuple:
+    """Everything QEMU's TLB entries depend on besides CPL (which selects its own TLB)."""
+    return cr0 & (CR0_PG | CR0_WP | CR0_PE), cr3, cr4 & TRANSLATION_CR4_BITS, efer & (EFER_LMA | EFER_NXE)
+
+
+def _address_space(cr0: int, cr3: int, cr4: int, efer: int) -> tuple:
+    return (True, cr3, cr4 & (CR4_PAE | CR4_PSE), efer & EFER_LMA) if cr0 & CR0_PG else (False,)
+
+
+STATE_NAMES = (*uci.STATE_FIELDS, "rflags")
+
+
+class At:
+    """Where each register sits in an ArchState: ``At.cr0``, ``At.cs_base``, ``At.rflags``."""
+
+
+for _index, _name in enumerate(STATE_NAMES):
+    setattr(At, _name.replace(".", "_"), _index)
+
+
+class ArchState(list):
+    """The registers a world switch moves (SMM entry and RSM): the values of
+    ``ucinternals.STATE_FIELDS`` — GPRs, RIP, hflags (CPL in bits 1:0), hflags2 (NMI
+    blocking), the segment caches with GDTR/IDTR, CR0-CR4, EFER (with the guest-visible
+    SVME), DR0-DR7 — then RFLAGS.  A flat list, so a whole state moves in one struct call."""
+
+    def segment(self, name: str) -> Segment:
+        at = getattr(At, f"{name}_selector")
+        return Segment(self[at] & 0xFFFF, self[at + 1], self[at + 2], self[at + 3])
+
+    def set_segment(self, name: str, segment: Segment) -> None:
+        at = getattr(At, f"{name}_selector")
+        self[at:at + 4] = segment.selector, segment.base & 0xFFFF_FFFF_FFFF_FFFF, segment.limit & 0xFFFF_FFFF, segment.flags
+
+    @property
+    def cpl(self) -> int:
+        return self[At.hflags] & uci.HF_CPL_MASK
+
+    @cpl.setter
+    def cpl(self, cpl: int) -> None:
+        self[At.hflags] = self[At.hflags] & ~uci.HF_CPL_MASK | cpl
+
+    @property
+    def nmi_blocked(self) -> bool:
+        return bool(self[At.hflags2] & uci.HF2_NMI_MASK)
+
+    @nmi_blocked.setter
+    def nmi_blocked(self, blocked: bool) -> None:
+        self[At.hflags2] = self[At.hflags2] | uci.HF2_NMI_MASK if blocked else self[At.hflags2] & ~uci.HF2_NMI_MASK
 
 
 class CpuSnapshot:
@@ -247,21 +279,13 @@ class CpuSnapshot:
         self._raw, self._rflags, self._svme = raw, rflags, svme
 
     def registers(self) -> dict:
-        ctx = uci.Context.from_bytes(self._raw)
-        regs = dict(zip(_CONTEXT_GPR_ORDER, struct.unpack_from("<16Q", ctx.view, uci.GPRS)))
-        regs = {name: regs[name] for name in GPRS}
-        regs["rip"] = ctx.u64(uci.EIP)
-        regs["rflags"] = self._rflags
-        for n in (0, 2, 3, 4):
-            regs[f"cr{n}"] = ctx.u64(uci.CR + 8 * n)
-        regs["efer"] = ctx.u64(uci.EFER) | (EFER_SVME if self._svme else 0)
-        regs["dr6"] = ctx.u64(uci.DEBUG_REGISTERS + 6 * 8)
-        regs["dr7"] = ctx.u64(uci.DEBUG_REGISTERS + 7 * 8)
+        state = ArchState((*uci.STATE.unpack_from(self._raw), self._rflags))
+        regs = {name: state[getattr(At, name)] for name in (*GPRS, "rip", "rflags", "cr0", "cr2", "cr3", "cr4")}
+        regs["efer"] = state[At.efer] | (EFER_SVME if self._svme else 0)
+        regs["dr6"], regs["dr7"] = state[At.dr6], state[At.dr7]
         for name in (*SEGMENT_REGISTERS, *SYSTEM_SEGMENTS):
-            c = ctx.segment(name)
-            regs[name] = Segment(c.selector, c.base, c.limit, c.flags).as_dict()
-        for name, slot in (("gdtr", 8), ("idtr", 9)):
-            c = ctx.segment_slot(slot)
-            regs[name] = {"base": c.base, "limit": c.limit}
-        regs["cpl"] = ctx.u32(uci.HFLAGS) & uci.HF_CPL_MASK
+            regs[name] = state.segment(name).as_dict()
+        for name in ("gdtr", "idtr"):
+            regs[name] = {"base": state[getattr(At, f"{name}_base")], "limit": state[getattr(At, f"{name}_limit")]}
+        regs["cpl"] = state.cpl
         return regs

@@ -26,7 +26,7 @@ from ..decode.length import instruction_length
 from ..decode.table import ALWAYS_ARMED_OPCODES, OUT_OPCODES, PORT_OUT_ROWS, site_opcodes
 from . import boot as boot_states
 from . import ucinternals
-from .cpu import CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA, SEGMENT_REGISTERS, Cpu
+from .cpu import SEGMENT_REGISTERS, Cpu
 from .descriptors import Segment
 from .delivery import Delivery, Event, EventKind, Outcome, Unsupported
 from .loader import Image, bios_windows, check_bios
@@ -49,6 +49,7 @@ UNBOUNDED_COUNT = 1 << 62
 STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "vmexits", "port_reads",
              "port_writes", "unclaimed_port_reads", "unclaimed_port_writes")
 ICEBP, INT3, INTO = 0xF1, 0xCC, 0xCE
+RSM = b"\x0f\xaa"
 
 
 class VirtualTsc:
@@ -74,7 +75,8 @@ class VirtualTsc:
 @dataclass(frozen=True, slots=True)
 class _Trap:
     """What a hook saw before it stopped the slice."""
-    kind: str                   # "exception", "invalid", "port", "memory", "vmexit", "fault"
+    kind: str                   # "exception", "invalid", "port", "memory", "vmexit", "fault", "step",
+                                # "breakpoint", "resume"
     vector: int = 0
     error_code: int = 0
     software: bool = False
@@ -131,8 +133,14 @@ class Machine:
         self._resuming_at_breakpoint: int | None = None
         self._decoded: dict[tuple[int, bytes, int], Instruction | None] = {}
         self._stepping_over: int | None = None     # a MOV CR site run by a one-instruction slice
+        # Hooks may finish a world switch themselves (an SMI raised by an OUT, RSM) and let
+        # Unicorn go on, instead of ending the slice: only when no instruction count must stay
+        # exact and no trace is printed, and never as L2, where intercepts decide first.
+        self._switch_in_hooks = False
+        self._tracing = False
         self._address_space: tuple | None = None
         self._armed_epoch = -1
+        self._armed_spaces: set[tuple] = set()     # (address space, site count) already armed
         self.delivery.intercept = self._intercept_event
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
@@ -303,7 +311,7 @@ class Machine:
         """Drop what ringminus cached about code and paging (after memory changed wholesale)."""
         self._decoded.clear()
         self.linear.flush()
-        self._address_space = None
+        self._forget_armed_spaces()
         self._stop = None
 
     # -- running as L2 ------------------------------------------------------------------------
@@ -422,8 +430,28 @@ class Machine:
                                   cr2=ctx.u64(ucinternals.CR + 2 * 8)))
 
     def _on_invalid_opcode(self, uc: Uc, _data) -> bool:
-        self._trap_and_stop(_Trap("invalid"))
+        if self._switch_in_hooks and self.smm.in_smm and self._at_rsm():
+            self._execute_rsm(self.cpu.rip)
+            self._continue_in_hook()
+        else:
+            self._trap_and_stop(_Trap("invalid"))
         return True
+
+    def _at_rsm(self) -> bool:
+        ctx = self.cpu.context.snapshot()
+        linear = ctx.segment("cs").base + ctx.u64(ucinternals.EIP)
+        return self.linear.fetch(linear, 2, ctx.u64(ucinternals.CR), ctx.u64(ucinternals.CR + 24)) == RSM
+
+    def _continue_in_hook(self) -> None:
+        """After a hook executed the instruction itself: take a pending SMI right here, or end
+        the slice when the run must stop or the run loop has an event to deliver."""
+        if self._stop is None and self.smm.pending and not self.smm.in_smm:
+            self.smm.pending = False
+            enter_smm(self)
+        if (self._stop is not None or self.halted or not self._rearm_if_address_space_changed(only_if_cheap=True)
+                or self.smm.pending and not self.smm.in_smm
+                or self.smm.latched_init and not self.smm.in_smm or self.nmi_pending):
+            self._trap_and_stop(_Trap("resume"))
 
     def _on_bad_memory(self, uc: Uc, access: int, address: int, size: int, value: int, _data) -> bool:
         if access == UC_MEM_WRITE_PROT:          # ROM: the write is dropped, as QEMU drops it
@@ -460,8 +488,14 @@ class Machine:
         if insn is None or insn.row.name not in PORT_OUT_ROWS:
             return
         port = insn.immediate if insn.immediate is not None else self.cpu["dx"] & 0xFFFF
-        if self.ports.is_precise(port):
-            self._trap_and_stop(_Trap("port", address=address, port=port, outcome=insn))
+        if not self.ports.is_precise(port):
+            return
+        trap = _Trap("port", address=address, port=port, outcome=insn)
+        if self._switch_in_hooks:
+            self._emulate_out(trap)             # its RIP write makes Unicorn skip the native OUT
+            self._continue_in_hook()
+        else:
+            self._trap_and_stop(trap)
 
     def _decode(self, code: bytes, bits: int, rip: int) -> Instruction | None:
         """Decode once per (address, bytes, mode) — DESIGN.md §3."""
@@ -499,10 +533,11 @@ class Machine:
         if not counting:
             self._instructions_exact = False
         trace_hook = self._add_trace(trace) if trace else None
+        self._tracing = trace_hook is not None
         self._stop = None
         self.last_exit = None
         if self.cpu.paging_epoch != self._armed_epoch:     # the caller changed paging registers
-            self._address_space = None
+            self._forget_armed_spaces()
         pc = (self.cpu.segment("cs").base + self.cpu.rip) & 0xFFFF_FFFF_FFFF_FFFF
         self._resuming_at_breakpoint = pc if pc in self._breakpoints else None
         try:
@@ -511,6 +546,7 @@ class Machine:
         finally:
             if trace_hook is not None:
                 self.uc.hook_del(trace_hook)
+            self._tracing = self._switch_in_hooks = False
         return self.result()
 
     def result(self) -> RunResult:
@@ -549,7 +585,7 @@ class Machine:
         budget = 0
         if self._stepping_over is not None:
             budget, counting = 1, True              # run the stepped instruction alone
-        elif self._address_space is None:
+        else:
             self._rearm_if_address_space_changed()
         if self._stepping_over is None and counting:    # Unicorn counts only with a count
             targets = [t for t in (limit, self._scheduled[0][0] if self._scheduled else None) if t is not None]
@@ -561,6 +597,7 @@ class Machine:
                 self._stop = Stop(StopReason.TIMEOUT, self.cpu.rip)
                 return
         self._trap = None
+        self._switch_in_hooks = not counting and not self._tracing and self.guest is None
         error = None
         try:
             self.uc.emu_start(self.cpu.rip, 0, timeout=microseconds, count=budget)
@@ -570,21 +607,32 @@ class Machine:
         started = ucinternals.emu_counter(self.uc) if counting else 0
         self._after_slice(error, budget, started, deadline)
 
-    def _rearm_if_address_space_changed(self) -> None:
+    def _rearm_if_address_space_changed(self, only_if_cheap: bool = False) -> bool:
         """Sites sit on linear addresses: when paging changes, arm them where the code is now
-        mapped (semantics of DESIGN.md §3, rule 2)."""
-        cpu = self.cpu
-        self._armed_epoch = cpu.paging_epoch
-        paged = bool(cpu["cr0"] & CR0_PG)
-        space = (paged, cpu["cr3"], cpu["cr4"] & (CR4_PAE | CR4_PSE), cpu["efer"] & EFER_LMA) if paged else (False,)
-        if space == self._address_space:
-            return
-        self._address_space = space
-        if not paged:
-            self.sites.remap(None)
-            return
-        inverse = self.linear.inverse({p & ~0xFFF for p in self.sites.physical})
-        self.sites.remap(lambda page: inverse.get(page, []))
+        mapped (DESIGN.md §3, rule 2).  Hooks are never removed, so an address space armed
+        before (world switches alternate between two) needs nothing unless sites were added
+        or page tables may have changed since.  False when a remap was needed but
+        ``only_if_cheap`` forbade it."""
+        space = self.cpu.address_space()
+        if space == self._address_space and self.cpu.paging_epoch == self._armed_epoch:
+            return True
+        armed = (space, len(self.sites.physical))
+        if space != self._address_space and armed not in self._armed_spaces:
+            if only_if_cheap:
+                return False
+            if space[0]:
+                inverse = self.linear.inverse({p & ~0xFFF for p in self.sites.physical})
+                self.sites.remap(lambda page: inverse.get(page, []))
+            else:
+                self.sites.remap(None)
+            self._armed_spaces.add(armed)
+        self._address_space, self._armed_epoch = space, self.cpu.paging_epoch
+        return True
+
+    def _forget_armed_spaces(self) -> None:
+        """Page tables may have changed: the next address space is armed afresh."""
+        self._address_space = None
+        self._armed_spaces.clear()
 
     def _retire(self, count: int) -> None:
         self.instructions += max(count, 0)
@@ -620,8 +668,10 @@ class Machine:
             self._retire(started - 1)
             self._stepping_over = trap.address
             if trap.detail == "paging":
-                self._address_space = None      # even a reload of the same CR3 flushes the TLB
+                self._forget_armed_spaces()     # even a reload of the same CR3 flushes the TLB
                 self.linear.flush()
+        elif trap.kind == "resume":
+            pass                                # a hook finished the instruction; the loop acts
         elif trap.kind == "breakpoint":
             self._retire(started - 1)
             self._stop = Stop(StopReason.BREAKPOINT, self.cpu.rip)
@@ -693,7 +743,8 @@ class Machine:
         self.ports.write(trap.port, size, self.cpu["rax"])
         if self.smm.pending and not smi_before:     # an I/O-instruction SMI (APM §10.3.5)
             cpu = self.cpu                          # OUT leaves RCX/RSI/RDI as they were
-            self.smm.io_instruction = IoInstruction((rip, cpu["rcx"], cpu["rsi"], cpu["rdi"]), trap.port, read=False)
+            self.smm.io_instruction = IoInstruction((rip, cpu["rcx"], cpu["rsi"], cpu["rdi"]), trap.port,
+                                                    read=False, size=size)
         if self._stop is not None:
             self._stop = Stop(self._stop.reason, self.cpu.rip, self._stop.value, self._stop.detail)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, Uc, UcError
+from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, Uc
+
+from .ucinternals import FastAccess
 
 PAGE = 0x1000
 ROM = UC_PROT_READ | UC_PROT_EXEC
@@ -49,6 +51,7 @@ class PhysicalMemory:
         if ram_size <= 0 or ram_size % PAGE:
             raise ValueError(f"memory size must be a positive multiple of 4 KiB, not {ram_size:#x}")
         self.uc = uc
+        self.fast = FastAccess(uc)
         self.ram = page_aligned_array(ram_size)
         self.overlays: list[Overlay] = []
         self._map(0, self.ram, RW)
@@ -90,27 +93,18 @@ class PhysicalMemory:
 
     # -- Python-side physical access (what the CPU would see right now) --------------------
     def read(self, address: int, size: int) -> bytes:
-        try:
-            return bytes(self.uc.mem_read(address, size))
-        except UcError:
-            raise UnbackedMemory(address) from None
+        data = self.fast.read_memory(address, size)
+        if data is None:
+            raise UnbackedMemory(address)
+        return data
 
     def read_fast(self, address: int, size: int) -> bytes | None:
-        """``read`` for hot paths: RAM not under an overlay is sliced from the numpy array;
-        anything else goes through Unicorn.  None where nothing is mapped."""
-        if address + size <= len(self.ram) and not any(o.base < address + size and address < o.end
-                                                       for o in self.overlays):
-            return self.ram[address:address + size].tobytes()
-        try:
-            return bytes(self.uc.mem_read(address, size))
-        except UcError:
-            return None
+        """``read`` for hot paths: None instead of an exception where nothing is mapped."""
+        return self.fast.read_memory(address, size)
 
     def write(self, address: int, data: bytes) -> None:
-        try:
-            self.uc.mem_write(address, bytes(data))
-        except UcError:
-            raise UnbackedMemory(address) from None
+        if not self.fast.write_memory(address, bytes(data)):
+            raise UnbackedMemory(address)
 
     def load(self, address: int, data: bytes) -> None:
         """Place bytes in guest RAM (loaders, --blob); the whole range must be RAM."""

@@ -24,7 +24,9 @@ class LinearMemory:
         self.phys = phys
         # Instruction fetches for decoding reuse translations, as a CPU's TLB does: keyed by
         # CR3 and page, dropped by flush() (each run, and whenever ringminus writes memory).
-        self._code_tlb: dict[tuple[int, int], int] = {}
+        # Each entry keeps its leaf entry, read again on every hit, so a remapped page (a PTE
+        # rewritten, even without INVLPG or across a world switch) is walked afresh.
+        self._code_tlb: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 
     def flush(self) -> None:
         self._code_tlb.clear()
@@ -36,21 +38,12 @@ class LinearMemory:
         fast = self.cpu.fast
         paged = (fast.read(X86_CR0) if cr0 is None else cr0) & CR0_PG
         cr3 = (fast.read(X86_CR3) if cr3 is None else cr3) if paged else 0
-        if paged and (linear & 0xFFF) + size <= 0x1000:          # the common case: one page
-            frame = self._code_tlb.get((cr3, linear >> 12))
-            if frame is not None:
-                return self.phys.read_fast(frame | (linear & 0xFFF), size)
         out = b""
         for page_linear, count in self._chunks(linear, size):
             if paged:
-                key = (cr3, page_linear >> 12)
-                frame = self._code_tlb.get(key)
+                frame = self._code_frame(cr3, page_linear)
                 if frame is None:
-                    try:
-                        frame = self.translate(page_linear) & ~0xFFF
-                    except GuestFault:
-                        break
-                    self._code_tlb[key] = frame
+                    break
                 physical = frame | (page_linear & 0xFFF)
             else:
                 physical = page_linear & 0xFFFF_FFFF        # no paging: no long mode either
@@ -60,7 +53,24 @@ class LinearMemory:
             out += chunk
         return out or None
 
-    def translate(self, linear: int, write: bool = False, user: bool = False, fetch: bool = False) -> int:
+    def _code_frame(self, cr3: int, linear: int) -> int | None:
+        key = (cr3, linear >> 12)
+        cached = self._code_tlb.get(key)
+        if cached is not None:
+            frame, leaf_address, leaf, leaf_size = cached
+            if self.phys.fast.read_memory(leaf_address, leaf_size) == leaf.to_bytes(leaf_size, "little"):
+                return frame
+        try:
+            walked = []
+            frame = self.translate(linear, walked=walked) & ~0xFFF
+        except GuestFault:
+            return None
+        (leaf_address, leaf), leaf_size = walked[-1], 8 if self.cpu["cr4"] & CR4_PAE or self.cpu["efer"] & EFER_LMA else 4
+        self._code_tlb[key] = (frame, leaf_address, leaf | PTE_A, leaf_size)
+        return frame
+
+    def translate(self, linear: int, write: bool = False, user: bool = False, fetch: bool = False,
+                  walked: list | None = None) -> int:
         cr0, cr4, efer = self.cpu["cr0"], self.cpu["cr4"], self.cpu["efer"]
         if not efer & EFER_LMA:
             linear &= 0xFFFF_FFFF
@@ -81,7 +91,7 @@ class LinearMemory:
         table = levels[0][0]
         writable = user_ok = True
         no_exec = False
-        walked: list[tuple[int, int]] = []
+        walked = [] if walked is None else walked            # (entry address, entry) per level
         pae_pdpte = bool(cr4 & CR4_PAE) and not efer & EFER_LMA
         for depth, (_, shift) in enumerate(levels):
             index_bits = 2 if pae_pdpte and depth == 0 else (10 if entry_size == 4 else 9)

@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 
 import unicorn
-from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, Uc
+from unicorn import UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_INTR, UC_MODE_64, Uc
 from unicorn import x86_const as X
 
 CONTEXT_SIZE = 5608          # bytes(UcContext) on 2.1.4, header included
@@ -51,10 +51,72 @@ HF_ADDSEG = 1 << 6
 HF_PE = 1 << 7
 HF_LMA = 1 << 14
 HF_CS64 = 1 << 15
+HF_INHIBIT_IRQ = 1 << 3      # the interrupt shadow (MOV SS / STI)
+HF_CR0_MP_EM_TS = 0x7 << 9   # CR0.MP, EM, TS mirrored in hflags bits 9-11
 
 # Descriptor-cache flag bits (descriptor high dword layout).
 DESC_B = 1 << 22
 DESC_L = 1 << 21
+
+CR0_PE = 1 << 0
+EFER_LMA = 1 << 10
+RFLAGS_VM = 1 << 17
+
+
+# -- the architectural state as one flat tuple ------------------------------------------------
+# World switches (SMM entry and RSM) move every register at once.  The context holds them in
+# five runs; one table names each run's fields, so reading is one struct call over the whole
+# context and writing is one call per run (the bytes between runs are QEMU state ringminus
+# must not touch).  Segment slots: es cs ss ds fs gs, then ldtr tr gdtr idtr.
+SLOT_NAMES = ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr", "gdtr", "idtr")
+_STATE_RUNS_SPEC = (
+    (GPRS, "16QQ", ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+                    *(f"r{n}" for n in range(8, 16)), "rip")),
+    (HFLAGS, "II" + "I4xQII" * 10, ("hflags", "hflags2", *(f"{slot}.{part}" for slot in SLOT_NAMES
+                                                            for part in ("selector", "base", "limit", "flags")))),
+    (CR, "5Q", ("cr0", "cr1", "cr2", "cr3", "cr4")),
+    (EFER, "Q", ("efer",)),
+    (DEBUG_REGISTERS, "8Q", tuple(f"dr{n}" for n in range(8))),
+)
+STATE_FIELDS: tuple[str, ...] = tuple(name for _, _, names in _STATE_RUNS_SPEC for name in names)
+
+
+def _state_struct() -> struct.Struct:
+    fmt, at = "<", 0
+    for offset, run, _ in _STATE_RUNS_SPEC:
+        fmt += f"{offset - at}x{run}"
+        at = offset + struct.calcsize("<" + run)
+    return struct.Struct(fmt)
+
+
+STATE = _state_struct()                       # unpack_from(context) -> values in STATE_FIELDS order
+STATE_RUNS: tuple[tuple[struct.Struct, int, slice], ...] = tuple(
+    (struct.Struct("<" + run), offset, slice(STATE_FIELDS.index(names[0]), STATE_FIELDS.index(names[0]) + len(names)))
+    for offset, run, names in _STATE_RUNS_SPEC)
+
+
+def derive_hflags(hflags: int, cr0: int, efer: int, rflags: int, cpl: int, cs_flags: int, ss_flags: int,
+                  data_bases: int) -> int:
+    """The hflags QEMU keeps in step with CR0, EFER and the segment caches (``cpu_x86_update_cr0``,
+    ``cpu_x86_load_seg_cache``), for caches and control registers ringminus wrote directly.
+    ``data_bases`` is the OR of the DS, ES and SS bases."""
+    hflags &= ~(HF_CPL_MASK | HF_CS32 | HF_SS32 | HF_CS64 | HF_ADDSEG | HF_PE | HF_LMA | HF_CR0_MP_EM_TS)
+    hflags |= (cpl & 3) | ((cr0 >> 1) & 7) << 9
+    if cr0 & CR0_PE:
+        hflags |= HF_PE
+    if efer & EFER_LMA:
+        hflags |= HF_LMA
+    if hflags & HF_LMA and cs_flags & DESC_L:
+        hflags |= HF_CS32 | HF_SS32 | HF_CS64
+    else:
+        if cs_flags & DESC_B:
+            hflags |= HF_CS32
+        if ss_flags & DESC_B:
+            hflags |= HF_SS32
+        protected32 = cr0 & CR0_PE and not rflags & RFLAGS_VM and hflags & HF_CS32
+        if not protected32 or data_bases:
+            hflags |= HF_ADDSEG
+    return hflags
 
 
 def code_bits(hflags: int) -> int:
@@ -115,6 +177,9 @@ class Context:
     def u64(self, offset: int) -> int:
         return struct.unpack_from("<Q", self.view, offset)[0]
 
+    def u64s(self, offset: int, count: int) -> tuple[int, ...]:
+        return struct.unpack_from(f"<{count}Q", self.view, offset)
+
     def put_u32(self, offset: int, value: int) -> None:
         struct.pack_into("<I", self.view, offset, value & 0xFFFFFFFF)
 
@@ -143,24 +208,10 @@ class Context:
                          cache.flags & 0xFFFFFFFF)
 
     def recompute_segment_hflags(self, cpl: int) -> None:
-        """Re-derive the hflags QEMU computes when it loads segment caches
-        (``cpu_x86_load_seg_cache``) after ringminus wrote caches directly."""
-        hflags = self.u32(HFLAGS)
+        """Re-derive hflags after ringminus wrote segment caches, CR0 or EFER directly."""
         cs, ss = self.segment("cs"), self.segment("ss")
-        hflags &= ~(HF_CPL_MASK | HF_CS32 | HF_SS32 | HF_CS64 | HF_ADDSEG)
-        hflags |= cpl & 3
-        if hflags & HF_LMA and cs.flags & DESC_L:
-            hflags |= HF_CS32 | HF_SS32 | HF_CS64
-        else:
-            if cs.flags & DESC_B:
-                hflags |= HF_CS32
-            if ss.flags & DESC_B:
-                hflags |= HF_SS32
-        if not hflags & HF_CS64:
-            protected32 = (self.u64(CR) & 1) and not (self.u64(EFLAGS) & (1 << 17)) and hflags & HF_CS32
-            if not protected32 or (self.segment("ds").base | self.segment("es").base | ss.base):
-                hflags |= HF_ADDSEG
-        self.put_u32(HFLAGS, hflags)
+        self.put_u32(HFLAGS, derive_hflags(self.u32(HFLAGS), self.u64(CR), self.u64(EFER), self.u64(EFLAGS), cpl,
+                                           cs.flags, ss.flags, self.segment("ds").base | self.segment("es").base | ss.base))
 
 
 class _Msr(ctypes.Structure):
@@ -187,6 +238,10 @@ class FastAccess:
         self._value.value = value & 0xFFFF_FFFF_FFFF_FFFF
         self._lib.uc_reg_write(self._handle, register, ctypes.byref(self._value))
 
+    def flush_tlb(self) -> None:
+        """Drop QEMU's softmmu TLB (after ringminus changed paging state in the context)."""
+        self._lib.uc_ctl(self._handle, _CTL_TLB_FLUSH)
+
     def read_msr(self, msr: int) -> int:
         self._msr.rid, self._msr.value = msr, 0
         self._lib.uc_reg_read(self._handle, X.UC_X86_REG_MSR, ctypes.byref(self._msr))
@@ -200,6 +255,13 @@ class FastAccess:
             return None
         return self._buffer.raw[:size]
 
+    def write_memory(self, address: int, data: bytes) -> bool:
+        """Write physical bytes (Unicorn drops translations of code they overwrite); False
+        when something is not mapped."""
+        return self._lib.uc_mem_write(self._handle, address, data, len(data)) == 0
+
+
+_CTL_TLB_FLUSH = UC_CTL_IO_WRITE << 30 | UC_CTL_TLB_FLUSH     # uc_ctl code, no arguments
 
 _INSN_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)
 

@@ -8,12 +8,16 @@ an invalid state ends in shutdown with the reason recorded.
 """
 from __future__ import annotations
 
+import functools
 import struct
+from collections import namedtuple
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
-from ..emulator.cpu import (CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE, EFER_SVME, GPRS,
-                            RFLAGS_VM, ArchState)
+from ..emulator.cpu import (CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE, EFER_SVME, RFLAGS_VM,
+                            STATE_NAMES, ArchState, At)
+from ..emulator.ucinternals import HF_INHIBIT_IRQ
 from ..emulator.descriptors import FLAG_DB, FLAG_L, Segment
 from ..emulator.memory import UnbackedMemory
 from . import layouts as L
@@ -29,6 +33,7 @@ CR4_DEFINED = 0x003F_7FFF & ~(1 << 12)        # no LA57 on these CPU models
 MAX_PHYSICAL_BITS = 52
 SMM_DR7 = 0x400
 SMM_SEGMENT_FLAGS = L.descriptor_flags(0x3, granularity=1)        # data R/W accessed, G, P, S
+SMM_DATA_SEGMENT = Segment(0, 0, 0xFFFF_FFFF, SMM_SEGMENT_FLAGS)
 GPR_NAMES_32 = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
 SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
 
@@ -54,101 +59,138 @@ class SmmState:
                 "smram": smram_state}
 
 
+# -- the maps as struct codecs -------------------------------------------------------------
+# Each map field either copies a register of the CPU's ArchState (PLAN), holds a segment's
+# attributes in the map's encoding (ATTRIBUTES), or is filled per SMI (everything else:
+# SMBASE, the revision, the restart fields; zero unless given).
+
+SEGMENT_RECORDS = (*SEGMENTS, "ldtr", "tr")
+_GPRS_64 = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", *(f"r{n}" for n in range(8, 16)))
+PLAN = {
+    id(L.SMRAM_STATE_64): {
+        **{f"{seg}.{part}": f"{seg}.{part}" for seg in SEGMENT_RECORDS for part in ("selector", "limit", "base")},
+        **{f"{table}_{part}": f"{table}.{part}" for table in ("gdtr", "idtr") for part in ("limit", "base")},
+        **{name: name for name in ("efer", "cr0", "cr3", "cr4", "dr6", "dr7", "rflags", "rip", *_GPRS_64)},
+    },
+    id(L.SMRAM_STATE_32): {
+        **{f"{seg}_selector": f"{seg}.selector" for seg in SEGMENT_RECORDS},
+        **{f"{seg}_cache.{part}": f"{seg}.{part}" for seg in SEGMENT_RECORDS for part in ("limit", "base")},
+        **{f"{table}_{part}": f"{table}.{part}" for table in ("gdtr", "idtr") for part in ("limit", "base")},
+        **dict(zip(GPR_NAMES_32, ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi"))),
+        "eip": "rip", "eflags": "rflags", **{name: name for name in ("cr0", "cr3", "cr4", "dr6", "dr7")},
+    },
+}
+ATTRIBUTES = {
+    id(L.SMRAM_STATE_64): {f"{seg}.attributes": f"{seg}.flags" for seg in SEGMENT_RECORDS},
+    id(L.SMRAM_STATE_32): {f"{seg}_cache.flags": f"{seg}.flags" for seg in SEGMENT_RECORDS},
+}
+# F.11: QEMU stores these as 32-bit values into the 64-bit map's 8-byte slots.
+NARROW_IN_QEMU_64 = ("cr0", "cr4", "dr6", "dr7", "rflags")
+SIXTEEN_BIT_REGISTERS = [STATE_NAMES.index(f"{seg}.selector") for seg in SEGMENT_RECORDS] + \
+                        [STATE_NAMES.index(f"{table}.limit") for table in ("gdtr", "idtr")]
 _STRUCT = {"u1": "B", "<u2": "H", "<u4": "I", "<u8": "Q"}
 
 
 class MapCodec:
-    """Packs and unpacks a whole state-save map in one struct call: the fields of the
-    layout dtype in offset order, reserved bytes as padding."""
+    """One map under one profile: packed from an ArchState and unpacked in one struct call
+    each (fields in offset order, reserved bytes as padding), and restored into an ArchState."""
 
-    def __init__(self, layout):
+    def __init__(self, layout, profile):
         fields = []
         for name, (dtype, offset, *_) in layout.fields.items():
-            if dtype.fields:
-                fields += [(offset + sub_offset, f"{name}.{member}", _STRUCT[sub.str.replace("|", "")])
-                           for member, (sub, sub_offset, *_) in dtype.fields.items()]
-            else:
-                fields.append((offset, name, _STRUCT[dtype.str.replace("|", "")]))
+            members = dtype.fields.items() if dtype.fields else [(None, (dtype, 0))]
+            fields += [(offset + sub_offset, f"{name}.{member}" if member else name, _STRUCT[sub.str.replace("|", "")])
+                       for member, (sub, sub_offset, *_) in members]
         fields.sort()
         fmt, at = "<", 0
         for offset, _, code in fields:
             fmt += f"{offset - at}x{code}" if offset > at else code
             at = offset + struct.calcsize("<" + code)
+        self.layout = layout
         self.struct = struct.Struct(fmt + f"{L.SAVE_AREA_SIZE - at}x")
         self.names = [name for _, name, _ in fields]
         self.spans = [(offset, offset + struct.calcsize("<" + code)) for offset, _, code in fields]
-        self.masks = {name: (1 << (8 * struct.calcsize("<" + code))) - 1 for _, name, code in fields}
-        self.zero = dict.fromkeys(self.names, 0)
+        self.Area = namedtuple("Area", [name.replace(".", "_") for name in self.names])
+        self.narrow = layout is L.SMRAM_STATE_32               # 64-bit registers into u4 fields
+        self.shifted = profile.smm_shifted_attributes_32 or layout is L.SMRAM_STATE_64
+        plan, attributes = PLAN[id(layout)], ATTRIBUTES[id(layout)]
+        self.extras = [name for name in self.names if name not in plan and name not in attributes]
+        self.extra_at = {name: k for k, name in enumerate(self.extras)}
+        encoded = [(at, STATE_NAMES.index(attributes[name])) for at, name in enumerate(self.names) if name in attributes]
+        copied = {STATE_NAMES.index(plan[name]): at for at, name in enumerate(self.names) if name in plan}
+        self.flags_of = itemgetter(*(index for _, index in encoded))          # state -> segment flags
+        self.attributes_of = itemgetter(*(at for at, _ in encoded))          # area -> attribute words
+        # pack() gathers the map's fields from [*state, *attribute words, *extras] in one call
+        sources = {at: index for index, at in copied.items()}
+        sources.update({at: len(STATE_NAMES) + k for k, (at, _) in enumerate(encoded)})
+        first_extra = len(STATE_NAMES) + len(encoded)
+        sources.update({self.names.index(name): first_extra + k for k, name in enumerate(self.extras)})
+        self.gather = itemgetter(*(sources[at] for at in range(len(self.names))))
+        # restore() gathers the state from [*state, *area, *decoded flags] the same way
+        targets = {index: len(STATE_NAMES) + at for index, at in copied.items()}
+        first_flags = len(STATE_NAMES) + len(self.names)
+        targets.update({index: first_flags + k for k, (_, index) in enumerate(encoded)})
+        self.scatter = itemgetter(*(targets.get(index, index) for index in range(len(STATE_NAMES))))
+        self.sixteen_bit = [index for index in SIXTEEN_BIT_REGISTERS
+                            if index in copied and self.spans[copied[index]][1] - self.spans[copied[index]][0] > 2]
+        self.written = self._written_mask(profile) if profile.smm_writes_over_memory else None
 
-    def unpack(self, data: bytes) -> dict[str, int]:
-        return dict(zip(self.names, self.struct.unpack(data)))
-
-    def pack(self, values: dict[str, int], over: bytes | None = None) -> bytes:
-        """The map holding ``values`` (others zero); with ``over``, only the fields given are
-        written over those bytes (reserved bytes and other fields keep their contents)."""
-        full = self.unpack(over) if over is not None else dict(self.zero)
-        full.update({name: value & self.masks[name] for name, value in values.items()})
-        packed = self.struct.pack(*map(full.__getitem__, self.names))
-        if over is None:
-            return packed
-        out = bytearray(over)
+    def _written_mask(self, profile) -> int:
+        """F.11: which bytes a QEMU-style entry writes over SMRAM (the rest keep their bytes)."""
+        written = set(PLAN[id(self.layout)]) | set(ATTRIBUTES[id(self.layout)]) | {"smbase", "revision"}
+        if profile.smm_restart_fields:
+            written |= set(self.extras)
+        mask = 0
         for name, (start, stop) in zip(self.names, self.spans):
-            if name in values:
-                out[start:stop] = packed[start:stop]
-        return bytes(out)
+            if name in written:
+                if profile.smm_narrow_control_fields and name in NARROW_IN_QEMU_64 and self.layout is L.SMRAM_STATE_64:
+                    stop = start + 4
+                mask |= ((1 << (8 * (stop - start))) - 1) << (8 * start)
+        return mask
+
+    def pack(self, state: ArchState, extras: dict[str, int], previous: bytes | None = None) -> bytes:
+        """The map holding ``state`` and ``extras``; with ``previous`` (a QEMU-style entry) only
+        the bytes this profile writes replace those bytes."""
+        if self.narrow:
+            state = [value & 0xFFFF_FFFF for value in state]
+        flags = self.flags_of(state)
+        words = [(f >> 8) & L.ATTRIBUTES_MASK for f in flags] if self.shifted else [f & L.FLAGS_MASK for f in flags]
+        tail = [0] * len(self.extras)
+        for name, value in extras.items():
+            tail[self.extra_at[name]] = value
+        packed = self.struct.pack(*self.gather([*state, *words, *tail]))
+        if previous is None or self.written is None:
+            return packed
+        merged = int.from_bytes(packed, "little") & self.written | int.from_bytes(previous, "little") & ~self.written
+        return merged.to_bytes(L.SAVE_AREA_SIZE, "little")
+
+    def unpack(self, data: bytes):
+        """The map's fields by name (``area.cr0``, ``area.cs_base``)."""
+        return self.Area._make(self.struct.unpack(data))
+
+    def restore(self, state: ArchState, area) -> ArchState:
+        """``state`` with the map's register fields in place of its own."""
+        words = self.attributes_of(area)
+        flags = [(w & L.ATTRIBUTES_MASK) << 8 for w in words] if self.shifted else [w & L.FLAGS_MASK for w in words]
+        restored = ArchState(self.scatter([*state, *area, *flags]))
+        for index in self.sixteen_bit:              # u32 slots in the map hold 16-bit registers
+            restored[index] &= 0xFFFF
+        return restored
 
 
-CODECS = {id(L.SMRAM_STATE_64): MapCodec(L.SMRAM_STATE_64), id(L.SMRAM_STATE_32): MapCodec(L.SMRAM_STATE_32)}
-GPR_PAIRS_32 = tuple(zip(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi"), GPR_NAMES_32))
-
-
-def save_state(machine: "Machine", state: ArchState, layout, previous: bytes | None) -> bytes:
-    """The state-save map for ``state``.  KVM fills a zeroed buffer; QEMU writes its fields
-    over what SMRAM held, CR0/CR4/DR6/DR7/RFLAGS as 32-bit values (§F.11)."""
-    profile = machine.profile
-    area: dict[str, int] = {}
-    wide = 0xFFFF_FFFF if profile.smm_narrow_control_fields else 0xFFFF_FFFF_FFFF_FFFF
-    if layout is L.SMRAM_STATE_64:
-        for name in (*SEGMENTS, "ldtr", "tr"):
-            seg = state.segments[name]
-            area[f"{name}.selector"], area[f"{name}.attributes"] = seg.selector, L.attributes_64(seg.flags)
-            area[f"{name}.limit"], area[f"{name}.base"] = seg.limit, seg.base
-        area["efer"], area["cr3"], area["rip"] = state.efer, state.cr3, state.rip
-        area["cr0"], area["cr4"], area["dr6"], area["dr7"] = (v & wide for v in (state.cr0, state.cr4, state.dr6, state.dr7))
-        area["rflags"] = state.rflags & wide
-        area.update(state.gprs)
-    else:
-        shifted = profile.smm_shifted_attributes_32
-        for name in (*SEGMENTS, "ldtr", "tr"):
-            seg = state.segments[name]
-            area[f"{name}_selector"] = seg.selector
-            area[f"{name}_cache.flags"] = L.segment_flags_32(seg.flags, shifted)
-            area[f"{name}_cache.limit"], area[f"{name}_cache.base"] = seg.limit, seg.base
-        for wide_name, name in GPR_PAIRS_32:
-            area[name] = state.gprs[wide_name]
-        area["eip"], area["eflags"] = state.rip, state.rflags
-        area["cr0"], area["cr3"], area["cr4"], area["dr6"], area["dr7"] = state.cr0, state.cr3, state.cr4, state.dr6, state.dr7
-    (area["gdtr_base"], area["gdtr_limit"]), (area["idtr_base"], area["idtr_limit"]) = state.gdtr, state.idtr
-    area["smbase"] = machine.smm.smbase
-    area["revision"] = revision(machine, layout)
-    if profile.smm_restart_fields:        # APM §10.3.4-10.3.5, beyond KVM and QEMU (§F.14)
-        area["auto_halt_restart"] = 1 if machine.halted else 0
-        area["io_instruction_restart"] = 0
-        io = machine.smm.io_instruction
-        if io is not None:                # the SMI was raised by this I/O instruction
-            names = IO_RESTART_64 if layout is L.SMRAM_STATE_64 else IO_RESTART_32
-            for name, value in zip(names, io.registers):
-                area[name] = value
-            if layout is L.SMRAM_STATE_64:
-                area["io_restart_dword"] = io.port << IO_TRAP_PORT_SHIFT | IO_TRAP_VALID | (IO_TRAP_READ if io.read else 0)
-    return CODECS[id(layout)].pack(area, previous if profile.smm_writes_over_memory else None)
+@functools.cache
+def codec_for(layout_is_64: bool, profile) -> MapCodec:
+    return MapCodec(L.layout_for(layout_is_64), profile)
 
 
 IO_RESTART_64 = ("io_restart_rip", "io_restart_rcx", "io_restart_rsi", "io_restart_rdi")
-# The I/O trap dword at FEC0h: port in 31:16, bit 1 valid, bit 0 read (IN).  These are the
-# bits AMD firmware relies on (coreboot's APMC handlers find the CPU that wrote APM_CNT by
-# them); the size/string/repeat bits of APM Figure 10-6 are not filled [unverified layout].
+# The I/O trap dword at FEC0h: port in 31:16, SZ32/SZ16/SZ8 6:4, REP 3, STR 2, valid 1, read 0.
 IO_TRAP_READ, IO_TRAP_VALID, IO_TRAP_PORT_SHIFT = 1 << 0, 1 << 1, 16
+
+
+IO_RESTART_32 = ("io_restart_eip", "io_restart_ecx", "io_restart_esi", "io_restart_edi")
+IO_TRAP_STRING, IO_TRAP_REPEAT = 1 << 2, 1 << 3
+IO_TRAP_SIZE = {1: 1 << 4, 2: 1 << 5, 4: 1 << 6}        # SZ8, SZ16, SZ32
 
 
 @dataclass(frozen=True)
@@ -157,7 +199,18 @@ class IoInstruction:
     registers: tuple[int, int, int, int]
     port: int
     read: bool
-IO_RESTART_32 = ("io_restart_eip", "io_restart_ecx", "io_restart_esi", "io_restart_edi")
+    size: int = 1
+    string: bool = False
+    repeat: bool = False
+
+    @property
+    def trap_dword(self) -> int:
+        """FEC0h.  Port, valid and read are what coreboot's AMD SMI handlers rely on; the
+        size/string/repeat bits follow AMD's BKDG description of SMMFEC0 ("SMM IO Trap
+        Offset"), since the APM's Figure 10-6 is not in the reference [unverified layout]."""
+        return (self.port << IO_TRAP_PORT_SHIFT | IO_TRAP_VALID | (IO_TRAP_READ if self.read else 0)
+                | IO_TRAP_SIZE.get(self.size, 0) | (IO_TRAP_STRING if self.string else 0)
+                | (IO_TRAP_REPEAT if self.repeat else 0))
 
 
 def revision(machine: "Machine", layout) -> int:
@@ -165,140 +218,136 @@ def revision(machine: "Machine", layout) -> int:
     return L.revision_for(layout) | (L.REVISION_IO_RESTART if machine.profile.smm_restart_fields else 0)
 
 
+def _extras(machine: "Machine", codec: MapCodec) -> dict[str, int]:
+    """The fields an SMI fills besides the registers: SMBASE, the revision identifier and, in
+    the apm profile, the restart fields (APM §10.3.4-10.3.5, beyond KVM and QEMU: §F.14)."""
+    extras = {"smbase": machine.smm.smbase, "revision": revision(machine, codec.layout)}
+    if machine.profile.smm_restart_fields:
+        extras["auto_halt_restart"] = 1 if machine.halted else 0
+        io = machine.smm.io_instruction
+        if io is not None:                # the SMI was raised by this I/O instruction
+            is_64 = codec.layout is L.SMRAM_STATE_64
+            extras.update(zip(IO_RESTART_64 if is_64 else IO_RESTART_32, io.registers))
+            if is_64:
+                extras["io_restart_dword"] = io.trap_dword
+    return extras
+
+
 def enter_smm(machine: "Machine") -> None:
     """Take an SMI now, at an instruction boundary (§C.2)."""
     cpu, smm, profile = machine.cpu, machine.smm, machine.profile
-    layout = L.layout_for(machine.long_mode_capable)
+    codec = codec_for(machine.long_mode_capable, profile)
     address = smm.smbase + L.SAVE_AREA
     state = cpu.capture()
     machine.smram.set_smm(True)
     smm.in_smm = True
     try:
         previous = machine.memory.read(address, L.SAVE_AREA_SIZE) if profile.smm_writes_over_memory else None
-        machine.memory.write(address, save_state(machine, state, layout, previous))
+        machine.memory.write(address, codec.pack(state, _extras(machine, codec), previous))
     except UnbackedMemory:
         machine.request_stop_shutdown(f"SMI: no memory for the state-save map at {address:#x}")
         return
-    if cpu.nmi_blocked:                 # an SMI inside an NMI handler keeps NMIs blocked after RSM
-        smm.inside_nmi = True
-    flat = Segment(0, 0, 0xFFFF_FFFF, SMM_SEGMENT_FLAGS)
-    entry = ArchState(
-        gprs=state.gprs, rip=L.ENTRY_OFFSET, rflags=0x2,
-        segments={**state.segments, "cs": Segment((smm.smbase >> 4) & 0xFFFF, smm.smbase, 0xFFFF_FFFF, SMM_SEGMENT_FLAGS),
-                  **{name: flat for name in ("ds", "es", "fs", "gs", "ss")}},
-        gdtr=state.gdtr, idtr=(0, 0) if profile.smm_zero_idtr else state.idtr,
-        cr0=state.cr0 & ~(CR0_PE | CR0_EM | CR0_TS | CR0_PG), cr3=state.cr3, cr4=0,
-        efer=0 if machine.long_mode_capable or profile.smm_clears_efer_always else state.efer,
-        dr6=state.dr6, dr7=SMM_DR7, cpl=0)
-    cpu.load(entry, nmi_blocked=True)
+    smm.inside_nmi = state.nmi_blocked      # an SMI inside an NMI handler keeps NMIs blocked after RSM
+    rip = state[At.rip]
+    entry = state                           # §C.2 steps 5-11, on the captured registers
+    entry[At.rip], entry[At.rflags] = L.ENTRY_OFFSET, 0x2
+    entry.set_segment("cs", Segment((smm.smbase >> 4) & 0xFFFF, smm.smbase, 0xFFFF_FFFF, SMM_SEGMENT_FLAGS))
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        entry.set_segment(name, SMM_DATA_SEGMENT)
+    if profile.smm_zero_idtr:
+        entry[At.idtr_base] = entry[At.idtr_limit] = 0
+    entry[At.cr0] &= ~(CR0_PE | CR0_EM | CR0_TS | CR0_PG)
+    entry[At.cr4] = 0
+    if machine.long_mode_capable or profile.smm_clears_efer_always:
+        entry[At.efer] = 0
+    entry[At.dr7] = SMM_DR7
+    entry[At.hflags] &= ~HF_INHIBIT_IRQ     # step 6: the interrupt shadow ends
+    entry.cpl, entry.nmi_blocked = 0, True
+    cpu.load(entry)
     smm.io_instruction = None
-    rip = state.rip
     machine.halted = False
     smm.entries += 1
     machine.events.append({"kind": "smi", "instructions": machine.instructions_if_exact, "rip": rip,
                            "smbase": smm.smbase})
-    machine.linear.flush()
 
 
-def _check(condition: bool, reason: str) -> None:
-    if condition:
-        raise InvalidSavedState(reason)
+Controls = namedtuple("Controls", "cr0 cr3 cr4 efer dr6 dr7 long_mode_capable")
+
+# What KVM's CR/DR/EFER writes reject (every profile that checks), §C.6 / §F.12:
+# (refused when, the reason recorded with the shutdown).
+CONTROL_CHECKS = (
+    (lambda c: c.cr0 >> 32, lambda c: f"CR0 {c.cr0:#x}: bits 63:32 set"),
+    (lambda c: c.cr0 & CR0_PG and not c.cr0 & CR0_PE, lambda c: f"CR0 {c.cr0:#x}: PG without PE"),
+    (lambda c: c.cr0 & CR0_NW and not c.cr0 & CR0_CD, lambda c: f"CR0 {c.cr0:#x}: NW without CD"),
+    (lambda c: c.cr4 & ~CR4_DEFINED, lambda c: f"CR4 {c.cr4:#x}: reserved bits"),
+    (lambda c: c.cr3 >> MAX_PHYSICAL_BITS, lambda c: f"CR3 {c.cr3:#x}: bits above the physical address width"),
+    (lambda c: c.dr6 >> 32 or c.dr7 >> 32, lambda c: "DR6/DR7: bits 63:32 set"),
+    (lambda c: c.efer & ~EFER_DEFINED, lambda c: f"EFER {c.efer:#x}: reserved bits"),
+    (lambda c: c.efer & EFER_LME and not c.long_mode_capable, lambda c: "EFER.LME on a CPU without long mode"),
+    (lambda c: c.efer & EFER_LME and c.cr0 & CR0_PG and not c.cr4 & CR4_PAE,
+     lambda c: "EFER.LME and CR0.PG without CR4.PAE"),
+)
 
 
-def _control_checks(profile, cr0: int, cr3: int, cr4: int, efer: int, dr6: int, dr7: int,
-                    long_mode_capable: bool) -> None:
-    """What KVM's CR/DR/EFER writes reject (every profile that checks), §C.6 / §F.12."""
-    _check(cr0 >> 32, f"CR0 {cr0:#x}: bits 63:32 set")
-    _check(cr0 & CR0_PG and not cr0 & CR0_PE, f"CR0 {cr0:#x}: PG without PE")
-    _check(cr0 & CR0_NW and not cr0 & CR0_CD, f"CR0 {cr0:#x}: NW without CD")
-    _check(cr4 & ~CR4_DEFINED, f"CR4 {cr4:#x}: reserved bits")
-    _check(cr3 >> MAX_PHYSICAL_BITS, f"CR3 {cr3:#x}: bits above the physical address width")
-    _check(dr6 >> 32 or dr7 >> 32, "DR6/DR7: bits 63:32 set")
-    _check(efer & ~EFER_DEFINED, f"EFER {efer:#x}: reserved bits")
-    _check(efer & EFER_LME and not long_mode_capable, "EFER.LME on a CPU without long mode")
-    _check(efer & EFER_LME and cr0 & CR0_PG and not cr4 & CR4_PAE, "EFER.LME and CR0.PG without CR4.PAE")
+def _control_checks(controls: Controls) -> None:
+    for refused, reason in CONTROL_CHECKS:
+        if refused(controls):
+            raise InvalidSavedState(reason(controls))
 
 
 def leave_smm(machine: "Machine") -> None:
-    """RSM inside SMM (§C.6): restore the saved state, or shut down."""
+    """RSM inside SMM (§C.6): restore the saved state, or shut down.  NMIs are unblocked
+    (unless the SMI came inside an NMI handler) and SMM is left before any check can fail."""
     cpu, smm, profile = machine.cpu, machine.smm, machine.profile
-    layout = L.layout_for(machine.long_mode_capable)
-    area = CODECS[id(layout)].unpack(machine.memory.read(smm.smbase + L.SAVE_AREA, L.SAVE_AREA_SIZE))
-    if not smm.inside_nmi:
-        cpu.nmi_blocked = False
+    is_64 = machine.long_mode_capable
+    codec = codec_for(is_64, profile)
+    area = codec.unpack(machine.memory.read(smm.smbase + L.SAVE_AREA, L.SAVE_AREA_SIZE))
+    unblock_nmi = not smm.inside_nmi
     smm.in_smm = smm.inside_nmi = False
     machine.smram.set_smm(False)
+    state = codec.restore(cpu.capture(), area)
     try:
-        restored = _restore_64(machine, area) if layout == L.SMRAM_STATE_64 else _restore_32(machine, area)
+        _validate(machine, state, area, is_64)
     except InvalidSavedState as why:
+        if unblock_nmi:
+            cpu.nmi_blocked = False
         machine.request_stop_shutdown(f"RSM: {why}")
         return
+    if unblock_nmi:
+        state.nmi_blocked = False
+    if profile.smm_smbase_needs_revision_bit and not area.revision & L.REVISION_SMBASE_RELOCATION:
+        pass                                # F.13: QEMU keeps SMBASE without revision bit 17
+    else:
+        smm.smbase = area.smbase            # the APM and KVM always reload it
+    state[At.hflags] &= ~HF_INHIBIT_IRQ
+    state.cpl = state.segment("ss").dpl if state[At.cr0] & CR0_PE else 0
     if profile.smm_restart_fields:
-        io_fields = IO_RESTART_64 if layout is L.SMRAM_STATE_64 else IO_RESTART_32
-        if area["io_instruction_restart"]:    # run the I/O instruction that raised the SMI again
-            rip, rcx, rsi, rdi = (area[name] for name in io_fields)
-            cpu.rip, cpu["rcx"], cpu["rsi"], cpu["rdi"] = rip, rcx, rsi, rdi
-            restored = rip
-        elif area["auto_halt_restart"] & 1:
-            machine.halted = True            # back to the HLT the SMI interrupted
-    machine.events.append({"kind": "rsm", "instructions": machine.instructions_if_exact, "rip": restored,
+        if area.io_instruction_restart:     # run the I/O instruction that raised the SMI again
+            names = IO_RESTART_64 if is_64 else IO_RESTART_32
+            for register, name in zip(("rip", "rcx", "rsi", "rdi"), names):
+                state[getattr(At, register)] = getattr(area, name)
+        elif area.auto_halt_restart & 1:
+            machine.halted = True           # back to the HLT the SMI interrupted
+    cpu.load(state)
+    machine.events.append({"kind": "rsm", "instructions": machine.instructions_if_exact, "rip": state[At.rip],
                            "smbase": smm.smbase})
-    machine.linear.flush()
 
 
-def _new_smbase(profile, area: dict, old: int) -> int:
-    """F.13: the APM and KVM always reload SMBASE; QEMU only with revision bit 17 set."""
-    if profile.smm_smbase_needs_revision_bit and not area["revision"] & L.REVISION_SMBASE_RELOCATION:
-        return old
-    return area["smbase"]
-
-
-def _restore_64(machine: "Machine", area: dict) -> int:
+def _validate(machine: "Machine", state: ArchState, area, is_64: bool) -> None:
+    """The profile's RSM checks and fix-ups on the state read back (§C.6, §F.12)."""
     profile = machine.profile
-    cr0, cr3, cr4, efer = area["cr0"], area["cr3"], area["cr4"], area["efer"]
-    dr6, dr7, rflags = area["dr6"], area["dr7"], area["rflags"] | 0x2
-    segments = {name: Segment(area[f"{name}.selector"], area[f"{name}.base"], area[f"{name}.limit"],
-                              L.flags_from_attributes_64(area[f"{name}.attributes"]))
-                for name in (*SEGMENTS, "ldtr", "tr")}
+    cr0, cr4, efer = state[At.cr0], state[At.cr4], state[At.efer]
     if profile.rsm_checks:
-        _control_checks(profile, cr0, cr3, cr4, efer, dr6, dr7, True)
+        _control_checks(Controls(cr0, state[At.cr3], cr4, efer if is_64 else 0, state[At.dr6], state[At.dr7], is_64))
     if profile.rsm_apm_checks:
-        _check(area["revision"] != revision(machine, L.SMRAM_STATE_64),
-               f"revision identifier modified ({area['revision']:#x})")
-        cs = segments["cs"]
-        _check(efer & EFER_LME and cr0 & CR0_PG and cs.flags & FLAG_L and cs.flags & FLAG_DB,
-               "long-mode return with CS.L and CS.D both set")
-    if profile.rsm_recomputes_lma:
-        efer = (efer & ~EFER_LMA) | (EFER_LMA if efer & EFER_LME and cr0 & CR0_PG and cr4 & CR4_PAE else 0)
-    if profile.rsm_apm_checks and (not cr0 & CR0_PE or efer & EFER_LMA):
-        rflags &= ~RFLAGS_VM
-    machine.smm.smbase = _new_smbase(profile, area, machine.smm.smbase)
-    machine.cpu.load(ArchState({name: area[name] for name in GPRS}, area["rip"], rflags, segments,
-                               (area["gdtr_base"], area["gdtr_limit"] & 0xFFFF),
-                               (area["idtr_base"], area["idtr_limit"] & 0xFFFF),
-                               cr0, cr3, cr4, efer, dr6, dr7, segments["ss"].dpl if cr0 & CR0_PE else 0))
-    return area["rip"]
-
-
-def _restore_32(machine: "Machine", area: dict) -> int:
-    cpu, profile = machine.cpu, machine.profile
-    shifted = profile.smm_shifted_attributes_32
-    cr0, cr3, cr4, dr6, dr7 = area["cr0"], area["cr3"], area["cr4"], area["dr6"], area["dr7"]
-    if profile.rsm_checks:
-        _control_checks(profile, cr0, cr3, cr4, 0, dr6, dr7, False)
-    if profile.rsm_apm_checks:
-        _check(area["revision"] != revision(machine, L.SMRAM_STATE_32),
-               f"revision identifier modified ({area['revision']:#x})")
-    segments = {name: Segment(area[f"{name}_selector"] & 0xFFFF, area[f"{name}_cache.base"],
-                              area[f"{name}_cache.limit"], L.flags_from_32(area[f"{name}_cache.flags"], shifted))
-                for name in (*SEGMENTS, "ldtr", "tr")}
-    rflags = area["eflags"] | 0x2
-    if profile.rsm_apm_checks and not cr0 & CR0_PE:
-        rflags &= ~RFLAGS_VM
-    gprs = dict(cpu.capture().gprs)
-    gprs.update({wide: area[narrow] for wide, narrow in GPR_PAIRS_32})
-    machine.smm.smbase = _new_smbase(profile, area, machine.smm.smbase)
-    cpu.load(ArchState(gprs, area["eip"], rflags, segments, (area["gdtr_base"], area["gdtr_limit"] & 0xFFFF),
-                       (area["idtr_base"], area["idtr_limit"] & 0xFFFF), cr0, cr3, cr4, cpu["efer"], dr6, dr7,
-                       segments["ss"].dpl if cr0 & CR0_PE else 0))
-    return area["eip"]
+        if area.revision != revision(machine, codec_for(is_64, profile).layout):
+            raise InvalidSavedState(f"revision identifier modified ({area.revision:#x})")
+        cs_flags = state[At.cs_flags]
+        if is_64 and efer & EFER_LME and cr0 & CR0_PG and cs_flags & FLAG_L and cs_flags & FLAG_DB:
+            raise InvalidSavedState("long-mode return with CS.L and CS.D both set")
+    state[At.rflags] |= 0x2
+    if is_64 and profile.rsm_recomputes_lma:
+        lma = EFER_LMA if efer & EFER_LME and cr0 & CR0_PG and cr4 & CR4_PAE else 0
+        state[At.efer] = (efer & ~EFER_LMA) | lma
+    if profile.rsm_apm_checks and (not cr0 & CR0_PE or state[At.efer] & EFER_LMA):
+        state[At.rflags] &= ~RFLAGS_VM
