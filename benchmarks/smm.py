@@ -8,7 +8,9 @@ Four configurations, each on a fresh Machine:
 * interrupted code in real mode or in long mode (64-bit, identity-mapped), times
 * handler in plain RAM (QEMU's default layout: SMBASE 0x30000 is ordinary RAM, no SMRAM
   range there; target >= 20,000/s), or handler in A-segment SMRAM (SMBASE 0xA0000, SMRAM
-  enabled and closed, so every SMI and every RSM swaps the view; target >= 8,000/s).
+  enabled and closed: the first SMI swaps SMRAM in, then every RSM hides it from non-SMM
+  code and every SMI shows it again, which drops and retranslates the handler's code each
+  time; target >= 8,000/s).
 
 Each run checks that the guest halted, that SMM was entered exactly N times and that the
 handler's counter reads N.  Each figure is the best of ``--repeat`` runs.  There is no

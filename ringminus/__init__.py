@@ -2,7 +2,12 @@
 Management Mode (ring -2), with Unicorn executing guest code."""
 from .emulator import (BootState, Event, EventKind, Machine, RunResult, Stop, StopReason,
                        Vector)
+from .hypercalls import (Hypercall, HypercallAction, HypercallFilter, HypercallFilterBusyError,
+                         HypercallFilterError, HypercallHandlerError, HypercallRange,
+                         InvalidHypercallRangeError, OverlappingHypercallRangeError)
 
 __version__ = "0.1.0"
-__all__ = ["BootState", "Event", "EventKind", "Machine", "RunResult", "Stop", "StopReason",
-           "Vector", "__version__"]
+__all__ = ["BootState", "Event", "EventKind", "Hypercall", "HypercallAction", "HypercallFilter",
+           "HypercallFilterBusyError", "HypercallFilterError", "HypercallHandlerError", "HypercallRange",
+           "InvalidHypercallRangeError", "Machine", "OverlappingHypercallRangeError", "RunResult", "Stop",
+           "StopReason", "Vector", "__version__"]

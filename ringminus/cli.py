@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
+import os
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 from .emulator import BootState, ImageError, Machine, RunResult, parse_elf, parse_flat
 from .emulator.boot import CPU_SIGNATURE, DEFAULT_LOAD, SYSTEM_AREA, overlaps_system_area
@@ -13,6 +18,7 @@ from .emulator.loader import is_elf
 from .emulator.result import USAGE_ERROR_STATUS
 from .emulator.ucinternals import UnicornLayoutError
 from .harness import VectorError, collect, run_vector
+from .hypercalls import HypercallAction, HypercallFilterError, HypercallHandlerError
 from .intercepts.controls import InterceptControls
 from .intercepts.exitcodes import ExitCode, parse_exit
 from .intercepts.profiles import DEFAULT_PROFILE, PROFILES
@@ -122,6 +128,68 @@ def parse_port(text: str) -> int:
     return port
 
 
+class HypercallRule(NamedTuple):
+    text: str
+    base: int
+    count: int
+    action: HypercallAction
+
+
+def parse_hypercall_rule(text: str) -> HypercallRule:
+    """``BASE[-END]=handle|deny|forward``; END is included."""
+    numbers, eq, action = text.rpartition("=")
+    if not eq or not numbers.strip():
+        raise argparse.ArgumentTypeError(f"--hypercall takes BASE[-END]=handle|deny|forward, not {text!r}")
+    try:
+        parsed = HypercallAction.parse(action)
+    except HypercallFilterError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    first, dash, last = numbers.partition("-")
+    base = parse_number(first.strip())
+    end = parse_number(last.strip()) if dash else base
+    if end < base:
+        raise argparse.ArgumentTypeError(f"hypercall range {numbers!r} runs backwards (END < BASE)")
+    return HypercallRule(text, base, end - base + 1, parsed)
+
+
+def parse_handler_spec(text: str) -> tuple[str, str]:
+    module, colon, function = text.rpartition(":")
+    if not colon or not module or not function.isidentifier():
+        raise argparse.ArgumentTypeError(f"--hypercall-handler takes MODULE:FUNCTION, not {text!r}")
+    return module, function
+
+
+def load_handler(module_name: str, function: str) -> Callable:
+    """The function FUNCTION of MODULE: a module importable from the current directory (or
+    the Python path), or a path to a .py file."""
+    spec = f"{module_name}:{function}"
+    from_file = module_name.endswith(".py") or os.sep in module_name
+    if from_file and not Path(module_name).is_file():
+        raise UsageError(f"--hypercall-handler {spec}: no such file {module_name}")
+    try:
+        if from_file:
+            loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except Exception as e:                      # whatever importing the user's module raised
+        raise UsageError(f"--hypercall-handler {spec}: cannot import {module_name}: "
+                         f"{type(e).__name__}: {one_line(e)}") from None
+    handler = getattr(module, function, None)
+    if handler is None:
+        raise UsageError(f"--hypercall-handler {spec}: {module_name} has no {function}")
+    if not callable(handler):
+        raise UsageError(f"--hypercall-handler {spec}: {function} is not callable")
+    return handler
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):          # one line, status 2, no usage dump
         raise UsageError(message)
@@ -179,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="whose behaviour where KVM, the APM and QEMU disagree (default kvm)")
     run.add_argument("--on-exit", choices=("stop", "skip"), default="stop",
                      help="at an intercept: stop the run (default), or skip the instruction and go on")
+    run.add_argument("--hypercall", type=parse_hypercall_rule, action="append", default=[],
+                     metavar="BASE[-END]=handle|deny|forward",
+                     help="what happens to VMMCALL/VMCALL numbers BASE..END outside guest mode (repeatable)")
+    run.add_argument("--hypercall-handler", type=parse_handler_spec, metavar="MODULE:FUNCTION",
+                     help="Python function that answers forwarded hypercalls (without one they stop the run)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     harness = commands.add_parser("harness", help="run nested-intercept vector files")
     harness.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="vector files, or directories of *.toml")
@@ -242,8 +315,15 @@ def prepare(args: argparse.Namespace) -> Machine:
             machine[name] = value
         if args.guest:
             machine.enter_guest(intercept_controls(args), args.profile, args.on_exit)
+        for rule in args.hypercall:
+            try:
+                machine.hypercalls.add(rule.base, rule.count, rule.action)
+            except HypercallFilterError as e:
+                raise UsageError(f"--hypercall {rule.text}: {e} ({e.errno_name})") from None
     except (ImageError, ValueError) as e:
         raise UsageError(str(e)) from None
+    if args.hypercall_handler:
+        machine.hypercalls.handler = load_handler(*args.hypercall_handler)
     return machine
 
 
@@ -283,8 +363,13 @@ def summary(result: RunResult) -> str:
         v = result.vmexit
         lines.append(f"vmexit: {v['name']} ({v['code']:#x}) info1={v['info1']:#x} info2={v['info2']:#x} "
                      f"next_rip={v['next_rip']:#x} stage={v['stage']} exit_int_info={v['exit_int_info']:#x}")
+    if result.hypercall:
+        h = result.hypercall
+        lines.append(f"hypercall: nr={h['nr']:#x} args=[{', '.join(f'{a:#x}' for a in h['args'])}] "
+                     f"conduit={h['conduit']} long_mode={h['long_mode']} cpl={h['cpl']}")
     if result.events:
-        lines.append(f"events: {len(result.events)} exits skipped")
+        kinds = Counter(e["kind"] for e in result.events)
+        lines.append("events: " + ", ".join(f"{count} {kind}" for kind, count in kinds.items()))
     names = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp")
     lines.append("  ".join(f"{n}={regs[n]:#018x}" for n in names[:4]))
     lines.append("  ".join(f"{n}={regs[n]:#018x}" for n in names[4:]))
@@ -297,8 +382,11 @@ def summary(result: RunResult) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     machine = prepare(args)
-    result = machine.run(max_instructions=args.max_insns, timeout=args.timeout,
-                         trace=sys.stderr if args.trace else None)
+    try:
+        result = machine.run(max_instructions=args.max_insns, timeout=args.timeout,
+                             trace=sys.stderr if args.trace else None)
+    except HypercallHandlerError as e:
+        raise UsageError(one_line(e)) from None
     if args.json:
         document = result.as_dict()
         if args.dump:

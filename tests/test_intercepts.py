@@ -87,7 +87,7 @@ def test_every_row_decodes_from_its_own_encoding():
         code += b"\x00" * (row.immediate + 8)
         insn = decode(code, 64)
         assert insn is not None and insn.row is row, row.name
-        assert row.intercept.stage in Stage
+        assert row.intercept is None or row.intercept.stage in Stage     # VMCALL has no intercept
 
 
 def test_decoder_never_raises_on_random_bytes():

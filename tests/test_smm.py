@@ -435,3 +435,56 @@ def test_smbase_above_one_mib():
     assert done.stop.reason is StopReason.HLT and done.regs["rip"] == 0x7C02
     assert int.from_bytes(saved[0xFF00:0xFF04].tobytes(), "little") == 0x200000     # the SMBASE slot
     assert int.from_bytes(saved[0xFF78:0xFF80].tobytes(), "little") == 0x7C00       # saved RIP
+
+
+# -- SMRAM views swap only where the CPU touches them (smram.py) ------------------------------
+ASEG_HANDLER = 0xA8000
+
+
+def test_after_rsm_the_guest_sees_ram_where_the_handler_ran():
+    # RAM behind the A-segment holds other code and data than SMRAM; after SMIs that ran the
+    # handler from SMRAM, the guest's reads and a far call into the A-segment reach RAM.
+    machine = Machine(apm_smi=True)
+    machine.set_smbase(0xA0000)
+    machine.smram.set_state("closed")
+    machine.load_smram(ASEG_HANDLER, asm("inc word ptr [0x9000]", 16, 0x8000) + RSM)
+    far_call = bytes.fromhex("9a008000a0")                          # call 0xa000:0x8000, as SMM ran it
+    machine.write_memory(0x7C00, asm("mov cx, 3; l: out 0xb2, al; dec cx; jnz l; mov ax, 0xa800; mov ds, ax; "
+                                     "mov bx, [0]; xor ax, ax; mov ds, ax", 16, 0x7C00) + far_call + b"\xf4")
+    machine.boot("real", 0x7C00)
+    behind = asm("mov si, 0x5a5a", 16, 0) + b"\xcb"                   # retf (keystone adds 0x66)
+    machine.write_memory(ASEG_HANDLER, behind)
+    result = machine.run()
+    assert result.stop.reason is StopReason.HLT and result.smm["entries"] == 3
+    assert machine.read_memory(0x9000, 2) == b"\x03\x00"                   # the handler ran 3 times
+    assert result.regs["rbx"] & 0xFFFF == int.from_bytes(behind[:2], "little")  # RAM, not SMRAM
+    assert result.regs["rsi"] & 0xFFFF == 0x5A5A                            # RAM's code ran
+    assert machine.smram.ranges[0].data[0x8000:0x8002].tobytes() != behind[:2]
+
+
+def test_a_handler_in_plain_ram_never_swaps_the_closed_a_segment():
+    machine = Machine(apm_smi=True)
+    machine.smram.set_state("closed")
+    machine.write_memory(0x38000, asm("inc word ptr [0x9000]", 16, 0x8000) + RSM)
+    machine.write_memory(0x7C00, asm("mov cx, 50; l: out 0xb2, al; dec cx; jnz l; hlt", 16, 0x7C00))
+    machine.boot("real", 0x7C00)
+    result = machine.run()
+    assert result.smm["entries"] == 50 and machine.read_memory(0x9000, 2) == b"\x32\x00"
+    assert result.stats["smram_swaps"] == 0
+
+
+def test_an_smm_access_to_the_a_segment_swaps_it_in():
+    # The handler lives in plain RAM but reads SMRAM: the first SMM access swaps the view in,
+    # and the value read is SMRAM's; outside SMM the same address reads RAM.
+    machine = Machine(apm_smi=True)
+    machine.smram.set_state("closed")
+    machine.load_smram(0xB0000, b"\x34\x12")
+    machine.write_memory(0xB0000, b"\x78\x56")
+    machine.write_memory(0x38000, asm("mov ax, 0xb000; mov ds, ax; mov ax, [0]; mov bx, 0; mov ds, bx; "
+                                      "mov [0x9000], ax", 16, 0x8000) + RSM)
+    machine.write_memory(0x7C00, asm("out 0xb2, al; mov ax, 0xb000; mov ds, ax; mov dx, [0]; hlt", 16, 0x7C00))
+    machine.boot("real", 0x7C00)
+    result = machine.run()
+    assert machine.read_memory(0x9000, 2) == b"\x34\x12"                   # SMRAM, read in SMM
+    assert result.regs["rdx"] & 0xFFFF == 0x5678                            # RAM, read after RSM
+    assert result.stats["smram_swaps"] >= 1

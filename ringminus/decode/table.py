@@ -1,4 +1,5 @@
-"""The decode-flag table: one row per instruction form that SVM can intercept.
+"""The decode-flag table: one row per instruction form that SVM can intercept, plus the few
+forms ringminus must recognise at a #UD without an intercept of their own (VMCALL).
 
 Read a row against the APM (Table 15-7, §15.9-15.11) and KVM's opcode table in one glance:
 its encoding, the emulator flags (KVM emulate.c names), the named permission check, and the
@@ -145,6 +146,10 @@ ROWS = (
     Row("tlbsync",     OF("0f01"), 0xFF, P, None, I(E.TLBSYNC)),
     Row("invpcid",     OF("0f3882"), "r", P | MO | SM, None, I(E.INVPCID), prefix=0x66, operand_size=16),
     Row("mcommit",     OF("0f01"), 0xFA, Flag.NONE, None, I(E.MCOMMIT), prefix=0xF3),
+    # Intel's hypercall instruction: no SVM intercept, #UD on AMD.  Outside guest mode the
+    # profile decides whether KVM's emulation applies (hypercalls/conduit.py, semantics.md
+    # §D.2); KVM's Priv flag belongs to that emulation, so it is not a flag here.
+    Row("vmcall",      OF("0f01"), 0xC1, Flag.NONE, None, None),
 )
 
 # INT3, INTO and BOUND are not rows: they raise #BP/#OF/#BR, whose exception intercepts save

@@ -20,7 +20,10 @@ CR4_PSE = 1 << 4
 CR4_PAE = 1 << 5
 
 CR4_PGE = 1 << 7
-TRANSLATION_CR4_BITS = CR4_PSE | CR4_PAE | CR4_PGE | 1 << 12 | 1 << 17 | 1 << 20 | 1 << 21 | 1 << 22  # LA57 PCIDE SMEP SMAP PKE
+CR4_LA57, CR4_PCIDE, CR4_SMEP, CR4_SMAP, CR4_PKE = 1 << 12, 1 << 17, 1 << 20, 1 << 21, 1 << 22
+TRANSLATION_CR4_BITS = CR4_PSE | CR4_PAE | CR4_PGE | CR4_LA57 | CR4_PCIDE | CR4_SMEP | CR4_SMAP | CR4_PKE
+# A CR4 write that changes one of these flushes QEMU's TLB itself (cpu_x86_update_cr4).
+CR4_FLUSHES_TLB = CR4_PGE | CR4_PAE | CR4_PSE | CR4_SMEP | CR4_SMAP | CR4_LA57
 
 RFLAGS_TF = 1 << 8
 RFLAGS_IF = 1 << 9
@@ -44,6 +47,7 @@ _UC_NAMES = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in (
     "ax", "bx", "cx", "dx", "si", "di", "bp", "sp", "al", "bl", "cl", "dl", "ah", "bh", "ch", "dh",
     *(f"r{n}{s}" for n in range(8, 16) for s in "dwb"))}
 REGISTER_NAMES = frozenset(_UC_NAMES) | {"efer"} | set(SEGMENT_REGISTERS)
+_HFLAGS_KEPT = uci.HF_CPL_MASK | uci.HF_INHIBIT_IRQ      # what a loaded state says itself
 _CONTROL_NAMES = frozenset({*CONTROL, "cr8", "rflags", "eflags"})
 _PAGING_NAMES = frozenset({"cr0", "cr3", "cr4", "efer"})
 
@@ -64,6 +68,9 @@ class Cpu:
         # The guest-visible EFER.SVME.  Unicorn's CPU model drops the bit, and it must stay
         # clear there anyway so every SVM instruction traps as #UD (reference/unicorn.md §3).
         self.svme = False
+        # Bumped by every register write made through this class, so a caller holding
+        # registers it read can tell whether anything (a device handler, say) changed them.
+        self.version = 0
 
     # -- plain registers -------------------------------------------------------------------
     def __getitem__(self, name: str) -> int:
@@ -74,6 +81,7 @@ class Cpu:
         return self.fast.read(_UC_NAMES[name])
 
     def __setitem__(self, name: str, value: int) -> None:
+        self.version += 1
         if name in _PAGING_NAMES:
             self.paging_epoch += 1
         if name == "efer":
@@ -90,6 +98,7 @@ class Cpu:
 
     @rip.setter
     def rip(self, value: int) -> None:
+        self.version += 1
         self.fast.write(X.UC_X86_REG_RIP, value)
 
     # -- segments and privilege ------------------------------------------------------------
@@ -103,6 +112,7 @@ class Cpu:
         return base, limit
 
     def set_table_register(self, name: str, base: int, limit: int) -> None:
+        self.version += 1
         self.uc.reg_write(X.UC_X86_REG_GDTR if name == "gdtr" else X.UC_X86_REG_IDTR, (0, base, limit, 0))
 
     @property
@@ -112,6 +122,7 @@ class Cpu:
     def load_segments(self, segments: dict[str, Segment], cpl: int | None = None) -> None:
         """Write segment caches (selector + hidden part) and, optionally, the CPL, in one
         context round trip; hflags are re-derived the way QEMU derives them."""
+        self.version += 1
         ctx = self.context.snapshot()
         for name, seg in segments.items():
             ctx.put_segment(name, uci.SegmentCache(seg.selector, seg.base, seg.limit, seg.flags))
@@ -122,6 +133,7 @@ class Cpu:
         """Set CR0/CR4/EFER exactly, including leaving long mode, which register writes on a
         64-bit handle cannot do (reference/unicorn.md §5): EFER, CR0 and the LMA/PE hflags
         are patched in the saved context."""
+        self.version += 1
         self.paging_epoch += 1
         self.uc.reg_write(X.UC_X86_REG_CR4, cr4)
         ctx = self.context.snapshot()
@@ -130,46 +142,56 @@ class Cpu:
         ctx.recompute_segment_hflags(ctx.u32(uci.HFLAGS) & uci.HF_CPL_MASK)
         ctx.commit()
 
-    def capture(self) -> "ArchState":
-        """Every register a world switch moves, from one copy of the context."""
-        state = ArchState(uci.STATE.unpack_from(self.context.snapshot().view))
-        state.append(self.fast.read(X.UC_X86_REG_RFLAGS))
+    def capture(self, context_is_current: bool = False, rflags: bool = True) -> "ArchState":
+        """Every register a world switch moves, from one copy of the context (taken now,
+        unless the caller has just taken it).  ``rflags=False`` leaves RFLAGS 0, for a caller
+        about to replace it (RSM) — computing it is a call into QEMU's lazy flags."""
+        ctx = self.context if context_is_current else self.context.snapshot()
+        state = ArchState(uci.STATE.unpack_from(ctx.view))
+        state.append(self.fast.read(X.UC_X86_REG_RFLAGS) if rflags else 0)
         if self.svme:
             state[At.efer] |= EFER_SVME
         return state
 
-    def load(self, state: "ArchState") -> None:
+    def load(self, state: "ArchState", context_is_current: bool = False) -> None:
         """Make ``state`` the CPU's, mode, CPL and NMI blocking included: one context round
         trip for what the register API cannot set, the C API for what QEMU must react to
-        (CR4, RFLAGS, DR7), and a TLB flush when the translation regime changed.  Inside a
+        (CR4, DR7), and a TLB flush when the translation regime changed.  Inside a
         code hook the caller must also write RIP through the API, as any change of control
-        flow there must be (reference/unicorn.md §2)."""
+        flow there must be (reference/unicorn.md §2).  ``context_is_current``: the caller's
+        last capture is still the CPU's (RIP aside, which this overwrites), so no new copy
+        is needed."""
+        self.version += 1
         self.paging_epoch += 1
-        self.svme = bool(state[At.efer] & EFER_SVME)
-        ctx = self.context.snapshot()
+        cr0, cr3, cr4, efer, rflags, dr7 = (state[At.cr0], state[At.cr3], state[At.cr4], state[At.efer],
+                                            state[At.rflags], state[At.dr7])
+        self.svme = bool(efer & EFER_SVME)
+        efer &= ~EFER_SVME
+        ctx = self.context if context_is_current else self.context.snapshot()
         old_cr0, _, _, old_cr3, old_cr4 = ctx.u64s(uci.CR, 5)
         old_efer, old_dr7 = ctx.u64(uci.EFER), ctx.u64(uci.DEBUG_REGISTERS + 7 * 8)
         values = list(state)
-        values[At.efer] &= ~EFER_SVME
+        values[At.efer] = efer
         values[At.cr4] = old_cr4                # set below through the API, which QEMU reacts to
-        keep = uci.HF_CPL_MASK | uci.HF_INHIBIT_IRQ
+        hflags = state[At.hflags]
+        (values[At.qemu_eflags], values[At.qemu_cc_src], values[At.qemu_cc_op],
+         values[At.qemu_df]) = uci.eflags_fields(rflags)      # as a register write stores RFLAGS
         values[At.hflags] = uci.derive_hflags(
-            ctx.u32(uci.HFLAGS) & ~keep | state[At.hflags] & keep, state[At.cr0], values[At.efer],
-            state[At.rflags], state[At.hflags] & uci.HF_CPL_MASK, state[At.cs_flags], state[At.ss_flags],
-            state[At.ds_base] | state[At.es_base] | state[At.ss_base])
+            ctx.u32(uci.HFLAGS) & ~_HFLAGS_KEPT | hflags & _HFLAGS_KEPT, cr0, efer, rflags, hflags & uci.HF_CPL_MASK,
+            state[At.cs_flags], state[At.ss_flags], state[At.ds_base] | state[At.es_base] | state[At.ss_base])
         for run, offset, fields in uci.STATE_RUNS:
             run.pack_into(ctx.view, offset, *values[fields])
         ctx.commit()
         write = self.fast.write
-        if state[At.cr4] != old_cr4:
-            write(X.UC_X86_REG_CR4, state[At.cr4])       # QEMU re-derives its CR4 hflags
-        write(X.UC_X86_REG_RFLAGS, state[At.rflags])
-        if state[At.dr7] != old_dr7:
-            write(X.UC_X86_REG_DR7, state[At.dr7])       # QEMU re-arms its breakpoints
-        if _translation_regime(old_cr0, old_cr3, old_cr4, old_efer) != \
-                _translation_regime(state[At.cr0], state[At.cr3], state[At.cr4], values[At.efer]):
-            self.fast.flush_tlb()
-        self._space = _address_space(state[At.cr0], state[At.cr3], state[At.cr4], state[At.efer])
+        if cr4 != old_cr4:
+            write(X.UC_X86_REG_CR4, cr4)        # QEMU re-derives its CR4 hflags (and may flush its TLB)
+        if dr7 != old_dr7:
+            write(X.UC_X86_REG_DR7, dr7)        # QEMU re-arms its breakpoints
+        if not (cr4 ^ old_cr4) & CR4_FLUSHES_TLB and (
+                (cr0 ^ old_cr0) & (CR0_PG | CR0_WP | CR0_PE) or cr3 != old_cr3
+                or (cr4 ^ old_cr4) & TRANSLATION_CR4_BITS or (efer ^ old_efer) & (EFER_LMA | EFER_NXE)):
+            self.fast.flush_tlb()               # QEMU's TLB entries depend on these (CPL selects its own TLB)
+        self._space = _address_space(cr0, cr3, cr4, efer)
         self._space_epoch = self.paging_epoch
 
     def address_space(self) -> tuple:
@@ -187,6 +209,7 @@ class Cpu:
 
     @nmi_blocked.setter
     def nmi_blocked(self, blocked: bool) -> None:
+        self.version += 1
         ctx = self.context.snapshot()
         hflags2 = ctx.u32(uci.HFLAGS2)
         ctx.put_u32(uci.HFLAGS2, hflags2 | uci.HF2_NMI_MASK if blocked else hflags2 & ~uci.HF2_NMI_MASK)
@@ -221,11 +244,6 @@ class Cpu:
         return CpuSnapshot(bytes(self.context.snapshot().raw), self["rflags"], self.svme)
 
 
-def _translation_regime(cr0: int, cr3: int, cr4: int, efer: int) -> tuple:
-    """Everything QEMU's TLB entries depend on besides CPL (which selects its own TLB)."""
-    return cr0 & (CR0_PG | CR0_WP | CR0_PE), cr3, cr4 & TRANSLATION_CR4_BITS, efer & (EFER_LMA | EFER_NXE)
-
-
 def _address_space(cr0: int, cr3: int, cr4: int, efer: int) -> tuple:
     return (True, cr3, cr4 & (CR4_PAE | CR4_PSE), efer & EFER_LMA) if cr0 & CR0_PG else (False,)
 
@@ -258,6 +276,14 @@ class ArchState(list):
     @property
     def cpl(self) -> int:
         return self[At.hflags] & uci.HF_CPL_MASK
+
+    @property
+    def protected(self) -> bool:
+        return bool(self[At.cr0] & CR0_PE)
+
+    @property
+    def code_bits(self) -> int:
+        return uci.code_bits(self[At.hflags])
 
     @cpl.setter
     def cpl(self, cpl: int) -> None:

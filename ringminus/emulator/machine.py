@@ -26,7 +26,7 @@ from ..decode.length import instruction_length
 from ..decode.table import ALWAYS_ARMED_OPCODES, OUT_OPCODES, PORT_OUT_ROWS, site_opcodes
 from . import boot as boot_states
 from . import ucinternals
-from .cpu import SEGMENT_REGISTERS, Cpu
+from .cpu import SEGMENT_REGISTERS, ArchState, At, Cpu
 from .descriptors import Segment
 from .delivery import Delivery, Event, EventKind, Outcome, Unsupported
 from .loader import Image, bios_windows, check_bios
@@ -40,6 +40,9 @@ from .vectors import PUSHES_ERROR_CODE, GuestFault, Vector
 from ..intercepts.checker import Fault, VmExit, check
 from ..intercepts.guest import Guest
 from ..intercepts.profiles import DEFAULT_PROFILE, profile as profile_named
+from ..hypercalls.conduit import (CONDUITS, PendingHypercall, complete as complete_hypercall,
+                                  execute as execute_hypercall)
+from ..hypercalls.filter import HypercallFilter
 from ..smm.chipset import Chipset
 from ..smm.smram import Smram
 from ..smm.world import IoInstruction, SmmState, enter_smm, leave_smm
@@ -47,7 +50,7 @@ from ..smm.world import IoInstruction, SmmState, enter_smm, leave_smm
 DEFAULT_MEMORY = 64 << 20
 UNBOUNDED_COUNT = 1 << 62
 STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "vmexits", "port_reads",
-             "port_writes", "unclaimed_port_reads", "unclaimed_port_writes")
+             "port_writes", "unclaimed_port_reads", "unclaimed_port_writes", "hypercalls")
 ICEBP, INT3, INTO = 0xF1, 0xCC, 0xCE
 RSM = b"\x0f\xaa"
 
@@ -76,7 +79,7 @@ class VirtualTsc:
 class _Trap:
     """What a hook saw before it stopped the slice."""
     kind: str                   # "exception", "invalid", "port", "memory", "vmexit", "fault", "step",
-                                # "breakpoint", "resume"
+                                # "breakpoint", "resume", "view"
     vector: int = 0
     error_code: int = 0
     software: bool = False
@@ -116,7 +119,7 @@ class Machine:
                            ucinternals.add_instruction_hook(self.uc, X.UC_X86_INS_RDTSCP, self.tsc.rdtscp)]
         self.smram = Smram(self.memory)
         self.chipset = Chipset(chipset, self.smram, self.ports, self.raise_smi, apm_smi)
-        self.sites = CodeSites(self.uc, self._on_site, OUT_OPCODES | ALWAYS_ARMED_OPCODES, self.cpu.fast.read_memory)
+        self.sites = CodeSites(self.uc, self._on_site, OUT_OPCODES | ALWAYS_ARMED_OPCODES, self.memory.read_fast)
         self.exact_instructions = exact_instructions
         self.instructions = 0
         self._instructions_exact = True
@@ -128,7 +131,10 @@ class Machine:
         self._stop: Stop | None = None
         self.guest = None                   # intercepts.Guest while the guest runs as L2
         self.last_exit = None               # the VmExit that ended the last run, if any
-        self.events: list[dict] = []        # events delivered and exits skipped, in order
+        self.events: list[dict] = []        # events delivered, exits skipped, hypercalls, in order
+        self.has_run = False                # set by the first run(): the hypercall filter is fixed then
+        self.hypercalls = HypercallFilter(lambda: self.has_run)
+        self._pending_hypercall: PendingHypercall | None = None     # forwarded, awaiting resume()
         self._breakpoints: dict[int, int] = {}
         self._resuming_at_breakpoint: int | None = None
         self._decoded: dict[tuple[int, bytes, int], Instruction | None] = {}
@@ -278,12 +284,13 @@ class Machine:
     def request_stop_shutdown(self, reason: str) -> None:
         self.request_stop(StopReason.SHUTDOWN, detail=reason)
 
-    def _execute_rsm(self, rip: int) -> None:
+    def _execute_rsm(self, rip: int, state: ArchState | None = None) -> None:
+        """RSM at ``rip`` (``state``: the registers there, if the caller has them)."""
         if not self.smm.in_smm:
             self.deliver(Event(Vector.UD, EventKind.EXCEPTION, rip))
             return
         self._retire(1)
-        leave_smm(self)
+        leave_smm(self, state)
         if self.smm.latched_init and self._stop is None:
             self._process_init()
 
@@ -430,30 +437,32 @@ class Machine:
                                   cr2=ctx.u64(ucinternals.CR + 2 * 8)))
 
     def _on_invalid_opcode(self, uc: Uc, _data) -> bool:
-        if self._switch_in_hooks and self.smm.in_smm and self._at_rsm():
-            self._execute_rsm(self.cpu.rip)
-            self._continue_in_hook()
-        else:
-            self._trap_and_stop(_Trap("invalid"))
+        if self._switch_in_hooks and self.smm.in_smm:        # RSM, as SMM handlers end
+            state = self.cpu.capture(rflags=False)         # RSM replaces RFLAGS
+            linear = state[At.cs_base] + state[At.rip]
+            if self.linear.fetch(linear, 2, state[At.cr0], state[At.cr3]) == RSM:
+                self._execute_rsm(state[At.rip], state)
+                self._continue_in_hook()
+                return True
+        self._trap_and_stop(_Trap("invalid"))
         return True
 
-    def _at_rsm(self) -> bool:
-        ctx = self.cpu.context.snapshot()
-        linear = ctx.segment("cs").base + ctx.u64(ucinternals.EIP)
-        return self.linear.fetch(linear, 2, ctx.u64(ucinternals.CR), ctx.u64(ucinternals.CR + 24)) == RSM
-
-    def _continue_in_hook(self) -> None:
+    def _continue_in_hook(self, state: ArchState | None = None) -> None:
         """After a hook executed the instruction itself: take a pending SMI right here, or end
-        the slice when the run must stop or the run loop has an event to deliver."""
+        the slice when the run must stop or the run loop has an event to deliver.  ``state``:
+        the registers after the instruction, if the hook still holds them current."""
         if self._stop is None and self.smm.pending and not self.smm.in_smm:
             self.smm.pending = False
-            enter_smm(self)
+            enter_smm(self, state)
         if (self._stop is not None or self.halted or not self._rearm_if_address_space_changed(only_if_cheap=True)
                 or self.smm.pending and not self.smm.in_smm
                 or self.smm.latched_init and not self.smm.in_smm or self.nmi_pending):
             self._trap_and_stop(_Trap("resume"))
 
     def _on_bad_memory(self, uc: Uc, access: int, address: int, size: int, value: int, _data) -> bool:
+        if self.smram.hidden_at(address):
+            self._trap = _Trap("view", address=address)     # map its view, run it again
+            return False
         if access == UC_MEM_WRITE_PROT:          # ROM: the write is dropped, as QEMU drops it
             self.stats["rom_writes_ignored"] += 1
             return True
@@ -487,15 +496,13 @@ class Machine:
                 self._stepping_over = None
         if insn is None or insn.row.name not in PORT_OUT_ROWS:
             return
-        port = insn.immediate if insn.immediate is not None else self.cpu["dx"] & 0xFFFF
+        port = insn.immediate if insn.immediate is not None else ctx.u64(ucinternals.GPRS + 2 * 8) & 0xFFFF
         if not self.ports.is_precise(port):
             return
-        trap = _Trap("port", address=address, port=port, outcome=insn)
         if self._switch_in_hooks:
-            self._emulate_out(trap)             # its RIP write makes Unicorn skip the native OUT
-            self._continue_in_hook()
+            self._continue_in_hook(self._emulate_out(insn, port, self.cpu.capture(context_is_current=True)))
         else:
-            self._trap_and_stop(trap)
+            self._trap_and_stop(_Trap("port", address=address, port=port, outcome=insn))
 
     def _decode(self, code: bytes, bits: int, rip: int) -> Instruction | None:
         """Decode once per (address, bytes, mode) — DESIGN.md §3."""
@@ -536,6 +543,8 @@ class Machine:
         self._tracing = trace_hook is not None
         self._stop = None
         self.last_exit = None
+        self.has_run = True
+        self._pending_hypercall = None          # not completed by resume(): the call runs again
         if self.cpu.paging_epoch != self._armed_epoch:     # the caller changed paging registers
             self._forget_armed_spaces()
         pc = (self.cpu.segment("cs").base + self.cpu.rip) & 0xFFFF_FFFF_FFFF_FFFF
@@ -555,11 +564,25 @@ class Machine:
         stats.update(self.ports.stats)
         stats["unclaimed_ports"] = sorted(self.ports.unclaimed) if self.ports.unclaimed else []
         stats["code_sites"] = len(self.sites.armed)
+        stats["smram_swaps"] = self.smram.swaps
         stop = self._stop or Stop(StopReason.STOPPED, self.cpu.rip)
         exit_ = self.last_exit if stop.reason is StopReason.VMEXIT else None
+        pending = self._pending_hypercall if stop.reason is StopReason.HYPERCALL else None
         return RunResult(stop, self.cpu.snapshot(), bytes(self.console.output),
                          self.instructions if self._instructions_exact else None, stats, exit_,
-                         tuple(self.events), self.smm.as_dict(self.smram.state))
+                         tuple(self.events), self.smm.as_dict(self.smram.state),
+                         pending.call if pending else None)
+
+    def resume(self, ret: int | None = None, max_instructions: int | None = None,
+               timeout: float | None = None, trace: TextIO | None = None) -> RunResult:
+        """Run on.  After a ``hypercall`` stop, first complete the forwarded call as KVM x86
+        does on re-entry (semantics.md §D.2): RAX := ``ret`` (a u32 outside 64-bit mode;
+        None declines: −KVM_ENOSYS) and RIP past the instruction."""
+        if self._pending_hypercall is not None:
+            complete_hypercall(self, self._pending_hypercall, ret)
+        elif ret is not None:
+            raise ValueError("no forwarded hypercall to complete: the last run did not stop for one")
+        return self.run(max_instructions, timeout, trace)
 
     def _fire_due_events(self) -> None:
         while self._scheduled and self._scheduled[0][0] <= self.instructions and self._stop is None:
@@ -639,7 +662,10 @@ class Machine:
 
     def _after_slice(self, error: UcError | None, budget: int, started: int, deadline: float | None) -> None:
         trap = self._trap
-        if trap is not None and trap.kind == "memory":
+        if trap is not None and trap.kind == "view":
+            self._retire(started - 1)
+            self.smram.reveal(trap.address)
+        elif trap is not None and trap.kind == "memory":
             self._retire(started - 1)
             self._stop = Stop(StopReason.MEMORY, self.cpu.rip, trap.address, trap.detail)
         elif error is not None:
@@ -663,7 +689,7 @@ class Machine:
             self._on_invalid_trap()
         elif trap.kind == "port":
             self._retire(started - 1)
-            self._emulate_out(trap)
+            self._emulate_out(trap.outcome, trap.port, self.cpu.capture())
         elif trap.kind == "step":
             self._retire(started - 1)
             self._stepping_over = trap.address
@@ -722,6 +748,9 @@ class Machine:
         if insn is not None and insn.row.name == "rsm":
             self._execute_rsm(rip)
             return
+        if insn is not None and insn.row.name in CONDUITS and self.guest is None:
+            execute_hypercall(self, insn)       # ringminus is the host (semantics.md §D.3)
+            return
         first = code[0] if code else None
         if first == ICEBP:                   # INT1: a trap-like #DB that Unicorn reports as #UD
             self._retire(1)
@@ -729,24 +758,26 @@ class Machine:
         else:
             self.deliver(Event(Vector.UD, EventKind.EXCEPTION, rip))
 
-    def _emulate_out(self, trap: _Trap) -> None:
-        """Perform an OUT to a precise device, exactly as the CPU would."""
-        rip = self.cpu.rip
-        io = trap.outcome                       # the decoded OUT
+    def _emulate_out(self, io: Instruction, port: int, state: ArchState) -> ArchState | None:
+        """Perform an OUT to a precise device, exactly as the CPU would, on the registers
+        ``state`` holds at the OUT.  Its RIP write also makes Unicorn skip the native OUT
+        when this runs inside the site's hook.  Returns ``state`` as it is after the OUT,
+        unless the device changed registers (then None)."""
+        rip = state[At.rip]
         size = min(io.operand_size, 4)
-        if not io_permitted(self.cpu, self.linear, trap.port, size):
+        if not io_permitted(state, self.linear, port, size):
             self.deliver(Event(Vector.GP, EventKind.EXCEPTION, rip, 0))
-            return
-        self.cpu.rip = rip + io.length
+            return None
+        self.cpu.rip = state[At.rip] = rip + io.length
         self._retire(1)
-        smi_before = self.smm.pending
-        self.ports.write(trap.port, size, self.cpu["rax"])
+        smi_before, version = self.smm.pending, self.cpu.version
+        self.ports.write(port, size, state[At.rax])
         if self.smm.pending and not smi_before:     # an I/O-instruction SMI (APM §10.3.5)
-            cpu = self.cpu                          # OUT leaves RCX/RSI/RDI as they were
-            self.smm.io_instruction = IoInstruction((rip, cpu["rcx"], cpu["rsi"], cpu["rdi"]), trap.port,
+            self.smm.io_instruction = IoInstruction((rip, state[At.rcx], state[At.rsi], state[At.rdi]), port,
                                                     read=False, size=size)
         if self._stop is not None:
             self._stop = Stop(self._stop.reason, self.cpu.rip, self._stop.value, self._stop.detail)
+        return state if self.cpu.version == version else None
 
     # -- tracing (the one per-instruction callback, on request) ----------------------------
     def _add_trace(self, out: TextIO) -> int:

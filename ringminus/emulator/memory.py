@@ -8,6 +8,7 @@ only), never a copy (DESIGN.md §3, reference/unicorn.md §4).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, Uc
@@ -54,6 +55,11 @@ class PhysicalMemory:
         self.fast = FastAccess(uc)
         self.ram = page_aligned_array(ram_size)
         self.overlays: list[Overlay] = []
+        # Ranges left unmapped until touched because their view changed (smram.py), and the
+        # callback that maps the right view; every Python-side access reveals what it touches
+        # first, as the CPU's does through a fault.
+        self.hidden: list[tuple[int, int]] = []
+        self.reveal: Callable[[int, int], None] | None = None
         self._map(0, self.ram, RW)
 
     @property
@@ -72,27 +78,47 @@ class PhysicalMemory:
             self.uc.mem_map(base, len(data), perms)
             self.uc.mem_write(base, data.tobytes())
 
-    def add_overlay(self, name: str, base: int, data: np.ndarray, perms: int = RW) -> Overlay:
-        """Show ``data`` at ``base`` instead of whatever RAM is there."""
+    def add_overlay(self, name: str, base: int, data: np.ndarray, perms: int = RW, over_ram: bool = True) -> Overlay:
+        """Show ``data`` at ``base`` instead of whatever RAM is there (``over_ram=False``: the
+        caller has unmapped that RAM already)."""
         if base % PAGE or len(data) % PAGE or len(data) == 0:
             raise ValueError(f"overlay {name} must be whole 4 KiB pages")
         overlay = Overlay(name, base, data, perms)
-        start, end = max(base, 0), min(overlay.end, self.ram_size)
-        if start < end:
-            self.uc.mem_unmap(start, end - start)
+        if over_ram:
+            self.unmap_ram(base, len(data))
         self._map(base, data, perms)
         self.overlays.append(overlay)
         return overlay
 
-    def remove_overlay(self, overlay: Overlay) -> None:
+    def remove_overlay(self, overlay: Overlay, restore_ram: bool = True) -> None:
+        """Stop showing ``overlay``; the RAM beneath shows again unless ``restore_ram`` is
+        False (the range then stays unmapped)."""
         self.uc.mem_unmap(overlay.base, len(overlay.data))
         self.overlays.remove(overlay)
-        start, end = overlay.base, min(overlay.end, self.ram_size)
+        if restore_ram:
+            self.map_ram(overlay.base, len(overlay.data))
+
+    def unmap_ram(self, base: int, size: int) -> None:
+        start, end = max(base, 0), min(base + size, self.ram_size)
+        if start < end:
+            self.uc.mem_unmap(start, end - start)
+
+    def map_ram(self, base: int, size: int) -> None:
+        """Map the RAM in [base, base + size) (after ``unmap_ram``) as a region of its own."""
+        start, end = max(base, 0), min(base + size, self.ram_size)
         if start < end:
             self._map(start, self.ram[start:end], RW)
 
     # -- Python-side physical access (what the CPU would see right now) --------------------
+    def _reveal_hidden(self, address: int, size: int) -> None:
+        for start, end in self.hidden:
+            if address < end and start < address + size:
+                self.reveal(address, size)
+                return
+
     def read(self, address: int, size: int) -> bytes:
+        if self.hidden:
+            self._reveal_hidden(address, size)
         data = self.fast.read_memory(address, size)
         if data is None:
             raise UnbackedMemory(address)
@@ -100,9 +126,21 @@ class PhysicalMemory:
 
     def read_fast(self, address: int, size: int) -> bytes | None:
         """``read`` for hot paths: None instead of an exception where nothing is mapped."""
+        if self.hidden:
+            self._reveal_hidden(address, size)
         return self.fast.read_memory(address, size)
 
+    def read_only(self, address: int) -> bool:
+        """True where a ROM overlay shows: guest writes there are dropped, as on QEMU.
+        (``write`` below writes regardless — Unicorn's uc_mem_write ignores protection.)"""
+        for overlay in reversed(self.overlays):        # the last one added is on top
+            if overlay.base <= address < overlay.end:
+                return not overlay.perms & UC_PROT_WRITE
+        return False
+
     def write(self, address: int, data: bytes) -> None:
+        if self.hidden:
+            self._reveal_hidden(address, len(data))
         if not self.fast.write_memory(address, bytes(data)):
             raise UnbackedMemory(address)
 

@@ -38,6 +38,9 @@ class LinearMemory:
         fast = self.cpu.fast
         paged = (fast.read(X86_CR0) if cr0 is None else cr0) & CR0_PG
         cr3 = (fast.read(X86_CR3) if cr3 is None else cr3) if paged else 0
+        if (linear & 0xFFF) + size <= 0x1000:                     # the common case: one page
+            frame = self._code_frame(cr3, linear) if paged else linear & 0xFFFF_F000
+            return None if frame is None else self.phys.read_fast(frame | (linear & 0xFFF), size)
         out = b""
         for page_linear, count in self._chunks(linear, size):
             if paged:
@@ -58,7 +61,7 @@ class LinearMemory:
         cached = self._code_tlb.get(key)
         if cached is not None:
             frame, leaf_address, leaf, leaf_size = cached
-            if self.phys.fast.read_memory(leaf_address, leaf_size) == leaf.to_bytes(leaf_size, "little"):
+            if self.phys.read_fast(leaf_address, leaf_size) == leaf.to_bytes(leaf_size, "little"):
                 return frame
         try:
             walked = []
@@ -169,7 +172,7 @@ class LinearMemory:
 
     def _walk(self, table: int, shifts, base: int, entry_size: int, wanted, found, sign_extend=False,
               pse=False) -> None:
-        raw = self.cpu.fast.read_memory(table, 4096)
+        raw = self.phys.read_fast(table, 4096)
         if raw is None:
             return
         entries = np.frombuffer(raw, dtype=np.uint64 if entry_size == 8 else np.uint32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Callable, Iterable, Protocol
 
-from .cpu import RFLAGS_VM
+from .cpu import RFLAGS_VM, At
 from .memory import UnbackedMemory
 from .vectors import GuestFault
 
@@ -111,15 +111,16 @@ class PortBus:
         device.write(port, size, value & ((1 << (8 * size)) - 1))
 
 
-def io_permitted(cpu, linear, port: int, size: int) -> bool:
-    """The protected-mode I/O permission check: CPL <= IOPL (outside virtual-8086 mode), or
-    the TSS I/O bitmap clears every bit of the access (APM §8.2.10 "I/O permission")."""
-    if not cpu.protected:
+def io_permitted(state, linear, port: int, size: int) -> bool:
+    """The protected-mode I/O permission check on the registers in ``state`` (an ArchState):
+    CPL <= IOPL (outside virtual-8086 mode), or the TSS I/O bitmap clears every bit of the
+    access (APM §8.2.10 "I/O permission")."""
+    if not state.protected:
         return True
-    rflags = cpu["rflags"]
-    if cpu.cpl <= (rflags >> 12) & 3 and not rflags & RFLAGS_VM:
+    rflags = state[At.rflags]
+    if state.cpl <= (rflags >> 12) & 3 and not rflags & RFLAGS_VM:
         return True
-    tr = cpu.segment("tr")
+    tr = state.segment("tr")
     if not tr.present or tr.type not in (0x9, 0xB) or tr.limit < 103:
         return False
     try:

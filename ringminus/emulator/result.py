@@ -17,6 +17,7 @@ class StopReason(Enum):
     STOPPED = "stopped"          # Machine.request_stop() from a user handler
     VMEXIT = "vmexit"            # L2 took an intercept L1 asked for; value = the exit code
     BREAKPOINT = "breakpoint"    # Machine.break_at() address reached
+    HYPERCALL = "hypercall"      # a forwarded hypercall with no handler; value = its number
 
 
 # CLI exit status per stop reason.  ``exit`` maps to 2*value+1 as QEMU's isa-debug-exit does
@@ -31,6 +32,7 @@ EXIT_STATUS = {
     StopReason.STOPPED: 14,
     StopReason.VMEXIT: 16,
     StopReason.BREAKPOINT: 18,
+    StopReason.HYPERCALL: 20,
 }
 USAGE_ERROR_STATUS = 2
 
@@ -59,16 +61,18 @@ class Stop:
 
 @dataclass(frozen=True)
 class RunResult:
-    """What a run left.  ``regs``, ``stats``, ``vmexit`` and ``events`` are built on first use
-    from what was captured at the stop (a stop-and-resume loop rarely reads them all)."""
+    """What a run left.  ``regs``, ``stats``, ``vmexit``, ``hypercall`` and ``events`` are built
+    on first use from what was captured at the stop (a stop-and-resume loop rarely reads them
+    all)."""
     stop: Stop
     cpu: object                   # emulator.cpu.CpuSnapshot at the stop
     console_bytes: bytes
     instructions: int | None      # exact when counting (a limit or an instruction event is set)
     counters: dict = field(default_factory=dict)
     exit: object = None           # intercepts.VmExit that stopped the run (reason vmexit)
-    event_log: tuple = ()         # events delivered and exits skipped, in order
+    event_log: tuple = ()         # events delivered, exits skipped, hypercalls, in order
     smm: dict = field(default_factory=dict)   # the KVM vcpu-events view of SMM, SMBASE, SMRAM state
+    call: object = None           # hypercalls.Hypercall that stopped the run (reason hypercall)
 
     @cached_property
     def regs(self) -> dict:
@@ -88,10 +92,14 @@ class RunResult:
         return self.exit.as_dict() if self.exit is not None else None
 
     @cached_property
+    def hypercall(self) -> dict | None:
+        return self.call.as_dict() if self.call is not None else None
+
+    @cached_property
     def events(self) -> list:
         return [e if isinstance(e, dict) else {"kind": "vmexit", **e.as_dict()} for e in self.event_log]
 
     def as_dict(self) -> dict:
         return {"stop": self.stop.as_dict(), "regs": self.regs, "console": self.console,
                 "instructions": self.instructions, "stats": self.stats, "vmexit": self.vmexit,
-                "events": self.events, "smm": self.smm}
+                "hypercall": self.hypercall, "events": self.events, "smm": self.smm}

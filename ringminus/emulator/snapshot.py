@@ -1,6 +1,7 @@
 """Machine snapshots: everything a run depends on — the CPU (Unicorn's whole saved state),
-RAM, SMRAM and its control, SMM and event state, the virtual TSC, instruction count and
-pending instruction-indexed events — so that restoring reproduces the run bit for bit."""
+RAM, SMRAM and its control, SMM and event state, the virtual TSC, instruction count,
+pending instruction-indexed events and a forwarded hypercall awaiting completion — so that
+restoring reproduces the run bit for bit."""
 from __future__ import annotations
 
 import copy
@@ -29,6 +30,7 @@ class Snapshot:
     scheduled: tuple
     console: bytes
     events: tuple
+    pending_hypercall: object = None        # hypercalls.conduit.PendingHypercall
 
 
 def take(machine: "Machine") -> Snapshot:
@@ -36,7 +38,7 @@ def take(machine: "Machine") -> Snapshot:
                     tuple(r.data.copy() for r in machine.smram.ranges), machine.smram.register,
                     copy.copy(machine.smm), machine.nmi_pending, machine.halted, machine.instructions,
                     machine._instructions_exact, machine.tsc.value, tuple(machine._scheduled),
-                    bytes(machine.console.output), tuple(machine.events))
+                    bytes(machine.console.output), tuple(machine.events), machine._pending_hypercall)
 
 
 def restore(machine: "Machine", snap: Snapshot) -> None:
@@ -57,6 +59,7 @@ def restore(machine: "Machine", snap: Snapshot) -> None:
     machine._scheduled = list(snap.scheduled)
     machine.console.output = bytearray(snap.console)
     machine.events = list(snap.events)
+    machine._pending_hypercall = snap.pending_hypercall
     # Memory changed behind Unicorn's back: drop every translation, and find the code sites
     # in the bytes as they are now.
     machine.uc.ctl_flush_tb()

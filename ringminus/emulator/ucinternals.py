@@ -69,12 +69,15 @@ RFLAGS_VM = 1 << 17
 # context and writing is one call per run (the bytes between runs are QEMU state ringminus
 # must not touch).  Segment slots: es cs ss ds fs gs, then ldtr tr gdtr idtr.
 SLOT_NAMES = ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr", "gdtr", "idtr")
+# The first run also carries QEMU's lazy-flags fields (eflags without the arithmetic flags,
+# cc_*, df) only so that it is one contiguous run: a world switch writes RFLAGS through the
+# API afterwards, which sets them consistently.
 _STATE_RUNS_SPEC = (
-    (GPRS, "16QQ", ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-                    *(f"r{n}" for n in range(8, 16)), "rip")),
-    (HFLAGS, "II" + "I4xQII" * 10, ("hflags", "hflags2", *(f"{slot}.{part}" for slot in SLOT_NAMES
-                                                            for part in ("selector", "base", "limit", "flags")))),
-    (CR, "5Q", ("cr0", "cr1", "cr2", "cr3", "cr4")),
+    (GPRS, "16QQ" "QQQQIi" "II" + "I4xQII" * 10 + "5Q",
+     ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", *(f"r{n}" for n in range(8, 16)), "rip",
+      "qemu.eflags", "qemu.cc_dst", "qemu.cc_src", "qemu.cc_src2", "qemu.cc_op", "qemu.df",
+      "hflags", "hflags2", *(f"{slot}.{part}" for slot in SLOT_NAMES for part in ("selector", "base", "limit", "flags")),
+      "cr0", "cr1", "cr2", "cr3", "cr4")),
     (EFER, "Q", ("efer",)),
     (DEBUG_REGISTERS, "8Q", tuple(f"dr{n}" for n in range(8))),
 )
@@ -93,6 +96,16 @@ STATE = _state_struct()                       # unpack_from(context) -> values i
 STATE_RUNS: tuple[tuple[struct.Struct, int, slice], ...] = tuple(
     (struct.Struct("<" + run), offset, slice(STATE_FIELDS.index(names[0]), STATE_FIELDS.index(names[0]) + len(names)))
     for offset, run, names in _STATE_RUNS_SPEC)
+
+
+CC_OP_EFLAGS = 1              # QEMU's lazy-flags state "CC_SRC holds the flags themselves"
+ARITHMETIC_FLAGS = 0x8D5      # OF SF ZF AF PF CF
+
+
+def eflags_fields(rflags: int) -> tuple[int, int, int, int]:
+    """(eflags, cc_src, cc_op, df) as QEMU's ``cpu_load_eflags`` stores RFLAGS (what a
+    register write does): a world switch patches them into the first state run directly."""
+    return rflags | 0x2, rflags & ARITHMETIC_FLAGS, CC_OP_EFLAGS, -1 if rflags & (1 << 10) else 1
 
 
 def derive_hflags(hflags: int, cr0: int, efer: int, rflags: int, cpl: int, cs_flags: int, ss_flags: int,
@@ -148,6 +161,10 @@ class Context:
     def __init__(self, uc: Uc):
         self._uc = uc
         self._ctx = uc.context_save()
+        # snapshot/commit call the C library directly: they run several times per intercept
+        # or world switch, and the binding's wrappers cost more than the copy itself.
+        self._save, self._restore = uc_library().uc_context_save, uc_library().uc_context_restore
+        self._handle, self._pointer = uc._uch, self._ctx.context
         address = ctypes.cast(self._ctx.context, ctypes.c_void_p).value
         self.raw = (ctypes.c_uint8 * CONTEXT_SIZE).from_address(address)
         self.view = memoryview(self.raw).cast("B")
@@ -162,11 +179,11 @@ class Context:
         return view
 
     def snapshot(self) -> "Context":
-        self._uc.context_update(self._ctx)
+        self._save(self._handle, self._pointer)
         return self
 
     def commit(self) -> None:
-        self._uc.context_restore(self._ctx)
+        self._restore(self._handle, self._pointer)
 
     def u32(self, offset: int) -> int:
         return struct.unpack_from("<I", self.view, offset)[0]
@@ -354,6 +371,10 @@ def verify() -> None:
     # Started: mov, mov(faults), int, mov, 5*(dec, jnz), hlt = 15.
     if emu_counter(uc) != 15 or ctypes.c_uint64.from_address(uc._uch.value + EMU_COUNTER + 8).value != 100:
         fail("the instruction counter")
+    uc.reg_write(X.UC_X86_REG_RFLAGS, 0x2 | 0x400 | 0x800 | 0x40 | 0x200)
+    ctx.snapshot()
+    if struct.unpack_from("<Q8xQ8xIi", ctx.view, EFLAGS) != eflags_fields(0x2 | 0x400 | 0x800 | 0x40 | 0x200):
+        fail("the lazy-flags fields")
     uc.reg_write(X.UC_X86_REG_DR7, 0x4711)
     uc.reg_write(X.UC_X86_REG_R15, 0x0F0F)
     ctx.snapshot()

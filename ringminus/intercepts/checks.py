@@ -144,7 +144,7 @@ def monitor(insn: "Instruction", guest: "Guest") -> None:
 def io(insn: "Instruction", guest: "Guest") -> None:
     """IN/OUT/INS/OUTS: only the VM86/IOPL/TSS-bitmap #GP precedes the intercept (§A.5)."""
     port = insn.immediate if insn.immediate is not None else guest.cpu["dx"]
-    if not io_permitted(guest.cpu, guest.linear, port, insn.operand_size if insn.operand_size < 8 else 4):
+    if not io_permitted(guest.cpu.capture(), guest.linear, port, insn.operand_size if insn.operand_size < 8 else 4):
         raise _gp()
 
 

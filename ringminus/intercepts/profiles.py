@@ -1,6 +1,6 @@
-"""Where KVM, the APM and QEMU disagree about intercepts: one named choice per divergence
-(semantics.md §F), one row per profile.  The checker reads these fields and nothing else
-about the profile."""
+"""Where KVM, the APM and QEMU disagree (intercepts, SMM, VMCALL): one named choice per
+divergence (semantics.md §F), one row per profile.  The checker, the SMM world switch and the
+hypercall conduit read these fields and nothing else about the profile."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -63,6 +63,12 @@ class Profile:
     #: F.14 — I/O-instruction restart (FEC8h and the I/O restart fields, revision bit 16) and
     #: auto-HALT restart (FEC9h) as the APM defines them; KVM and QEMU write 0 and ignore them.
     smm_restart_fields: bool = False
+    # -- hypercalls (semantics.md §D.2, §F.20) -----------------------------------------------
+    #: §D.2 — VMCALL (Intel's encoding, #UD on AMD) outside guest mode: KVM emulates it
+    #: (opcode entry ``EmulateOnUD | Priv``): #GP(0) at CPL > 0 (from the Priv flag; inferred,
+    #: §D.2), else the FIX_HYPERCALL_INSN quirk rewrites the 3 bytes at CS:RIP to VMMCALL and
+    #: the guest re-executes them.  Without it (APM, QEMU's TCG) VMCALL raises #UD.
+    vmcall_fix_hypercall: bool = False
 
 
 PROFILES = {p.name: p for p in (
@@ -72,7 +78,7 @@ PROFILES = {p.name: p for p in (
             stgi_skinit_without_svme=False, svm_rax_gp_before_svme_ud=True, ioio_segment=False,
             ioio_address_size=True, smi_exitinfo=False, decode_assists=False,
             selective_cr0_fixed=True, rep_zero_count_intercepts=True,
-            smm_zero_idtr=True),
+            smm_zero_idtr=True, vmcall_fix_hypercall=True),
     Profile("apm", cr_value_checks_before_intercept=True, umip_before_intercept=True,
             monitor_checks_operand=True, monitor_mwait_ud_at_cpl3=False, vmmcall_prot=False,
             vmmcall_needs_svme=False,

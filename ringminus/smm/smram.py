@@ -6,6 +6,16 @@ the chipset has SMRAM open.  Switching views maps or unmaps the buffer over the 
 (DESIGN.md §3): no bytes are copied, and Unicorn drops the translated code of exactly that
 range, so code from one view never runs in the other (reference/unicorn.md §4).
 
+A swap (unmap, then map) costs 24-39 µs, so the second half waits until the CPU touches the
+range: when the view changes (SMI, RSM, a write to the SMRAM register), a range whose mapping
+now shows the wrong view is only unmapped — *hidden* — and its right view is mapped at the
+first access, by the CPU (an unmapped-memory fault, which the machine answers with
+``reveal`` and a restart of the instruction) or by ringminus itself (PhysicalMemory reveals
+first).  Entering SMM maps at once the range holding SMBASE's entry point and save area,
+which the CPU is about to touch.  A handler in plain RAM thus pays nothing for an A-segment
+it never touches, and one in SMRAM pays half a swap per SMI and per RSM.  (Protections would
+be cheaper still, but Unicorn does not check them on an access that crosses into the page.)
+
 The control register is the host bridge's SMRAM register (i440FX config 0x72, Q35 0x9D):
 D_OPEN lets non-SMM code see SMRAM, D_CLS hides it again, D_LCK freezes D_OPEN at 0 (and
 itself and G_SMRAME) until reset, G_SMRAME enables the A-segment range at all.
@@ -31,7 +41,8 @@ class SmramRange:
     size: int
     data: np.ndarray
     gated: bool                       # the A-segment: SMRAM only while G_SMRAME is set
-    overlay: Overlay | None = None
+    overlay: Overlay | None = None    # the buffer is what Unicorn maps there
+    hidden: bool = False              # nothing is mapped there until the CPU touches it
 
     @property
     def end(self) -> int:
@@ -44,6 +55,8 @@ class Smram:
         self.register = RESET_VALUE
         self.in_smm = False
         self.ranges = [SmramRange(ASEG_BASE, ASEG_SIZE, page_aligned_array(ASEG_SIZE), gated=True)]
+        self.swaps = 0                    # views mapped in after a change, for stats and tests
+        memory.reveal = self.reveal
 
     # -- ranges ------------------------------------------------------------------------------
     def add_range(self, base: int, size: int) -> SmramRange:
@@ -116,16 +129,59 @@ class Smram:
             return False
         return self.in_smm or self.open
 
-    def set_smm(self, in_smm: bool) -> None:
+    def set_smm(self, in_smm: bool, touching: tuple[int, int] | None = None) -> None:
+        """Enter or leave the SMM view; ``touching``: an address range the CPU is about to
+        access (SMBASE's entry point and save area on SMI entry), mapped at once."""
         self.in_smm = in_smm
-        self.update()
+        self.update(touching)
 
-    def update(self) -> None:
-        """Map each range's buffer where it must be seen, the normal view elsewhere."""
+    def update(self, touching: tuple[int, int] | None = None) -> None:
+        """Unmap each range whose mapping shows the wrong view; map the right one only where
+        ``touching`` needs it (the rest waits for ``reveal``)."""
         for smram in self.ranges:
-            wanted = self.visible(smram)
-            if wanted and smram.overlay is None:
-                smram.overlay = self.memory.add_overlay(f"smram@{smram.base:#x}", smram.base, smram.data)
-            elif not wanted and smram.overlay is not None:
-                self.memory.remove_overlay(smram.overlay)
-                smram.overlay = None
+            if not self._shows(smram, self.visible(smram)):
+                self._hide(smram)
+                if touching is not None and touching[0] < smram.end and smram.base < touching[1]:
+                    self._show(smram)
+
+    def reveal(self, address: int, size: int = 1) -> None:
+        """Map the right view of every hidden range that [address, address + size) touches
+        (the CPU or ringminus is about to access it)."""
+        for smram in self.ranges:
+            if smram.hidden and address < smram.end and smram.base < address + size:
+                self._show(smram)
+
+    def hidden_at(self, address: int) -> bool:
+        return any(smram.hidden and smram.base <= address < smram.end for smram in self.ranges)
+
+    def _ram_behind(self, smram: SmramRange) -> bool:
+        """The normal view of the range is RAM rather than nothing."""
+        return smram.end <= self.memory.ram_size
+
+    def _shows(self, smram: SmramRange, wanted: bool) -> bool:
+        if smram.hidden:                 # nothing mapped: right only for an empty normal view
+            return not wanted and not self._ram_behind(smram)
+        return (smram.overlay is not None) == wanted
+
+    def _hide(self, smram: SmramRange) -> None:
+        if smram.hidden:
+            return
+        if smram.overlay is not None:
+            self.memory.remove_overlay(smram.overlay, restore_ram=False)
+            smram.overlay = None
+        else:
+            self.memory.unmap_ram(smram.base, smram.size)
+        self._set_hidden(smram, True)
+
+    def _show(self, smram: SmramRange) -> None:
+        """Map the view the CPU must see now over a hidden range."""
+        if self.visible(smram):
+            smram.overlay = self.memory.add_overlay(f"smram@{smram.base:#x}", smram.base, smram.data, over_ram=False)
+        else:
+            self.memory.map_ram(smram.base, smram.size)
+        self.swaps += 1
+        self._set_hidden(smram, False)
+
+    def _set_hidden(self, smram: SmramRange, hidden: bool) -> None:
+        smram.hidden = hidden
+        self.memory.hidden = [(r.base, r.end) for r in self.ranges if r.hidden]

@@ -8,7 +8,6 @@ an invalid state ends in shutdown with the reason recorded.
 """
 from __future__ import annotations
 
-import functools
 import struct
 from collections import namedtuple
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ CR4_DEFINED = 0x003F_7FFF & ~(1 << 12)        # no LA57 on these CPU models
 MAX_PHYSICAL_BITS = 52
 SMM_DR7 = 0x400
 SMM_SEGMENT_FLAGS = L.descriptor_flags(0x3, granularity=1)        # data R/W accessed, G, P, S
-SMM_DATA_SEGMENT = Segment(0, 0, 0xFFFF_FFFF, SMM_SEGMENT_FLAGS)
+SMM_DATA_SEGMENT = (0, 0, 0xFFFF_FFFF, SMM_SEGMENT_FLAGS)          # selector, base, limit, flags
 GPR_NAMES_32 = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
 SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
 
@@ -178,9 +177,14 @@ class MapCodec:
         return restored
 
 
-@functools.cache
+_CODECS: dict[tuple[bool, str], MapCodec] = {}
+
+
 def codec_for(layout_is_64: bool, profile) -> MapCodec:
-    return MapCodec(L.layout_for(layout_is_64), profile)
+    key = (layout_is_64, profile.name)
+    if key not in _CODECS:
+        _CODECS[key] = MapCodec(L.layout_for(layout_is_64), profile)
+    return _CODECS[key]
 
 
 IO_RESTART_64 = ("io_restart_rip", "io_restart_rcx", "io_restart_rsi", "io_restart_rdi")
@@ -233,13 +237,15 @@ def _extras(machine: "Machine", codec: MapCodec) -> dict[str, int]:
     return extras
 
 
-def enter_smm(machine: "Machine") -> None:
-    """Take an SMI now, at an instruction boundary (§C.2)."""
+def enter_smm(machine: "Machine", state: ArchState | None = None) -> None:
+    """Take an SMI now, at an instruction boundary (§C.2).  ``state``: the registers there,
+    if the caller has just captured them (the context copy behind them still current)."""
     cpu, smm, profile = machine.cpu, machine.smm, machine.profile
     codec = codec_for(machine.long_mode_capable, profile)
     address = smm.smbase + L.SAVE_AREA
-    state = cpu.capture()
-    machine.smram.set_smm(True)
+    if state is None:
+        state = cpu.capture()
+    machine.smram.set_smm(True, touching=(smm.smbase + L.ENTRY_OFFSET, smm.smbase + L.SAVE_AREA + L.SAVE_AREA_SIZE))
     smm.in_smm = True
     try:
         previous = machine.memory.read(address, L.SAVE_AREA_SIZE) if profile.smm_writes_over_memory else None
@@ -251,9 +257,8 @@ def enter_smm(machine: "Machine") -> None:
     rip = state[At.rip]
     entry = state                           # §C.2 steps 5-11, on the captured registers
     entry[At.rip], entry[At.rflags] = L.ENTRY_OFFSET, 0x2
-    entry.set_segment("cs", Segment((smm.smbase >> 4) & 0xFFFF, smm.smbase, 0xFFFF_FFFF, SMM_SEGMENT_FLAGS))
-    for name in ("ds", "es", "fs", "gs", "ss"):
-        entry.set_segment(name, SMM_DATA_SEGMENT)
+    code = ((smm.smbase >> 4) & 0xFFFF, smm.smbase, 0xFFFF_FFFF, SMM_SEGMENT_FLAGS)
+    entry[At.es_selector:At.gs_flags + 1] = (*SMM_DATA_SEGMENT, *code, *SMM_DATA_SEGMENT * 4)   # es cs ss ds fs gs
     if profile.smm_zero_idtr:
         entry[At.idtr_base] = entry[At.idtr_limit] = 0
     entry[At.cr0] &= ~(CR0_PE | CR0_EM | CR0_TS | CR0_PG)
@@ -263,7 +268,7 @@ def enter_smm(machine: "Machine") -> None:
     entry[At.dr7] = SMM_DR7
     entry[At.hflags] &= ~HF_INHIBIT_IRQ     # step 6: the interrupt shadow ends
     entry.cpl, entry.nmi_blocked = 0, True
-    cpu.load(entry)
+    cpu.load(entry, context_is_current=True)
     smm.io_instruction = None
     machine.halted = False
     smm.entries += 1
@@ -295,9 +300,10 @@ def _control_checks(controls: Controls) -> None:
             raise InvalidSavedState(reason(controls))
 
 
-def leave_smm(machine: "Machine") -> None:
+def leave_smm(machine: "Machine", current: ArchState | None = None) -> None:
     """RSM inside SMM (§C.6): restore the saved state, or shut down.  NMIs are unblocked
-    (unless the SMI came inside an NMI handler) and SMM is left before any check can fail."""
+    (unless the SMI came inside an NMI handler) and SMM is left before any check can fail.
+    ``current``: the registers at the RSM, if the caller has just captured them."""
     cpu, smm, profile = machine.cpu, machine.smm, machine.profile
     is_64 = machine.long_mode_capable
     codec = codec_for(is_64, profile)
@@ -305,7 +311,7 @@ def leave_smm(machine: "Machine") -> None:
     unblock_nmi = not smm.inside_nmi
     smm.in_smm = smm.inside_nmi = False
     machine.smram.set_smm(False)
-    state = codec.restore(cpu.capture(), area)
+    state = codec.restore(current if current is not None else cpu.capture(rflags=False), area)
     try:
         _validate(machine, state, area, is_64)
     except InvalidSavedState as why:
@@ -328,7 +334,7 @@ def leave_smm(machine: "Machine") -> None:
                 state[getattr(At, register)] = getattr(area, name)
         elif area.auto_halt_restart & 1:
             machine.halted = True           # back to the HLT the SMI interrupted
-    cpu.load(state)
+    cpu.load(state, context_is_current=True)
     machine.events.append({"kind": "rsm", "instructions": machine.instructions_if_exact, "rip": state[At.rip],
                            "smbase": smm.smbase})
 
