@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..binlayout import structured, verify
+
 # --- constants (semantics.md §C.1, §F.14) ---------------------------------------------------
 
 SAVE_AREA = 0xFE00                  # offset of the state-save map from SMBASE
@@ -52,9 +54,7 @@ U1, U2, U4, U8 = "u1", "<u2", "<u4", "<u8"
 
 def _map(rows: list[tuple[str, object, int]]) -> np.dtype:
     """A 512-byte structured dtype from (name, format, offset within the map) rows."""
-    names, formats, offsets = zip(*rows)
-    return np.dtype({"names": list(names), "formats": list(formats), "offsets": list(offsets),
-                     "itemsize": SAVE_AREA_SIZE})
+    return structured(rows, SAVE_AREA_SIZE)
 
 
 # --- the 64-bit map (semantics.md §C.3) ------------------------------------------------------
@@ -206,32 +206,9 @@ OFFSETS_32: list[tuple[str, int]] = [
 
 
 def verify_layout(layout: np.dtype, offsets: list[tuple[str, int]]) -> None:
-    """Check a map dtype against its offset table (offsets from SMBASE): 512 bytes, the same
-    fields in both, every offset equal, every field inside the map, no two fields overlapping.
-    Raises AssertionError naming the first field at fault."""
-    if layout.itemsize != SAVE_AREA_SIZE:
-        raise AssertionError(f"save-area itemsize {layout.itemsize:#x}, expected {SAVE_AREA_SIZE:#x}")
-    listed: set[str] = set()
-    for name, _ in offsets:
-        if name in listed:
-            raise AssertionError(f"{name}: listed twice in the offset table")
-        listed.add(name)
-    for name in layout.names:
-        if name not in listed:
-            raise AssertionError(f"{name}: field missing from the offset table")
-    for name, expected in offsets:
-        if name not in layout.fields:
-            raise AssertionError(f"{name}: no such field in the dtype")
-        actual = SAVE_AREA + layout.fields[name][1]
-        if actual != expected:
-            raise AssertionError(f"{name}: at SMBASE+{actual:#06x}, expected SMBASE+{expected:#06x}")
-    spans = sorted((off, off + fmt.itemsize, name) for name, (fmt, off, *_) in layout.fields.items())
-    for start, end, name in spans:
-        if start < 0 or end > SAVE_AREA_SIZE:
-            raise AssertionError(f"{name}: extends outside the 512-byte save area")
-    for (_, end, name), (start, _, following) in zip(spans, spans[1:]):
-        if start < end:
-            raise AssertionError(f"{name}: overlaps {following}")
+    """Check a map dtype against its offset table (offsets from SMBASE); AssertionError
+    names the first field at fault (binlayout.verify)."""
+    verify(layout, offsets, SAVE_AREA_SIZE, origin=SAVE_AREA, label="SMBASE+")
 
 
 verify_layout(SMRAM_STATE_64, OFFSETS_64)
