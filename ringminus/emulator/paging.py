@@ -35,12 +35,13 @@ class LinearMemory:
         """Up to ``size`` instruction bytes at ``linear`` (fewer at an unmapped page), or None
         when the first byte is unmapped.  No permission checks: the CPU is executing there.
         Callers that hold CR0/CR3 already pass them."""
-        fast = self.cpu.fast
-        paged = (fast.read(X86_CR0) if cr0 is None else cr0) & CR0_PG
-        cr3 = (fast.read(X86_CR3) if cr3 is None else cr3) if paged else 0
+        paged = (self.cpu.fast.read(X86_CR0) if cr0 is None else cr0) & CR0_PG
         if (linear & 0xFFF) + size <= 0x1000:                     # the common case: one page
-            frame = self._code_frame(cr3, linear) if paged else linear & 0xFFFF_F000
+            if not paged:
+                return self.phys.read_fast(linear & 0xFFFF_FFFF, size)
+            frame = self._code_frame(self.cpu.fast.read(X86_CR3) if cr3 is None else cr3, linear)
             return None if frame is None else self.phys.read_fast(frame | (linear & 0xFFF), size)
+        cr3 = (self.cpu.fast.read(X86_CR3) if cr3 is None else cr3) if paged else 0
         out = b""
         for page_linear, count in self._chunks(linear, size):
             if paged:

@@ -12,7 +12,7 @@ import struct
 from collections import namedtuple
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..emulator.cpu import (CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE, EFER_SVME, RFLAGS_VM,
                             STATE_NAMES, ArchState, At)
@@ -197,9 +197,9 @@ IO_TRAP_STRING, IO_TRAP_REPEAT = 1 << 2, 1 << 3
 IO_TRAP_SIZE = {1: 1 << 4, 2: 1 << 5, 4: 1 << 6}        # SZ8, SZ16, SZ32
 
 
-@dataclass(frozen=True)
-class IoInstruction:
-    """The I/O instruction that raised an SMI: its RIP and RCX/RSI/RDI before it ran."""
+class IoInstruction(NamedTuple):
+    """The I/O instruction that raised an SMI: its RIP and RCX/RSI/RDI before it ran.  (A
+    named tuple: one is made for every SMI an OUT raises.)"""
     registers: tuple[int, int, int, int]
     port: int
     read: bool
