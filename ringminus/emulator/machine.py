@@ -145,8 +145,8 @@ class Machine:
         self._switch_in_hooks = False
         self._tracing = False
         self._address_space: tuple | None = None
-        self._armed_epoch = -1
-        self._armed_spaces: set[tuple] = set()     # (address space, site count) already armed
+        self._armed_epoch = -1                      # paging_epoch when the last run ended
+        self._armed_spaces: dict[tuple, int] = {}  # address space -> how many sites are armed there
         self.delivery.intercept = self._intercept_event
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
@@ -556,6 +556,7 @@ class Machine:
             if trace_hook is not None:
                 self.uc.hook_del(trace_hook)
             self._tracing = self._switch_in_hooks = False
+            self._armed_epoch = self.cpu.paging_epoch   # what a caller changes between runs shows
         return self.result()
 
     def result(self) -> RunResult:
@@ -637,10 +638,10 @@ class Machine:
         or page tables may have changed since.  False when a remap was needed but
         ``only_if_cheap`` forbade it."""
         space = self.cpu.address_space()
-        if space == self._address_space and self.cpu.paging_epoch == self._armed_epoch:
+        if space == self._address_space:
             return True
-        armed = (space, len(self.sites.physical))
-        if space != self._address_space and armed not in self._armed_spaces:
+        sites = len(self.sites.physical)
+        if self._armed_spaces.get(space) != sites:
             if only_if_cheap:
                 return False
             if space[0]:
@@ -648,8 +649,8 @@ class Machine:
                 self.sites.remap(lambda page: inverse.get(page, []))
             else:
                 self.sites.remap(None)
-            self._armed_spaces.add(armed)
-        self._address_space, self._armed_epoch = space, self.cpu.paging_epoch
+            self._armed_spaces[space] = sites
+        self._address_space = space
         return True
 
     def _forget_armed_spaces(self) -> None:

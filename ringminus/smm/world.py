@@ -11,7 +11,6 @@ from __future__ import annotations
 import struct
 from collections import namedtuple
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..emulator.cpu import (CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE, EFER_SVME, RFLAGS_VM,
@@ -92,7 +91,11 @@ _STRUCT = {"u1": "B", "<u2": "H", "<u4": "I", "<u8": "Q"}
 
 class MapCodec:
     """One map under one profile: packed from an ArchState and unpacked in one struct call
-    each (fields in offset order, reserved bytes as padding), and restored into an ArchState."""
+    each (fields in offset order, reserved bytes as padding), and restored into an ArchState.
+
+    The plan (PLAN, ATTRIBUTES) is compiled, as namedtuple compiles its class, into two
+    straight-line functions — one expression per map field or register — because they run
+    at every SMI and RSM; ``source`` shows them."""
 
     def __init__(self, layout, profile):
         fields = []
@@ -110,28 +113,32 @@ class MapCodec:
         self.names = [name for _, name, _ in fields]
         self.spans = [(offset, offset + struct.calcsize("<" + code)) for offset, _, code in fields]
         self.Area = namedtuple("Area", [name.replace(".", "_") for name in self.names])
-        self.narrow = layout is L.SMRAM_STATE_32               # 64-bit registers into u4 fields
-        self.shifted = profile.smm_shifted_attributes_32 or layout is L.SMRAM_STATE_64
         plan, attributes = PLAN[id(layout)], ATTRIBUTES[id(layout)]
         self.extras = [name for name in self.names if name not in plan and name not in attributes]
-        self.extra_at = {name: k for k, name in enumerate(self.extras)}
-        encoded = [(at, STATE_NAMES.index(attributes[name])) for at, name in enumerate(self.names) if name in attributes]
-        copied = {STATE_NAMES.index(plan[name]): at for at, name in enumerate(self.names) if name in plan}
-        self.flags_of = itemgetter(*(index for _, index in encoded))          # state -> segment flags
-        self.attributes_of = itemgetter(*(at for at, _ in encoded))          # area -> attribute words
-        # pack() gathers the map's fields from [*state, *attribute words, *extras] in one call
-        sources = {at: index for index, at in copied.items()}
-        sources.update({at: len(STATE_NAMES) + k for k, (at, _) in enumerate(encoded)})
-        first_extra = len(STATE_NAMES) + len(encoded)
-        sources.update({self.names.index(name): first_extra + k for k, name in enumerate(self.extras)})
-        self.gather = itemgetter(*(sources[at] for at in range(len(self.names))))
-        # restore() gathers the state from [*state, *area, *decoded flags] the same way
-        targets = {index: len(STATE_NAMES) + at for index, at in copied.items()}
-        first_flags = len(STATE_NAMES) + len(self.names)
-        targets.update({index: first_flags + k for k, (_, index) in enumerate(encoded)})
-        self.scatter = itemgetter(*(targets.get(index, index) for index in range(len(STATE_NAMES))))
-        self.sixteen_bit = [index for index in SIXTEEN_BIT_REGISTERS
-                            if index in copied and self.spans[copied[index]][1] - self.spans[copied[index]][0] > 2]
+        shifted = profile.smm_shifted_attributes_32 or layout is L.SMRAM_STATE_64
+        narrow = " & 0xFFFFFFFF" if layout is L.SMRAM_STATE_32 else ""    # 64-bit registers into u4 fields
+        # pack(s, **extras): each map field from register s[i], or an extra (0 unless given)
+        encode = "(s[{}] >> 8) & 0xF0FF" if shifted else "s[{}] & 0xF0FF00"
+        fields_out = [f"s[{STATE_NAMES.index(plan[name])}]{narrow}" if name in plan else
+                      encode.format(STATE_NAMES.index(attributes[name])) if name in attributes else
+                      name.replace(".", "_") for name in self.names]
+        # restore(s, a): each register from map field a[k], or kept from s
+        decode = "(a[{}] & 0xF0FF) << 8" if shifted else "a[{}] & 0xF0FF00"
+        sources = {STATE_NAMES.index(register): f"a[{at}]" for at, name in enumerate(self.names)
+                   for register in [plan.get(name)] if register}
+        sources.update({STATE_NAMES.index(register): decode.format(at) for at, name in enumerate(self.names)
+                        for register in [attributes.get(name)] if register})
+        for index in SIXTEEN_BIT_REGISTERS:         # the map's u32 slots hold 16-bit registers
+            if index in sources and sources[index].startswith("a["):
+                sources[index] += " & 0xFFFF"
+        registers_in = [sources.get(index, f"s[{index}]") for index in range(len(STATE_NAMES))]
+        extras = ", ".join(f"{name.replace('.', '_')}=0" for name in self.extras)
+        self.source = (f"def pack(s, *, {extras}):\n    return _pack({', '.join(fields_out)})\n"
+                       f"def restore(s, a):\n    return _ArchState(({', '.join(registers_in)},))\n")
+        namespace = {"_pack": self.struct.pack, "_ArchState": ArchState}
+        exec(compile(self.source, f"<MapCodec {layout is L.SMRAM_STATE_64 and 64 or 32}-bit {profile.name}>", "exec"),
+             namespace)
+        self._pack, self.restore = namespace["pack"], namespace["restore"]
         self.written = self._written_mask(profile) if profile.smm_writes_over_memory else None
 
     def _written_mask(self, profile) -> int:
@@ -148,16 +155,9 @@ class MapCodec:
         return mask
 
     def pack(self, state: ArchState, extras: dict[str, int], previous: bytes | None = None) -> bytes:
-        """The map holding ``state`` and ``extras``; with ``previous`` (a QEMU-style entry) only
-        the bytes this profile writes replace those bytes."""
-        if self.narrow:
-            state = [value & 0xFFFF_FFFF for value in state]
-        flags = self.flags_of(state)
-        words = [(f >> 8) & L.ATTRIBUTES_MASK for f in flags] if self.shifted else [f & L.FLAGS_MASK for f in flags]
-        tail = [0] * len(self.extras)
-        for name, value in extras.items():
-            tail[self.extra_at[name]] = value
-        packed = self.struct.pack(*self.gather([*state, *words, *tail]))
+        """The map holding ``state`` and ``extras`` (by field name); with ``previous`` (a
+        QEMU-style entry) only the bytes this profile writes replace those bytes."""
+        packed = self._pack(state, **extras)
         if previous is None or self.written is None:
             return packed
         merged = int.from_bytes(packed, "little") & self.written | int.from_bytes(previous, "little") & ~self.written
@@ -167,14 +167,8 @@ class MapCodec:
         """The map's fields by name (``area.cr0``, ``area.cs_base``)."""
         return self.Area._make(self.struct.unpack(data))
 
-    def restore(self, state: ArchState, area) -> ArchState:
-        """``state`` with the map's register fields in place of its own."""
-        words = self.attributes_of(area)
-        flags = [(w & L.ATTRIBUTES_MASK) << 8 for w in words] if self.shifted else [w & L.FLAGS_MASK for w in words]
-        restored = ArchState(self.scatter([*state, *area, *flags]))
-        for index in self.sixteen_bit:              # u32 slots in the map hold 16-bit registers
-            restored[index] &= 0xFFFF
-        return restored
+    # restore(state, area) -> ArchState: ``state`` with the map's register fields in place of
+    # its own (compiled in __init__).
 
 
 _CODECS: dict[tuple[bool, str], MapCodec] = {}
@@ -276,28 +270,30 @@ def enter_smm(machine: "Machine", state: ArchState | None = None) -> None:
                            "smbase": smm.smbase})
 
 
-Controls = namedtuple("Controls", "cr0 cr3 cr4 efer dr6 dr7 long_mode_capable")
-
-# What KVM's CR/DR/EFER writes reject (every profile that checks), §C.6 / §F.12:
-# (refused when, the reason recorded with the shutdown).
+# What KVM's CR/DR/EFER writes reject (every profile that checks), §C.6 / §F.12: (refused
+# when, the reason recorded with the shutdown), over cr0 cr3 cr4 efer dr6 dr7 and
+# long_mode_capable.  Compiled into one function below: RSM runs it every time.
 CONTROL_CHECKS = (
-    (lambda c: c.cr0 >> 32, lambda c: f"CR0 {c.cr0:#x}: bits 63:32 set"),
-    (lambda c: c.cr0 & CR0_PG and not c.cr0 & CR0_PE, lambda c: f"CR0 {c.cr0:#x}: PG without PE"),
-    (lambda c: c.cr0 & CR0_NW and not c.cr0 & CR0_CD, lambda c: f"CR0 {c.cr0:#x}: NW without CD"),
-    (lambda c: c.cr4 & ~CR4_DEFINED, lambda c: f"CR4 {c.cr4:#x}: reserved bits"),
-    (lambda c: c.cr3 >> MAX_PHYSICAL_BITS, lambda c: f"CR3 {c.cr3:#x}: bits above the physical address width"),
-    (lambda c: c.dr6 >> 32 or c.dr7 >> 32, lambda c: "DR6/DR7: bits 63:32 set"),
-    (lambda c: c.efer & ~EFER_DEFINED, lambda c: f"EFER {c.efer:#x}: reserved bits"),
-    (lambda c: c.efer & EFER_LME and not c.long_mode_capable, lambda c: "EFER.LME on a CPU without long mode"),
-    (lambda c: c.efer & EFER_LME and c.cr0 & CR0_PG and not c.cr4 & CR4_PAE,
-     lambda c: "EFER.LME and CR0.PG without CR4.PAE"),
+    ("cr0 >> 32", "CR0 {cr0:#x}: bits 63:32 set"),
+    ("cr0 & CR0_PG and not cr0 & CR0_PE", "CR0 {cr0:#x}: PG without PE"),
+    ("cr0 & CR0_NW and not cr0 & CR0_CD", "CR0 {cr0:#x}: NW without CD"),
+    ("cr4 & ~CR4_DEFINED", "CR4 {cr4:#x}: reserved bits"),
+    ("cr3 >> MAX_PHYSICAL_BITS", "CR3 {cr3:#x}: bits above the physical address width"),
+    ("dr6 >> 32 or dr7 >> 32", "DR6/DR7: bits 63:32 set"),
+    ("efer & ~EFER_DEFINED", "EFER {efer:#x}: reserved bits"),
+    ("efer & EFER_LME and not long_mode_capable", "EFER.LME on a CPU without long mode"),
+    ("efer & EFER_LME and cr0 & CR0_PG and not cr4 & CR4_PAE", "EFER.LME and CR0.PG without CR4.PAE"),
 )
+_CONTROL_ARGUMENTS = "cr0, cr3, cr4, efer, dr6, dr7, long_mode_capable"
+exec(f"def _first_refused({_CONTROL_ARGUMENTS}):\n"
+     + "".join(f"    if {condition}:\n        return {k}\n" for k, (condition, _) in enumerate(CONTROL_CHECKS)),
+     globals())
 
 
-def _control_checks(controls: Controls) -> None:
-    for refused, reason in CONTROL_CHECKS:
-        if refused(controls):
-            raise InvalidSavedState(reason(controls))
+def _control_checks(cr0: int, cr3: int, cr4: int, efer: int, dr6: int, dr7: int, long_mode_capable: bool) -> None:
+    refused = _first_refused(cr0, cr3, cr4, efer, dr6, dr7, long_mode_capable)   # noqa: F821 (compiled above)
+    if refused is not None:
+        raise InvalidSavedState(CONTROL_CHECKS[refused][1].format(cr0=cr0, cr3=cr3, cr4=cr4, efer=efer))
 
 
 def leave_smm(machine: "Machine", current: ArchState | None = None) -> None:
@@ -344,7 +340,7 @@ def _validate(machine: "Machine", state: ArchState, area, is_64: bool) -> None:
     profile = machine.profile
     cr0, cr4, efer = state[At.cr0], state[At.cr4], state[At.efer]
     if profile.rsm_checks:
-        _control_checks(Controls(cr0, state[At.cr3], cr4, efer if is_64 else 0, state[At.dr6], state[At.dr7], is_64))
+        _control_checks(cr0, state[At.cr3], cr4, efer if is_64 else 0, state[At.dr6], state[At.dr7], is_64)
     if profile.rsm_apm_checks:
         if area.revision != revision(machine, codec_for(is_64, profile).layout):
             raise InvalidSavedState(f"revision identifier modified ({area.revision:#x})")
