@@ -14,14 +14,16 @@ from .checker import VmExit
 from .controls import EXCEPTION_BASE, InterceptControls
 from .exitcodes import ExitCode
 from .profiles import DEFAULT_PROFILE, profile as profile_named
+from .vmcb import EventType, encode_event
 
 if TYPE_CHECKING:
     from ..emulator.machine import Machine
 
-# EXITINTINFO / EVENTINJ (APM Figure 15-1)
-EVENT_TYPE = {EventKind.EXTERNAL: 0, EventKind.NMI: 2, EventKind.EXCEPTION: 3,
-              EventKind.SOFTWARE_EXCEPTION: 3, EventKind.ICEBP: 3, EventKind.SOFTWARE_INTERRUPT: 4}
-EVENT_ERROR_VALID, EVENT_VALID = 1 << 11, 1 << 31
+# The EXITINTINFO type of each kind of event (APM Figure 15-1): INT1/INT3/INTO count as
+# exceptions, only INTn as a software interrupt (§B.2).
+EVENT_TYPE = {EventKind.EXTERNAL: EventType.INTR, EventKind.NMI: EventType.NMI,
+              EventKind.EXCEPTION: EventType.EXCEPTION, EventKind.SOFTWARE_EXCEPTION: EventType.EXCEPTION,
+              EventKind.ICEBP: EventType.EXCEPTION, EventKind.SOFTWARE_INTERRUPT: EventType.SOFTWARE_INT}
 ON_EXIT = ("stop", "skip")
 # Exceptions whose intercepts report the error code in EXITINFO1 (§B.2).
 ERROR_CODE_IN_INFO1 = frozenset({Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.PF,
@@ -31,10 +33,7 @@ ERROR_CODE_IN_INFO1 = frozenset({Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vec
 def exit_int_info(event: Event | None) -> int:
     if event is None:
         return 0
-    value = event.vector | EVENT_TYPE[event.kind] << 8 | EVENT_VALID
-    if event.pushes_error_code:
-        value |= EVENT_ERROR_VALID | (event.error_code or 0) << 32
-    return value
+    return encode_event(event.vector, EVENT_TYPE[event.kind], (event.error_code or 0) if event.pushes_error_code else None)
 
 
 class Guest:
