@@ -269,25 +269,17 @@ class ArchState(list):
         at = getattr(At, f"{name}_selector")
         return Segment(self[at] & 0xFFFF, self[at + 1], self[at + 2], self[at + 3])
 
-    def set_segment(self, name: str, segment: Segment) -> None:
-        at = getattr(At, f"{name}_selector")
-        self[at:at + 4] = segment.selector, segment.base & 0xFFFF_FFFF_FFFF_FFFF, segment.limit & 0xFFFF_FFFF, segment.flags
-
     @property
     def cpl(self) -> int:
         return self[At.hflags] & uci.HF_CPL_MASK
 
-    @property
-    def protected(self) -> bool:
-        return bool(self[At.cr0] & CR0_PE)
-
-    @property
-    def code_bits(self) -> int:
-        return uci.code_bits(self[At.hflags])
-
     @cpl.setter
     def cpl(self, cpl: int) -> None:
         self[At.hflags] = self[At.hflags] & ~uci.HF_CPL_MASK | cpl
+
+    @property
+    def protected(self) -> bool:
+        return bool(self[At.cr0] & CR0_PE)
 
     @property
     def nmi_blocked(self) -> bool:

@@ -65,13 +65,13 @@ RFLAGS_VM = 1 << 17
 
 # -- the architectural state as one flat tuple ------------------------------------------------
 # World switches (SMM entry and RSM) move every register at once.  The context holds them in
-# five runs; one table names each run's fields, so reading is one struct call over the whole
+# three runs; one table names each run's fields, so reading is one struct call over the whole
 # context and writing is one call per run (the bytes between runs are QEMU state ringminus
 # must not touch).  Segment slots: es cs ss ds fs gs, then ldtr tr gdtr idtr.
 SLOT_NAMES = ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr", "gdtr", "idtr")
-# The first run also carries QEMU's lazy-flags fields (eflags without the arithmetic flags,
-# cc_*, df) only so that it is one contiguous run: a world switch writes RFLAGS through the
-# API afterwards, which sets them consistently.
+# The first run also carries QEMU's lazy-flags fields (eflags, cc_*, df), which makes it one
+# contiguous run; a world switch writes RFLAGS into them as a register write would
+# (``eflags_fields``).
 _STATE_RUNS_SPEC = (
     (GPRS, "16QQ" "QQQQIi" "II" + "I4xQII" * 10 + "5Q",
      ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", *(f"r{n}" for n in range(8, 16)), "rip",
@@ -168,15 +168,6 @@ class Context:
         address = ctypes.cast(self._ctx.context, ctypes.c_void_p).value
         self.raw = (ctypes.c_uint8 * CONTEXT_SIZE).from_address(address)
         self.view = memoryview(self.raw).cast("B")
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> "Context":
-        """A read-only view of saved context bytes (no engine behind it)."""
-        view = cls.__new__(cls)
-        view._uc = view._ctx = None
-        view.raw = raw
-        view.view = memoryview(raw)
-        return view
 
     def snapshot(self) -> "Context":
         self._save(self._handle, self._pointer)
