@@ -17,7 +17,7 @@ from .emulator.cpu import REGISTER_NAMES
 from .emulator.loader import is_elf
 from .emulator.result import USAGE_ERROR_STATUS
 from .emulator.ucinternals import UnicornLayoutError
-from .harness import VectorError, collect, run_vector
+from .harness import VIAS, VectorError, collect, run_vector
 from .hypercalls import HypercallAction, HypercallFilterError, HypercallHandlerError
 from .intercepts.controls import InterceptControls
 from .intercepts.exitcodes import ExitCode, parse_exit
@@ -35,6 +35,17 @@ def parse_number(text: str) -> int:
         return int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r} (use decimal or 0x hex)") from None
+
+
+def parse_irq(text: str) -> tuple[int, int]:
+    """``N:VECTOR``: raise INTR VECTOR after N retired instructions."""
+    index, sep, vector = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected N:VECTOR, got {text!r}")
+    index, vector = parse_number(index), parse_number(vector)
+    if index < 0 or not 0 <= vector <= 0xFF:
+        raise argparse.ArgumentTypeError(f"expected N >= 0 and a vector 0-255, got {text!r}")
+    return index, vector
 
 
 def parse_size(text: str) -> int:
@@ -229,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="raise an SMI after exactly N retired instructions (repeatable)")
     run.add_argument("--nmi-at", type=parse_number, action="append", default=[], metavar="N",
                      help="raise an NMI after exactly N retired instructions (repeatable)")
+    run.add_argument("--irq-at", type=parse_irq, action="append", default=[], metavar="N:VECTOR",
+                     help="raise an external interrupt (INTR) with VECTOR after exactly N retired "
+                          "instructions; held while RFLAGS.IF = 0 or GIF = 0 (repeatable)")
     run.add_argument("--apm-smi", action="store_true",
                      help="writes to APM_CNT (port 0xb2) always raise an SMI, whatever the chipset enables")
     run.add_argument("--dump", type=parse_dump, action="append", default=[], metavar="ADDR:LEN",
@@ -258,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     harness.add_argument("--profile", choices=sorted(PROFILES),
                          help="run every vector under this profile instead of the file's")
     harness.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    harness.add_argument("--via", choices=VIAS, default="host",
+                         help="who plays L1: ringminus from Python (host, the default), a generated "
+                              "in-guest hypervisor that VMRUNs each vector (guest), or both, failing "
+                              "every vector where the two disagree")
     run.add_argument("--trace", action="store_true", help="print every executed instruction to stderr")
     return parser
 
@@ -296,6 +314,8 @@ def prepare(args: argparse.Namespace) -> Machine:
             machine.at_instruction(index, Machine.raise_smi)
         for index in args.nmi_at:
             machine.at_instruction(index, Machine.raise_nmi)
+        for index, vector in args.irq_at:
+            machine.at_instruction(index, lambda m, vector=vector: m.raise_intr(vector))
         entry = 0
         if state is BootState.BIOS:
             if args.load is not None or is_elf(data):
@@ -401,7 +421,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_harness(args: argparse.Namespace) -> int:
     try:
         vectors = collect(args.paths)
-        results = [run_vector(v, args.profile) for v in vectors]
+        results = [run_vector(v, args.profile, args.via) for v in vectors]
     except VectorError as e:
         raise UsageError(str(e)) from None
     passed = sum(r.status == "PASS" for r in results)
@@ -409,8 +429,8 @@ def cmd_harness(args: argparse.Namespace) -> int:
     skipped = sum(r.status == "SKIP" for r in results)
     summary_line = f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else "")
     if args.json:
-        print(json.dumps({"results": [r.as_dict() for r in results], "passed": passed, "failed": failed,
-                          "skipped": skipped}))
+        print(json.dumps({"via": args.via, "results": [r.as_dict() for r in results], "passed": passed,
+                          "failed": failed, "skipped": skipped}))
     else:
         for r in results:
             print(r.line())

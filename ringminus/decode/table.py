@@ -150,6 +150,9 @@ ROWS = (
     # profile decides whether KVM's emulation applies (hypercalls/conduit.py, semantics.md
     # §D.2); KVM's Priv flag belongs to that emulation, so it is not a flag here.
     Row("vmcall",      OF("0f01"), 0xC1, Flag.NONE, None, None),
+    # No intercept: STI can end an interrupt hold (RFLAGS.IF), so it is run alone while an
+    # interrupt waits (POPF and IRET, which also can, have rows above).
+    Row("sti",         OF("fb"),   None, Flag.NONE, None, None),
 )
 
 # INT3, INTO and BOUND are not rows: they raise #BP/#OF/#BR, whose exception intercepts save
@@ -171,6 +174,10 @@ def site_opcodes(intercepted) -> frozenset[bytes]:
 PORT_OUT_ROWS = frozenset({"out_imm", "out_imm_wide", "out_dx", "out_dx_wide"})
 OUT_OPCODES = frozenset(row.opcode for row in ROWS if row.name in PORT_OUT_ROWS)
 
-# Always armed: MOV to CR (sites are linear: paging changes re-arm them) and IRET (it ends
-# NMI blocking, after which a pending NMI is taken at once).
-ALWAYS_ARMED_OPCODES = frozenset({b"\x0f\x22", b"\xcf"})
+# Always armed: MOV to CR (sites are linear: paging changes re-arm them), IRET (it ends
+# NMI blocking, after which a pending NMI is taken at once), RDMSR/WRMSR (EFER.SVME and the
+# SVM MSRs are ringminus's: Unicorn cannot hook them, reference/unicorn.md §3).
+ALWAYS_ARMED_OPCODES = frozenset({b"\x0f\x22", b"\xcf", b"\x0f\x30", b"\x0f\x32"})
+# Armed once an interrupt has been held: the instructions that can set RFLAGS.IF.
+INTERRUPT_WINDOW_ROWS = frozenset({"sti", "popf", "iret"})
+INTERRUPT_WINDOW_OPCODES = frozenset(row.opcode for row in ROWS if row.name in INTERRUPT_WINDOW_ROWS)

@@ -12,8 +12,15 @@ EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 EFER_NXE = 1 << 11
 EFER_SVME = 1 << 12
+EFER_SCE = 1 << 0
+# What KVM's EFER/CR4 writes accept (RSM's and VMRUN's checks): LMSLE and FFXSR included,
+# no LA57 on these CPU models.
+EFER_DEFINED = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE | EFER_SVME | (1 << 14) | (1 << 15)
+CR4_DEFINED = 0x003F_7FFF & ~(1 << 12)
+MAX_PHYSICAL_BITS = 52
 
 CR0_PE = 1 << 0
+CR0_EM, CR0_TS, CR0_NW, CR0_CD = 1 << 2, 1 << 3, 1 << 29, 1 << 30
 CR0_WP = 1 << 16
 CR0_PG = 1 << 31
 CR4_PSE = 1 << 4
@@ -135,10 +142,11 @@ class Cpu:
         are patched in the saved context."""
         self.version += 1
         self.paging_epoch += 1
+        self.svme = bool(efer & EFER_SVME)
         self.uc.reg_write(X.UC_X86_REG_CR4, cr4)
         ctx = self.context.snapshot()
         ctx.put_u64(uci.CR, cr0)
-        ctx.put_u64(uci.EFER, efer)
+        ctx.put_u64(uci.EFER, efer & ~EFER_SVME)
         ctx.recompute_segment_hflags(ctx.u32(uci.HFLAGS) & uci.HF_CPL_MASK)
         ctx.commit()
 
@@ -168,8 +176,7 @@ class Cpu:
         self.svme = bool(efer & EFER_SVME)
         efer &= ~EFER_SVME
         ctx = self.context if context_is_current else self.context.snapshot()
-        old_cr0, _, _, old_cr3, old_cr4 = ctx.u64s(uci.CR, 5)
-        old_efer, old_dr7 = ctx.u64(uci.EFER), ctx.u64(uci.DEBUG_REGISTERS + 7 * 8)
+        old_cr0, old_cr3, old_cr4, old_efer, old_dr7 = uci.SWITCH_CONTROLS.unpack_from(ctx.view)
         values = list(state)
         values[At.efer] = efer
         values[At.cr4] = old_cr4                # set below through the API, which QEMU reacts to
@@ -213,6 +220,18 @@ class Cpu:
         ctx = self.context.snapshot()
         hflags2 = ctx.u32(uci.HFLAGS2)
         ctx.put_u32(uci.HFLAGS2, hflags2 | uci.HF2_NMI_MASK if blocked else hflags2 & ~uci.HF2_NMI_MASK)
+        ctx.commit()
+
+    @property
+    def interrupt_shadow(self) -> bool:
+        """The STI/MOV SS interrupt shadow (QEMU's HF_INHIBIT_IRQ)."""
+        return bool(self.context.snapshot().u32(uci.HFLAGS) & uci.HF_INHIBIT_IRQ)
+
+    def set_interrupt_shadow(self, active: bool) -> None:
+        self.version += 1
+        ctx = self.context.snapshot()
+        hflags = ctx.u32(uci.HFLAGS)
+        ctx.put_u32(uci.HFLAGS, hflags | uci.HF_INHIBIT_IRQ if active else hflags & ~uci.HF_INHIBIT_IRQ)
         ctx.commit()
 
     def clear_inflight_exception(self) -> None:

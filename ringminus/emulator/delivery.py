@@ -88,9 +88,11 @@ class Delivery:
     def _intercepted(self, event: Event, during: Event | None) -> bool:
         return self.intercept is not None and self.intercept(event, during)
 
-    def deliver(self, event: Event) -> Outcome:
-        """Deliver ``event`` and any exceptions its delivery raises."""
-        if self._intercepted(event, None):
+    def deliver(self, event: Event, injected: bool = False) -> Outcome:
+        """Deliver ``event`` and any exceptions its delivery raises.  An ``injected`` event
+        (VMRUN's EVENTINJ) is not checked against the exception intercepts itself; faults
+        while delivering it are (APM §15.20)."""
+        if not injected and self._intercepted(event, None):
             return Outcome.INTERCEPTED
         current = event
         while True:

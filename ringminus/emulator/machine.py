@@ -23,10 +23,11 @@ from unicorn import x86_const as X
 
 from ..decode.decoder import Instruction, decode
 from ..decode.length import instruction_length
-from ..decode.table import ALWAYS_ARMED_OPCODES, OUT_OPCODES, PORT_OUT_ROWS, site_opcodes
+from ..decode.table import (ALWAYS_ARMED_OPCODES, INTERRUPT_WINDOW_OPCODES, INTERRUPT_WINDOW_ROWS, OUT_OPCODES,
+                            PORT_OUT_ROWS, site_opcodes)
 from . import boot as boot_states
 from . import ucinternals
-from .cpu import SEGMENT_REGISTERS, ArchState, At, Cpu
+from .cpu import RFLAGS_IF, SEGMENT_REGISTERS, ArchState, At, Cpu
 from .descriptors import Segment
 from .delivery import Delivery, Event, EventKind, Outcome, Unsupported
 from .loader import Image, bios_windows, check_bios
@@ -46,12 +47,20 @@ from ..hypercalls.filter import HypercallFilter
 from ..smm.chipset import Chipset
 from ..smm.smram import Smram
 from ..smm.world import IoInstruction, SmmState, enter_smm, leave_smm
+from ..intercepts.controls import InterceptControls
+from ..intercepts.exitcodes import ExitCode
+from ..intercepts.vmcb import V_IGN_TPR, V_INTR_PRIO_MASK, V_INTR_PRIO_SHIFT, V_IRQ
+from ..svm import SvmState, msrs as svm_msrs
+from ..svm import world as svm_world
+from ..svm.cpuid import MODELS, cpuid_table
+from ..svm.instructions import EXECUTE as SVM_INSTRUCTIONS, execute as execute_svm
 
 DEFAULT_MEMORY = 64 << 20
 UNBOUNDED_COUNT = 1 << 62
 STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "vmexits", "port_reads",
-             "port_writes", "unclaimed_port_reads", "unclaimed_port_writes", "hypercalls")
+             "port_writes", "unclaimed_port_reads", "unclaimed_port_writes", "hypercalls", "vmruns")
 ICEBP, INT3, INTO = 0xF1, 0xCC, 0xCE
+EMULATED_MSR_ROWS = frozenset({"rdmsr", "wrmsr"})
 RSM = b"\x0f\xaa"
 
 
@@ -87,7 +96,7 @@ class _Trap:
     address: int = 0
     port: int = 0
     detail: str = ""
-    outcome: object = None      # "vmexit": the VmExit; "fault": the checker's Fault; "port": the OUT
+    outcome: object = None      # "vmexit": the VmExit; "fault": the checker's Fault; "port", "msr": the insn
 
 
 class Machine:
@@ -113,7 +122,13 @@ class Machine:
         self.ports.register(debugcon_port, self.console)
         self.ports.register(EXIT_PORT, ExitDevice(lambda value: self.request_stop(StopReason.EXIT, value)))
         self.smm = SmmState()
+        self.svm = SvmState()
         self.nmi_pending = False
+        self.interrupts: set[int] = set()       # INTR vectors raised and not yet taken
+        self._cpuid: dict[str, dict] = {}       # profile name -> CPUID table
+        self._pre_except_exits: dict[str, dict] = {}    # profile -> the checker's cache (checker.py)
+        self._l1_view: Guest | None = None
+        self.uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         self.tsc = VirtualTsc(self.cpu)
         self._tsc_hooks = [ucinternals.add_instruction_hook(self.uc, X.UC_X86_INS_RDTSC, self.tsc.rdtsc),
                            ucinternals.add_instruction_hook(self.uc, X.UC_X86_INS_RDTSCP, self.tsc.rdtscp)]
@@ -229,6 +244,11 @@ class Machine:
         return self.cpu_model == "qemu64"
 
     @property
+    def gif(self) -> bool:
+        """The global interrupt flag (APM §15.17): STGI sets it, CLGI and #VMEXIT clear it."""
+        return self.svm.gif
+
+    @property
     def instructions_if_exact(self) -> int | None:
         return self.instructions if self._instructions_exact else None
 
@@ -242,15 +262,27 @@ class Machine:
         self.nmi_pending = True
 
     def raise_init(self) -> None:
-        """An INIT: latched while in SMM and processed after RSM; otherwise the CPU resets to
-        the reset vector (SMBASE is kept)."""
-        if self.smm.in_smm:
-            self.smm.latched_init = True
-        else:
+        """An INIT: held while in SMM (processed after RSM), while GIF = 0, and in a guest
+        whose L1 intercepts it (semantics.md §B.3, §C.7); otherwise the CPU resets to the
+        reset vector (SMBASE and VM_HSAVE_PA are kept)."""
+        self.smm.latched_init = True
+        if not self.smm.in_smm and self.svm.gif and not self._intercepts(ExitCode.INIT):
             self._process_init()
+
+    def raise_intr(self, vector: int) -> None:
+        """An external interrupt (INTR) with ``vector``: taken through the IDT at an
+        instruction boundary where RFLAGS.IF = 1, GIF = 1 and no interrupt shadow holds it
+        (the highest vector first); as L2, L1's INTR intercept decides first (§B.3)."""
+        if not 0 <= vector <= 0xFF:
+            raise ValueError(f"interrupt vector {vector:#x} is not 0-255")
+        self.interrupts.add(vector)
+        self._arm_interrupt_window()
 
     def _process_init(self) -> None:
         self.smm.latched_init = False
+        if self.svm.guest_mode:               # INIT leaves guest mode (KVM: kvm_vcpu_reset)
+            self.leave_guest()
+        self.svm = SvmState(hsave_pa=self.svm.hsave_pa, vm_cr=self.svm.vm_cr)
         boot_states.boot_bios(self)
         self.halted = False
         self.events.append({"kind": "init", "instructions": self.instructions_if_exact})
@@ -295,16 +327,76 @@ class Machine:
             self._process_init()
 
     def _take_pending_event(self) -> bool:
-        """At an instruction boundary: SMI before NMI (semantics.md §C.7).  False when the
-        run must stop."""
-        if self.smm.pending and not self.smm.in_smm:
-            self.smm.pending = False
-            enter_smm(self)                  # an SMI also ends a halt
+        """At an instruction boundary: one pending event, in KVM's order (INIT, SMI, NMI,
+        INTR, then a guest's virtual interrupt; semantics.md §B.3, §C.7).  GIF = 0 holds them
+        all; as L2, an event L1 intercepts becomes a #VMEXIT and stays pending.  False when
+        the run must stop."""
+        smm, svm = self.smm, self.svm
+        if not svm.gif:
+            return True
+        if smm.latched_init and not smm.in_smm:
+            if not self._exit_on_event(ExitCode.INIT):
+                self._process_init()
+        elif smm.pending and not smm.in_smm:
+            if not self._exit_on_event(ExitCode.SMI, int(self.profile.smi_exitinfo)):
+                smm.pending = False
+                enter_smm(self)              # an SMI also ends a halt
         elif self.nmi_pending and not self.cpu.nmi_blocked:
-            self.nmi_pending = False
-            self.deliver(Event(Vector.NMI, EventKind.NMI, self.cpu.rip))
-            self.cpu.nmi_blocked = True
+            if not self._exit_on_event(ExitCode.NMI):
+                self.nmi_pending = False
+                self.deliver(Event(Vector.NMI, EventKind.NMI, self.cpu.rip))
+                self.cpu.nmi_blocked = True
+        elif self.interrupts and self._intr_ready():
+            if not self._exit_on_event(ExitCode.INTR):
+                vector = max(self.interrupts)
+                self.interrupts.discard(vector)
+                self.deliver(Event(vector, EventKind.EXTERNAL, self.cpu.rip))
+        elif svm.int_ctl & V_IRQ and self._virtual_interrupt_ready():
+            if not self._exit_on_event(ExitCode.VINTR):
+                svm.int_ctl &= ~V_IRQ
+                self.deliver(Event(svm.v_intr_vector, EventKind.EXTERNAL, self.cpu.rip))
         return self._stop is None
+
+    def _intercepts(self, code: int) -> bool:
+        return self.guest is not None and code in self.guest.controls
+
+    def _exit_on_event(self, code: int, info1: int = 0) -> bool:
+        """As L2 whose L1 intercepts ``code``: take that #VMEXIT (the event stays pending)."""
+        if not self._intercepts(code):
+            return False
+        self.halted = False
+        self._take_exit(VmExit(code, info1, rip=self.cpu.rip))
+        return True
+
+    def _intr_ready(self) -> bool:
+        """INTR is not masked (KVM's svm_interrupt_blocked): as L2 with V_INTR_MASKING, L1's
+        RFLAGS.IF masks it, otherwise the running code's; an intercepted INTR ignores the
+        interrupt shadow."""
+        svm = self.svm
+        if svm.guest_mode and svm.v_intr_masking:
+            if not svm.host_if:
+                return False
+        elif not self.cpu["rflags"] & RFLAGS_IF:
+            return False
+        return self._intercepts(ExitCode.INTR) or not self.cpu.interrupt_shadow
+
+    def _virtual_interrupt_ready(self) -> bool:
+        """V_IRQ is taken (APM §15.21.4) when the guest's RFLAGS.IF is set, no shadow holds
+        it, and its priority is above V_TPR unless V_IGN_TPR."""
+        int_ctl = self.svm.int_ctl
+        if not self.svm.guest_mode or not self.cpu["rflags"] & RFLAGS_IF or self.cpu.interrupt_shadow:
+            return False
+        tpr = self.cpu["cr8"] if self.svm.v_intr_masking else int_ctl & 0xF
+        return bool(int_ctl & V_IGN_TPR) or (int_ctl & V_INTR_PRIO_MASK) >> V_INTR_PRIO_SHIFT > tpr
+
+    def _event_waiting(self) -> bool:
+        """An interrupt (physical or virtual) is pending but masked: the instructions that
+        can unmask it (STI, POPF, IRET) are run alone so the loop looks again after them."""
+        return bool(self.interrupts) or bool(self.svm.int_ctl & V_IRQ) or self.nmi_pending
+
+    def _arm_interrupt_window(self) -> None:
+        if not INTERRUPT_WINDOW_OPCODES <= self.sites.opcodes:
+            self.sites.set_opcodes(self.sites.opcodes | INTERRUPT_WINDOW_OPCODES)
 
     # -- snapshots --------------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
@@ -324,17 +416,32 @@ class Machine:
     # -- running as L2 ------------------------------------------------------------------------
     def enter_guest(self, controls, profile: str | None = None, on_exit: str = "stop") -> None:
         """Run the guest as L2 under ``controls`` (intercepts.InterceptControls): the caller
-        plays L1.  Only the intercepts that are set are armed.  ``profile`` (default: the
-        machine's) also becomes the machine's profile."""
+        plays L1 (``on_exit`` stop or skip), or the guest's own VMRUN does (``l1``: exits
+        are #VMEXITs to the guest hypervisor).  Only the intercepts that are set are armed
+        (sites stay armed afterwards: an armed site only costs a callback where it runs).
+        ``profile`` (default: the machine's) also becomes the machine's profile."""
         if profile is not None:
             self.profile = profile_named(profile)
-        self.guest = Guest(self, controls, self.profile.name, on_exit)
-        self.sites.set_opcodes(OUT_OPCODES | ALWAYS_ARMED_OPCODES | site_opcodes(controls))
+        self.guest = Guest(self, controls, self.profile.name, on_exit,
+                           self._pre_except_exits.setdefault(self.profile.name, {}))
+        wanted = site_opcodes(controls)
+        if not wanted <= self.sites.opcodes:
+            self.sites.set_opcodes(self.sites.opcodes | wanted)
         self.linear.flush()
 
     def leave_guest(self) -> None:
         self.guest = None
-        self.sites.set_opcodes(OUT_OPCODES | ALWAYS_ARMED_OPCODES)
+
+    def forget_tlb(self) -> None:
+        """Drop every cached translation (INVLPGA, VMRUN's TLB_CONTROL): QEMU's and ringminus's."""
+        self.linear.flush()
+        self.cpu.fast.flush_tlb()
+
+    def record_exit(self, exit_, record: dict | None = None) -> None:
+        """Note a #VMEXIT (``record``: the event to log instead of the exit itself)."""
+        self.stats["vmexits"] += 1
+        self.last_exit = exit_
+        self.events.append(exit_ if record is None else record)
 
     def skip_instruction(self) -> None:
         """After a vmexit stop: resume at the exit's next RIP, as an L1 that emulated it."""
@@ -350,9 +457,16 @@ class Machine:
             return 1
         return instruction_length(code, self.cpu.code_bits()) or 1
 
-    def _take_exit(self, exit_) -> bool:
-        """L1 takes ``exit_``: record it, then stop at the intercepted instruction, or (with
-        on_exit="skip") go on after it.  Returns True when the run must stop."""
+    def _take_exit(self, exit_, guest_state: ArchState | None = None) -> bool:
+        """L1 takes ``exit_``: a guest hypervisor by a #VMEXIT (``guest_state``: L2's
+        registers, if just captured); the caller as L1 by a stop at the intercepted
+        instruction, or (on_exit="skip") by going on after it.  True when the run must stop."""
+        if self.guest.on_exit == "l1":
+            try:
+                svm_world.vmexit(self, exit_, guest_state)
+            except svm_world.VmcbMemoryError as missing:
+                self.request_stop(StopReason.MEMORY, detail=f"#VMEXIT: {missing}")
+            return self._stop is not None
         self.stats["vmexits"] += 1
         self.last_exit = exit_
         if self.guest.on_exit == "skip":
@@ -397,8 +511,9 @@ class Machine:
         if self._stop is None:
             self._stop = Stop(reason, self.cpu.rip, value, detail)
 
-    def deliver(self, event: Event) -> None:
-        """Deliver an event through the IVT/IDT now (wakes a halted CPU)."""
+    def deliver(self, event: Event, injected: bool = False) -> None:
+        """Deliver an event through the IVT/IDT now (wakes a halted CPU).  ``injected``:
+        VMRUN's EVENTINJ, which L1's exception intercepts do not see."""
         self.halted = False
         record = {"kind": event.kind.value, "vector": event.vector, "rip": event.instruction_rip
                   if event.instruction_rip is not None else event.return_rip}
@@ -408,7 +523,7 @@ class Machine:
             record["cr2"] = event.cr2
         self.events.append(record)
         try:
-            delivered = self.delivery.deliver(event)
+            delivered = self.delivery.deliver(event, injected)
         except Unsupported as why:
             self.request_stop(StopReason.UNSUPPORTED, detail=str(why))
             return
@@ -456,7 +571,7 @@ class Machine:
             enter_smm(self, state)
         if (self._stop is not None or self.halted or not self._rearm_if_address_space_changed(only_if_cheap=True)
                 or self.smm.pending and not self.smm.in_smm
-                or self.smm.latched_init and not self.smm.in_smm or self.nmi_pending):
+                or self.smm.latched_init and not self.smm.in_smm or self._event_waiting()):
             self._trap_and_stop(_Trap("resume"))
 
     def _on_bad_memory(self, uc: Uc, access: int, address: int, size: int, value: int, _data) -> bool:
@@ -468,6 +583,17 @@ class Machine:
             return True
         self._trap = _Trap("memory", address=address, detail=f"access to unbacked memory at {address:#x}")
         return False
+
+    def _on_cpuid(self, uc: Uc, _data) -> int:
+        """CPUID answers from the CPU model's table (svm/cpuid.py), not Unicorn's Haswell."""
+        table = self._cpuid.get(self.profile.name)
+        if table is None:
+            table = self._cpuid[self.profile.name] = cpuid_table(MODELS[self.cpu_model], self.profile)
+        read, write = self.cpu.fast.read, self.cpu.fast.write
+        values = table.get(read(X.UC_X86_REG_EAX) & 0xFFFF_FFFF, (0, 0, 0, 0))
+        for register, value in zip((X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX), values):
+            write(register, value)
+        return 1                                  # the native CPUID is skipped
 
     def _on_in(self, uc: Uc, port: int, size: int, _data) -> int:
         return self.ports.read(port, size)
@@ -487,9 +613,13 @@ class Machine:
         if insn is not None:
             if self.guest is not None and self._check_at_site(insn):
                 return
-            changes_space = insn.row.name == "mov_to_cr" and insn.reg in (0, 3, 4)
-            ends_nmi_block = insn.row.name == "iret" and self.nmi_pending
-            if changes_space or ends_nmi_block:
+            name = insn.row.name
+            if name in EMULATED_MSR_ROWS and svm_msrs.emulates(self, ctx.u64(ucinternals.GPRS + 8) & 0xFFFF_FFFF):
+                self._trap_and_stop(_Trap("msr", address=address, outcome=insn))
+                return
+            changes_space = name == "mov_to_cr" and insn.reg in (0, 3, 4)
+            opens_window = name in INTERRUPT_WINDOW_ROWS and self._event_waiting()
+            if changes_space or opens_window:
                 if self._stepping_over != address:       # run it alone, then look again
                     self._trap_and_stop(_Trap("step", address=address, detail="paging" if changes_space else ""))
                     return
@@ -572,7 +702,8 @@ class Machine:
         return RunResult(stop, self.cpu.snapshot(), bytes(self.console.output),
                          self.instructions if self._instructions_exact else None, stats, exit_,
                          tuple(self.events), self.smm.as_dict(self.smram.state),
-                         pending.call if pending else None)
+                         pending.call if pending else None,
+                         {**self.svm.as_dict(), "pending_interrupts": sorted(self.interrupts)})
 
     def resume(self, ret: int | None = None, max_instructions: int | None = None,
                timeout: float | None = None, trace: TextIO | None = None) -> RunResult:
@@ -607,13 +738,16 @@ class Machine:
             self._stop = Stop(StopReason.LIMIT, self.cpu.rip)
             return
         budget = 0
-        if self._stepping_over is not None:
-            budget, counting = 1, True              # run the stepped instruction alone
+        # An interrupt held only by the STI/MOV SS shadow: run the one instruction the shadow
+        # covers, then end the shadow (Unicorn clears it only where a block ends normally).
+        shadow_step = self._event_waiting() and self.cpu.interrupt_shadow
+        if self._stepping_over is not None or shadow_step:
+            budget, counting = 1, True              # run one instruction alone, then look again
         else:
             self._rearm_if_address_space_changed()
-        if self._stepping_over is None and counting:    # Unicorn counts only with a count
-            targets = [t for t in (limit, self._scheduled[0][0] if self._scheduled else None) if t is not None]
-            budget = min(targets) - self.instructions if targets else UNBOUNDED_COUNT
+            if counting:                            # Unicorn counts only with a count
+                targets = [t for t in (limit, self._scheduled[0][0] if self._scheduled else None) if t is not None]
+                budget = min(targets) - self.instructions if targets else UNBOUNDED_COUNT
         microseconds = 0
         if deadline is not None:
             microseconds = int((deadline - time.monotonic()) * 1e6)
@@ -629,6 +763,8 @@ class Machine:
             error = e
         self.stats["slices"] += 1
         started = ucinternals.emu_counter(self.uc) if counting else 0
+        if shadow_step and self._stepping_over is None:
+            self.cpu.set_interrupt_shadow(False)
         self._after_slice(error, budget, started, deadline)
 
     def _rearm_if_address_space_changed(self, only_if_cheap: bool = False) -> bool:
@@ -638,10 +774,10 @@ class Machine:
         or page tables may have changed since.  False when a remap was needed but
         ``only_if_cheap`` forbade it."""
         space = self.cpu.address_space()
-        if space == self._address_space:
-            return True
         sites = len(self.sites.physical)
-        if self._armed_spaces.get(space) != sites:
+        if space == self._address_space and self._armed_spaces.get(space) == sites:
+            return True
+        if self._armed_spaces.get(space) != sites:                 # new space, or new sites
             if only_if_cheap:
                 return False
             if space[0]:
@@ -691,6 +827,9 @@ class Machine:
         elif trap.kind == "port":
             self._retire(started - 1)
             self._emulate_out(trap.outcome, trap.port, self.cpu.capture())
+        elif trap.kind == "msr":
+            self._retire(started - 1)
+            self._emulate_msr(trap.outcome)
         elif trap.kind == "step":
             self._retire(started - 1)
             self._stepping_over = trap.address
@@ -749,6 +888,9 @@ class Machine:
         if insn is not None and insn.row.name == "rsm":
             self._execute_rsm(rip)
             return
+        if insn is not None and insn.row.name in SVM_INSTRUCTIONS:
+            self._execute_svm(insn)
+            return
         if insn is not None and insn.row.name in CONDUITS and self.guest is None:
             execute_hypercall(self, insn)       # ringminus is the host (semantics.md §D.3)
             return
@@ -758,6 +900,48 @@ class Machine:
             self.deliver(Event(Vector.DB, EventKind.ICEBP, rip + 1, instruction_rip=rip))
         else:
             self.deliver(Event(Vector.UD, EventKind.EXCEPTION, rip))
+
+    def _l1_checks(self) -> Guest:
+        """The staged checker's view of code outside guest mode: no intercepts, only the
+        #UD/#GP checks (in the profile's order)."""
+        if self._l1_view is None or self._l1_view.profile is not self.profile:
+            self._l1_view = Guest(self, InterceptControls(), self.profile.name)
+        return self._l1_view
+
+    def _execute_svm(self, insn: Instruction) -> None:
+        """An SVM instruction L1 does not intercept (or outside guest mode)."""
+        rip = insn.address
+        fault = check(insn, self._l1_checks())
+        if isinstance(fault, Fault):
+            self.deliver(Event(fault.vector, EventKind.EXCEPTION, rip, fault.error_code))
+            return
+        try:
+            execute_svm(self, insn)
+        except GuestFault as fault:
+            self.deliver(Event(fault.vector, EventKind.EXCEPTION, rip, fault.error_code))
+            return
+        except (svm_world.VmcbMemoryError, UnbackedMemory) as missing:
+            self.request_stop(StopReason.MEMORY, rip, detail=f"{insn.row.name}: {missing}")
+            return
+        self._retire(1)
+        if insn.row.name == "vmrun":
+            self.stats["vmruns"] += 1
+
+    def _emulate_msr(self, insn: Instruction) -> None:
+        """RDMSR/WRMSR of an MSR ringminus keeps (svm/msrs.py), at CPU ``insn``."""
+        cpu, rip = self.cpu, insn.address
+        msr = cpu["ecx"]
+        try:
+            if insn.row.name == "rdmsr":
+                value = svm_msrs.read(self, msr)
+                cpu["rax"], cpu["rdx"] = value & 0xFFFF_FFFF, value >> 32
+            else:
+                svm_msrs.write(self, msr, (cpu["edx"] << 32) | cpu["eax"])
+        except GuestFault as fault:
+            self.deliver(Event(fault.vector, EventKind.EXCEPTION, rip, fault.error_code))
+            return
+        cpu.rip = insn.next_rip
+        self._retire(1)
 
     def _emulate_out(self, io: Instruction, port: int, state: ArchState) -> ArchState | None:
         """Perform an OUT to a precise device, exactly as the CPU would, on the registers

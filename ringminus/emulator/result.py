@@ -73,6 +73,7 @@ class RunResult:
     event_log: tuple = ()         # events delivered, exits skipped, hypercalls, in order
     smm: dict = field(default_factory=dict)   # the KVM vcpu-events view of SMM, SMBASE, SMRAM state
     call: object = None           # hypercalls.Hypercall that stopped the run (reason hypercall)
+    svm: dict = field(default_factory=dict)   # GIF, VM_HSAVE_PA, guest mode, pending interrupts
 
     @cached_property
     def regs(self) -> dict:
@@ -102,4 +103,4 @@ class RunResult:
     def as_dict(self) -> dict:
         return {"stop": self.stop.as_dict(), "regs": self.regs, "console": self.console,
                 "instructions": self.instructions, "stats": self.stats, "vmexit": self.vmexit,
-                "hypercall": self.hypercall, "events": self.events, "smm": self.smm}
+                "hypercall": self.hypercall, "events": self.events, "smm": self.smm, "svm": self.svm}

@@ -61,6 +61,10 @@ class CodeSites:
             hits[:len(match)] |= match
         return np.flatnonzero(hits).tolist()
 
+    @property
+    def opcodes(self) -> frozenset[bytes]:
+        return frozenset(self._patterns)
+
     def set_opcodes(self, opcodes: frozenset[bytes]) -> None:
         """Flag another set of opcode bytes and rescan every region scanned so far."""
         self._set_opcodes(opcodes)

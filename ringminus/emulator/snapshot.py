@@ -31,6 +31,9 @@ class Snapshot:
     console: bytes
     events: tuple
     pending_hypercall: object = None        # hypercalls.conduit.PendingHypercall
+    svm: object = None                      # svm.SvmState
+    interrupts: frozenset = frozenset()
+    guest: object = None                    # intercepts.Guest of an L2 run by the guest's VMRUN
 
 
 def take(machine: "Machine") -> Snapshot:
@@ -38,7 +41,9 @@ def take(machine: "Machine") -> Snapshot:
                     tuple(r.data.copy() for r in machine.smram.ranges), machine.smram.register,
                     copy.copy(machine.smm), machine.nmi_pending, machine.halted, machine.instructions,
                     machine._instructions_exact, machine.tsc.value, tuple(machine._scheduled),
-                    bytes(machine.console.output), tuple(machine.events), machine._pending_hypercall)
+                    bytes(machine.console.output), tuple(machine.events), machine._pending_hypercall,
+                    copy.copy(machine.svm), frozenset(machine.interrupts),
+                    machine.guest if machine.svm.guest_mode else None)
 
 
 def restore(machine: "Machine", snap: Snapshot) -> None:
@@ -58,6 +63,10 @@ def restore(machine: "Machine", snap: Snapshot) -> None:
     machine.tsc.value = snap.tsc
     machine._scheduled = list(snap.scheduled)
     machine.console.output = bytearray(snap.console)
+    machine.svm = copy.copy(snap.svm)
+    machine.interrupts = set(snap.interrupts)
+    if snap.guest is not None or machine.guest is not None and machine.guest.on_exit == "l1":
+        machine.guest = snap.guest          # a host-side guest belongs to the caller, not the snapshot
     machine.events = list(snap.events)
     machine._pending_hypercall = snap.pending_hypercall
     # Memory changed behind Unicorn's back: drop every translation, and find the code sites

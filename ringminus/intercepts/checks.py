@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from ..emulator.cpu import CR0_PE, CR0_PG, EFER_LME, EFER_SVME
+from ..emulator.cpu import CR0_CD, CR0_NW, CR0_PE, CR0_PG, EFER_LME, EFER_SVME
 from ..emulator.ports import io_permitted
 from ..emulator.segmentation import linear_address
 from ..emulator.vectors import GuestFault, Vector
@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from .guest import Guest
 
 CR4_DE, CR4_TSD, CR4_PCE, CR4_UMIP = 1 << 3, 1 << 2, 1 << 8, 1 << 11
-CR0_NW, CR0_CD = 1 << 29, 1 << 30
 DR7_GD = 1 << 13
 DR6_BD = 1 << 13
 VALID_CRS = frozenset({0, 2, 3, 4, 8})

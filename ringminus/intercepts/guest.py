@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 EVENT_TYPE = {EventKind.EXTERNAL: EventType.INTR, EventKind.NMI: EventType.NMI,
               EventKind.EXCEPTION: EventType.EXCEPTION, EventKind.SOFTWARE_EXCEPTION: EventType.EXCEPTION,
               EventKind.ICEBP: EventType.EXCEPTION, EventKind.SOFTWARE_INTERRUPT: EventType.SOFTWARE_INT}
-ON_EXIT = ("stop", "skip")
+ON_EXIT = ("stop", "skip", "l1")         # l1: the guest's own hypervisor takes a #VMEXIT (svm/)
 # Exceptions whose intercepts report the error code in EXITINFO1 (§B.2).
 ERROR_CODE_IN_INFO1 = frozenset({Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.PF,
                                  Vector.AC, Vector.CP, Vector.SX})
@@ -38,7 +38,7 @@ def exit_int_info(event: Event | None) -> int:
 
 class Guest:
     def __init__(self, machine: "Machine", controls: InterceptControls, profile: str = DEFAULT_PROFILE,
-                 on_exit: str = "stop"):
+                 on_exit: str = "stop", pre_except_exits: dict | None = None):
         if on_exit not in ON_EXIT:
             raise ValueError(f"--on-exit must be one of {', '.join(ON_EXIT)}")
         self.machine = machine
@@ -49,7 +49,8 @@ class Guest:
         self.on_exit = on_exit
         self.monitor_armed = False
         self.virtual_interrupt_pending = False
-        self.pre_except_exits: dict = {}      # checker.py: outcomes that depend on nothing else
+        # checker.py: outcomes that depend on nothing else (shareable between guests)
+        self.pre_except_exits: dict = {} if pre_except_exits is None else pre_except_exits
 
     # -- operands ------------------------------------------------------------------------------
     def register(self, number: int, size: int) -> int:

@@ -69,6 +69,17 @@ class Profile:
     #: §D.2), else the FIX_HYPERCALL_INSN quirk rewrites the 3 bytes at CS:RIP to VMMCALL and
     #: the guest re-executes them.  Without it (APM, QEMU's TCG) VMCALL raises #UD.
     vmcall_fix_hypercall: bool = False
+    # -- in-guest SVM (APM chapter 15) -------------------------------------------------------
+    #: F.5 — SKINIT executes (secure init into the SLB, CPUID advertises it: APM) or raises
+    #: #UD after its intercept check (KVM's skinit_interception, QEMU's helper_skinit).
+    skinit: bool = False
+    #: §B.5 — a VMRUN that fails its consistency checks is a #VMEXIT, which clears GIF (APM,
+    #: QEMU's cpu_vmexit), or only writes VMEXIT_INVALID and leaves GIF alone (KVM's
+    #: nested_svm_vmrun).
+    vmrun_invalid_clears_gif: bool = True
+    #: F.19 — an SMI in guest mode also saves the host's CR0/CR3/CR4/EFER in the state-save
+    #: map at FF28h-FF40h (APM); KVM keeps them in the host-save area only.
+    smm_svm_host_fields: bool = False
 
 
 PROFILES = {p.name: p for p in (
@@ -78,14 +89,15 @@ PROFILES = {p.name: p for p in (
             stgi_skinit_without_svme=False, svm_rax_gp_before_svme_ud=True, ioio_segment=False,
             ioio_address_size=True, smi_exitinfo=False, decode_assists=False,
             selective_cr0_fixed=True, rep_zero_count_intercepts=True,
-            smm_zero_idtr=True, vmcall_fix_hypercall=True),
+            smm_zero_idtr=True, vmcall_fix_hypercall=True, vmrun_invalid_clears_gif=False),
     Profile("apm", cr_value_checks_before_intercept=True, umip_before_intercept=True,
             monitor_checks_operand=True, monitor_mwait_ud_at_cpl3=False, vmmcall_prot=False,
             vmmcall_needs_svme=False,
             stgi_skinit_without_svme=True, svm_rax_gp_before_svme_ud=False, ioio_segment=True,
             ioio_address_size=True, smi_exitinfo=True, decode_assists=True,
             selective_cr0_fixed=True, rep_zero_count_intercepts=True,
-            rsm_apm_checks=True, smm_restart_fields=True),
+            rsm_apm_checks=True, smm_restart_fields=True, skinit=True,
+            smm_svm_host_fields=True),
     Profile("qemu", cr_value_checks_before_intercept=False, umip_before_intercept=True,
             monitor_checks_operand=False, monitor_mwait_ud_at_cpl3=True, vmmcall_prot=False,
             vmmcall_needs_svme=True,

@@ -25,9 +25,9 @@ from typing import Callable
 import numpy as np
 
 from ..binlayout import structured, verify as verify_layout
-from ..emulator.cpu import CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, EFER_SVME
+from ..emulator.cpu import (CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_DEFINED, CR4_PAE, EFER_DEFINED, EFER_LMA,
+                            EFER_LME, EFER_SVME)
 from ..emulator.descriptors import Segment
-from ..smm.world import CR0_CD, CR0_NW, CR4_DEFINED, EFER_DEFINED
 from .controls import IOPM_BYTES, MSRPM_BYTES
 from .exitcodes import ExitCode
 

@@ -1,0 +1,140 @@
+"""The SVM instructions outside guest mode (or not intercepted by L1): VMRUN, VMLOAD, VMSAVE,
+STGI, CLGI, INVLPGA and SKINIT (APM Vol. 3, each instruction's page).  Their #UD/#GP checks
+before execution are the decode-flag table's (decode/table.py, run by the staged checker
+with no intercepts, so the profile's F.5 order applies); what each does is here.
+
+rAX holds a physical address (32 bits of it outside 64-bit mode).  VMRUN, VMLOAD and VMSAVE
+raise #GP(0), after the intercept check, for a VMCB address that is not page-aligned or lies
+beyond MAXPHYADDR ("all SVM instructions expect page aligned RAX": KVM's gp_interception
+re-injects the hardware's #GP; its nested VMRUN checks ``page_address_valid``).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from ..emulator.boot import CPU_SIGNATURE, RESET_DATA
+from ..emulator.cpu import CR0_PE, CR0_PG, GPRS, At
+from ..emulator.descriptors import FLAG_DB, FLAG_G, FLAG_P, FLAG_S, Segment
+from ..emulator.vectors import GuestFault, Vector
+from ..intercepts.vmcb import SAVE_AREA_OFFSET, VM_CR_R_INIT, VMCB_SAVE, read_segment, vmcb_attrib_from_flags
+from .cpuid import max_physical_bits
+from .world import SAVE_AREA_SIZE, vmrun
+
+if TYPE_CHECKING:
+    from ..decode.decoder import Instruction
+    from ..emulator.machine import Machine
+
+PAGE_MASK = ~0xFFF
+# What VMLOAD loads and VMSAVE saves: segments with their hidden state, then MSRs.
+VMLOAD_SEGMENTS = ("fs", "gs", "tr", "ldtr")
+VMLOAD_MSRS = (("kernel_gs_base", 0xC000_0102), ("star", 0xC000_0081), ("lstar", 0xC000_0082),
+               ("cstar", 0xC000_0083), ("sfmask", 0xC000_0084), ("sysenter_cs", 0x174),
+               ("sysenter_esp", 0x175), ("sysenter_eip", 0x176))
+# SKINIT (APM Vol. 3 "SKINIT"): the secure loader block is 64 KiB at EAX[31:16].
+SLB_SIZE = 0x1_0000
+VM_CR_DPD, VM_CR_DIS_A20M = 1 << 0, 1 << 2
+SKINIT_CODE = Segment(0x08, 0, 0xFFFF_FFFF, FLAG_P | FLAG_S | FLAG_DB | FLAG_G | (0xB << 8))
+SKINIT_STACK = Segment(0x10, 0, 0xFFFF_FFFF, FLAG_P | FLAG_S | FLAG_DB | FLAG_G | (0x3 << 8))
+INIT_DATA = Segment(0, 0, 0xFFFF, RESET_DATA)
+SKINIT_SEGMENTS = {"es": INIT_DATA, "ds": INIT_DATA, "fs": INIT_DATA, "gs": INIT_DATA,
+                   "cs": SKINIT_CODE, "ss": SKINIT_STACK}
+
+
+def _gp() -> GuestFault:
+    return GuestFault(Vector.GP, 0)
+
+
+def _rax(machine: "Machine", insn: "Instruction") -> int:
+    rax = machine.cpu["rax"]
+    return rax if insn.address_size == 8 else rax & 0xFFFF_FFFF
+
+
+def _vmcb_address(machine: "Machine", insn: "Instruction") -> int:
+    address = _rax(machine, insn)
+    if address >> max_physical_bits(machine.cpu_model) or address & ~PAGE_MASK:
+        raise _gp()
+    return address
+
+
+def _vmrun(machine: "Machine", insn: "Instruction") -> None:
+    vmrun(machine, _vmcb_address(machine, insn), insn.next_rip)
+
+
+def _save_area(machine: "Machine", page: int) -> tuple[bytearray, np.void]:
+    raw = bytearray(machine.memory.read(page + SAVE_AREA_OFFSET, SAVE_AREA_SIZE))
+    return raw, np.frombuffer(raw, dtype=VMCB_SAVE)[0]
+
+
+def _vmload(machine: "Machine", insn: "Instruction") -> None:
+    _, save = _save_area(machine, _vmcb_address(machine, insn))
+    machine.cpu.load_segments({name: read_segment(save[name]) for name in VMLOAD_SEGMENTS})
+    for field, msr in VMLOAD_MSRS:
+        machine.uc.msr_write(msr, int(save[field]))
+    machine.cpu.rip = insn.next_rip
+
+
+def _vmsave(machine: "Machine", insn: "Instruction") -> None:
+    page = _vmcb_address(machine, insn)
+    raw, save = _save_area(machine, page)
+    for name in VMLOAD_SEGMENTS:
+        segment = machine.cpu.segment(name)
+        record = save[name]
+        record["selector"], record["base"], record["limit"] = segment.selector, segment.base, segment.limit
+        record["attrib"] = vmcb_attrib_from_flags(segment.flags)
+    for field, msr in VMLOAD_MSRS:
+        save[field] = machine.uc.msr_read(msr)
+    machine.memory.write(page + SAVE_AREA_OFFSET, bytes(raw))
+    machine.cpu.rip = insn.next_rip
+
+
+def _set_gif(value: bool) -> Callable[["Machine", "Instruction"], None]:
+    def execute(machine: "Machine", insn: "Instruction") -> None:
+        machine.svm.gif = value
+        machine.cpu.rip = insn.next_rip
+    return execute
+
+
+def _invlpga(machine: "Machine", insn: "Instruction") -> None:
+    """Invalidate the TLB entry of (rAX, ASID ECX): ringminus's one TLB drops everything."""
+    machine.forget_tlb()
+    machine.cpu.rip = insn.next_rip
+
+
+def _skinit(machine: "Machine", insn: "Instruction") -> None:
+    """SKINIT (apm profile): reinitialise as for INIT, enter flat 32-bit protected mode and
+    jump to the secure loader at EAX[31:16] + its entry word, with GIF = 0.  The DEV
+    protection of the SLB and the TPM hash have no counterpart here (no DMA, no TPM).
+    KVM and QEMU raise #UD instead (§F.5)."""
+    if not machine.profile.skinit:
+        raise GuestFault(Vector.UD)
+    slb = machine.cpu["eax"] & 0xFFFF_0000
+    entry = int.from_bytes(machine.memory.read(slb, 2), "little")
+    state = machine.cpu.capture()
+    for name in GPRS:
+        state[getattr(At, name)] = 0
+    state[At.rax], state[At.rdx] = slb, CPU_SIGNATURE[machine.cpu_model]
+    state[At.rsp], state[At.rip] = slb + SLB_SIZE, slb + entry
+    for name, segment in SKINIT_SEGMENTS.items():
+        at = getattr(At, f"{name}_selector")
+        state[at:at + 4] = (segment.selector, segment.base, segment.limit, segment.flags)
+    state[At.cr0] = (state[At.cr0] & ~CR0_PG) | CR0_PE
+    state[At.cr4] = state[At.efer] = 0
+    state[At.rflags], state[At.dr7] = 0x2, 0x400
+    state.cpl = 0
+    machine.cpu.load(state)
+    machine.svm.vm_cr |= VM_CR_DPD | VM_CR_R_INIT | VM_CR_DIS_A20M
+    machine.svm.gif = False
+
+
+EXECUTE: dict[str, Callable[["Machine", "Instruction"], None]] = {
+    "vmrun": _vmrun, "vmload": _vmload, "vmsave": _vmsave, "stgi": _set_gif(True),
+    "clgi": _set_gif(False), "invlpga": _invlpga, "skinit": _skinit,
+}
+
+
+def execute(machine: "Machine", insn: "Instruction") -> None:
+    """Execute a checked SVM instruction (GuestFault when it faults)."""
+    EXECUTE[insn.row.name](machine, insn)
+
