@@ -4,7 +4,11 @@ counterpart of KVM's ``CHECK_SMRAM64_OFFSET`` list (DESIGN.md §4).  Used for th
 state-save maps (smm/layouts.py) and the VMCB (intercepts/vmcb.py)."""
 from __future__ import annotations
 
+import struct
+
 import numpy as np
+
+STRUCT_CODES = {"u1": "B", "u2": "H", "u4": "I", "u8": "Q", "i8": "q"}     # numpy kind+size -> struct
 
 
 def structured(rows: list[tuple[str, object, int]], size: int) -> np.dtype:
@@ -43,3 +47,32 @@ def verify(layout: np.dtype, offsets: list[tuple[str, int]], size: int, origin: 
     for (_, end, name), (start, _, following) in zip(spans, spans[1:]):
         if start < end:
             raise AssertionError(f"{name}: overlaps {following}")
+
+
+def field_span(layout: np.dtype, path: str) -> tuple[int, np.dtype]:
+    """(offset, dtype) of a scalar field named "save.cs.base" (records nest) in ``layout``."""
+    offset, dtype = 0, layout
+    for part in path.split("."):
+        if dtype.fields is None or part not in dtype.fields:
+            raise KeyError(path)
+        dtype, at = dtype.fields[part][:2]
+        offset += at
+    return offset, dtype
+
+
+def fields_struct(layout: np.dtype, paths: list[str]) -> tuple[struct.Struct, int, tuple[str, ...]]:
+    """One little-endian struct over the bytes from the first to the last of ``paths`` (scalar
+    fields), every other byte padding: (the struct, where it starts in ``layout``, the paths in
+    the order its values come; an array field gives one value per element, its path repeated).
+    A world switch moves many scattered fields in one call."""
+    spans = sorted((*field_span(layout, path), path) for path in paths)
+    fmt, at, order = "<", spans[0][0], []
+    for offset, dtype, path in spans:
+        if offset < at:
+            raise AssertionError(f"{layout}: fields overlap at {offset:#x}")
+        element, shape = dtype.subdtype if dtype.subdtype else (dtype, ())
+        count = int(np.prod(shape))
+        fmt += f"{offset - at}x{count}{STRUCT_CODES[element.str[1:]]}"
+        order += [path] * count
+        at = offset + dtype.itemsize
+    return struct.Struct(fmt), spans[0][0], tuple(order)

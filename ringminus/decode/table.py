@@ -8,6 +8,7 @@ semantics.md §A.3).  The checker (intercepts/checker.py) walks these rows gener
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
@@ -162,11 +163,13 @@ for _row in ROWS:
     ROWS_BY_OPCODE[_row.opcode] = ROWS_BY_OPCODE.get(_row.opcode, ()) + (_row,)
 
 
-def site_opcodes(intercepted) -> frozenset[bytes]:
-    """The opcode bytes (1-3) of every row that can produce an intercepted exit code: a code
-    site is armed where they occur, and at every prefix start before them."""
+@functools.lru_cache(maxsize=256)
+def site_opcodes(vector: int) -> frozenset[bytes]:
+    """The opcode bytes (1-3) of every row that can produce an exit code intercepted in
+    ``vector`` (bit n = exit code n): a code site is armed where they occur, and at every
+    prefix start before them.  Cached: a guest hypervisor VMRUNs with the same few vectors."""
     return frozenset(row.opcode for row in ROWS
-                     if row.intercept and any(code in intercepted for code in row.intercept.codes))
+                     if row.intercept and any(vector >> code & 1 for code in row.intercept.codes))
 
 
 # OUT with an immediate or DX port: armed always, so an OUT to a device that stops the run (the

@@ -171,21 +171,21 @@ class Cpu:
         is needed."""
         self.version += 1
         self.paging_epoch += 1
-        cr0, cr3, cr4, efer, rflags, dr7 = (state[At.cr0], state[At.cr3], state[At.cr4], state[At.efer],
-                                            state[At.rflags], state[At.dr7])
+        values = state[:]                       # a plain list (quicker to index than an ArchState)
+        cr0, cr3, cr4, efer, rflags, dr7 = (values[At.cr0], values[At.cr3], values[At.cr4], values[At.efer],
+                                            values[At.rflags], values[At.dr7])
         self.svme = bool(efer & EFER_SVME)
         efer &= ~EFER_SVME
         ctx = self.context if context_is_current else self.context.snapshot()
         old_cr0, old_cr3, old_cr4, old_efer, old_dr7 = uci.SWITCH_CONTROLS.unpack_from(ctx.view)
-        values = list(state)
         values[At.efer] = efer
         values[At.cr4] = old_cr4                # set below through the API, which QEMU reacts to
-        hflags = state[At.hflags]
+        hflags = values[At.hflags]
         (values[At.qemu_eflags], values[At.qemu_cc_src], values[At.qemu_cc_op],
          values[At.qemu_df]) = uci.eflags_fields(rflags)      # as a register write stores RFLAGS
         values[At.hflags] = uci.derive_hflags(
             ctx.u32(uci.HFLAGS) & ~_HFLAGS_KEPT | hflags & _HFLAGS_KEPT, cr0, efer, rflags, hflags & uci.HF_CPL_MASK,
-            state[At.cs_flags], state[At.ss_flags], state[At.ds_base] | state[At.es_base] | state[At.ss_base])
+            values[At.cs_flags], values[At.ss_flags], values[At.ds_base] | values[At.es_base] | values[At.ss_base])
         for run, offset, fields in uci.STATE_RUNS:
             run.pack_into(ctx.view, offset, *values[fields])
         ctx.commit()
@@ -270,10 +270,13 @@ def _address_space(cr0: int, cr3: int, cr4: int, efer: int) -> tuple:
 STATE_NAMES = (*uci.STATE_FIELDS, "rflags")
 
 
-class At:
-    """Where each register sits in an ArchState: ``At.cr0``, ``At.cs_base``, ``At.rflags``."""
+class _StateIndices:
+    """Where each register sits in an ArchState: ``At.cr0``, ``At.cs_base``, ``At.rflags``.
+    An instance, not a class: world switches read these constantly, and CPython specialises
+    attribute reads of instances, not of classes."""
 
 
+At = _StateIndices()
 for _index, _name in enumerate(STATE_NAMES):
     setattr(At, _name.replace(".", "_"), _index)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from ..decode.table import (ALWAYS_ARMED_OPCODES, INTERRUPT_WINDOW_OPCODES, INTE
                             PORT_OUT_ROWS, site_opcodes)
 from . import boot as boot_states
 from . import ucinternals
-from .cpu import RFLAGS_IF, SEGMENT_REGISTERS, ArchState, At, Cpu
+from .cpu import EFER_SVME, RFLAGS_IF, RFLAGS_VM, SEGMENT_REGISTERS, ArchState, At, Cpu
 from .descriptors import Segment
 from .delivery import Delivery, Event, EventKind, Outcome, Unsupported
 from .loader import Image, bios_windows, check_bios
@@ -53,7 +54,7 @@ from ..intercepts.vmcb import V_IGN_TPR, V_INTR_PRIO_MASK, V_INTR_PRIO_SHIFT, V_
 from ..svm import SvmState, msrs as svm_msrs
 from ..svm import world as svm_world
 from ..svm.cpuid import MODELS, cpuid_table
-from ..svm.instructions import EXECUTE as SVM_INSTRUCTIONS, execute as execute_svm
+from ..svm.instructions import EXECUTE as SVM_INSTRUCTIONS, execute as execute_svm, vmcb_address
 
 DEFAULT_MEMORY = 64 << 20
 UNBOUNDED_COUNT = 1 << 62
@@ -62,6 +63,7 @@ STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "vmexits"
 ICEBP, INT3, INTO = 0xF1, 0xCC, 0xCE
 EMULATED_MSR_ROWS = frozenset({"rdmsr", "wrmsr"})
 RSM = b"\x0f\xaa"
+VMRUN = b"\x0f\x01\xd8"
 
 
 class VirtualTsc:
@@ -82,6 +84,30 @@ class VirtualTsc:
     def rdtscp(self) -> int:
         self.cpu.fast.write(X.UC_X86_REG_RCX, 0)  # TSC_AUX
         return self.rdtsc()
+
+
+class _Watchdog(threading.Thread):
+    """Ends a run at its deadline by stopping the emulator: one thread per ``run()``.
+    (Unicorn's own ``emu_start`` timeout starts and joins a timer thread for every slice,
+    which costs milliseconds per slice on a loaded host.)  Once the deadline has passed it
+    stops the emulator every 10 ms until cancelled, so a stop that falls between two slices
+    is not lost; ``cancel`` joins the thread, so no stop outlives its run."""
+
+    def __init__(self, uc: Uc, seconds: float):
+        super().__init__(daemon=True)
+        self._uc, self._seconds, self._done = uc, seconds, threading.Event()
+
+    def run(self) -> None:
+        if self._done.wait(self._seconds):
+            return
+        while True:
+            self._uc.emu_stop()
+            if self._done.wait(0.01):
+                return
+
+    def cancel(self) -> None:
+        self._done.set()
+        self.join()
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,10 +450,9 @@ class Machine:
             self.profile = profile_named(profile)
         self.guest = Guest(self, controls, self.profile.name, on_exit,
                            self._pre_except_exits.setdefault(self.profile.name, {}))
-        wanted = site_opcodes(controls)
+        wanted = site_opcodes(controls.vector)
         if not wanted <= self.sites.opcodes:
             self.sites.set_opcodes(self.sites.opcodes | wanted)
-        self.linear.flush()
 
     def leave_guest(self) -> None:
         self.guest = None
@@ -559,14 +584,43 @@ class Machine:
                 self._execute_rsm(state[At.rip], state)
                 self._continue_in_hook()
                 return True
+        elif self._switch_in_hooks and self.guest is None and self._vmrun_in_hook():
+            return True
         self._trap_and_stop(_Trap("invalid"))
+        return True
+
+    def _vmrun_in_hook(self) -> bool:
+        """VMRUN from L1 inside the #UD hook: see ``_vmrun_now``."""
+        state = self.cpu.capture()
+        code = self.linear.fetch(state[At.cs_base] + state[At.rip], 3, state[At.cr0], state[At.cr3])
+        if code != VMRUN:
+            return False
+        return self._vmrun_now(self._decode(code, ucinternals.code_bits(state[At.hflags]), state[At.rip]), state)
+
+    def _vmrun_now(self, insn: Instruction, state: ArchState) -> bool:
+        """VMRUN from L1 inside a hook (its code site, once a VMCB asked for VMRUN's
+        intercept, else the #UD hook), when nothing faults: the world switch without ending
+        the slice — a guest hypervisor's loop.  False: the run loop must look at it."""
+        # Only when none of its #UD/#GP checks can fire (then their order does not matter):
+        # protected mode, not VM86, CPL 0, EFER.SVME; rAX is checked by vmcb_address.
+        if state.cpl or not state.protected or state[At.rflags] & RFLAGS_VM or not state[At.efer] & EFER_SVME:
+            return False
+        try:
+            vmcb = vmcb_address(self, insn)
+            svm_world.vmrun(self, vmcb, insn.next_rip, state)
+        except (GuestFault, svm_world.VmcbMemoryError, UnbackedMemory):
+            return False                       # nothing changed yet: the run loop redoes it
+        self._retire(1)
+        self.stats["vmruns"] += 1
+        self.cpu.rip = self.cpu.rip              # through the API: a code hook's block ends here
+        self._continue_in_hook()
         return True
 
     def _continue_in_hook(self, state: ArchState | None = None) -> None:
         """After a hook executed the instruction itself: take a pending SMI right here, or end
         the slice when the run must stop or the run loop has an event to deliver.  ``state``:
         the registers after the instruction, if the hook still holds them current."""
-        if self._stop is None and self.smm.pending and not self.smm.in_smm:
+        if self._stop is None and self.smm.pending and not self.smm.in_smm and self.guest is None and self.svm.gif:
             self.smm.pending = False
             enter_smm(self, state)
         if (self._stop is not None or self.halted or not self._rearm_if_address_space_changed(only_if_cheap=True)
@@ -614,6 +668,9 @@ class Machine:
             if self.guest is not None and self._check_at_site(insn):
                 return
             name = insn.row.name
+            if name == "vmrun" and self.guest is None and self._switch_in_hooks \
+                    and self._vmrun_now(insn, self.cpu.capture(context_is_current=True)):
+                return
             if name in EMULATED_MSR_ROWS and svm_msrs.emulates(self, ctx.u64(ucinternals.GPRS + 8) & 0xFFFF_FFFF):
                 self._trap_and_stop(_Trap("msr", address=address, outcome=insn))
                 return
@@ -652,6 +709,10 @@ class Machine:
         if isinstance(outcome, VmExit):
             if self.guest.on_exit == "skip":
                 self._take_exit(outcome)          # moves RIP past it; Unicorn honours the write
+            elif self.guest.on_exit == "l1" and self._switch_in_hooks:
+                self._take_exit(outcome, self.cpu.capture())     # the #VMEXIT, right here
+                self.cpu.rip = self.cpu.rip       # through the API: Unicorn leaves the block
+                self._continue_in_hook()
             else:
                 self._trap_and_stop(_Trap("vmexit", outcome=outcome))
             return True
@@ -679,10 +740,15 @@ class Machine:
             self._forget_armed_spaces()
         pc = (self.cpu.segment("cs").base + self.cpu.rip) & 0xFFFF_FFFF_FFFF_FFFF
         self._resuming_at_breakpoint = pc if pc in self._breakpoints else None
+        watchdog = None if timeout is None else _Watchdog(self.uc, timeout)
+        if watchdog is not None:
+            watchdog.start()
         try:
             while self._stop is None:
                 self._step(limit, deadline, counting)
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             if trace_hook is not None:
                 self.uc.hook_del(trace_hook)
             self._tracing = self._switch_in_hooks = False
@@ -748,17 +814,15 @@ class Machine:
             if counting:                            # Unicorn counts only with a count
                 targets = [t for t in (limit, self._scheduled[0][0] if self._scheduled else None) if t is not None]
                 budget = min(targets) - self.instructions if targets else UNBOUNDED_COUNT
-        microseconds = 0
-        if deadline is not None:
-            microseconds = int((deadline - time.monotonic()) * 1e6)
-            if microseconds <= 0:
-                self._stop = Stop(StopReason.TIMEOUT, self.cpu.rip)
-                return
+        if deadline is not None and time.monotonic() >= deadline:
+            self._stop = Stop(StopReason.TIMEOUT, self.cpu.rip)
+            return
         self._trap = None
-        self._switch_in_hooks = not counting and not self._tracing and self.guest is None
+        self._switch_in_hooks = not counting and not self._tracing and (
+            self.guest is None or self.guest.on_exit == "l1")
         error = None
         try:
-            self.uc.emu_start(self.cpu.rip, 0, timeout=microseconds, count=budget)
+            self.uc.emu_start(self.cpu.rip, 0, count=budget)
         except UcError as e:
             error = e
         self.stats["slices"] += 1
@@ -911,6 +975,11 @@ class Machine:
     def _execute_svm(self, insn: Instruction) -> None:
         """An SVM instruction L1 does not intercept (or outside guest mode)."""
         rip = insn.address
+        if insn.row.name == "vmrun" and self.guest is not None:
+            # Only a caller-made guest can lack the VMRUN intercept (VMRUN requires it).
+            self.request_stop(StopReason.UNSUPPORTED, detail="VMRUN in a guest whose Python L1 does "
+                              "not intercept it (a third level of nesting)")
+            return
         fault = check(insn, self._l1_checks())
         if isinstance(fault, Fault):
             self.deliver(Event(fault.vector, EventKind.EXCEPTION, rip, fault.error_code))
@@ -921,7 +990,7 @@ class Machine:
             self.deliver(Event(fault.vector, EventKind.EXCEPTION, rip, fault.error_code))
             return
         except (svm_world.VmcbMemoryError, UnbackedMemory) as missing:
-            self.request_stop(StopReason.MEMORY, rip, detail=f"{insn.row.name}: {missing}")
+            self.request_stop(StopReason.MEMORY, detail=f"{insn.row.name}: {missing}")
             return
         self._retire(1)
         if insn.row.name == "vmrun":

@@ -24,9 +24,10 @@ class LinearMemory:
         self.phys = phys
         # Instruction fetches for decoding reuse translations, as a CPU's TLB does: keyed by
         # CR3 and page, dropped by flush() (each run, and whenever ringminus writes memory).
-        # Each entry keeps its leaf entry, read again on every hit, so a remapped page (a PTE
-        # rewritten, even without INVLPG or across a world switch) is walked afresh.
-        self._code_tlb: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+        # Each entry keeps its leaf entry's bytes, compared with a fresh read on every hit, so
+        # a remapped page (a PTE rewritten, even without INVLPG or across a world switch) is
+        # walked afresh.  Entries: (frame, leaf address, leaf size, leaf bytes).
+        self._code_tlb: dict[tuple[int, int], tuple[int, int, int, bytes]] = {}
 
     def flush(self) -> None:
         self._code_tlb.clear()
@@ -61,8 +62,8 @@ class LinearMemory:
         key = (cr3, linear >> 12)
         cached = self._code_tlb.get(key)
         if cached is not None:
-            frame, leaf_address, leaf, leaf_size = cached
-            if self.phys.read_fast(leaf_address, leaf_size) == leaf.to_bytes(leaf_size, "little"):
+            frame, leaf_address, leaf_size, leaf = cached
+            if self.phys.read_fast(leaf_address, leaf_size) == leaf:
                 return frame
         try:
             walked = []
@@ -70,7 +71,7 @@ class LinearMemory:
         except GuestFault:
             return None
         (leaf_address, leaf), leaf_size = walked[-1], 8 if self.cpu["cr4"] & CR4_PAE or self.cpu["efer"] & EFER_LMA else 4
-        self._code_tlb[key] = (frame, leaf_address, leaf | PTE_A, leaf_size)
+        self._code_tlb[key] = (frame, leaf_address, leaf_size, (leaf | PTE_A).to_bytes(leaf_size, "little"))
         return frame
 
     def translate(self, linear: int, write: bool = False, user: bool = False, fetch: bool = False,

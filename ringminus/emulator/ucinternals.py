@@ -93,6 +93,9 @@ def _state_struct() -> struct.Struct:
 
 
 STATE = _state_struct()                       # unpack_from(context) -> values in STATE_FIELDS order
+# CR0, CR3, CR4, EFER and DR7 in one read: what a world switch compares its new values with
+# to decide what QEMU must redo (flush its TLB, re-arm breakpoints).
+SWITCH_CONTROLS = struct.Struct(f"<{CR}xQ16xQQ{EFER - CR - 40}xQ{DEBUG_REGISTERS + 7 * 8 - EFER - 8}xQ")
 STATE_RUNS: tuple[tuple[struct.Struct, int, slice], ...] = tuple(
     (struct.Struct("<" + run), offset, slice(STATE_FIELDS.index(names[0]), STATE_FIELDS.index(names[0]) + len(names)))
     for offset, run, names in _STATE_RUNS_SPEC)
@@ -108,6 +111,9 @@ def eflags_fields(rflags: int) -> tuple[int, int, int, int]:
     return rflags | 0x2, rflags & ARITHMETIC_FLAGS, CC_OP_EFLAGS, -1 if rflags & (1 << 10) else 1
 
 
+# Cached: a pure function of registers that take few distinct values, called at every world
+# switch.
+@functools.lru_cache(maxsize=1024)
 def derive_hflags(hflags: int, cr0: int, efer: int, rflags: int, cpl: int, cs_flags: int, ss_flags: int,
                   data_bases: int) -> int:
     """The hflags QEMU keeps in step with CR0, EFER and the segment caches (``cpu_x86_update_cr0``,
@@ -151,6 +157,10 @@ class SegmentCache:
     flags: int
 
 
+# Accessors run several times per world switch: formats compiled once, not per call.
+_U32, _I32, _U64 = struct.Struct("<I"), struct.Struct("<i"), struct.Struct("<Q")
+
+
 class Context:
     """A reusable ``uc_context`` whose bytes ringminus reads and patches in place.
 
@@ -177,25 +187,22 @@ class Context:
         self._restore(self._handle, self._pointer)
 
     def u32(self, offset: int) -> int:
-        return struct.unpack_from("<I", self.view, offset)[0]
+        return _U32.unpack_from(self.view, offset)[0]
 
     def i32(self, offset: int) -> int:
-        return struct.unpack_from("<i", self.view, offset)[0]
+        return _I32.unpack_from(self.view, offset)[0]
 
     def u64(self, offset: int) -> int:
-        return struct.unpack_from("<Q", self.view, offset)[0]
-
-    def u64s(self, offset: int, count: int) -> tuple[int, ...]:
-        return struct.unpack_from(f"<{count}Q", self.view, offset)
+        return _U64.unpack_from(self.view, offset)[0]
 
     def put_u32(self, offset: int, value: int) -> None:
-        struct.pack_into("<I", self.view, offset, value & 0xFFFFFFFF)
+        _U32.pack_into(self.view, offset, value & 0xFFFFFFFF)
 
     def put_i32(self, offset: int, value: int) -> None:
-        struct.pack_into("<i", self.view, offset, value)
+        _I32.pack_into(self.view, offset, value)
 
     def put_u64(self, offset: int, value: int) -> None:
-        struct.pack_into("<Q", self.view, offset, value & 0xFFFFFFFFFFFFFFFF)
+        _U64.pack_into(self.view, offset, value & 0xFFFFFFFFFFFFFFFF)
 
     def segment(self, name: str) -> SegmentCache:
         return self.segment_slot(SEGMENT_SLOT[name])
@@ -234,17 +241,24 @@ class FastAccess:
         self._lib = uc_library()
         self._handle = uc._uch
         self._value = ctypes.c_uint64()
+        self._value_pointer = ctypes.byref(self._value)
         self._msr = _Msr()
-        self._buffer = ctypes.create_string_buffer(4096)
+        self._reg_read, self._reg_write = self._lib.uc_reg_read, self._lib.uc_reg_write
+        self._mem_read = self._lib.uc_mem_read
+        self._set_buffer(4096)
+
+    def _set_buffer(self, size: int) -> None:
+        self._buffer = ctypes.create_string_buffer(size)
+        self._buffer_view = memoryview(self._buffer).cast("B")   # slices copy only what was read
 
     def read(self, register: int) -> int:
         self._value.value = 0
-        self._lib.uc_reg_read(self._handle, register, ctypes.byref(self._value))
+        self._reg_read(self._handle, register, self._value_pointer)
         return self._value.value
 
     def write(self, register: int, value: int) -> None:
         self._value.value = value & 0xFFFF_FFFF_FFFF_FFFF
-        self._lib.uc_reg_write(self._handle, register, ctypes.byref(self._value))
+        self._reg_write(self._handle, register, self._value_pointer)
 
     def flush_tlb(self) -> None:
         """Drop QEMU's softmmu TLB (after ringminus changed paging state in the context)."""
@@ -258,10 +272,10 @@ class FastAccess:
     def read_memory(self, address: int, size: int) -> bytes | None:
         """Physical bytes, or None when something is not mapped."""
         if size > len(self._buffer):
-            self._buffer = ctypes.create_string_buffer(size)
-        if self._lib.uc_mem_read(self._handle, address, self._buffer, size) != 0:
+            self._set_buffer(size)
+        if self._mem_read(self._handle, address, self._buffer, size) != 0:
             return None
-        return self._buffer.raw[:size]
+        return self._buffer_view[:size].tobytes()
 
     def write_memory(self, address: int, data: bytes) -> bool:
         """Write physical bytes (Unicorn drops translations of code they overwrite); False

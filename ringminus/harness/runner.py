@@ -4,11 +4,15 @@ Defaults (README "Vector files"): code at 0x7C00 (real) or 0x100000 (protected, 
 foundation's boot state for every register the vector does not set, a breakpoint right after
 the code (reaching it = the code completed), and in protected mode 32-bit identity paging
 (4 KiB pages, user + writable) when ``memory.not_present`` is non-empty.
+
+Who plays L1 (``via``): ``host`` -- ringminus from Python (``Machine.enter_guest``);
+``guest`` -- a generated in-guest hypervisor that VMRUNs the same L2 (inguest.py); ``both``
+-- each, and a vector whose two outcomes differ fails.
 """
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..emulator import Machine, StopReason
 from ..emulator.boot import DEFAULT_LOAD, BootState
@@ -22,6 +26,8 @@ MAX_INSTRUCTIONS = 100_000
 TIMEOUT = 10.0
 EXCEPTION_EVENTS = ("exception", "software-exception", "icebp")   # ICEBP delivers #DB (type 3)
 PTE_PRESENT, PTE_LARGE = 1, 0x80
+VIAS = ("host", "guest", "both")
+BITS = {"real": 16, "protected": 32, "long": 64}
 
 
 @dataclass(frozen=True)
@@ -31,36 +37,61 @@ class Result:
     status: str                  # "PASS", "FAIL", "SKIP"
     expected: Outcome | None
     got: Outcome | None
+    via: str = "host"
+    other: Outcome | None = None  # via both, when the two disagree: the guest's (got: the host's)
+    note: str = ""                # why a SKIP
 
     def line(self) -> str:
-        head = f"{self.status} {self.vector.name} [{self.profile}]"
+        where = self.profile if self.via == "host" else f"{self.profile}, via {self.via}"
+        head = f"{self.status} {self.vector.name} [{where}]"
         if self.status == "SKIP":
-            return f"{head}: no outcome for this profile"
+            return f"{head}: {self.note or 'no outcome for this profile'}"
+        if self.other is not None:
+            return (f"{head}: host and guest disagree: host {self.got.kind} {self.got.describe()}, "
+                    f"guest {self.other.kind} {self.other.describe()}")
         if self.status == "FAIL":
             return f"{head}: expected {self.expected.kind} {self.expected.describe()}, got {self.got.kind} {self.got.describe()}"
         return head
 
     def as_dict(self) -> dict:
-        return {"name": self.vector.name, "file": self.vector.source, "profile": self.profile,
-                "status": self.status,
-                "expected": None if self.expected is None else {"kind": self.expected.kind, **self.expected.fields},
-                "got": None if self.got is None else {"kind": self.got.kind, **self.got.fields}}
+        out = {"name": self.vector.name, "file": self.vector.source, "profile": self.profile,
+               "via": self.via, "status": self.status,
+               "expected": _outcome_dict(self.expected), "got": _outcome_dict(self.got)}
+        if self.other is not None:
+            out["disagreement"] = {"host": _outcome_dict(self.got), "guest": _outcome_dict(self.other)}
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+def _outcome_dict(outcome: Outcome | None) -> dict | None:
+    return None if outcome is None else {"kind": outcome.kind, **outcome.fields}
+
+
+class NotRunnable(Exception):
+    """A vector one L1 cannot run as written (the message says why); reported as a SKIP."""
+
+
+# --- preparing the L2 -----------------------------------------------------------------------
+
+def assemble_text(source: str, bits: int, address: int, where: str) -> bytes:
+    try:
+        from keystone import KS_ARCH_X86, KS_MODE_16, KS_MODE_32, KS_MODE_64, Ks, KsError
+    except ImportError:
+        raise VectorError(f"{where}: assembling needs keystone-engine "
+                          "(pip install 'ringminus[test]')") from None
+    mode = {16: KS_MODE_16, 32: KS_MODE_32, 64: KS_MODE_64}[bits]
+    try:
+        encoding, _ = Ks(KS_ARCH_X86, mode).asm(source, address)
+    except KsError as e:
+        raise VectorError(f"{where}: cannot assemble: {e}") from None
+    return bytes(encoding or b"")
 
 
 def assemble(vector: Vector, bits: int, address: int) -> bytes:
     if vector.code is not None:
         return vector.code
-    try:
-        from keystone import KS_ARCH_X86, KS_MODE_16, KS_MODE_32, KS_MODE_64, Ks, KsError
-    except ImportError:
-        raise VectorError(f"{vector.source}: {vector.name}: 'asm' needs keystone-engine "
-                          "(pip install 'ringminus[test]')") from None
-    mode = {16: KS_MODE_16, 32: KS_MODE_32, 64: KS_MODE_64}[bits]
-    try:
-        encoding, _ = Ks(KS_ARCH_X86, mode).asm(vector.asm, address)
-    except KsError as e:
-        raise VectorError(f"{vector.source}: {vector.name}: cannot assemble: {e}") from None
-    return bytes(encoding or b"")
+    return assemble_text(vector.asm, bits, address, f"{vector.source}: {vector.name}")
 
 
 def _identity_paging_32(machine: Machine, not_present) -> None:
@@ -100,20 +131,8 @@ def _unmap_long(machine: Machine, not_present) -> None:
             mem.write_u(slot, 8, mem.read_u(slot, 8) & ~PTE_PRESENT)
 
 
-def prepare(vector: Vector, profile: str) -> tuple[Machine, int]:
-    state = BootState(vector.mode)
-    bits = {"real": 16, "protected": 32, "long": 64}[vector.mode]
-    address = DEFAULT_LOAD[state]
-    code = assemble(vector, bits, address)
-    machine = Machine()
-    machine.write_memory(address, code)
-    machine.boot(state, address, vector.cpl)
-    if vector.not_present:
-        (_unmap_long if state is BootState.LONG else _identity_paging_32)(machine, vector.not_present)
-    for where, data in vector.memory_bytes:
-        machine.write_memory(where, data)
-    for name, value in vector.regs.items():
-        machine[name] = value
+def controls_for(vector: Vector) -> InterceptControls:
+    """What L1 intercepts for ``vector``: its intercepts, exception vectors, IOPM and MSRPM."""
     controls = InterceptControls()
     controls.set(*vector.intercepts)
     controls.intercept_exception(*vector.exceptions)
@@ -125,17 +144,57 @@ def prepare(vector: Vector, profile: str) -> tuple[Machine, int]:
         controls.set(ExitCode.MSR)
     for msr, read, write in vector.msrpm:
         controls.set_msr(msr, read, write)
-    machine.enter_guest(controls, profile)
+    return controls
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A vector's L2 on a fresh machine: its state, memory and breakpoint, but no L1 yet."""
+    vector: Vector
+    machine: Machine
+    address: int                 # where the code starts
+    end: int                     # right after the code: reaching it means the code completed
+    controls: InterceptControls
+
+
+def setup(vector: Vector, profile: str) -> Setup:
+    state = BootState(vector.mode)
+    address = DEFAULT_LOAD[state]
+    code = assemble(vector, BITS[vector.mode], address)
+    machine = Machine(profile=profile)
+    machine.write_memory(address, code)
+    machine.boot(state, address, vector.cpl)
+    if vector.not_present:
+        (_unmap_long if state is BootState.LONG else _identity_paging_32)(machine, vector.not_present)
+    for where, data in vector.memory_bytes:
+        machine.write_memory(where, data)
+    for name, value in vector.regs.items():
+        machine[name] = value
     end = address + len(code)
     machine.break_at(end)
-    return machine, end
+    return Setup(vector, machine, address, end, controls_for(vector))
 
 
-def observe(machine: Machine, result) -> Outcome:
-    if result.stop.reason is StopReason.VMEXIT:
-        v = result.vmexit
-        return Outcome("vmexit", {"vmexit": v["code"], "info1": v["info1"], "info2": v["info2"],
-                                  "next_rip": v["next_rip"], "stage": v["stage"], "rip": v["rip"]})
+def prepare(vector: Vector, profile: str) -> tuple[Machine, int]:
+    """The vector's L2 entered with ringminus as L1 (host side)."""
+    prepared = setup(vector, profile)
+    prepared.machine.enter_guest(prepared.controls, profile)
+    return prepared.machine, prepared.end
+
+
+# --- observing ------------------------------------------------------------------------------
+
+def vmexit_outcome(code: int, info1: int, info2: int, next_rip: int, stage: str | None, rip: int,
+                   exit_int_info: int, insn_bytes: bytes) -> Outcome:
+    """A #VMEXIT as the VMCB reports it (the stage aside, which only ringminus knows)."""
+    return Outcome("vmexit", {"vmexit": code, "info1": info1, "info2": info2, "next_rip": next_rip,
+                              "stage": stage, "rip": rip, "exit_int_info": exit_int_info,
+                              "insn_bytes": insn_bytes.hex()})
+
+
+def l2_outcome(result) -> Outcome:
+    """What L2 did when no #VMEXIT ended the run: the first exception it took, or the code
+    completing (the breakpoint after it), or how the run stopped."""
     first = next((e for e in result.events if e["kind"] in EXCEPTION_EVENTS), None)
     if first is not None:
         fields = {"exception": first["vector"]}
@@ -145,6 +204,29 @@ def observe(machine: Machine, result) -> Outcome:
         return Outcome("completes", {"completes": True, "regs": result.regs})
     return Outcome("stop", {"reason": result.stop.reason.value, "detail": result.stop.detail or ""})
 
+
+def observe(machine: Machine, result) -> Outcome:
+    if result.stop.reason is StopReason.VMEXIT:
+        v = result.exit
+        return vmexit_outcome(int(v.code), v.info1, v.info2, v.next_rip, v.stage.name if v.stage else None,
+                              v.rip, v.exit_int_info, v.insn_bytes)
+    return l2_outcome(result)
+
+
+def run_host(vector: Vector, profile: str) -> Outcome:
+    machine, _ = prepare(vector, profile)
+    return observe(machine, machine.run(max_instructions=MAX_INSTRUCTIONS, timeout=TIMEOUT))
+
+
+def run_guest(vector: Vector, profile: str) -> Outcome:
+    from .inguest import run_in_guest       # inguest builds on this module
+    return run_in_guest(vector, profile)
+
+
+OBSERVERS = {"host": run_host, "guest": run_guest}
+
+
+# --- comparing ------------------------------------------------------------------------------
 
 def matches(expected: Outcome, got: Outcome) -> bool:
     if expected.kind != got.kind:
@@ -164,14 +246,44 @@ def matches(expected: Outcome, got: Outcome) -> bool:
     return all(g["regs"].get(name) == value for name, value in e.get("regs", {}).items())
 
 
-def run_vector(vector: Vector, profile: str | None = None) -> Result:
+def differences(a: Outcome, b: Outcome) -> tuple[Outcome, Outcome] | None:
+    """None when ``a`` and ``b`` are the same outcome; else both, cut down to what differs
+    (for ``completes``: the registers that differ)."""
+    if a.kind != b.kind:
+        return a, b
+    keys = [k for k in a.fields.keys() | b.fields.keys() if a.fields.get(k) != b.fields.get(k)]
+    if not keys:
+        return None
+    if keys == ["regs"]:
+        ra, rb = a.fields["regs"], b.fields["regs"]
+        names = [n for n in ra if ra[n] != rb.get(n)] + [n for n in rb if n not in ra]
+        return (Outcome(a.kind, {"regs": {n: ra.get(n) for n in names}}),
+                Outcome(b.kind, {"regs": {n: rb.get(n) for n in names}}))
+    return (Outcome(a.kind, {k: a.fields.get(k) for k in sorted(keys)}),
+            Outcome(b.kind, {k: b.fields.get(k) for k in sorted(keys)}))
+
+
+def _shown(got: Outcome, expected: Outcome) -> Outcome:
+    """A completed run reports only the registers the vector names."""
+    if got.kind == "completes" and expected.kind == "completes":
+        return Outcome("completes", {"completes": True,
+                                     "regs": {k: got.fields["regs"].get(k) for k in expected.fields.get("regs", {})}})
+    return got
+
+
+def run_vector(vector: Vector, profile: str | None = None, via: str = "host") -> Result:
+    if via not in VIAS:
+        raise ValueError(f"via must be one of {', '.join(VIAS)}, not {via!r}")
     profile = profile or vector.profile
     expected = vector.outcome_for(profile)
+    result = Result(vector, profile, "SKIP", expected, None, via)
     if expected is None:
-        return Result(vector, profile, "SKIP", None, None)
-    machine, _ = prepare(vector, profile)
-    got = observe(machine, machine.run(max_instructions=MAX_INSTRUCTIONS, timeout=TIMEOUT))
-    if got.kind == "completes" and expected.kind == "completes":
-        got = Outcome("completes", {"completes": True,
-                                    "regs": {k: got.fields["regs"].get(k) for k in expected.fields.get("regs", {})}})
-    return Result(vector, profile, "PASS" if matches(expected, got) else "FAIL", expected, got)
+        return result
+    try:
+        outcomes = [OBSERVERS[v](vector, profile) for v in (("host", "guest") if via == "both" else (via,))]
+    except NotRunnable as why:
+        return replace(result, note=str(why))
+    if len(outcomes) == 2 and (differ := differences(*outcomes)):
+        return replace(result, status="FAIL", got=differ[0], other=differ[1])
+    got = outcomes[0]
+    return replace(result, status="PASS" if matches(expected, got) else "FAIL", got=_shown(got, expected))

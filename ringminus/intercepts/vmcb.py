@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..binlayout import structured, verify as verify_layout
+from ..binlayout import field_span, structured, verify as verify_layout
 from ..emulator.cpu import (CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_DEFINED, CR4_PAE, EFER_DEFINED, EFER_LMA,
                             EFER_LME, EFER_SVME)
 from ..emulator.descriptors import Segment
@@ -289,13 +289,7 @@ def vmcb_view(buffer) -> np.void:
 
 def offset_of(path: str, layout: np.dtype = VMCB) -> int:
     """Offset of a field, or of a record member written "save.cs.base", within ``layout``."""
-    offset, dtype = 0, layout
-    for part in path.split("."):
-        if dtype.fields is None or part not in dtype.fields:
-            raise KeyError(path)
-        dtype, at = dtype.fields[part][:2]
-        offset += at
-    return offset
+    return field_span(layout, path)[0]
 
 
 def intercept_vector(control) -> int:
@@ -438,9 +432,13 @@ def consistency_failure(save, control, *, long_mode_capable: bool, max_phys_bits
     """The reason of the first VMRUN consistency check ``save``/``control`` fail (the caller
     exits with VMEXIT_INVALID), or None.  ``save``/``control`` are records (or views over
     guest memory) of VMCB_SAVE / VMCB_CONTROL."""
-    candidate = VmrunCandidate.from_vmcb(save, control, long_mode_capable=long_mode_capable,
-                                         max_phys_bits=max_phys_bits,
-                                         nested_paging_supported=nested_paging_supported)
+    return first_failure(VmrunCandidate.from_vmcb(save, control, long_mode_capable=long_mode_capable,
+                                                   max_phys_bits=max_phys_bits,
+                                                   nested_paging_supported=nested_paging_supported))
+
+
+def first_failure(candidate: VmrunCandidate) -> str | None:
+    """The reason of the first check in VMRUN_CHECKS that ``candidate`` fails, or None."""
     for reason, fails in VMRUN_CHECKS:
         if fails(candidate):
             return reason
@@ -463,5 +461,5 @@ __all__ = [
     "new_vmcb", "vmcb_view", "offset_of", "intercept_vector", "set_intercept_vector",
     "VMCB_ATTRIB_MASK", "vmcb_attrib_from_flags", "flags_from_vmcb_attrib",
     "read_segment", "write_segment",
-    "VmrunCandidate", "VMRUN_CHECKS", "consistency_failure",
+    "VmrunCandidate", "VMRUN_CHECKS", "consistency_failure", "first_failure",
 ]

@@ -272,6 +272,11 @@ def descriptor_flags(type_: int, s: int = 1, dpl: int = 0, present: int = 1, avl
             | (granularity & 1) << 23)
 
 
+def flags_dpl(flags: int) -> int:
+    """The DPL a flags word holds."""
+    return (flags >> 13) & 3
+
+
 def attributes_64(flags: int) -> int:
     """The 16-bit attributes word of a 64-bit-map segment record (KVM and QEMU agree)."""
     return (flags >> 8) & ATTRIBUTES_MASK
@@ -299,6 +304,6 @@ __all__ = [
     "SEGMENT_64", "SEGMENT_CACHE_32", "SMRAM_STATE_64", "SMRAM_STATE_32",
     "OFFSETS_64", "OFFSETS_32", "verify_layout",
     "layout_for", "revision_for", "offset_of", "new_save_area", "to_bytes", "from_bytes",
-    "FLAGS_MASK", "ATTRIBUTES_MASK", "descriptor_flags", "attributes_64",
+    "FLAGS_MASK", "ATTRIBUTES_MASK", "descriptor_flags", "flags_dpl", "attributes_64",
     "flags_from_attributes_64", "segment_flags_32", "flags_from_32",
 ]

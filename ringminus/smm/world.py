@@ -13,22 +13,18 @@ from collections import namedtuple
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..emulator.cpu import (CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE, EFER_SVME, RFLAGS_VM,
+from ..emulator.cpu import (CR0_CD, CR0_EM, CR0_NW, CR0_PE, CR0_PG, CR0_TS, CR4_DEFINED, CR4_PAE,  # noqa: F401
+                            EFER_DEFINED, EFER_LMA, EFER_LME, MAX_PHYSICAL_BITS, RFLAGS_VM,   # (CONTROL_CHECKS)
                             STATE_NAMES, ArchState, At)
-from ..emulator.ucinternals import HF_INHIBIT_IRQ
-from ..emulator.descriptors import FLAG_DB, FLAG_L, Segment
+from ..emulator.ucinternals import HF2_NMI_MASK, HF_CPL_MASK, HF_INHIBIT_IRQ
+from ..emulator.descriptors import FLAG_DB, FLAG_L
 from ..emulator.memory import UnbackedMemory
+from ..svm import world as svm_world
 from . import layouts as L
 
 if TYPE_CHECKING:
     from ..emulator.machine import Machine
 
-CR0_EM, CR0_TS, CR0_NW, CR0_CD = 1 << 2, 1 << 3, 1 << 29, 1 << 30
-CR4_PCIDE = 1 << 17
-EFER_SCE = 1 << 0
-EFER_DEFINED = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE | EFER_SVME | (1 << 14) | (1 << 15)
-CR4_DEFINED = 0x003F_7FFF & ~(1 << 12)        # no LA57 on these CPU models
-MAX_PHYSICAL_BITS = 52
 SMM_DR7 = 0x400
 SMM_SEGMENT_FLAGS = L.descriptor_flags(0x3, granularity=1)        # data R/W accessed, G, P, S
 SMM_DATA_SEGMENT = (0, 0, 0xFFFF_FFFF, SMM_SEGMENT_FLAGS)          # selector, base, limit, flags
@@ -133,8 +129,11 @@ class MapCodec:
                 sources[index] += " & 0xFFFF"
         registers_in = [sources.get(index, f"s[{index}]") for index in range(len(STATE_NAMES))]
         extras = ", ".join(f"{name.replace('.', '_')}=0" for name in self.extras)
-        self.source = (f"def pack(s, *, {extras}):\n    return _pack({', '.join(fields_out)})\n"
-                       f"def restore(s, a):\n    return _ArchState(({', '.join(registers_in)},))\n")
+        # Both first take plain copies (s[:] of an ArchState is a list, a[:] of an Area a tuple):
+        # CPython specialises subscripts of exact lists and tuples only, and these functions
+        # are nothing but subscripts.
+        self.source = (f"def pack(s, *, {extras}):\n    s = s[:]\n    return _pack({', '.join(fields_out)})\n"
+                       f"def restore(s, a):\n    s, a = s[:], a[:]\n    return _ArchState(({', '.join(registers_in)},))\n")
         namespace = {"_pack": self.struct.pack, "_ArchState": ArchState}
         exec(compile(self.source, f"<MapCodec {layout is L.SMRAM_STATE_64 and 64 or 32}-bit {profile.name}>", "exec"),
              namespace)
@@ -228,6 +227,8 @@ def _extras(machine: "Machine", codec: MapCodec) -> dict[str, int]:
             extras.update(zip(IO_RESTART_64 if is_64 else IO_RESTART_32, io.registers))
             if is_64:
                 extras["io_restart_dword"] = io.trap_dword
+    if codec.layout is L.SMRAM_STATE_64:
+        extras.update(svm_world.smm_fields(machine))
     return extras
 
 
@@ -247,6 +248,7 @@ def enter_smm(machine: "Machine", state: ArchState | None = None) -> None:
     except UnbackedMemory:
         machine.request_stop_shutdown(f"SMI: no memory for the state-save map at {address:#x}")
         return
+    svm_world.suspend_for_smm(machine)
     smm.inside_nmi = state.nmi_blocked      # an SMI inside an NMI handler keeps NMIs blocked after RSM
     rip = state[At.rip]
     entry = state                           # §C.2 steps 5-11, on the captured registers
@@ -260,8 +262,8 @@ def enter_smm(machine: "Machine", state: ArchState | None = None) -> None:
     if machine.long_mode_capable or profile.smm_clears_efer_always:
         entry[At.efer] = 0
     entry[At.dr7] = SMM_DR7
-    entry[At.hflags] &= ~HF_INHIBIT_IRQ     # step 6: the interrupt shadow ends
-    entry.cpl, entry.nmi_blocked = 0, True
+    entry[At.hflags] &= ~(HF_INHIBIT_IRQ | HF_CPL_MASK)   # CPL 0; step 6: the interrupt shadow ends
+    entry[At.hflags2] |= HF2_NMI_MASK                    # NMIs blocked until RSM
     cpu.load(entry, context_is_current=True)
     smm.io_instruction = None
     machine.halted = False
@@ -322,7 +324,7 @@ def leave_smm(machine: "Machine", current: ArchState | None = None) -> None:
     else:
         smm.smbase = area.smbase            # the APM and KVM always reload it
     state[At.hflags] &= ~HF_INHIBIT_IRQ
-    state.cpl = state.segment("ss").dpl if state[At.cr0] & CR0_PE else 0
+    state.cpl = L.flags_dpl(state[At.ss_flags]) if state[At.cr0] & CR0_PE else 0
     if profile.smm_restart_fields:
         if area.io_instruction_restart:     # run the I/O instruction that raised the SMI again
             names = IO_RESTART_64 if is_64 else IO_RESTART_32
@@ -331,6 +333,8 @@ def leave_smm(machine: "Machine", current: ArchState | None = None) -> None:
         elif area.auto_halt_restart & 1:
             machine.halted = True           # back to the HLT the SMI interrupted
     cpu.load(state, context_is_current=True)
+    if getattr(area, "svm_guest", 0) & 1:     # the SMI came in guest mode: RSM returns to L2
+        svm_world.resume_after_rsm(machine, area.svm_guest_vmcb)
     machine.events.append({"kind": "rsm", "instructions": machine.instructions_if_exact, "rip": state[At.rip],
                            "smbase": smm.smbase})
 

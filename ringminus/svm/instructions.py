@@ -20,7 +20,8 @@ from ..emulator.descriptors import FLAG_DB, FLAG_G, FLAG_P, FLAG_S, Segment
 from ..emulator.vectors import GuestFault, Vector
 from ..intercepts.vmcb import SAVE_AREA_OFFSET, VM_CR_R_INIT, VMCB_SAVE, read_segment, vmcb_attrib_from_flags
 from .cpuid import max_physical_bits
-from .world import SAVE_AREA_SIZE, vmrun
+from ..intercepts.vmcb import SAVE_AREA_SIZE
+from .world import vmrun
 
 if TYPE_CHECKING:
     from ..decode.decoder import Instruction
@@ -51,7 +52,7 @@ def _rax(machine: "Machine", insn: "Instruction") -> int:
     return rax if insn.address_size == 8 else rax & 0xFFFF_FFFF
 
 
-def _vmcb_address(machine: "Machine", insn: "Instruction") -> int:
+def vmcb_address(machine: "Machine", insn: "Instruction") -> int:
     address = _rax(machine, insn)
     if address >> max_physical_bits(machine.cpu_model) or address & ~PAGE_MASK:
         raise _gp()
@@ -59,7 +60,7 @@ def _vmcb_address(machine: "Machine", insn: "Instruction") -> int:
 
 
 def _vmrun(machine: "Machine", insn: "Instruction") -> None:
-    vmrun(machine, _vmcb_address(machine, insn), insn.next_rip)
+    vmrun(machine, vmcb_address(machine, insn), insn.next_rip)
 
 
 def _save_area(machine: "Machine", page: int) -> tuple[bytearray, np.void]:
@@ -68,7 +69,7 @@ def _save_area(machine: "Machine", page: int) -> tuple[bytearray, np.void]:
 
 
 def _vmload(machine: "Machine", insn: "Instruction") -> None:
-    _, save = _save_area(machine, _vmcb_address(machine, insn))
+    _, save = _save_area(machine, vmcb_address(machine, insn))
     machine.cpu.load_segments({name: read_segment(save[name]) for name in VMLOAD_SEGMENTS})
     for field, msr in VMLOAD_MSRS:
         machine.uc.msr_write(msr, int(save[field]))
@@ -76,7 +77,7 @@ def _vmload(machine: "Machine", insn: "Instruction") -> None:
 
 
 def _vmsave(machine: "Machine", insn: "Instruction") -> None:
-    page = _vmcb_address(machine, insn)
+    page = vmcb_address(machine, insn)
     raw, save = _save_area(machine, page)
     for name in VMLOAD_SEGMENTS:
         segment = machine.cpu.segment(name)

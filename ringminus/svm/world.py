@@ -17,6 +17,7 @@ VMRUN flushes when TLB_CONTROL asks for any flush and whenever the translation r
 """
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,10 +28,11 @@ from ..emulator.delivery import Event, EventKind
 from ..intercepts.checker import VmExit
 from ..intercepts.controls import IOPM_BYTES, MSRPM_BYTES, InterceptControls
 from ..intercepts.exitcodes import ExitCode
-from ..intercepts.vmcb import (GUEST_INTERRUPT_MASK, INTERRUPT_SHADOW, MAP_ADDRESS_MASK, SAVE_AREA_OFFSET,
-                               SAVE_AREA_SIZE, V_INTR_MASKING, V_TPR_MASK, VMCB_CONTROL, VMCB_SAVE,
-                               EventInfo, EventType, TlbControl, consistency_failure,
-                               flags_from_vmcb_attrib, intercept_vector, vmcb_attrib_from_flags)
+from ..binlayout import field_span, fields_struct
+from ..intercepts.vmcb import (GUEST_INTERRUPT_MASK, INTERCEPT_WORDS, INTERRUPT_SHADOW, MAP_ADDRESS_MASK, SAVE_AREA_OFFSET,
+                               V_INTR_MASKING, V_TPR_MASK, VMCB_CONTROL, VMCB_SAVE, EventInfo, EventType,
+                               TlbControl, VmrunCandidate, first_failure, flags_from_vmcb_attrib,
+                               vmcb_attrib_from_flags)
 from .cpuid import max_physical_bits
 
 if TYPE_CHECKING:
@@ -41,10 +43,7 @@ SEGMENTS = ("es", "cs", "ss", "ds")                 # VMRUN loads, #VMEXIT saves
 TABLES = ("gdtr", "idtr")
 # Registers VMRUN loads from the VMCB and #VMEXIT writes back (with the segments, tables, CPL).
 GUEST_REGISTERS = ("efer", "cr0", "cr2", "cr3", "cr4", "dr6", "dr7", "rflags", "rip", "rsp", "rax")
-# Registers VMRUN saves in the HSAVE page and #VMEXIT reloads (CR2, DR6 and DR7 are not).
-HOST_REGISTERS = ("efer", "cr0", "cr3", "cr4", "rflags", "rip", "rsp", "rax")
 HOST_DR7 = 0x400                                    # #VMEXIT disables every breakpoint
-CONTROL_SIZE = SAVE_AREA_OFFSET
 # EVENTINJ TYPE -> how it is delivered
 INJECTED_KIND = {EventType.INTR: EventKind.EXTERNAL, EventType.NMI: EventKind.NMI,
                  EventType.EXCEPTION: EventKind.EXCEPTION, EventType.SOFTWARE_INT: EventKind.SOFTWARE_INTERRUPT}
@@ -54,67 +53,175 @@ class VmcbMemoryError(Exception):
     """A VMCB, the HSAVE page or a permission map is not backed by RAM."""
 
 
-# -- moving state between an ArchState and a VMCB save area -------------------------------------
+# -- the save-area codec ------------------------------------------------------------------------
+# Each save-area field a world switch moves: (field, the ArchState expression it is stored
+# from, the statement that loads it back from value ``{v}``).  Compiled — as the SMM map
+# codecs are — into straight-line functions over one struct covering the fields.
 
-def store_state(save, state: ArchState, registers: tuple[str, ...]) -> None:
-    """Write ``registers``, the four VMRUN segments, GDTR/IDTR and the CPL into ``save``."""
+def _codec_rows() -> list[tuple[str, str, str]]:
+    rows = []
     for name in SEGMENTS:
-        at = getattr(At, f"{name}_selector")
-        record = save[name]
-        record["selector"], record["base"], record["limit"] = state[at] & 0xFFFF, state[at + 1], state[at + 2]
-        record["attrib"] = vmcb_attrib_from_flags(state[at + 3])
+        selector, base, limit, flags = (getattr(At, f"{name}_{part}") for part in ("selector", "base", "limit", "flags"))
+        rows += [(f"{name}.selector", f"s[{selector}] & 0xFFFF", f"s[{selector}] = {{v}}"),
+                 (f"{name}.attrib", f"_attrib(s[{flags}])", f"s[{flags}] = _flags({{v}})"),
+                 (f"{name}.limit", f"s[{limit}] & 0xFFFFFFFF", f"s[{limit}] = {{v}}"),
+                 (f"{name}.base", f"s[{base}]", f"s[{base}] = {{v}}")]
     for name in TABLES:
-        save[name]["base"], save[name]["limit"] = state[getattr(At, f"{name}_base")], state[getattr(At, f"{name}_limit")]
-    for name in registers:
-        save[name] = state[getattr(At, name)]
-    save["cpl"] = state.cpl
+        base, limit = getattr(At, f"{name}_base"), getattr(At, f"{name}_limit")
+        rows += [(f"{name}.limit", f"s[{limit}] & 0xFFFF", f"s[{limit}] = {{v}} & 0xFFFF"),
+                 (f"{name}.base", f"s[{base}]", f"s[{base}] = {{v}}")]
+    rows.append(("cpl", f"s[{At.hflags}] & 3", f"s[{At.hflags}] = s[{At.hflags}] & ~3 | {{v}} & 3"))
+    rows += [(name, f"s[{getattr(At, name)}]", f"s[{getattr(At, name)}] = {{v}}") for name in GUEST_REGISTERS]
+    return rows
 
 
-def load_state(state: ArchState, save, registers: tuple[str, ...]) -> None:
-    """The inverse of ``store_state``, into ``state`` (hidden segment parts included)."""
-    for name in SEGMENTS:
-        at = getattr(At, f"{name}_selector")
-        record = save[name]
-        state[at:at + 4] = (int(record["selector"]), int(record["base"]), int(record["limit"]),
-                            flags_from_vmcb_attrib(int(record["attrib"])))
-    for name in TABLES:
-        state[getattr(At, f"{name}_base")] = int(save[name]["base"])
-        state[getattr(At, f"{name}_limit")] = int(save[name]["limit"]) & 0xFFFF
-    for name in registers:
-        state[getattr(At, name)] = int(save[name])
+def _kept_mask(layout, start: int, order: tuple[str, ...], size: int) -> int:
+    """A struct's span as an integer with all-ones bytes where no field of ``order`` lies."""
+    fields = 0
+    for path in set(order):
+        offset, dtype = field_span(layout, path)
+        fields |= ((1 << (8 * dtype.itemsize)) - 1) << (8 * (offset - start))
+    return ~fields & ((1 << (8 * size)) - 1)
+
+
+def _write_over(machine: "Machine", address: int, packed: bytes, kept: int) -> None:
+    """Write a struct's bytes, keeping what memory holds where ``kept`` has ones."""
+    old = int.from_bytes(_read(machine, address, len(packed)), "little") & kept
+    machine.memory.write(address, (old | int.from_bytes(packed, "little")).to_bytes(len(packed), "little"))
+
+
+class SaveAreaCodec:
+    """``store(s)``: the save-area bytes a state goes to (from the first field on, reserved
+    bytes zero); ``load_guest(s, a)`` / ``load_host(s, a)``: a state from the unpacked fields
+    ``a`` — all of them, or the host's (not CR2, DR6, DR7).  ``source`` shows them."""
+
+    def __init__(self):
+        rows = {path: (store, load) for path, store, load in _codec_rows()}
+        self.struct, self.start, order = fields_struct(VMCB_SAVE, list(rows))
+        host = {path for path in rows if path.split(".")[0] not in ("cr2", "dr6", "dr7")}
+        lines = [f"def store(s):\n    return _pack({', '.join(rows[path][0] for path in order)})"]
+        for name, wanted in (("load_guest", set(rows)), ("load_host", host)):
+            body = [rows[path][1].format(v=f"a[{k}]") for k, path in enumerate(order) if path in wanted]
+            lines.append(f"def {name}(s, a):\n    " + "\n    ".join(body))
+        self.source = "\n".join(lines) + "\n"
+        namespace = {"_pack": self.struct.pack, "_attrib": vmcb_attrib_from_flags, "_flags": flags_from_vmcb_attrib}
+        exec(compile(self.source, "<VMCB save-area codec>", "exec"), namespace)
+        self.store, self.load_guest, self.load_host = namespace["store"], namespace["load_guest"], namespace["load_host"]
+        self.order = order
+
+
+SAVE_CODEC = SaveAreaCodec()
+class ControlFields:
+    """Control-area fields read or written together, by name, through one struct.  The
+    intercept vector's six words read as one integer (bit n = exit code n)."""
+
+    def __init__(self, names: list[str]):
+        self.struct, self.start, self.order = fields_struct(VMCB_CONTROL, names)
+        self.names = [path for path in self.order if path != "intercepts"]
+        self._pick = operator.itemgetter(*[k for k, path in enumerate(self.order) if path != "intercepts"])
+        self._vector = (field_span(VMCB_CONTROL, "intercepts")[0] - self.start) if "intercepts" in names else None
+        self.kept = _kept_mask(VMCB_CONTROL, self.start, self.order, self.struct.size)
+
+    def read(self, machine: "Machine", vmcb_pa: int) -> dict[str, int]:
+        raw = _read(machine, vmcb_pa + self.start, self.struct.size)
+        fields = dict(zip(self.names, self._pick(self.struct.unpack(raw))))
+        if self._vector is not None:
+            fields["intercepts"] = int.from_bytes(raw[self._vector:self._vector + 4 * INTERCEPT_WORDS], "little")
+        return fields
+
+    def write(self, machine: "Machine", vmcb_pa: int, values) -> None:
+        """``values`` in ``order``; the bytes between the fields are kept."""
+        _write_over(machine, vmcb_pa + self.start, self.struct.pack(*values), self.kept)
+
+
+VMRUN_CONTROLS = ControlFields(["intercepts", "iopm_base_pa", "msrpm_base_pa", "guest_asid", "tlb_control",
+                                "int_ctl", "v_intr_vector", "interrupt_state", "nested_control", "eventinj"])
+EXIT_FIELDS = ("int_ctl", "interrupt_state", "exitcode", "exitinfo1", "exitinfo2", "exitintinfo", "nrip",
+               "guest_instruction_count", "guest_instruction_bytes")
+EXIT_CONTROLS = ControlFields(list(EXIT_FIELDS))
+assert EXIT_CONTROLS.order == EXIT_FIELDS + ("guest_instruction_bytes",) * 14, "EXIT_FIELDS must be in offset order"
 
 
 # -- guest memory -------------------------------------------------------------------------------
 
-def _read(machine: "Machine", address: int, size: int) -> bytearray:
+def _read(machine: "Machine", address: int, size: int) -> bytes:
     try:
-        return bytearray(machine.memory.read(address, size))
+        return machine.memory.read(address, size)
     except Exception as missing:                    # UnbackedMemory
         raise VmcbMemoryError(f"no RAM at {address:#x} for {size} bytes") from missing
 
 
-def _control(machine: "Machine", vmcb_pa: int) -> tuple[bytearray, np.void]:
-    raw = _read(machine, vmcb_pa, CONTROL_SIZE)
-    return raw, np.frombuffer(raw, dtype=VMCB_CONTROL)[0]
+_SAVE_KEPT = _kept_mask(VMCB_SAVE, SAVE_CODEC.start, SAVE_CODEC.order, SAVE_CODEC.struct.size)
 
 
-def _save(machine: "Machine", page: int) -> tuple[bytearray, np.void]:
-    raw = _read(machine, page + SAVE_AREA_OFFSET, SAVE_AREA_SIZE)
-    return raw, np.frombuffer(raw, dtype=VMCB_SAVE)[0]
+def _read_save(machine: "Machine", page: int) -> tuple:
+    codec = SAVE_CODEC
+    return codec.struct.unpack(_read(machine, page + SAVE_AREA_OFFSET + codec.start, codec.struct.size))
+
+
+def _write_save(machine: "Machine", page: int, state: ArchState) -> None:
+    """Store ``state`` in a VMCB, keeping the bytes between the switched fields (FS, GS, TR,
+    LDTR, the syscall MSRs: VMLOAD's state) as they are."""
+    _write_over(machine, page + SAVE_AREA_OFFSET + SAVE_CODEC.start, SAVE_CODEC.store(state), _SAVE_KEPT)
+
+
+def _write_host(machine: "Machine", page: int, state: ArchState) -> None:
+    """Store the host state in the HSAVE page, whose format is the implementation's (APM
+    §15.30.4): only the switched fields mean anything there, the bytes between are zeroed."""
+    machine.memory.write(page + SAVE_AREA_OFFSET + SAVE_CODEC.start, SAVE_CODEC.store(state))
 
 
 def _permission_map(machine: "Machine", base: int, size: int) -> np.ndarray:
     return np.frombuffer(_read(machine, base & MAP_ADDRESS_MASK, size), dtype=np.uint8).copy()
 
 
-def intercept_controls(machine: "Machine", control) -> InterceptControls:
-    """The VMCB's intercepts; a permission map is read only when its intercept is set."""
-    controls = InterceptControls(intercept_vector(control))
+def intercept_controls(machine: "Machine", control: dict[str, int]) -> InterceptControls:
+    """The VMCB's intercepts; a permission map is read (afresh: L1 may have changed it) only
+    when its intercept is set."""
+    vector = control["intercepts"]
+    if not vector & _MAP_INTERCEPTS:                # the same vector, the same controls
+        if vector not in _VECTOR_CONTROLS:
+            _VECTOR_CONTROLS[vector] = InterceptControls(vector)
+        return _VECTOR_CONTROLS[vector]
+    controls = InterceptControls(vector)
     if ExitCode.IOIO in controls:
-        controls.iopm = _permission_map(machine, int(control["iopm_base_pa"]), IOPM_BYTES)
+        controls.iopm = _permission_map(machine, control["iopm_base_pa"], IOPM_BYTES)
     if ExitCode.MSR in controls:
-        controls.msrpm = _permission_map(machine, int(control["msrpm_base_pa"]), MSRPM_BYTES)
+        controls.msrpm = _permission_map(machine, control["msrpm_base_pa"], MSRPM_BYTES)
     return controls
+
+
+_CHECKED_FIELDS = [SAVE_CODEC.order.index(name) for name in ("efer", "cr0", "cr3", "cr4", "dr6", "dr7", "cs.attrib")]
+_CHECKED_CONTROLS = ("intercepts", "guest_asid", "eventinj", "nested_control", "iopm_base_pa", "msrpm_base_pa")
+
+
+def _consistency(machine: "Machine", save: tuple, control: dict[str, int]) -> str | None:
+    """VMRUN's consistency checks (§B.5), remembered per input: a guest hypervisor's loop
+    VMRUNs the same VMCB state over and over."""
+    key = (machine.cpu_model, *[save[k] for k in _CHECKED_FIELDS], *[control[name] for name in _CHECKED_CONTROLS])
+    if key not in _CONSISTENCY:
+        if len(_CONSISTENCY) > 4096:
+            _CONSISTENCY.clear()
+        _CONSISTENCY[key] = first_failure(_candidate(machine, save, control))
+    return _CONSISTENCY[key]
+
+
+_CONSISTENCY: dict[tuple, str | None] = {}
+
+
+_MAP_INTERCEPTS = 1 << ExitCode.IOIO | 1 << ExitCode.MSR
+_VECTOR_CONTROLS: dict[int, InterceptControls] = {}
+
+
+def _candidate(machine: "Machine", save: tuple, control: dict[str, int]) -> VmrunCandidate:
+    fields = dict(zip(SAVE_CODEC.order, save))
+    return VmrunCandidate(
+        efer=fields["efer"], cr0=fields["cr0"], cr3=fields["cr3"], cr4=fields["cr4"], dr6=fields["dr6"],
+        dr7=fields["dr7"], cs_attrib=fields["cs.attrib"], intercepts=control["intercepts"],
+        asid=control["guest_asid"], eventinj=control["eventinj"], nested_control=control["nested_control"],
+        iopm_base_pa=control["iopm_base_pa"], msrpm_base_pa=control["msrpm_base_pa"],
+        long_mode_capable=machine.long_mode_capable, max_phys_bits=max_physical_bits(machine.cpu_model),
+        nested_paging_supported=False)
 
 
 # -- VMRUN ----------------------------------------------------------------------------------------
@@ -122,56 +229,69 @@ def intercept_controls(machine: "Machine", control) -> InterceptControls:
 def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, host: ArchState | None = None) -> None:
     """VMRUN with rAX = ``vmcb_pa`` (already checked: page-aligned, inside the physical
     address width) from L1 at CPL 0; L1 resumes at ``next_rip`` after the #VMEXIT.  ``host``:
-    the registers at the VMRUN, if the caller has just captured them."""
+    the registers at the VMRUN, if the caller has just captured them (the context copy
+    behind them still current)."""
     cpu, svm = machine.cpu, machine.svm
+    current = host is not None
     if host is None:
         host = cpu.capture()
     host[At.rip] = next_rip
-    hsave_raw, hsave = _save(machine, svm.hsave_pa)
-    store_state(hsave, host, HOST_REGISTERS)
-    machine.memory.write(svm.hsave_pa + SAVE_AREA_OFFSET, bytes(hsave_raw))
-    control_raw, control = _control(machine, vmcb_pa)
-    save_raw, save = _save(machine, vmcb_pa)
+    _write_host(machine, svm.hsave_pa, host)
+    control = VMRUN_CONTROLS.read(machine, vmcb_pa)
+    save = _read_save(machine, vmcb_pa)
     svm.vmruns += 1
-    failure = consistency_failure(save, control, long_mode_capable=machine.long_mode_capable,
-                                  max_phys_bits=max_physical_bits(machine.cpu_model))
+    failure = _consistency(machine, save, control)
     if failure is not None:
-        _refuse(machine, vmcb_pa, control_raw, control, host, failure)
+        _refuse(machine, vmcb_pa, host, failure)
         return
     controls = intercept_controls(machine, control)
     guest = ArchState(host)
-    load_state(guest, save, GUEST_REGISTERS)
-    int_ctl = int(control["int_ctl"])
-    guest.cpl = int(save["cpl"]) & 3
-    guest[At.hflags] = guest[At.hflags] & ~uci.HF_INHIBIT_IRQ | (
-        uci.HF_INHIBIT_IRQ if int(control["interrupt_state"]) & INTERRUPT_SHADOW else 0)
+    SAVE_CODEC.load_guest(guest, save)
+    int_ctl = control["int_ctl"]
+    shadow = uci.HF_INHIBIT_IRQ if control["interrupt_state"] & INTERRUPT_SHADOW else 0
+    guest[At.hflags] = guest[At.hflags] & ~uci.HF_INHIBIT_IRQ | shadow
     svm.host_if = bool(host[At.rflags] & RFLAGS_IF)
     svm.v_intr_masking = bool(int_ctl & V_INTR_MASKING)
     if svm.v_intr_masking:                          # CR8 is the guest's V_TPR while it runs
         svm.host_cr8 = cpu["cr8"]
-    cpu.load(guest)
+    cpu.load(guest, context_is_current=current)
     if svm.v_intr_masking:
         cpu["cr8"] = int_ctl & V_TPR_MASK & 0xF
-    if int(control["tlb_control"]) != TlbControl.DO_NOTHING:
+    if control["tlb_control"] != TlbControl.DO_NOTHING:
         machine.forget_tlb()
-    svm.vmcb_pa, svm.asid, svm.gif = vmcb_pa, int(control["guest_asid"]), True
-    svm.int_ctl, svm.v_intr_vector = int_ctl, int(control["v_intr_vector"])
+    svm.vmcb_pa, svm.asid, svm.gif = vmcb_pa, control["guest_asid"], True
+    svm.int_ctl, svm.v_intr_vector = int_ctl, control["v_intr_vector"]
     machine.enter_guest(controls, on_exit="l1")
-    _inject(machine, int(control["eventinj"]), guest[At.rip])
+    _inject(machine, control["eventinj"], guest[At.rip])
 
 
-def _refuse(machine: "Machine", vmcb_pa: int, control_raw: bytearray, control, host: ArchState,
-            reason: str) -> None:
+def _refuse(machine: "Machine", vmcb_pa: int, host: ArchState, reason: str) -> None:
     """A VMRUN that fails its consistency checks: EXITCODE = VMEXIT_INVALID, L1 goes on
     after its VMRUN (§B.5); the host state was never left."""
-    control["exitcode"] = VMEXIT_INVALID
-    control["exitinfo1"] = control["exitinfo2"] = control["exitintinfo"] = 0
-    machine.memory.write(vmcb_pa, bytes(control_raw))
+    _write_exit(machine, vmcb_pa, VmExit(VMEXIT_INVALID), None)
     machine.cpu.rip = host[At.rip]
     if machine.profile.vmrun_invalid_clears_gif:
         machine.svm.gif = False
-    exit_ = VmExit(VMEXIT_INVALID, rip=int(host[At.rip]))
-    machine.record_exit(exit_, {"kind": "vmrun-invalid", "vmcb": vmcb_pa, "reason": reason})
+    machine.record_exit(VmExit(VMEXIT_INVALID, rip=host[At.rip]),
+                        {"kind": "vmrun-invalid", "vmcb": vmcb_pa, "reason": reason})
+
+
+def _write_exit(machine: "Machine", vmcb_pa: int, exit_: VmExit, guest: ArchState | None) -> None:
+    """EXITCODE, EXITINFO1/2, EXITINTINFO, nRIP and the instruction bytes; with ``guest``
+    also the interrupt state and V_TPR written back."""
+    if guest is None:                               # a refused VMRUN: the interrupt fields stay
+        fields = EXIT_CONTROLS.read(machine, vmcb_pa)
+        int_ctl, interrupt_state = fields["int_ctl"], fields["interrupt_state"]
+    else:
+        svm = machine.svm
+        int_ctl = svm.int_ctl                       # V_IRQ is clear if the guest took it
+        if svm.v_intr_masking:
+            int_ctl = int_ctl & ~V_TPR_MASK | machine.cpu["cr8"] & 0xF
+        shadow = INTERRUPT_SHADOW if guest[At.hflags] & uci.HF_INHIBIT_IRQ else 0
+        interrupt_state = shadow | (GUEST_INTERRUPT_MASK if guest[At.rflags] & RFLAGS_IF else 0)
+    EXIT_CONTROLS.write(machine, vmcb_pa, (int_ctl, interrupt_state, int(exit_.code), exit_.info1, exit_.info2,
+                                           exit_.exit_int_info, exit_.next_rip,
+                                           *exit_.vmcb_instruction_bytes.ljust(16, b"\0")))
 
 
 def _inject(machine: "Machine", eventinj: int, rip: int) -> None:
@@ -191,43 +311,28 @@ def _inject(machine: "Machine", eventinj: int, rip: int) -> None:
 
 def vmexit(machine: "Machine", exit_: VmExit, guest: ArchState | None = None) -> None:
     """Leave L2 for L1 with ``exit_`` (§B.6).  ``guest``: the L2 registers at the exit, if the
-    caller has just captured them."""
+    caller has just captured them (the context copy behind them still current)."""
     cpu, svm = machine.cpu, machine.svm
     vmcb_pa = svm.vmcb_pa
+    current = guest is not None
     if guest is None:
         guest = cpu.capture()
     guest[At.rip] = exit_.rip
-    control_raw, control = _control(machine, vmcb_pa)
-    save_raw, save = _save(machine, vmcb_pa)
-    store_state(save, guest, GUEST_REGISTERS)
-    control["exitcode"] = int(exit_.code)
-    control["exitinfo1"], control["exitinfo2"] = exit_.info1, exit_.info2
-    control["exitintinfo"], control["nrip"] = exit_.exit_int_info, exit_.next_rip
-    assist = exit_.vmcb_instruction_bytes
-    control["guest_instruction_count"] = assist[0] if assist else 0
-    control["guest_instruction_bytes"] = list(assist[1:16]) if assist else [0] * 15
-    shadow = INTERRUPT_SHADOW if guest[At.hflags] & uci.HF_INHIBIT_IRQ else 0
-    control["interrupt_state"] = shadow | (GUEST_INTERRUPT_MASK if guest[At.rflags] & RFLAGS_IF else 0)
-    int_ctl = svm.int_ctl                           # V_IRQ is clear if the guest took it
-    if svm.v_intr_masking:
-        int_ctl = int_ctl & ~V_TPR_MASK | cpu["cr8"] & 0xF
-    control["int_ctl"] = int_ctl
-    machine.memory.write(vmcb_pa, bytes(control_raw))
-    machine.memory.write(vmcb_pa + SAVE_AREA_OFFSET, bytes(save_raw))
-    _, hsave = _save(machine, svm.hsave_pa)
+    _write_save(machine, vmcb_pa, guest)
+    _write_exit(machine, vmcb_pa, exit_, guest)
     host = ArchState(guest)
-    load_state(host, hsave, HOST_REGISTERS)
+    SAVE_CODEC.load_host(host, _read_save(machine, svm.hsave_pa))
     host[At.cr0] |= CR0_PE
     host[At.rflags] &= ~RFLAGS_VM
     host[At.dr7] = HOST_DR7
     host[At.hflags] &= ~uci.HF_INHIBIT_IRQ
     host.cpl = 0
-    cpu.load(host)
+    cpu.load(host, context_is_current=current)
     if svm.v_intr_masking:
         cpu["cr8"] = svm.host_cr8
     svm.vmcb_pa, svm.asid, svm.gif, svm.v_intr_masking = None, 0, False, False
-    svm.vmexits += 1
     svm.int_ctl = svm.v_intr_vector = 0
+    svm.vmexits += 1
     machine.leave_guest()
     machine.record_exit(exit_)
 
@@ -243,8 +348,8 @@ def smm_fields(machine: "Machine") -> dict[str, int]:
         return {}
     fields = {"svm_guest": 1, "svm_guest_vmcb": svm.vmcb_pa}
     if machine.profile.smm_svm_host_fields:
-        _, hsave = _save(machine, svm.hsave_pa)
-        fields.update({f"svm_host_{name}": int(hsave[name]) for name in ("efer", "cr0", "cr3", "cr4")})
+        host = dict(zip(SAVE_CODEC.order, _read_save(machine, svm.hsave_pa)))
+        fields.update({f"svm_host_{name}": host[name] for name in ("efer", "cr0", "cr3", "cr4")})
     return fields
 
 
@@ -259,8 +364,8 @@ def resume_after_rsm(machine: "Machine", vmcb_pa: int) -> None:
     """RSM to a state saved in guest mode: L2 runs again under its VMCB's controls (the
     registers came from SMRAM; the host state is still in the host-save area)."""
     svm = machine.svm
-    _, control = _control(machine, vmcb_pa)
-    svm.vmcb_pa, svm.asid = vmcb_pa, int(control["guest_asid"])
-    svm.int_ctl, svm.v_intr_vector = int(control["int_ctl"]), int(control["v_intr_vector"])
+    control = VMRUN_CONTROLS.read(machine, vmcb_pa)
+    svm.vmcb_pa, svm.asid = vmcb_pa, control["guest_asid"]
+    svm.int_ctl, svm.v_intr_vector = control["int_ctl"], control["v_intr_vector"]
     svm.v_intr_masking = bool(svm.int_ctl & V_INTR_MASKING)
     machine.enter_guest(intercept_controls(machine, control), on_exit="l1")

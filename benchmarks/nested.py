@@ -1,0 +1,234 @@
+"""Nested world switches: an in-guest L1 hypervisor VMRUNs an L2 whose every iteration exits
+on CPUID; L1 moves save.rip to NEXT_RIP and VMRUNs again, N times.
+
+One round trip = VMRUN (host state to the HSAVE page, guest state from the VMCB, intercepts
+armed) + L2 runs to its CPUID + #VMEXIT (guest state and EXITCODE/NEXT_RIP into the VMCB in
+guest memory, host state back) + L1's few instructions.  Target: >= 20,000 exits/s.
+
+Baselines, on the same guest image in the same process (DESIGN.md §3 rule 5):
+
+* **bare Unicorn + minimal Python switch**: the same L1 and L2 bytes on a bare Unicorn, where
+  VMRUN arrives through Unicorn's #UD hook and the L2 CPUID through a one-address code hook
+  (the same two mechanisms ringminus uses), and Python does the least a switch can do: RIP,
+  RSP and RAX each way, EXITCODE and NEXT_RIP into the VMCB.  It is a floor for any Python
+  world switch, not an emulator: no checks, no segment/CR/EFER state, no intercept vector.
+* **bare Unicorn, native loop**: L1's loop alone with VMRUN replaced by a 3-byte NOP (no L2,
+  no Python): what the guest instructions themselves cost.
+
+Each figure is the best of ``--repeat`` runs (exit rates on a shared machine vary by 2x).
+Timing is never asserted in tests.
+
+    python benchmarks/nested.py [--json FILE] [--exits N] [--repeat R]
+"""
+import argparse
+import json
+import struct
+import sys
+from pathlib import Path
+from time import perf_counter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import unicorn  # noqa: E402
+from keystone import KS_ARCH_X86, KS_MODE_64, Ks  # noqa: E402
+from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN_INVALID, UC_MODE_64, UC_PROT_ALL, Uc  # noqa: E402
+from unicorn import x86_const as X  # noqa: E402
+
+from ringminus import Machine, StopReason  # noqa: E402
+from ringminus.intercepts.vmcb import VMCB_SIZE, vmcb_view  # noqa: E402
+
+L1_CODE, L2_CODE, L2_STACK = 0x100000, 0x200000, 0x380000
+VMCB, HSAVE = 0x300000, 0x301000
+IOPM, MSRPM = 0x304000, 0x308000
+EXIT_CPUID, INTERCEPT_VMRUN, INTERCEPT_HLT = 0x72, 0x80, 0x78
+VMRUN = bytes.fromhex("0f01d8")
+EXITCODE, NRIP, SAVE_RIP, SAVE_RSP, SAVE_RAX = 0x70, 0xC8, 0x578, 0x5D8, 0x5F8
+
+# L1: EFER.SVME and VM_HSAVE_PA, then VMRUN / check the exit / RIP := NEXT_RIP, N times.
+# R12 (the count) and RBX (the VMCB) survive: L2 never writes them and VMRUN/#VMEXIT leave
+# every GPR but RAX and RSP alone.
+L1 = """
+    mov ecx, 0xC0000080
+    rdmsr
+    or eax, 0x1000
+    wrmsr
+    mov ecx, 0xC0010117
+    mov eax, {hsave}
+    xor edx, edx
+    wrmsr
+    mov r12, {n}
+    mov rbx, {vmcb}
+again:
+    mov rax, rbx
+vmrun_here:
+    .byte 0x0f, 0x01, 0xd8
+    cmp qword ptr [rbx + {exitcode}], {cpuid}
+    jne wrong_exit
+    mov rdx, [rbx + {nrip}]
+    mov [rbx + {save_rip}], rdx
+    dec r12
+    jnz again
+    hlt
+wrong_exit:
+    mov al, 1
+    out 0xf4, al
+"""
+# L2: a CPUID per iteration, each one exits.
+L2 = "l: mov eax, 0\ncpuid\njmp l"
+
+
+def assemble(source: str, address: int) -> bytes:
+    return bytes(Ks(KS_ARCH_X86, KS_MODE_64).asm(source, address)[0])
+
+
+def l1_code(exits: int) -> bytes:
+    return assemble(L1.format(hsave=HSAVE, n=exits, vmcb=VMCB, exitcode=EXITCODE, cpuid=EXIT_CPUID,
+                              nrip=NRIP, save_rip=SAVE_RIP), L1_CODE)
+
+
+def vmcb_bytes() -> bytes:
+    """A 64-bit CPL-0 L2 on L1's GDT and page tables; VMRUN, HLT and CPUID intercepted."""
+    buffer = bytearray(VMCB_SIZE)
+    v = vmcb_view(buffer)
+    control, save = v["control"], v["save"]
+    control["intercepts"][3] = 1 << (EXIT_CPUID - 0x60) | 1 << (INTERCEPT_HLT - 0x60)
+    control["intercepts"][4] = 1 << (INTERCEPT_VMRUN - 0x80)
+    control["guest_asid"] = 1
+    control["iopm_base_pa"], control["msrpm_base_pa"] = IOPM, MSRPM
+    for name, selector, attrib in (("cs", 0x28, 0xA9B), ("ds", 0x10, 0xC93), ("es", 0x10, 0xC93), ("ss", 0x10, 0xC93)):
+        save[name]["selector"], save[name]["attrib"], save[name]["limit"] = selector, attrib, 0xFFFF_FFFF
+    save["gdtr"]["base"], save["gdtr"]["limit"] = 0x1000, 0x47
+    save["idtr"]["base"], save["idtr"]["limit"] = 0x4000, 0xFFF
+    save["efer"], save["cr0"], save["cr3"], save["cr4"] = 0x1500, 0x8000_0011, 0x10000, 0x20
+    save["dr6"], save["dr7"], save["rflags"] = 0xFFFF_0FF0, 0x400, 0x2
+    save["rip"], save["rsp"] = L2_CODE, L2_STACK
+    return bytes(buffer)
+
+
+def ringminus_run(exits: int) -> dict:
+    machine = Machine()
+    machine.write_memory(L1_CODE, l1_code(exits))
+    machine.write_memory(L2_CODE, assemble(L2, L2_CODE))
+    machine.write_memory(VMCB, vmcb_bytes())
+    machine.boot("long", L1_CODE)
+    t = perf_counter()
+    result = machine.run()
+    elapsed = perf_counter() - t
+    taken = result.stats.get("vmexits", 0)
+    if result.stop.reason is not StopReason.HLT or taken != exits or result.regs["r12"] != 0:
+        raise RuntimeError(f"ringminus: stopped with {result.stop}, {taken} exits, r12 = {result.regs['r12']}")
+    code = struct.unpack("<q", machine.read_memory(VMCB + EXITCODE, 8))[0]
+    if code != EXIT_CPUID:
+        raise RuntimeError(f"ringminus: last EXITCODE {code:#x}, not CPUID")
+    return {"exits": taken, "seconds": elapsed}
+
+
+def bare_uc(l1: bytes) -> Uc:
+    """L1's flat long-mode world on a bare Unicorn: identity map, 64-bit code segment."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 4 << 20, UC_PROT_ALL)
+    uc.mem_write(L1_CODE, l1)
+    uc.reg_write(X.UC_X86_REG_RSP, 0x80000)
+    return uc
+
+
+def bare_switch_run(exits: int) -> dict:
+    """Bare Unicorn with the least Python world switch (see the module docstring)."""
+    l1 = l1_code(exits)
+    l2 = assemble(L2, L2_CODE)
+    uc = bare_uc(l1)
+    uc.mem_write(L2_CODE, l2)
+    uc.mem_write(VMCB, vmcb_bytes())
+    cpuid_at = L2_CODE + len(assemble("mov eax, 0", L2_CODE))
+    host = {}
+    count = [0]
+
+    def on_vmrun(uc, _data):                        # VMRUN: host out, guest in
+        rip = uc.reg_read(X.UC_X86_REG_RIP)
+        if uc.mem_read(rip, 3) != VMRUN:
+            return False
+        vmcb = uc.reg_read(X.UC_X86_REG_RAX)
+        host["rip"], host["rsp"], host["rax"] = rip + 3, uc.reg_read(X.UC_X86_REG_RSP), vmcb
+        guest_rip, = struct.unpack("<Q", uc.mem_read(vmcb + SAVE_RIP, 8))
+        guest_rsp, = struct.unpack("<Q", uc.mem_read(vmcb + SAVE_RSP, 8))
+        guest_rax, = struct.unpack("<Q", uc.mem_read(vmcb + SAVE_RAX, 8))
+        uc.reg_write(X.UC_X86_REG_RSP, guest_rsp)
+        uc.reg_write(X.UC_X86_REG_RAX, guest_rax)
+        uc.reg_write(X.UC_X86_REG_RIP, guest_rip)
+        return True
+
+    def on_cpuid(uc, address, _size, _data):        # #VMEXIT(CPUID): guest out, host in
+        count[0] += 1
+        vmcb = host["rax"]
+        uc.mem_write(vmcb + EXITCODE, struct.pack("<q", EXIT_CPUID))
+        uc.mem_write(vmcb + NRIP, struct.pack("<Q", address + 2))
+        uc.mem_write(vmcb + SAVE_RIP, struct.pack("<Q", address))
+        uc.mem_write(vmcb + SAVE_RSP, struct.pack("<Q", uc.reg_read(X.UC_X86_REG_RSP)))
+        uc.mem_write(vmcb + SAVE_RAX, struct.pack("<Q", uc.reg_read(X.UC_X86_REG_RAX)))
+        uc.reg_write(X.UC_X86_REG_RSP, host["rsp"])
+        uc.reg_write(X.UC_X86_REG_RAX, vmcb)
+        uc.reg_write(X.UC_X86_REG_RIP, host["rip"])
+
+    uc.hook_add(UC_HOOK_INSN_INVALID, on_vmrun)
+    uc.hook_add(UC_HOOK_CODE, on_cpuid, begin=cpuid_at, end=cpuid_at)
+    # L1's RDMSR/WRMSR of EFER/VM_HSAVE_PA run natively (Unicorn's Haswell drops SVME).
+    t = perf_counter()
+    uc.emu_start(L1_CODE, 0xFFFF_FFFF_FFFF_FFFF)
+    elapsed = perf_counter() - t
+    if count[0] != exits or uc.reg_read(X.UC_X86_REG_R12) != 0:
+        raise RuntimeError(f"bare switch: {count[0]} exits, r12 = {uc.reg_read(X.UC_X86_REG_R12)}")
+    return {"exits": count[0], "seconds": elapsed}
+
+
+def bare_native_run(exits: int) -> dict:
+    """L1's loop with VMRUN as a 3-byte NOP and the VMCB already holding a CPUID exit."""
+    l1 = l1_code(exits).replace(VMRUN, bytes.fromhex("0f1f00"), 1)
+    uc = bare_uc(l1)
+    uc.mem_write(VMCB, vmcb_bytes())
+    uc.mem_write(VMCB + EXITCODE, struct.pack("<q", EXIT_CPUID))
+    t = perf_counter()
+    uc.emu_start(L1_CODE, 0xFFFF_FFFF_FFFF_FFFF)
+    elapsed = perf_counter() - t
+    if uc.reg_read(X.UC_X86_REG_R12) != 0:
+        raise RuntimeError("bare native: the loop did not finish")
+    return {"exits": exits, "seconds": elapsed}
+
+
+def best(run, exits: int, repeat: int) -> dict:
+    fastest = min((run(exits) for _ in range(repeat)), key=lambda r: r["seconds"])
+    return {**fastest, "exits_per_s": fastest["exits"] / fastest["seconds"],
+            "us_per_round_trip": fastest["seconds"] / fastest["exits"] * 1e6}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--exits", type=int, default=20_000, help="round trips per run (default 20,000)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per configuration (default 3)")
+    args = parser.parse_args(argv)
+    if args.exits < 1 or args.repeat < 1 or args.exits >= 2 ** 31:
+        parser.error("--exits must be 1 .. 2^31-1 and --repeat at least 1")
+    print(f"unicorn {unicorn.__version__}, {args.exits:,} CPUID round trips per run, best of {args.repeat}")
+    nested = best(ringminus_run, args.exits, args.repeat)
+    switch = best(bare_switch_run, args.exits, args.repeat)
+    native = best(bare_native_run, args.exits, args.repeat)
+    target = 20_000
+    print(f"ringminus, in-guest L1 (VMRUN + CPUID #VMEXIT): {nested['exits_per_s']:>10,.0f} exits/s "
+          f"({nested['us_per_round_trip']:.1f} us per round trip; target >= {target:,}/s: "
+          f"{'met' if nested['exits_per_s'] >= target else 'NOT met'})")
+    print(f"bare Unicorn + minimal Python switch:           {switch['exits_per_s']:>10,.0f} exits/s "
+          f"({switch['us_per_round_trip']:.1f} us per round trip)")
+    print(f"bare Unicorn, native loop (VMRUN as NOP):       {native['exits_per_s']:>10,.0f} iterations/s "
+          f"({native['us_per_round_trip'] * 1000:.0f} ns each)")
+    ratio = nested["us_per_round_trip"] / switch["us_per_round_trip"]
+    print(f"ratio: a ringminus world switch costs {ratio:.1f}x the minimal Python switch")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"ringminus": nested, "bare_minimal_switch": switch, "bare_native_loop": native,
+             "ratio_to_minimal_switch": ratio, "target_exits_per_s": target, "unicorn": unicorn.__version__},
+            indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""In-guest SVM details beside the guest-hypervisor tests (test_nested.py): the CPU models'
+CPUID, EFER's #GP rules, SKINIT under the apm profile, and snapshots taken inside L2."""
+from __future__ import annotations
+
+import pytest
+
+from ringminus import Machine, StopReason
+from ringminus.svm.cpuid import SVM, MODELS, cpuid_table
+from ringminus.intercepts.profiles import PROFILES
+
+from .l1 import CPUID, HLT, GuestHypervisor, asm
+
+CODE = 0x100000
+EFER = 0xC000_0080
+
+
+def run_l1(source: str, profile: str = "kvm", cpu_model: str = "qemu64"):
+    machine = Machine(profile=profile, cpu_model=cpu_model)
+    machine.write_memory(CODE, asm(source, 64 if cpu_model == "qemu64" else 32, CODE))
+    machine.boot("long" if cpu_model == "qemu64" else "protected", CODE)
+    return machine, machine.run(timeout=30)
+
+
+def cpuid(leaf: int, cpu_model: str = "qemu64", profile: str = "kvm") -> tuple[int, int, int, int]:
+    source = f"mov eax, {leaf:#x}\nxor ecx, ecx\ncpuid\nhlt"
+    _, result = run_l1(source, profile, cpu_model)
+    return tuple(result.regs[r] & 0xFFFF_FFFF for r in ("rax", "rbx", "rcx", "rdx"))
+
+
+def test_qemu64_is_an_amd_cpu_with_svm():
+    _, ebx, ecx, edx = cpuid(0)
+    assert (ebx.to_bytes(4, "little") + edx.to_bytes(4, "little") + ecx.to_bytes(4, "little")) == b"AuthenticAMD"
+    assert cpuid(1)[0] == 0x0006_0FB1                  # the signature EDX holds at reset
+    assert cpuid(0x8000_0001)[2] & SVM
+    assert cpuid(0x8000_000A)[:2] == (1, 16)
+    assert cpuid(0x8000_000A)[3] & 1 == 0              # no nested paging
+
+
+def test_qemu32_has_no_svm_and_no_svm_leaf():
+    _, ebx, ecx, edx = cpuid(0, "qemu32")
+    assert (ebx.to_bytes(4, "little") + edx.to_bytes(4, "little") + ecx.to_bytes(4, "little")) == b"GenuineIntel"
+    assert cpuid(0x8000_0000, "qemu32")[0] == 0x8000_0004
+    assert cpuid(0x8000_0001, "qemu32")[2] & SVM == 0
+    assert cpuid(0x8000_000A, "qemu32") == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_skinit_is_advertised_exactly_where_it_executes(profile):
+    table = cpuid_table(MODELS["qemu64"], PROFILES[profile])
+    assert bool(table[0x8000_0001][2] & (1 << 12)) == PROFILES[profile].skinit
+
+
+@pytest.mark.parametrize("value, faults", [
+    (0x1000 | 0x500, False),            # SVME, with LME|LMA as they are
+    (0x1000 | 0x500 | 1 << 2, True),    # a reserved bit
+    (0x1000 | 0x400, True),             # clearing LME while paging is on
+])
+def test_efer_writes(value, faults):
+    source = f"""
+        mov ecx, {EFER:#x}
+        mov eax, {value:#x}
+        xor edx, edx
+        wrmsr
+        rdmsr
+        hlt"""
+    machine, result = run_l1(source)
+    delivered = [e["vector"] for e in result.events if e.get("kind") == "exception"]
+    if faults:
+        assert delivered[:1] == [13]
+    else:
+        assert not delivered and result.stop.reason is StopReason.HLT
+        assert result.regs["rax"] & 0xFFFF_FFFF == value and result.regs["efer"] == value
+
+
+def test_skinit_enters_the_secure_loader_in_flat_protected_mode():
+    slb, entry = 0x20_0000, 0x40
+    source = f"""
+        mov ecx, {EFER:#x}
+        rdmsr
+        or eax, 0x1000
+        wrmsr
+        mov eax, {slb | 0x1234:#x}
+        .byte 0x0f, 0x01, 0xde"""
+    machine = Machine(profile="apm")
+    machine.write_memory(CODE, asm(source, 64, CODE))
+    machine.write_memory(slb, entry.to_bytes(2, "little") + (0x100).to_bytes(2, "little"))
+    machine.write_memory(slb + entry, asm("mov ebx, 0x5a\nhlt", 32, slb + entry))
+    machine.boot("long", CODE)
+    result = machine.run(timeout=30)
+    regs = result.regs
+    assert result.stop.reason is StopReason.HLT
+    assert regs["rip"] == slb + entry + 6 and regs["rbx"] == 0x5A        # ran the loader's code
+    assert regs["rax"] == slb and regs["rsp"] == slb + 0x1_0000 and regs["rdx"] == 0x0006_0FB1
+    assert regs["cr0"] & 1 and not regs["cr0"] & 1 << 31 and regs["efer"] == 0
+    assert regs["cs"]["base"] == 0 and regs["cs"]["limit"] == 0xFFFF_FFFF and regs["cpl"] == 0
+    assert machine.gif is False
+    assert result.svm["vm_cr"] & 0b111 == 0b111        # DPD, R_INIT, DIS_A20M
+
+
+def test_skinit_is_ud_in_kvm_even_with_svme():
+    source = f"""
+        mov ecx, {EFER:#x}
+        rdmsr
+        or eax, 0x1000
+        wrmsr
+        mov eax, 0x200000
+        .byte 0x0f, 0x01, 0xde"""
+    _, result = run_l1(source, "kvm")
+    assert [e["vector"] for e in result.events if e.get("kind") == "exception"][:1] == [6]
+
+
+def test_a_snapshot_taken_in_l2_replays_the_same_exits():
+    l2 = ["mov esi, 5", "again: cpuid", "dec esi", "jnz again", "hlt"]
+    hv = GuestHypervisor("\n".join(l2), intercepts=(CPUID, HLT), handlers={CPUID: "jmp advance"})
+    machine = hv.build()
+    machine.at_instruction(40, lambda m: m.request_stop())
+    first = machine.run(timeout=30)
+    assert first.stop.reason is StopReason.STOPPED
+    snapshot = machine.snapshot()
+    in_guest = machine.svm.guest_mode
+    finish = machine.run(timeout=30)
+    machine.restore(snapshot)
+    assert machine.svm.guest_mode == in_guest
+    again = machine.run(timeout=30)
+    assert again.stop == finish.stop and again.regs == finish.regs
+    assert again.svm == finish.svm and again.svm["vmexits"] == 6      # five CPUIDs and the HLT
