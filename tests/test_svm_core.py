@@ -123,4 +123,18 @@ def test_a_snapshot_taken_in_l2_replays_the_same_exits():
     assert machine.svm.guest_mode == in_guest
     again = machine.run(timeout=30)
     assert again.stop == finish.stop and again.regs == finish.regs
-    assert again.svm == finish.svm and again.svm["vmexits"] == 6      # five CPUIDs and the HLT
+    assert again.svm == finish.svm and not again.svm["guest_mode"]
+    assert again.events[-6:] == finish.events[-6:]                  # five CPUIDs and the HLT
+    assert [e["name"] for e in again.events[-6:]] == ["cpuid"] * 5 + ["hlt"]
+
+
+def test_rdtsc_in_l2_reads_the_virtual_tsc_plus_the_vmcbs_tsc_offset():
+    offset = 0x1234_0000_0000
+    hv = GuestHypervisor("rdtsc\nshl rdx, 32\nor rax, rdx\nmov rbx, rax\nhlt", intercepts=(HLT,))
+    hv.control["tsc_offset"] = offset
+    machine = hv.build()
+    before = machine.tsc.value
+    result = machine.run(timeout=30)
+    assert result.stop.reason is StopReason.HLT
+    assert hv.exits(machine)[-1].rbx == before + machine.tsc.STEP + offset     # L2's read, in RBX
+    assert machine.tsc.offset == 0                                      # L1 reads the plain TSC

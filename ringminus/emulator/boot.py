@@ -63,6 +63,10 @@ CPU_SIGNATURE = {"qemu64": 0x0006_0FB1, "qemu32": 0x0000_0663}
 
 RESET_CODE = FLAG_P | FLAG_S | (0xB << 8)        # 0x9B: code, readable, accessed
 RESET_DATA = FLAG_P | FLAG_S | (0x3 << 8)        # 0x93: data, writable, accessed
+RESET_DATA_SEGMENT = Segment(0, 0, 0xFFFF, RESET_DATA)
+RESET_SYSTEM_SEGMENTS = {"ldtr": Segment(0, 0, 0xFFFF, FLAG_P | (SYS_LDT << 8)),
+                         "tr": Segment(0, 0, 0xFFFF, FLAG_P | (SYS_TSS32_BUSY << 8))}
+RESET_TABLE_LIMIT = 0xFFFF                       # GDTR and IDTR: base 0
 
 
 def reset_state(machine, cs_selector: int, cs_base: int, ip: int) -> None:
@@ -73,13 +77,11 @@ def reset_state(machine, cs_selector: int, cs_base: int, ip: int) -> None:
     cpu.set_mode_state(RESET_CR0, 0, 0)
     cpu["cr3"] = 0
     cpu["cr2"] = 0
-    segments = {name: Segment(0, 0, 0xFFFF, RESET_DATA) for name in ("ds", "es", "fs", "gs", "ss")}
+    segments = {name: RESET_DATA_SEGMENT for name in ("ds", "es", "fs", "gs", "ss")}
     segments["cs"] = Segment(cs_selector, cs_base, 0xFFFF, RESET_CODE)
-    segments["ldtr"] = Segment(0, 0, 0xFFFF, FLAG_P | (SYS_LDT << 8))
-    segments["tr"] = Segment(0, 0, 0xFFFF, FLAG_P | (SYS_TSS32_BUSY << 8))
-    cpu.load_segments(segments, cpl=0)
-    cpu.set_table_register("gdtr", 0, 0xFFFF)
-    cpu.set_table_register("idtr", 0, 0xFFFF)
+    cpu.load_segments({**segments, **RESET_SYSTEM_SEGMENTS}, cpl=0)
+    cpu.set_table_register("gdtr", 0, RESET_TABLE_LIMIT)
+    cpu.set_table_register("idtr", 0, RESET_TABLE_LIMIT)
     cpu["rflags"] = 0x2
     cpu["dr6"], cpu["dr7"] = RESET_DR6, RESET_DR7
     cpu["edx"] = CPU_SIGNATURE[machine.cpu_model]

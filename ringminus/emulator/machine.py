@@ -68,17 +68,20 @@ VMRUN = b"\x0f\x01\xd8"
 
 class VirtualTsc:
     """RDTSC/RDTSCP read a deterministic time-stamp counter: it advances by a fixed step per
-    read, so a run and its replay from a snapshot read the same values."""
+    read, so a run and its replay from a snapshot read the same values.  A guest run by the
+    guest's own hypervisor reads it plus the VMCB's TSC_OFFSET (APM Table B-1, offset 0x050)."""
     STEP = 1000
 
     def __init__(self, cpu: Cpu):
         self.cpu = cpu
         self.value = 0
+        self.offset = 0
 
     def rdtsc(self) -> int:
         self.value += self.STEP
-        self.cpu.fast.write(X.UC_X86_REG_RAX, self.value & 0xFFFF_FFFF)
-        self.cpu.fast.write(X.UC_X86_REG_RDX, self.value >> 32)
+        seen = (self.value + self.offset) & 0xFFFF_FFFF_FFFF_FFFF
+        self.cpu.fast.write(X.UC_X86_REG_RAX, seen & 0xFFFF_FFFF)
+        self.cpu.fast.write(X.UC_X86_REG_RDX, seen >> 32)
         return 1                                  # the native instruction is skipped
 
     def rdtscp(self) -> int:
@@ -178,7 +181,7 @@ class Machine:
         self._pending_hypercall: PendingHypercall | None = None     # forwarded, awaiting resume()
         self._breakpoints: dict[int, int] = {}
         self._resuming_at_breakpoint: int | None = None
-        self._decoded: dict[tuple[int, bytes, int], Instruction | None] = {}
+        self._decoded: dict[tuple[int, int], tuple[bytes, Instruction | None]] = {}
         self._stepping_over: int | None = None     # a MOV CR site run by a one-instruction slice
         # Hooks may finish a world switch themselves (an SMI raised by an OUT, RSM) and let
         # Unicorn go on, instead of ending the slice: only when no instruction count must stay
@@ -416,8 +419,9 @@ class Machine:
         return bool(int_ctl & V_IGN_TPR) or (int_ctl & V_INTR_PRIO_MASK) >> V_INTR_PRIO_SHIFT > tpr
 
     def _event_waiting(self) -> bool:
-        """An interrupt (physical or virtual) is pending but masked: the instructions that
-        can unmask it (STI, POPF, IRET) are run alone so the loop looks again after them."""
+        """An interrupt (physical or virtual) or an NMI is pending, taken at the next boundary
+        or held: while one is, the instructions that can unmask it (STI, POPF, IRET) run
+        alone, so the loop looks again right after them."""
         return bool(self.interrupts) or bool(self.svm.int_ctl & V_IRQ) or self.nmi_pending
 
     def _arm_interrupt_window(self) -> None:
@@ -589,6 +593,16 @@ class Machine:
         self._trap_and_stop(_Trap("invalid"))
         return True
 
+    def _vmexit_in_hook(self, exit_: VmExit, state: ArchState) -> None:
+        """The #VMEXIT to a guest hypervisor inside L2's code hook, without ending the slice."""
+        try:
+            rip = svm_world.vmexit(self, exit_, state)
+        except svm_world.VmcbMemoryError as missing:
+            self.request_stop(StopReason.MEMORY, detail=f"#VMEXIT: {missing}")
+        else:
+            self.cpu.rip = rip                  # through the API: Unicorn leaves the block
+        self._continue_in_hook()
+
     def _vmrun_in_hook(self) -> bool:
         """VMRUN from L1 inside the #UD hook: see ``_vmrun_now``."""
         state = self.cpu.capture()
@@ -606,13 +620,13 @@ class Machine:
         if state.cpl or not state.protected or state[At.rflags] & RFLAGS_VM or not state[At.efer] & EFER_SVME:
             return False
         try:
-            vmcb = vmcb_address(self, insn)
-            svm_world.vmrun(self, vmcb, insn.next_rip, state)
+            vmcb = vmcb_address(self, insn, state[At.rax])
+            rip = svm_world.vmrun(self, vmcb, insn.next_rip, state)
         except (GuestFault, svm_world.VmcbMemoryError, UnbackedMemory):
-            return False                       # nothing changed yet: the run loop redoes it
+            return False                       # the run loop executes it again and reports it
         self._retire(1)
         self.stats["vmruns"] += 1
-        self.cpu.rip = self.cpu.rip              # through the API: a code hook's block ends here
+        self.cpu.rip = rip                       # through the API: a code hook's block ends here
         self._continue_in_hook()
         return True
 
@@ -693,26 +707,27 @@ class Machine:
 
     def _decode(self, code: bytes, bits: int, rip: int) -> Instruction | None:
         """Decode once per (address, bytes, mode) — DESIGN.md §3."""
-        key = (rip, code, bits)
-        if key not in self._decoded:
+        key = (rip, bits)
+        cached = self._decoded.get(key)
+        if cached is None or cached[0] != code:
             if len(self._decoded) > 65536:
                 self._decoded.clear()
-            self._decoded[key] = decode(code, bits, rip)
-        return self._decoded[key]
+            self._decoded[key] = cached = (code, decode(code, bits, rip))
+        return cached[1]
 
     def _check_at_site(self, insn: Instruction) -> bool:
         """Run the staged checker before an intercepted instruction executes.  True when the
         instruction has been dealt with (an exit, a fault, or skipped)."""
         if insn.row.intercept is None:
             return False
+        version = self.cpu.version
         outcome = check(insn, self.guest)
         if isinstance(outcome, VmExit):
             if self.guest.on_exit == "skip":
                 self._take_exit(outcome)          # moves RIP past it; Unicorn honours the write
             elif self.guest.on_exit == "l1" and self._switch_in_hooks:
-                self._take_exit(outcome, self.cpu.capture())     # the #VMEXIT, right here
-                self.cpu.rip = self.cpu.rip       # through the API: Unicorn leaves the block
-                self._continue_in_hook()
+                current = self.cpu.version == version             # the hook's context copy
+                self._vmexit_in_hook(outcome, self.cpu.capture(context_is_current=current))
             else:
                 self._trap_and_stop(_Trap("vmexit", outcome=outcome))
             return True

@@ -60,6 +60,10 @@ class PhysicalMemory:
         # first, as the CPU's does through a fault.
         self.hidden: list[tuple[int, int]] = []
         self.reveal: Callable[[int, int], None] | None = None
+        # One byte per RAM page, 0 where the CPU does not see the RAM (an overlay, an SMRAM
+        # view, a hidden range): where it does, Python reads the array itself, which is
+        # Unicorn's memory (mem_map_ptr), instead of a ctypes call.
+        self._ram_shows = bytearray(b"\1" * (ram_size // PAGE))
         self._map(0, self.ram, RW)
 
     @property
@@ -102,12 +106,14 @@ class PhysicalMemory:
         start, end = max(base, 0), min(base + size, self.ram_size)
         if start < end:
             self.uc.mem_unmap(start, end - start)
+            self._ram_shows[start // PAGE:-(-end // PAGE)] = bytes(-(-end // PAGE) - start // PAGE)
 
     def map_ram(self, base: int, size: int) -> None:
         """Map the RAM in [base, base + size) (after ``unmap_ram``) as a region of its own."""
         start, end = max(base, 0), min(base + size, self.ram_size)
         if start < end:
             self._map(start, self.ram[start:end], RW)
+            self._ram_shows[start // PAGE:-(-end // PAGE)] = b"\1" * (-(-end // PAGE) - start // PAGE)
 
     # -- Python-side physical access (what the CPU would see right now) --------------------
     def _reveal_hidden(self, address: int, size: int) -> None:
@@ -117,15 +123,16 @@ class PhysicalMemory:
                 return
 
     def read(self, address: int, size: int) -> bytes:
-        if self.hidden:
-            self._reveal_hidden(address, size)
-        data = self.fast.read_memory(address, size)
+        data = self.read_fast(address, size)
         if data is None:
             raise UnbackedMemory(address)
         return data
 
     def read_fast(self, address: int, size: int) -> bytes | None:
         """``read`` for hot paths: None instead of an exception where nothing is mapped."""
+        if 0 <= address and size > 0 and self._ram_shows.find(0, address // PAGE, (address + size - 1) // PAGE + 1) < 0 \
+                and address + size <= len(self.ram):
+            return self.ram[address:address + size].tobytes()
         if self.hidden:
             self._reveal_hidden(address, size)
         return self.fast.read_memory(address, size)

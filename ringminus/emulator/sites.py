@@ -46,6 +46,7 @@ class CodeSites:
         self.rescans = 0
 
     def _set_opcodes(self, opcodes: frozenset[bytes]) -> None:
+        self.opcodes = frozenset(opcodes)
         self._patterns = sorted(opcodes)
         self._interesting = frozenset(b for pattern in opcodes for b in pattern) | LEGACY_PREFIXES | _REX
 
@@ -60,10 +61,6 @@ class CodeSites:
                 match &= code[i:len(code) - len(pattern) + 1 + i] == byte
             hits[:len(match)] |= match
         return np.flatnonzero(hits).tolist()
-
-    @property
-    def opcodes(self) -> frozenset[bytes]:
-        return frozenset(self._patterns)
 
     def set_opcodes(self, opcodes: frozenset[bytes]) -> None:
         """Flag another set of opcode bytes and rescan every region scanned so far."""

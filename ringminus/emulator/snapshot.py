@@ -26,7 +26,7 @@ class Snapshot:
     halted: bool
     instructions: int
     instructions_exact: bool
-    tsc: int
+    tsc: tuple[int, int]                    # the virtual TSC and the running guest's TSC_OFFSET
     scheduled: tuple
     console: bytes
     events: tuple
@@ -40,7 +40,7 @@ def take(machine: "Machine") -> Snapshot:
     return Snapshot(machine.uc.context_save(), machine.cpu.svme, machine.memory.ram.copy(),
                     tuple(r.data.copy() for r in machine.smram.ranges), machine.smram.register,
                     copy.copy(machine.smm), machine.nmi_pending, machine.halted, machine.instructions,
-                    machine._instructions_exact, machine.tsc.value, tuple(machine._scheduled),
+                    machine._instructions_exact, (machine.tsc.value, machine.tsc.offset), tuple(machine._scheduled),
                     bytes(machine.console.output), tuple(machine.events), machine._pending_hypercall,
                     copy.copy(machine.svm), frozenset(machine.interrupts),
                     machine.guest if machine.svm.guest_mode else None)
@@ -60,7 +60,7 @@ def restore(machine: "Machine", snap: Snapshot) -> None:
     machine.cpu.paging_epoch += 1
     machine.nmi_pending, machine.halted = snap.nmi_pending, snap.halted
     machine.instructions, machine._instructions_exact = snap.instructions, snap.instructions_exact
-    machine.tsc.value = snap.tsc
+    machine.tsc.value, machine.tsc.offset = snap.tsc
     machine._scheduled = list(snap.scheduled)
     machine.console.output = bytearray(snap.console)
     machine.svm = copy.copy(snap.svm)

@@ -41,6 +41,7 @@ from ..intercepts.controls import IOPM_BYTES, MSRPM_BYTES
 from ..intercepts.exitcodes import ExitCode
 from ..intercepts.vmcb import (GUEST_INSTRUCTION_COUNT_MASK, MSR_VM_HSAVE_PA, VMCB_SIZE, new_vmcb,
                                set_intercept_vector, vmcb_view, write_segment)
+from ..svm.instructions import VMLOAD_MSRS
 from .runner import (EXCEPTION_EVENTS, MAX_INSTRUCTIONS, TIMEOUT, NotRunnable, Setup, assemble_text,
                      l2_outcome, setup, vmexit_outcome)
 from .vectors import Outcome, Vector
@@ -66,9 +67,6 @@ L1_LAYOUT = (
 )
 VMCB_SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr")
 VMCB_REGISTERS = ("cr0", "cr2", "cr3", "cr4", "dr6", "dr7", "rflags", "rip", "rsp", "rax")
-VMLOAD_MSRS = {"star": 0xC000_0081, "lstar": 0xC000_0082, "cstar": 0xC000_0083,
-               "sfmask": 0xC000_0084, "kernel_gs_base": 0xC000_0102,
-               "sysenter_cs": 0x174, "sysenter_esp": 0x175, "sysenter_eip": 0x176}
 L1_LOADS_GPRS = tuple(name for name in GPRS if name not in ("rax", "rsp"))   # VMRUN loads those two
 STUB_SCRATCH = ("rax", "rcx", "rdx")      # what WRMSR uses
 ENTRY_PRESENT, ENTRY_LARGE = 1, 0x80
@@ -193,7 +191,7 @@ def _vmcb(machine, controls, layout: Layout) -> np.void:
         save[name]["base"], save[name]["limit"] = cpu.table_register(name)
     for name in VMCB_REGISTERS:
         save[name] = machine[name]
-    for name, msr in VMLOAD_MSRS.items():
+    for name, msr in VMLOAD_MSRS:
         save[name] = cpu.fast.read_msr(msr)
     save["cpl"], save["efer"] = cpu.cpl, machine["efer"] | EFER_SVME
     set_intercept_vector(control, controls.vector | 1 << ExitCode.VMRUN)

@@ -14,7 +14,7 @@ from .checker import VmExit
 from .controls import EXCEPTION_BASE, InterceptControls
 from .exitcodes import ExitCode
 from .profiles import DEFAULT_PROFILE, profile as profile_named
-from .vmcb import EventType, encode_event
+from .vmcb import V_IRQ, EventType, encode_event
 
 if TYPE_CHECKING:
     from ..emulator.machine import Machine
@@ -48,9 +48,21 @@ class Guest:
         self.profile = profile_named(profile)
         self.on_exit = on_exit
         self.monitor_armed = False
-        self.virtual_interrupt_pending = False
+        self._virtual_interrupt_pending = False
         # checker.py: outcomes that depend on nothing else (shareable between guests)
         self.pre_except_exits: dict = {} if pre_except_exits is None else pre_except_exits
+
+    @property
+    def virtual_interrupt_pending(self) -> bool:
+        """V_IRQ (IDLE_HLT exits only without one): the VMCB's, when the guest's own
+        hypervisor runs this guest; what the caller sets, when the caller plays L1."""
+        if self.on_exit == "l1":
+            return bool(self.machine.svm.int_ctl & V_IRQ)
+        return self._virtual_interrupt_pending
+
+    @virtual_interrupt_pending.setter
+    def virtual_interrupt_pending(self, pending: bool) -> None:
+        self._virtual_interrupt_pending = pending
 
     # -- operands ------------------------------------------------------------------------------
     def register(self, number: int, size: int) -> int:

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from ..emulator.boot import CPU_SIGNATURE, RESET_DATA
-from ..emulator.cpu import CR0_PE, CR0_PG, GPRS, At
+from ..emulator.boot import (CPU_SIGNATURE, RESET_CR0, RESET_DATA_SEGMENT, RESET_DR6, RESET_DR7,
+                             RESET_SYSTEM_SEGMENTS, RESET_TABLE_LIMIT)
+from ..emulator.cpu import CR0_PE, GPRS, At
 from ..emulator.descriptors import FLAG_DB, FLAG_G, FLAG_P, FLAG_S, Segment
 from ..emulator.vectors import GuestFault, Vector
-from ..intercepts.vmcb import SAVE_AREA_OFFSET, VM_CR_R_INIT, VMCB_SAVE, read_segment, vmcb_attrib_from_flags
+from ..intercepts.vmcb import (SAVE_AREA_OFFSET, SAVE_AREA_SIZE, VM_CR_R_INIT, VMCB_SAVE, read_segment,
+                               vmcb_attrib_from_flags)
 from .cpuid import max_physical_bits
-from ..intercepts.vmcb import SAVE_AREA_SIZE
 from .world import vmrun
 
 if TYPE_CHECKING:
@@ -38,22 +39,19 @@ SLB_SIZE = 0x1_0000
 VM_CR_DPD, VM_CR_DIS_A20M = 1 << 0, 1 << 2
 SKINIT_CODE = Segment(0x08, 0, 0xFFFF_FFFF, FLAG_P | FLAG_S | FLAG_DB | FLAG_G | (0xB << 8))
 SKINIT_STACK = Segment(0x10, 0, 0xFFFF_FFFF, FLAG_P | FLAG_S | FLAG_DB | FLAG_G | (0x3 << 8))
-INIT_DATA = Segment(0, 0, 0xFFFF, RESET_DATA)
-SKINIT_SEGMENTS = {"es": INIT_DATA, "ds": INIT_DATA, "fs": INIT_DATA, "gs": INIT_DATA,
-                   "cs": SKINIT_CODE, "ss": SKINIT_STACK}
+SKINIT_SEGMENTS = {"es": RESET_DATA_SEGMENT, "ds": RESET_DATA_SEGMENT, "fs": RESET_DATA_SEGMENT,
+                   "gs": RESET_DATA_SEGMENT, "cs": SKINIT_CODE, "ss": SKINIT_STACK, **RESET_SYSTEM_SEGMENTS}
 
 
 def _gp() -> GuestFault:
     return GuestFault(Vector.GP, 0)
 
 
-def _rax(machine: "Machine", insn: "Instruction") -> int:
-    rax = machine.cpu["rax"]
-    return rax if insn.address_size == 8 else rax & 0xFFFF_FFFF
-
-
-def vmcb_address(machine: "Machine", insn: "Instruction") -> int:
-    address = _rax(machine, insn)
+def vmcb_address(machine: "Machine", insn: "Instruction", rax: int | None = None) -> int:
+    """rAX (read now, unless the caller holds it) as a VMCB address (GuestFault: #GP(0))."""
+    address = machine.cpu["rax"] if rax is None else rax
+    if insn.address_size != 8:
+        address &= 0xFFFF_FFFF
     if address >> max_physical_bits(machine.cpu_model) or address & ~PAGE_MASK:
         raise _gp()
     return address
@@ -120,9 +118,11 @@ def _skinit(machine: "Machine", insn: "Instruction") -> None:
     for name, segment in SKINIT_SEGMENTS.items():
         at = getattr(At, f"{name}_selector")
         state[at:at + 4] = (segment.selector, segment.base, segment.limit, segment.flags)
-    state[At.cr0] = (state[At.cr0] & ~CR0_PG) | CR0_PE
-    state[At.cr4] = state[At.efer] = 0
-    state[At.rflags], state[At.dr7] = 0x2, 0x400
+    state[At.cr0] = RESET_CR0 | CR0_PE
+    state[At.cr2] = state[At.cr3] = state[At.cr4] = state[At.efer] = 0
+    state[At.rflags], state[At.dr6], state[At.dr7] = 0x2, RESET_DR6, RESET_DR7
+    state[At.gdtr_base] = state[At.idtr_base] = 0
+    state[At.gdtr_limit] = state[At.idtr_limit] = RESET_TABLE_LIMIT
     state.cpl = 0
     machine.cpu.load(state)
     machine.svm.vm_cr |= VM_CR_DPD | VM_CR_R_INIT | VM_CR_DIS_A20M

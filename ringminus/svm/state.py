@@ -16,8 +16,6 @@ class SvmState:
     host_if: bool = False         # L1's RFLAGS.IF at VMRUN: masks physical INTR with V_INTR_MASKING
     int_ctl: int = 0              # the running guest's V_TPR, V_IRQ, V_INTR_PRIO, V_IGN_TPR …
     v_intr_vector: int = 0
-    vmruns: int = 0
-    vmexits: int = 0
 
     @property
     def guest_mode(self) -> bool:
@@ -26,4 +24,4 @@ class SvmState:
     def as_dict(self) -> dict:
         return {"gif": self.gif, "hsave_pa": self.hsave_pa, "vm_cr": self.vm_cr,
                 "guest_mode": self.guest_mode, "vmcb": self.vmcb_pa, "asid": self.asid,
-                "vmruns": self.vmruns, "vmexits": self.vmexits}
+                "int_ctl": self.int_ctl}

@@ -25,12 +25,14 @@ import numpy as np
 from ..emulator import ucinternals as uci
 from ..emulator.cpu import CR0_PE, RFLAGS_IF, RFLAGS_VM, ArchState, At
 from ..emulator.delivery import Event, EventKind
+from ..emulator.memory import UnbackedMemory
 from ..intercepts.checker import VmExit
 from ..intercepts.controls import IOPM_BYTES, MSRPM_BYTES, InterceptControls
 from ..intercepts.exitcodes import ExitCode
-from ..binlayout import field_span, fields_struct
+from ..binlayout import field_runs, field_span, fields_struct
 from ..intercepts.vmcb import (GUEST_INTERRUPT_MASK, INTERCEPT_WORDS, INTERRUPT_SHADOW, MAP_ADDRESS_MASK, SAVE_AREA_OFFSET,
-                               V_INTR_MASKING, V_TPR_MASK, VMCB_CONTROL, VMCB_SAVE, EventInfo, EventType,
+                               V_INTR_MASKING, V_TPR_MASK, VMCB_CONTROL, VMCB_SAVE, EVENT_VALID, EventInfo,
+                               EventType,
                                TlbControl, VmrunCandidate, first_failure, flags_from_vmcb_attrib,
                                vmcb_attrib_from_flags)
 from .cpuid import max_physical_bits
@@ -75,42 +77,38 @@ def _codec_rows() -> list[tuple[str, str, str]]:
     return rows
 
 
-def _kept_mask(layout, start: int, order: tuple[str, ...], size: int) -> int:
-    """A struct's span as an integer with all-ones bytes where no field of ``order`` lies."""
-    fields = 0
-    for path in set(order):
-        offset, dtype = field_span(layout, path)
-        fields |= ((1 << (8 * dtype.itemsize)) - 1) << (8 * (offset - start))
-    return ~fields & ((1 << (8 * size)) - 1)
-
-
-def _write_over(machine: "Machine", address: int, packed: bytes, kept: int) -> None:
-    """Write a struct's bytes, keeping what memory holds where ``kept`` has ones."""
-    old = int.from_bytes(_read(machine, address, len(packed)), "little") & kept
-    machine.memory.write(address, (old | int.from_bytes(packed, "little")).to_bytes(len(packed), "little"))
-
-
 class SaveAreaCodec:
     """``store(s)``: the save-area bytes a state goes to (from the first field on, reserved
-    bytes zero); ``load_guest(s, a)`` / ``load_host(s, a)``: a state from the unpacked fields
-    ``a`` — all of them, or the host's (not CR2, DR6, DR7).  ``source`` shows them."""
+    bytes zero); ``store_into(b, at, s)``: the same fields packed into buffer ``b`` whose
+    byte ``at`` is the first, every other byte left alone; ``load_guest(s, a)`` /
+    ``load_host(s, a)``: a state from the unpacked fields ``a`` — all of them, or the host's
+    (not CR2, DR6, DR7).  ``source`` shows them."""
 
     def __init__(self):
         rows = {path: (store, load) for path, store, load in _codec_rows()}
         self.struct, self.start, order = fields_struct(VMCB_SAVE, list(rows))
         host = {path for path in rows if path.split(".")[0] not in ("cr2", "dr6", "dr7")}
-        lines = [f"def store(s):\n    return _pack({', '.join(rows[path][0] for path in order)})"]
+        namespace = {"_pack": self.struct.pack, "_attrib": vmcb_attrib_from_flags, "_flags": flags_from_vmcb_attrib}
+        lines = [f"def store(s):\n    return _pack({', '.join(rows[path][0] for path in order)})",
+                 "def store_into(b, at, s):"]
+        values = iter(order)
+        for i, (offset, run, count) in enumerate(field_runs(VMCB_SAVE, list(rows))):
+            namespace[f"_run{i}"] = run.pack_into
+            lines.append(f"    _run{i}(b, at + {offset - self.start}, "
+                         f"{', '.join(rows[next(values)][0] for _ in range(count))})")
         for name, wanted in (("load_guest", set(rows)), ("load_host", host)):
             body = [rows[path][1].format(v=f"a[{k}]") for k, path in enumerate(order) if path in wanted]
             lines.append(f"def {name}(s, a):\n    " + "\n    ".join(body))
         self.source = "\n".join(lines) + "\n"
-        namespace = {"_pack": self.struct.pack, "_attrib": vmcb_attrib_from_flags, "_flags": flags_from_vmcb_attrib}
         exec(compile(self.source, "<VMCB save-area codec>", "exec"), namespace)
-        self.store, self.load_guest, self.load_host = namespace["store"], namespace["load_guest"], namespace["load_host"]
+        self.store, self.store_into = namespace["store"], namespace["store_into"]
+        self.load_guest, self.load_host = namespace["load_guest"], namespace["load_host"]
         self.order = order
 
 
 SAVE_CODEC = SaveAreaCodec()
+
+
 class ControlFields:
     """Control-area fields read or written together, by name, through one struct.  The
     intercept vector's six words read as one integer (bit n = exit code n)."""
@@ -120,26 +118,38 @@ class ControlFields:
         self.names = [path for path in self.order if path != "intercepts"]
         self._pick = operator.itemgetter(*[k for k, path in enumerate(self.order) if path != "intercepts"])
         self._vector = (field_span(VMCB_CONTROL, "intercepts")[0] - self.start) if "intercepts" in names else None
-        self.kept = _kept_mask(VMCB_CONTROL, self.start, self.order, self.struct.size)
+        self._runs = []                             # (offset from start, pack_into, first value, end)
+        first = 0
+        for offset, run, count in field_runs(VMCB_CONTROL, names):
+            self._runs.append((offset - self.start, run.pack_into, first, first + count))
+            first += count
 
     def read(self, machine: "Machine", vmcb_pa: int) -> dict[str, int]:
-        raw = _read(machine, vmcb_pa + self.start, self.struct.size)
-        fields = dict(zip(self.names, self._pick(self.struct.unpack(raw))))
+        return self.parse(_read(machine, vmcb_pa + self.start, self.struct.size))
+
+    def parse(self, raw: bytes, at: int = 0) -> dict[str, int]:
+        """The fields from ``raw``, whose byte ``at`` is the struct's first."""
+        fields = dict(zip(self.names, self._pick(self.struct.unpack_from(raw, at))))
         if self._vector is not None:
-            fields["intercepts"] = int.from_bytes(raw[self._vector:self._vector + 4 * INTERCEPT_WORDS], "little")
+            vector = at + self._vector
+            fields["intercepts"] = int.from_bytes(raw[vector:vector + 4 * INTERCEPT_WORDS], "little")
         return fields
 
-    def write(self, machine: "Machine", vmcb_pa: int, values) -> None:
-        """``values`` in ``order``; the bytes between the fields are kept."""
-        _write_over(machine, vmcb_pa + self.start, self.struct.pack(*values), self.kept)
+    def pack_into(self, buffer: bytearray, at: int, values: tuple) -> None:
+        """``values`` (in ``order``) into ``buffer``, whose byte ``at`` is the struct's first;
+        the bytes between the fields are left alone."""
+        for offset, pack_into, first, end in self._runs:
+            pack_into(buffer, at + offset, *values[first:end])
 
 
-VMRUN_CONTROLS = ControlFields(["intercepts", "iopm_base_pa", "msrpm_base_pa", "guest_asid", "tlb_control",
-                                "int_ctl", "v_intr_vector", "interrupt_state", "nested_control", "eventinj"])
+VMRUN_CONTROLS = ControlFields(["intercepts", "iopm_base_pa", "msrpm_base_pa", "tsc_offset", "guest_asid",
+                                "tlb_control", "int_ctl", "v_intr_vector", "interrupt_state", "nested_control",
+                                "eventinj"])
 EXIT_FIELDS = ("int_ctl", "interrupt_state", "exitcode", "exitinfo1", "exitinfo2", "exitintinfo", "nrip",
                "guest_instruction_count", "guest_instruction_bytes")
 EXIT_CONTROLS = ControlFields(list(EXIT_FIELDS))
-assert EXIT_CONTROLS.order == EXIT_FIELDS + ("guest_instruction_bytes",) * 14, "EXIT_FIELDS must be in offset order"
+if EXIT_CONTROLS.order != EXIT_FIELDS + ("guest_instruction_bytes",) * 14:
+    raise AssertionError("EXIT_FIELDS must list the fields in offset order")
 
 
 # -- guest memory -------------------------------------------------------------------------------
@@ -147,22 +157,17 @@ assert EXIT_CONTROLS.order == EXIT_FIELDS + ("guest_instruction_bytes",) * 14, "
 def _read(machine: "Machine", address: int, size: int) -> bytes:
     try:
         return machine.memory.read(address, size)
-    except Exception as missing:                    # UnbackedMemory
+    except UnbackedMemory as missing:
         raise VmcbMemoryError(f"no RAM at {address:#x} for {size} bytes") from missing
 
 
-_SAVE_KEPT = _kept_mask(VMCB_SAVE, SAVE_CODEC.start, SAVE_CODEC.order, SAVE_CODEC.struct.size)
+_SAVE_AT = SAVE_AREA_OFFSET + SAVE_CODEC.start                 # the save fields' span in the VMCB
+_VMCB_SPAN = _SAVE_AT + SAVE_CODEC.struct.size                 # VMRUN reads [0, _VMCB_SPAN)
 
 
 def _read_save(machine: "Machine", page: int) -> tuple:
     codec = SAVE_CODEC
     return codec.struct.unpack(_read(machine, page + SAVE_AREA_OFFSET + codec.start, codec.struct.size))
-
-
-def _write_save(machine: "Machine", page: int, state: ArchState) -> None:
-    """Store ``state`` in a VMCB, keeping the bytes between the switched fields (FS, GS, TR,
-    LDTR, the syscall MSRs: VMLOAD's state) as they are."""
-    _write_over(machine, page + SAVE_AREA_OFFSET + SAVE_CODEC.start, SAVE_CODEC.store(state), _SAVE_KEPT)
 
 
 def _write_host(machine: "Machine", page: int, state: ArchState) -> None:
@@ -179,7 +184,7 @@ def intercept_controls(machine: "Machine", control: dict[str, int]) -> Intercept
     """The VMCB's intercepts; a permission map is read (afresh: L1 may have changed it) only
     when its intercept is set."""
     vector = control["intercepts"]
-    if not vector & _MAP_INTERCEPTS:                # the same vector, the same controls
+    if not vector & _MAP_INTERCEPTS:                # the same vector, the same controls (read-only)
         if vector not in _VECTOR_CONTROLS:
             _VECTOR_CONTROLS[vector] = InterceptControls(vector)
         return _VECTOR_CONTROLS[vector]
@@ -191,14 +196,16 @@ def intercept_controls(machine: "Machine", control: dict[str, int]) -> Intercept
     return controls
 
 
-_CHECKED_FIELDS = [SAVE_CODEC.order.index(name) for name in ("efer", "cr0", "cr3", "cr4", "dr6", "dr7", "cs.attrib")]
-_CHECKED_CONTROLS = ("intercepts", "guest_asid", "eventinj", "nested_control", "iopm_base_pa", "msrpm_base_pa")
+_CHECKED_FIELDS = operator.itemgetter(*[SAVE_CODEC.order.index(name)
+                                         for name in ("efer", "cr0", "cr3", "cr4", "dr6", "dr7", "cs.attrib")])
+_CHECKED_CONTROLS = operator.itemgetter("intercepts", "guest_asid", "eventinj", "nested_control", "iopm_base_pa",
+                                        "msrpm_base_pa")
 
 
 def _consistency(machine: "Machine", save: tuple, control: dict[str, int]) -> str | None:
     """VMRUN's consistency checks (§B.5), remembered per input: a guest hypervisor's loop
     VMRUNs the same VMCB state over and over."""
-    key = (machine.cpu_model, *[save[k] for k in _CHECKED_FIELDS], *[control[name] for name in _CHECKED_CONTROLS])
+    key = (machine.cpu_model, _CHECKED_FIELDS(save), _CHECKED_CONTROLS(control))
     if key not in _CONSISTENCY:
         if len(_CONSISTENCY) > 4096:
             _CONSISTENCY.clear()
@@ -226,24 +233,24 @@ def _candidate(machine: "Machine", save: tuple, control: dict[str, int]) -> Vmru
 
 # -- VMRUN ----------------------------------------------------------------------------------------
 
-def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, host: ArchState | None = None) -> None:
+def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, host: ArchState | None = None) -> int:
     """VMRUN with rAX = ``vmcb_pa`` (already checked: page-aligned, inside the physical
     address width) from L1 at CPL 0; L1 resumes at ``next_rip`` after the #VMEXIT.  ``host``:
     the registers at the VMRUN, if the caller has just captured them (the context copy
-    behind them still current)."""
+    behind them still current).  Returns the RIP the CPU goes on at."""
     cpu, svm = machine.cpu, machine.svm
     current = host is not None
     if host is None:
         host = cpu.capture()
     host[At.rip] = next_rip
     _write_host(machine, svm.hsave_pa, host)
-    control = VMRUN_CONTROLS.read(machine, vmcb_pa)
-    save = _read_save(machine, vmcb_pa)
-    svm.vmruns += 1
+    raw = _read(machine, vmcb_pa, _VMCB_SPAN)               # control and save fields at once
+    control = VMRUN_CONTROLS.parse(raw, VMRUN_CONTROLS.start)
+    save = SAVE_CODEC.struct.unpack_from(raw, _SAVE_AT)
     failure = _consistency(machine, save, control)
     if failure is not None:
         _refuse(machine, vmcb_pa, host, failure)
-        return
+        return host[At.rip]
     controls = intercept_controls(machine, control)
     guest = ArchState(host)
     SAVE_CODEC.load_guest(guest, save)
@@ -261,14 +268,18 @@ def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, host: ArchState | Non
         machine.forget_tlb()
     svm.vmcb_pa, svm.asid, svm.gif = vmcb_pa, control["guest_asid"], True
     svm.int_ctl, svm.v_intr_vector = int_ctl, control["v_intr_vector"]
+    machine.tsc.offset = control["tsc_offset"]
     machine.enter_guest(controls, on_exit="l1")
-    _inject(machine, control["eventinj"], guest[At.rip])
+    if control["eventinj"] & EVENT_VALID:
+        _inject(machine, control["eventinj"], guest[At.rip])
+        return machine.cpu.rip
+    return guest[At.rip]
 
 
 def _refuse(machine: "Machine", vmcb_pa: int, host: ArchState, reason: str) -> None:
     """A VMRUN that fails its consistency checks: EXITCODE = VMEXIT_INVALID, L1 goes on
     after its VMRUN (§B.5); the host state was never left."""
-    _write_exit(machine, vmcb_pa, VmExit(VMEXIT_INVALID), None)
+    _write_exit(machine, vmcb_pa, VmExit(VMEXIT_INVALID))
     machine.cpu.rip = host[At.rip]
     if machine.profile.vmrun_invalid_clears_gif:
         machine.svm.gif = False
@@ -276,30 +287,42 @@ def _refuse(machine: "Machine", vmcb_pa: int, host: ArchState, reason: str) -> N
                         {"kind": "vmrun-invalid", "vmcb": vmcb_pa, "reason": reason})
 
 
-def _write_exit(machine: "Machine", vmcb_pa: int, exit_: VmExit, guest: ArchState | None) -> None:
-    """EXITCODE, EXITINFO1/2, EXITINTINFO, nRIP and the instruction bytes; with ``guest``
-    also the interrupt state and V_TPR written back."""
-    if guest is None:                               # a refused VMRUN: the interrupt fields stay
-        fields = EXIT_CONTROLS.read(machine, vmcb_pa)
-        int_ctl, interrupt_state = fields["int_ctl"], fields["interrupt_state"]
-    else:
-        svm = machine.svm
-        int_ctl = svm.int_ctl                       # V_IRQ is clear if the guest took it
-        if svm.v_intr_masking:
-            int_ctl = int_ctl & ~V_TPR_MASK | machine.cpu["cr8"] & 0xF
-        shadow = INTERRUPT_SHADOW if guest[At.hflags] & uci.HF_INHIBIT_IRQ else 0
-        interrupt_state = shadow | (GUEST_INTERRUPT_MASK if guest[At.rflags] & RFLAGS_IF else 0)
-    EXIT_CONTROLS.write(machine, vmcb_pa, (int_ctl, interrupt_state, int(exit_.code), exit_.info1, exit_.info2,
-                                           exit_.exit_int_info, exit_.next_rip,
-                                           *exit_.vmcb_instruction_bytes.ljust(16, b"\0")))
+def _exit_values(exit_: VmExit, int_ctl: int, interrupt_state: int) -> tuple:
+    """EXIT_CONTROLS' values: the interrupt state, EXITCODE, EXITINFO1/2, EXITINTINFO, nRIP
+    and the instruction bytes."""
+    return (int_ctl, interrupt_state, int(exit_.code), exit_.info1, exit_.info2, exit_.exit_int_info,
+            exit_.next_rip, *exit_.vmcb_instruction_bytes.ljust(16, b"\0"))
+
+
+def _write_exit(machine: "Machine", vmcb_pa: int, exit_: VmExit) -> None:
+    """A refused VMRUN's exit fields; the interrupt fields stay as they are."""
+    at = vmcb_pa + EXIT_CONTROLS.start
+    area = bytearray(_read(machine, at, EXIT_CONTROLS.struct.size))
+    fields = EXIT_CONTROLS.parse(area)
+    EXIT_CONTROLS.pack_into(area, 0, _exit_values(exit_, fields["int_ctl"], fields["interrupt_state"]))
+    machine.memory.write(at, area)
+
+
+def _write_back(machine: "Machine", vmcb_pa: int, exit_: VmExit, guest: ArchState) -> None:
+    """#VMEXIT's writes into the VMCB — the exit, V_TPR and the interrupt shadow, then the
+    guest state — packed into one copy of the span from the first field to the last."""
+    svm = machine.svm
+    int_ctl = svm.int_ctl                           # V_IRQ is clear if the guest took it
+    if svm.v_intr_masking:
+        int_ctl = int_ctl & ~V_TPR_MASK | machine.cpu["cr8"] & 0xF
+    shadow = INTERRUPT_SHADOW if guest[At.hflags] & uci.HF_INHIBIT_IRQ else 0
+    at = vmcb_pa + EXIT_CONTROLS.start
+    area = bytearray(_read(machine, at, _VMCB_SPAN - EXIT_CONTROLS.start))
+    EXIT_CONTROLS.pack_into(area, 0, _exit_values(
+        exit_, int_ctl, shadow | (GUEST_INTERRUPT_MASK if guest[At.rflags] & RFLAGS_IF else 0)))
+    SAVE_CODEC.store_into(area, _SAVE_AT - EXIT_CONTROLS.start, guest)
+    machine.memory.write(at, area)
 
 
 def _inject(machine: "Machine", eventinj: int, rip: int) -> None:
     """EVENTINJ (APM §15.20): delivered before the guest's first instruction, through the
     guest's IDT; the event itself is not intercepted, faults while delivering it are."""
     event = EventInfo.decode(eventinj)
-    if not event.valid:
-        return
     kind = INJECTED_KIND[EventType(event.kind)]
     error_code = event.error_code if kind is EventKind.EXCEPTION else None
     machine.deliver(Event(event.vector, kind, rip, error_code), injected=True)
@@ -309,17 +332,17 @@ def _inject(machine: "Machine", eventinj: int, rip: int) -> None:
 
 # -- #VMEXIT --------------------------------------------------------------------------------------
 
-def vmexit(machine: "Machine", exit_: VmExit, guest: ArchState | None = None) -> None:
+def vmexit(machine: "Machine", exit_: VmExit, guest: ArchState | None = None) -> int:
     """Leave L2 for L1 with ``exit_`` (§B.6).  ``guest``: the L2 registers at the exit, if the
-    caller has just captured them (the context copy behind them still current)."""
+    caller has just captured them (the context copy behind them still current).  Returns
+    the RIP L1 goes on at."""
     cpu, svm = machine.cpu, machine.svm
     vmcb_pa = svm.vmcb_pa
     current = guest is not None
     if guest is None:
         guest = cpu.capture()
     guest[At.rip] = exit_.rip
-    _write_save(machine, vmcb_pa, guest)
-    _write_exit(machine, vmcb_pa, exit_, guest)
+    _write_back(machine, vmcb_pa, exit_, guest)
     host = ArchState(guest)
     SAVE_CODEC.load_host(host, _read_save(machine, svm.hsave_pa))
     host[At.cr0] |= CR0_PE
@@ -331,10 +354,10 @@ def vmexit(machine: "Machine", exit_: VmExit, guest: ArchState | None = None) ->
     if svm.v_intr_masking:
         cpu["cr8"] = svm.host_cr8
     svm.vmcb_pa, svm.asid, svm.gif, svm.v_intr_masking = None, 0, False, False
-    svm.int_ctl = svm.v_intr_vector = 0
-    svm.vmexits += 1
+    svm.int_ctl = svm.v_intr_vector = machine.tsc.offset = 0
     machine.leave_guest()
     machine.record_exit(exit_)
+    return host[At.rip]
 
 
 # -- an SMI taken in guest mode (semantics.md §C.7, §F.19) ----------------------------------------
@@ -357,6 +380,7 @@ def suspend_for_smm(machine: "Machine") -> None:
     """SMM runs outside guest mode; the VMCB address waits in the state-save map."""
     if machine.svm.guest_mode:
         machine.svm.vmcb_pa = None
+        machine.tsc.offset = 0
         machine.leave_guest()
 
 
@@ -368,4 +392,5 @@ def resume_after_rsm(machine: "Machine", vmcb_pa: int) -> None:
     svm.vmcb_pa, svm.asid = vmcb_pa, control["guest_asid"]
     svm.int_ctl, svm.v_intr_vector = control["int_ctl"], control["v_intr_vector"]
     svm.v_intr_masking = bool(svm.int_ctl & V_INTR_MASKING)
+    machine.tsc.offset = control["tsc_offset"]
     machine.enter_guest(intercept_controls(machine, control), on_exit="l1")
