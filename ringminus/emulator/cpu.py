@@ -209,30 +209,34 @@ class Cpu:
             self._space_epoch = self.paging_epoch
         return self._space
 
+    def _flag(self, word: int, mask: int) -> bool:
+        """A bit of QEMU's hflags (``word`` uci.HFLAGS) or hflags2 (uci.HFLAGS2)."""
+        return bool(self.context.snapshot().u32(word) & mask)
+
+    def _set_flag(self, word: int, mask: int, on: bool) -> None:
+        self.version += 1
+        ctx = self.context.snapshot()
+        value = ctx.u32(word)
+        ctx.put_u32(word, value | mask if on else value & ~mask)
+        ctx.commit()
+
     @property
     def nmi_blocked(self) -> bool:
         """NMIs blocked (after an NMI is delivered, and in SMM); the guest's IRET unblocks them."""
-        return bool(self.context.snapshot().u32(uci.HFLAGS2) & uci.HF2_NMI_MASK)
+        return self._flag(uci.HFLAGS2, uci.HF2_NMI_MASK)
 
     @nmi_blocked.setter
     def nmi_blocked(self, blocked: bool) -> None:
-        self.version += 1
-        ctx = self.context.snapshot()
-        hflags2 = ctx.u32(uci.HFLAGS2)
-        ctx.put_u32(uci.HFLAGS2, hflags2 | uci.HF2_NMI_MASK if blocked else hflags2 & ~uci.HF2_NMI_MASK)
-        ctx.commit()
+        self._set_flag(uci.HFLAGS2, uci.HF2_NMI_MASK, blocked)
 
     @property
     def interrupt_shadow(self) -> bool:
         """The STI/MOV SS interrupt shadow (QEMU's HF_INHIBIT_IRQ)."""
-        return bool(self.context.snapshot().u32(uci.HFLAGS) & uci.HF_INHIBIT_IRQ)
+        return self._flag(uci.HFLAGS, uci.HF_INHIBIT_IRQ)
 
-    def set_interrupt_shadow(self, active: bool) -> None:
-        self.version += 1
-        ctx = self.context.snapshot()
-        hflags = ctx.u32(uci.HFLAGS)
-        ctx.put_u32(uci.HFLAGS, hflags | uci.HF_INHIBIT_IRQ if active else hflags & ~uci.HF_INHIBIT_IRQ)
-        ctx.commit()
+    @interrupt_shadow.setter
+    def interrupt_shadow(self, active: bool) -> None:
+        self._set_flag(uci.HFLAGS, uci.HF_INHIBIT_IRQ, active)
 
     def clear_inflight_exception(self) -> None:
         """Forget the fault just handled, so the next one is not taken for a #DF

@@ -843,7 +843,7 @@ class Machine:
         self.stats["slices"] += 1
         started = ucinternals.emu_counter(self.uc) if counting else 0
         if shadow_step and self._stepping_over is None:
-            self.cpu.set_interrupt_shadow(False)
+            self.cpu.interrupt_shadow = False
         self._after_slice(error, budget, started, deadline)
 
     def _rearm_if_address_space_changed(self, only_if_cheap: bool = False) -> bool:
