@@ -61,11 +61,16 @@ def field_span(layout: np.dtype, path: str) -> tuple[int, np.dtype]:
 
 
 def _spans(layout: np.dtype, paths: list[str]) -> list[tuple[int, int, str, int, str]]:
-    """(offset, size, struct code, element count, path) of each field, in offset order."""
+    """(offset, size, struct code, value count, path) of each field, in offset order.  A byte
+    array is one ``bytes`` value; other arrays give one value per element."""
     out = []
     for offset, dtype, path in sorted((*field_span(layout, path), path) for path in paths):
         element, shape = dtype.subdtype if dtype.subdtype else (dtype, ())
-        out.append((offset, dtype.itemsize, STRUCT_CODES[element.str[1:]], int(np.prod(shape)), path))
+        count = int(np.prod(shape))
+        if shape and element.itemsize == 1:
+            out.append((offset, dtype.itemsize, f"{count}s", 1, path))
+        else:
+            out.append((offset, dtype.itemsize, f"{count}{STRUCT_CODES[element.str[1:]]}", count, path))
     return out
 
 
@@ -77,24 +82,25 @@ def field_runs(layout: np.dtype, paths: list[str]) -> list[tuple[int, struct.Str
     for offset, size, code, count, _ in _spans(layout, paths):
         if runs and runs[-1][0] + runs[-1][1] == offset:
             runs[-1][1] += size
-            runs[-1][2] += f"{count}{code}"
+            runs[-1][2] += code
             runs[-1][3] += count
         else:
-            runs.append([offset, size, f"<{count}{code}", count])
+            runs.append([offset, size, f"<{code}", count])
     return [(offset, struct.Struct(fmt), count) for offset, _, fmt, count in runs]
 
 
 def fields_struct(layout: np.dtype, paths: list[str]) -> tuple[struct.Struct, int, tuple[str, ...]]:
     """One little-endian struct over the bytes from the first to the last of ``paths`` (scalar
     fields), every other byte padding: (the struct, where it starts in ``layout``, the paths in
-    the order its values come; an array field gives one value per element, its path repeated).
+    the order its values come; a byte array is one ``bytes`` value, an array of wider elements
+    one value per element, its path repeated).
     A world switch moves many scattered fields in one call."""
     spans = _spans(layout, paths)
     fmt, at, order = "<", spans[0][0], []
     for offset, size, code, count, path in spans:
         if offset < at:
             raise AssertionError(f"{layout}: fields overlap at {offset:#x}")
-        fmt += f"{offset - at}x{count}{code}"
+        fmt += f"{offset - at}x{code}"
         order += [path] * count
         at = offset + size
     return struct.Struct(fmt), spans[0][0], tuple(order)

@@ -634,12 +634,12 @@ class Machine:
         """After a hook executed the instruction itself: take a pending SMI right here, or end
         the slice when the run must stop or the run loop has an event to deliver.  ``state``:
         the registers after the instruction, if the hook still holds them current."""
-        if self._stop is None and self.smm.pending and not self.smm.in_smm and self.guest is None and self.svm.gif:
-            self.smm.pending = False
+        smm = self.smm
+        if smm.pending and self._stop is None and not smm.in_smm and self.guest is None and self.svm.gif:
+            smm.pending = False
             enter_smm(self, state)
-        if (self._stop is not None or self.halted or not self._rearm_if_address_space_changed(only_if_cheap=True)
-                or self.smm.pending and not self.smm.in_smm
-                or self.smm.latched_init and not self.smm.in_smm or self._event_waiting()):
+        if (self._stop is not None or self.halted or (smm.pending or smm.latched_init) and not smm.in_smm
+                or self._event_waiting() or not self._rearm_if_address_space_changed(only_if_cheap=True)):
             self._trap_and_stop(_Trap("resume"))
 
     def _on_bad_memory(self, uc: Uc, access: int, address: int, size: int, value: int, _data) -> bool:

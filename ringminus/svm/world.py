@@ -148,7 +148,7 @@ VMRUN_CONTROLS = ControlFields(["intercepts", "iopm_base_pa", "msrpm_base_pa", "
 EXIT_FIELDS = ("int_ctl", "interrupt_state", "exitcode", "exitinfo1", "exitinfo2", "exitintinfo", "nrip",
                "guest_instruction_count", "guest_instruction_bytes")
 EXIT_CONTROLS = ControlFields(list(EXIT_FIELDS))
-if EXIT_CONTROLS.order != EXIT_FIELDS + ("guest_instruction_bytes",) * 14:
+if EXIT_CONTROLS.order != EXIT_FIELDS:
     raise AssertionError("EXIT_FIELDS must list the fields in offset order")
 
 
@@ -289,9 +289,9 @@ def _refuse(machine: "Machine", vmcb_pa: int, host: ArchState, reason: str) -> N
 
 def _exit_values(exit_: VmExit, int_ctl: int, interrupt_state: int) -> tuple:
     """EXIT_CONTROLS' values: the interrupt state, EXITCODE, EXITINFO1/2, EXITINTINFO, nRIP
-    and the instruction bytes."""
+    and the instruction bytes (their count in bits 3:0 of the byte before them)."""
     return (int_ctl, interrupt_state, int(exit_.code), exit_.info1, exit_.info2, exit_.exit_int_info,
-            exit_.next_rip, *exit_.vmcb_instruction_bytes.ljust(16, b"\0"))
+            exit_.next_rip, len(exit_.insn_bytes), exit_.insn_bytes)
 
 
 def _write_exit(machine: "Machine", vmcb_pa: int, exit_: VmExit) -> None:
