@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..binlayout import field_runs, field_span, fields_struct
 from ..emulator import ucinternals as uci
 from ..emulator.cpu import CR0_PE, RFLAGS_IF, RFLAGS_VM, ArchState, At
 from ..emulator.delivery import Event, EventKind
@@ -29,12 +30,10 @@ from ..emulator.memory import UnbackedMemory
 from ..intercepts.checker import VmExit
 from ..intercepts.controls import IOPM_BYTES, MSRPM_BYTES, InterceptControls
 from ..intercepts.exitcodes import ExitCode
-from ..binlayout import field_runs, field_span, fields_struct
-from ..intercepts.vmcb import (GUEST_INTERRUPT_MASK, INTERCEPT_WORDS, INTERRUPT_SHADOW, MAP_ADDRESS_MASK, SAVE_AREA_OFFSET,
-                               V_INTR_MASKING, V_TPR_MASK, VMCB_CONTROL, VMCB_SAVE, EVENT_VALID, EventInfo,
-                               EventType,
-                               TlbControl, VmrunCandidate, first_failure, flags_from_vmcb_attrib,
-                               vmcb_attrib_from_flags)
+from ..intercepts.vmcb import (EVENT_VALID, GUEST_INTERRUPT_MASK, INTERCEPT_WORDS, INTERRUPT_SHADOW,
+                               MAP_ADDRESS_MASK, SAVE_AREA_OFFSET, V_INTR_MASKING, V_TPR_MASK, VMCB_CONTROL,
+                               VMCB_SAVE, EventInfo, EventType, TlbControl, VmrunCandidate, first_failure,
+                               flags_from_vmcb_attrib, vmcb_attrib_from_flags)
 from .cpuid import max_physical_bits
 
 if TYPE_CHECKING:
@@ -58,7 +57,7 @@ class VmcbMemoryError(Exception):
 # -- the save-area codec ------------------------------------------------------------------------
 # Each save-area field a world switch moves: (field, the ArchState expression it is stored
 # from, the statement that loads it back from value ``{v}``).  Compiled — as the SMM map
-# codecs are — into straight-line functions over one struct covering the fields.
+# codecs are — into straight-line functions over the fields' structs.
 
 def _codec_rows() -> list[tuple[str, str, str]]:
     rows = []
@@ -110,8 +109,9 @@ SAVE_CODEC = SaveAreaCodec()
 
 
 class ControlFields:
-    """Control-area fields read or written together, by name, through one struct.  The
-    intercept vector's six words read as one integer (bit n = exit code n)."""
+    """Control-area fields read together, by name, through one struct, and written run by
+    run (the bytes between them untouched).  The intercept vector's six words read as one
+    integer (bit n = exit code n)."""
 
     def __init__(self, names: list[str]):
         self.struct, self.start, self.order = fields_struct(VMCB_CONTROL, names)
