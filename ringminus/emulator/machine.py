@@ -26,9 +26,9 @@ from ..decode.decoder import Instruction, decode
 from ..decode.length import instruction_length
 from ..decode.table import (ALWAYS_ARMED_OPCODES, INTERRUPT_WINDOW_OPCODES, INTERRUPT_WINDOW_ROWS, OUT_OPCODES,
                             PORT_OUT_ROWS, site_opcodes)
-from . import boot as boot_states
+from . import boot as boot_states, boundary
 from . import ucinternals
-from .cpu import EFER_SVME, RFLAGS_IF, RFLAGS_VM, SEGMENT_REGISTERS, ArchState, At, Cpu
+from .cpu import EFER_SVME, RFLAGS_VM, SEGMENT_REGISTERS, ArchState, At, Cpu
 from .descriptors import Segment
 from .delivery import Delivery, Event, EventKind, Outcome, Unsupported
 from .loader import Image, bios_windows, check_bios
@@ -50,7 +50,6 @@ from ..smm.smram import Smram
 from ..smm.world import IoInstruction, SmmState, enter_smm, leave_smm
 from ..intercepts.controls import InterceptControls
 from ..intercepts.exitcodes import ExitCode
-from ..intercepts.vmcb import V_IGN_TPR, V_INTR_PRIO_MASK, V_INTR_PRIO_SHIFT, V_IRQ
 from ..svm import SvmState, msrs as svm_msrs
 from ..svm import world as svm_world
 from ..svm.cpuid import MODELS, cpuid_table
@@ -295,7 +294,7 @@ class Machine:
         whose L1 intercepts it (semantics.md §B.3, §C.7); otherwise the CPU resets to the
         reset vector (SMBASE and VM_HSAVE_PA are kept)."""
         self.smm.latched_init = True
-        if not self.smm.in_smm and self.svm.gif and not self._intercepts(ExitCode.INIT):
+        if not self.smm.in_smm and self.svm.gif and not boundary.intercepted(self, ExitCode.INIT):
             self._process_init()
 
     def raise_intr(self, vector: int) -> None:
@@ -354,75 +353,6 @@ class Machine:
         leave_smm(self, state)
         if self.smm.latched_init and self._stop is None:
             self._process_init()
-
-    def _take_pending_event(self) -> bool:
-        """At an instruction boundary: one pending event, in KVM's order (INIT, SMI, NMI,
-        INTR, then a guest's virtual interrupt; semantics.md §B.3, §C.7).  GIF = 0 holds them
-        all; as L2, an event L1 intercepts becomes a #VMEXIT and stays pending.  False when
-        the run must stop."""
-        smm, svm = self.smm, self.svm
-        if not svm.gif:
-            return True
-        if smm.latched_init and not smm.in_smm:
-            if not self._exit_on_event(ExitCode.INIT):
-                self._process_init()
-        elif smm.pending and not smm.in_smm:
-            if not self._exit_on_event(ExitCode.SMI, int(self.profile.smi_exitinfo)):
-                smm.pending = False
-                enter_smm(self)              # an SMI also ends a halt
-        elif self.nmi_pending and not self.cpu.nmi_blocked:
-            if not self._exit_on_event(ExitCode.NMI):
-                self.nmi_pending = False
-                self.deliver(Event(Vector.NMI, EventKind.NMI, self.cpu.rip))
-                self.cpu.nmi_blocked = True
-        elif self.interrupts and self._intr_ready():
-            if not self._exit_on_event(ExitCode.INTR):
-                vector = max(self.interrupts)
-                self.interrupts.discard(vector)
-                self.deliver(Event(vector, EventKind.EXTERNAL, self.cpu.rip))
-        elif svm.int_ctl & V_IRQ and self._virtual_interrupt_ready():
-            if not self._exit_on_event(ExitCode.VINTR):
-                svm.int_ctl &= ~V_IRQ
-                self.deliver(Event(svm.v_intr_vector, EventKind.EXTERNAL, self.cpu.rip))
-        return self._stop is None
-
-    def _intercepts(self, code: int) -> bool:
-        return self.guest is not None and code in self.guest.controls
-
-    def _exit_on_event(self, code: int, info1: int = 0) -> bool:
-        """As L2 whose L1 intercepts ``code``: take that #VMEXIT (the event stays pending)."""
-        if not self._intercepts(code):
-            return False
-        self.halted = False
-        self._take_exit(VmExit(code, info1, rip=self.cpu.rip))
-        return True
-
-    def _intr_ready(self) -> bool:
-        """INTR is not masked (KVM's svm_interrupt_blocked): as L2 with V_INTR_MASKING, L1's
-        RFLAGS.IF masks it, otherwise the running code's; an intercepted INTR ignores the
-        interrupt shadow."""
-        svm = self.svm
-        if svm.guest_mode and svm.v_intr_masking:
-            if not svm.host_if:
-                return False
-        elif not self.cpu["rflags"] & RFLAGS_IF:
-            return False
-        return self._intercepts(ExitCode.INTR) or not self.cpu.interrupt_shadow
-
-    def _virtual_interrupt_ready(self) -> bool:
-        """V_IRQ is taken (APM §15.21.4) when the guest's RFLAGS.IF is set, no shadow holds
-        it, and its priority is above V_TPR unless V_IGN_TPR."""
-        int_ctl = self.svm.int_ctl
-        if not self.svm.guest_mode or not self.cpu["rflags"] & RFLAGS_IF or self.cpu.interrupt_shadow:
-            return False
-        tpr = self.cpu["cr8"] if self.svm.v_intr_masking else int_ctl & 0xF
-        return bool(int_ctl & V_IGN_TPR) or (int_ctl & V_INTR_PRIO_MASK) >> V_INTR_PRIO_SHIFT > tpr
-
-    def _event_waiting(self) -> bool:
-        """An interrupt (physical or virtual) or an NMI is pending, taken at the next boundary
-        or held: while one is, the instructions that can unmask it (STI, POPF, IRET) run
-        alone, so the loop looks again right after them."""
-        return bool(self.interrupts) or bool(self.svm.int_ctl & V_IRQ) or self.nmi_pending
 
     def _arm_interrupt_window(self) -> None:
         if not INTERRUPT_WINDOW_OPCODES <= self.sites.opcodes:
@@ -639,7 +569,7 @@ class Machine:
             smm.pending = False
             enter_smm(self, state)
         if (self._stop is not None or self.halted or (smm.pending or smm.latched_init) and not smm.in_smm
-                or self._event_waiting() or not self._rearm_if_address_space_changed(only_if_cheap=True)):
+                or boundary.waiting(self) or not self._rearm_if_address_space_changed(only_if_cheap=True)):
             self._trap_and_stop(_Trap("resume"))
 
     def _on_bad_memory(self, uc: Uc, access: int, address: int, size: int, value: int, _data) -> bool:
@@ -689,7 +619,7 @@ class Machine:
                 self._trap_and_stop(_Trap("msr", address=address, outcome=insn))
                 return
             changes_space = name == "mov_to_cr" and insn.reg in (0, 3, 4)
-            opens_window = name in INTERRUPT_WINDOW_ROWS and self._event_waiting()
+            opens_window = name in INTERRUPT_WINDOW_ROWS and boundary.waiting(self)
             if changes_space or opens_window:
                 if self._stepping_over != address:       # run it alone, then look again
                     self._trap_and_stop(_Trap("step", address=address, detail="paging" if changes_space else ""))
@@ -806,7 +736,7 @@ class Machine:
         self._fire_due_events()
         if self._stop is not None:
             return
-        if not self._take_pending_event():
+        if not boundary.take_pending_event(self):
             return
         if self.halted:
             if self._scheduled:              # fast-forward: the halted CPU takes the next event
@@ -821,7 +751,7 @@ class Machine:
         budget = 0
         # An interrupt held only by the STI/MOV SS shadow: run the one instruction the shadow
         # covers, then end the shadow (Unicorn clears it only where a block ends normally).
-        shadow_step = self._event_waiting() and self.cpu.interrupt_shadow
+        shadow_step = boundary.waiting(self) and self.cpu.interrupt_shadow
         if self._stepping_over is not None or shadow_step:
             budget, counting = 1, True              # run one instruction alone, then look again
         else:
