@@ -80,6 +80,10 @@ class Profile:
     #: F.19 — an SMI in guest mode also saves the host's CR0/CR3/CR4/EFER in the state-save
     #: map at FF28h-FF40h (APM); KVM keeps them in the host-save area only.
     smm_svm_host_fields: bool = False
+    #: VMRUN saves the host state in the VM_HSAVE_PA page and #VMEXIT reloads it from there
+    #: (APM, QEMU's helper_vmrun/do_vmexit), or the CPU keeps it (KVM's vmcb01) and writes the
+    #: page only when an SMI arrives in guest mode (§C.2 step 2), reading it back at RSM.
+    host_save_in_memory: bool = True
 
 
 PROFILES = {p.name: p for p in (
@@ -89,7 +93,8 @@ PROFILES = {p.name: p for p in (
             stgi_skinit_without_svme=False, svm_rax_gp_before_svme_ud=True, ioio_segment=False,
             ioio_address_size=True, smi_exitinfo=False, decode_assists=False,
             selective_cr0_fixed=True, rep_zero_count_intercepts=True,
-            smm_zero_idtr=True, vmcall_fix_hypercall=True, vmrun_invalid_clears_gif=False),
+            smm_zero_idtr=True, vmcall_fix_hypercall=True, vmrun_invalid_clears_gif=False,
+            host_save_in_memory=False),
     Profile("apm", cr_value_checks_before_intercept=True, umip_before_intercept=True,
             monitor_checks_operand=True, monitor_mwait_ud_at_cpl3=False, vmmcall_prot=False,
             vmmcall_needs_svme=False,

@@ -15,6 +15,7 @@ class SvmState:
     v_intr_masking: bool = False  # the running guest's int_ctl.V_INTR_MASKING
     host_if: bool = False         # L1's RFLAGS.IF at VMRUN: masks physical INTR with V_INTR_MASKING
     int_ctl: int = 0              # the running guest's V_TPR, V_IRQ, V_INTR_PRIO, V_IGN_TPR …
+    host: tuple = ()              # the registers at L1's VMRUN (an ArchState as a tuple): the host state
     v_intr_vector: int = 0
 
     @property

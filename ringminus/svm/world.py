@@ -4,12 +4,14 @@ VMRUN (APM §15.5, Vol. 3 "VMRUN"): save the host state to the VM_HSAVE_PA page,
 VMCB (§B.5; a failure is a #VMEXIT with VMEXIT_INVALID), load the guest state, set GIF, apply
 TLB_CONTROL and V_INTR, inject EVENTINJ, and run L2 under the VMCB's intercepts.
 #VMEXIT (§B.6): write the guest state and the exit back into the VMCB, clear GIF, reload the
-host state from the HSAVE page and resume L1 after its VMRUN.
+host state and resume L1 after its VMRUN.
 
-The host state lives in the HSAVE page in the VMCB save-area layout (offset 0x400), as QEMU
-keeps it; the APM leaves the format to the implementation and KVM keeps it off-page.  VMRUN
-saves and #VMEXIT reloads only what the APM lists (ES/CS/SS/DS, GDTR/IDTR, CR0/CR3/CR4, EFER,
-RFLAGS, RIP, RSP, RAX); FS, GS, TR, LDTR and the syscall MSRs belong to VMLOAD/VMSAVE.
+Where the host state lives is the profile's ``host_save_in_memory``: in the HSAVE page, in
+the VMCB save-area layout (offset 0x400), written by VMRUN and read back by #VMEXIT (APM,
+QEMU; the APM leaves the format to the implementation), or kept by the CPU (KVM's vmcb01) and
+written to the page only when an SMI arrives in guest mode.  VMRUN saves and #VMEXIT
+reloads only what the APM lists (ES/CS/SS/DS, GDTR/IDTR, CR0/CR3/CR4, EFER, RFLAGS, RIP, RSP,
+RAX); FS, GS, TR, LDTR and the syscall MSRs belong to VMLOAD/VMSAVE.
 
 TLB: ringminus has one untagged TLB.  ASIDs keep their meaning for INVLPGA and the checks;
 VMRUN flushes when TLB_CONTROL asks for any flush and whenever the translation regime changes
@@ -55,53 +57,61 @@ class VmcbMemoryError(Exception):
 
 
 # -- the save-area codec ------------------------------------------------------------------------
-# Each save-area field a world switch moves: (field, the ArchState expression it is stored
-# from, the statement that loads it back from value ``{v}``).  Compiled — as the SMM map
-# codecs are — into straight-line functions over the fields' structs.
+# Each save-area field a world switch moves: (field, the ArchState index it comes from, the
+# expression it is stored as, the statement that loads it back from value ``{v}``).  Compiled
+# — as the SMM map codecs are — into straight-line functions over the fields' structs.
 
-def _codec_rows() -> list[tuple[str, str, str]]:
+def _codec_rows() -> list[tuple[str, int, str, str]]:
     rows = []
     for name in SEGMENTS:
         selector, base, limit, flags = (getattr(At, f"{name}_{part}") for part in ("selector", "base", "limit", "flags"))
-        rows += [(f"{name}.selector", f"s[{selector}] & 0xFFFF", f"s[{selector}] = {{v}}"),
-                 (f"{name}.attrib", f"_attrib(s[{flags}])", f"s[{flags}] = _flags({{v}})"),
-                 (f"{name}.limit", f"s[{limit}] & 0xFFFFFFFF", f"s[{limit}] = {{v}}"),
-                 (f"{name}.base", f"s[{base}]", f"s[{base}] = {{v}}")]
+        rows += [(f"{name}.selector", selector, f"s[{selector}] & 0xFFFF", f"s[{selector}] = {{v}}"),
+                 (f"{name}.attrib", flags, f"_attrib(s[{flags}])", f"s[{flags}] = _flags({{v}})"),
+                 (f"{name}.limit", limit, f"s[{limit}] & 0xFFFFFFFF", f"s[{limit}] = {{v}}"),
+                 (f"{name}.base", base, f"s[{base}]", f"s[{base}] = {{v}}")]
     for name in TABLES:
         base, limit = getattr(At, f"{name}_base"), getattr(At, f"{name}_limit")
-        rows += [(f"{name}.limit", f"s[{limit}] & 0xFFFF", f"s[{limit}] = {{v}} & 0xFFFF"),
-                 (f"{name}.base", f"s[{base}]", f"s[{base}] = {{v}}")]
-    rows.append(("cpl", f"s[{At.hflags}] & 3", f"s[{At.hflags}] = s[{At.hflags}] & ~3 | {{v}} & 3"))
-    rows += [(name, f"s[{getattr(At, name)}]", f"s[{getattr(At, name)}] = {{v}}") for name in GUEST_REGISTERS]
+        rows += [(f"{name}.limit", limit, f"s[{limit}] & 0xFFFF", f"s[{limit}] = {{v}} & 0xFFFF"),
+                 (f"{name}.base", base, f"s[{base}]", f"s[{base}] = {{v}}")]
+    rows.append(("cpl", At.hflags, f"s[{At.hflags}] & 3", f"s[{At.hflags}] = s[{At.hflags}] & ~3 | {{v}} & 3"))
+    rows += [(name, getattr(At, name), f"s[{getattr(At, name)}]", f"s[{getattr(At, name)}] = {{v}}")
+             for name in GUEST_REGISTERS]
     return rows
 
 
 class SaveAreaCodec:
-    """``store(s)``: the save-area bytes a state goes to (from the first field on, reserved
-    bytes zero); ``store_into(b, at, s)``: the same fields packed into buffer ``b`` whose
+    """``values(s)``: the save-area field values of a state, in ``order``; ``restore_host(s,
+    h)``: the host's registers (the save-area fields but CR2, DR6, DR7 and the CPL) copied
+    from state ``h`` into state ``s``; ``store(s)``: the
+    bytes they make (from the first field on, reserved bytes zero); ``store_into(b, at, s)``:
+    the same fields packed into buffer ``b`` whose
     byte ``at`` is the first, every other byte left alone; ``load_guest(s, a)`` /
     ``load_host(s, a)``: a state from the unpacked fields ``a`` — all of them, or the host's
     (not CR2, DR6, DR7).  ``source`` shows them."""
 
     def __init__(self):
-        rows = {path: (store, load) for path, store, load in _codec_rows()}
+        rows = {path: (store, load) for path, _, store, load in _codec_rows()}
         self.struct, self.start, order = fields_struct(VMCB_SAVE, list(rows))
         host = {path for path in rows if path.split(".")[0] not in ("cr2", "dr6", "dr7")}
         namespace = {"_pack": self.struct.pack, "_attrib": vmcb_attrib_from_flags, "_flags": flags_from_vmcb_attrib}
-        lines = [f"def store(s):\n    return _pack({', '.join(rows[path][0] for path in order)})",
+        lines = [f"def values(s):\n    return ({', '.join(rows[path][0] for path in order)},)",
+                 f"def store(s):\n    return _pack({', '.join(rows[path][0] for path in order)})",
                  "def store_into(b, at, s):"]
         values = iter(order)
         for i, (offset, run, count) in enumerate(field_runs(VMCB_SAVE, list(rows))):
             namespace[f"_run{i}"] = run.pack_into
             lines.append(f"    _run{i}(b, at + {offset - self.start}, "
                          f"{', '.join(rows[next(values)][0] for _ in range(count))})")
+        copied = [index for path, index, _, _ in _codec_rows() if path in host and path != "cpl"]
+        lines.append("def restore_host(s, h):\n    " + "\n    ".join(f"s[{i}] = h[{i}]" for i in copied))
         for name, wanted in (("load_guest", set(rows)), ("load_host", host)):
             body = [rows[path][1].format(v=f"a[{k}]") for k, path in enumerate(order) if path in wanted]
             lines.append(f"def {name}(s, a):\n    " + "\n    ".join(body))
         self.source = "\n".join(lines) + "\n"
         exec(compile(self.source, "<VMCB save-area codec>", "exec"), namespace)
-        self.store, self.store_into = namespace["store"], namespace["store_into"]
+        self.values, self.store, self.store_into = namespace["values"], namespace["store"], namespace["store_into"]
         self.load_guest, self.load_host = namespace["load_guest"], namespace["load_host"]
+        self.restore_host = namespace["restore_host"]
         self.order = order
 
 
@@ -170,10 +180,10 @@ def _read_save(machine: "Machine", page: int) -> tuple:
     return codec.struct.unpack(_read(machine, page + SAVE_AREA_OFFSET + codec.start, codec.struct.size))
 
 
-def _write_host(machine: "Machine", page: int, state: ArchState) -> None:
+def _write_host(machine: "Machine", page: int, host) -> None:
     """Store the host state in the HSAVE page, whose format is the implementation's (APM
     §15.30.4): only the switched fields mean anything there, the bytes between are zeroed."""
-    machine.memory.write(page + SAVE_AREA_OFFSET + SAVE_CODEC.start, SAVE_CODEC.store(state))
+    machine.memory.write(page + SAVE_AREA_OFFSET + SAVE_CODEC.start, SAVE_CODEC.store(host))
 
 
 def _permission_map(machine: "Machine", base: int, size: int) -> np.ndarray:
@@ -243,7 +253,9 @@ def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, host: ArchState | Non
     if host is None:
         host = cpu.capture()
     host[At.rip] = next_rip
-    _write_host(machine, svm.hsave_pa, host)
+    svm.host = tuple(host)
+    if machine.profile.host_save_in_memory:
+        _write_host(machine, svm.hsave_pa, host)
     raw = _read(machine, vmcb_pa, _VMCB_SPAN)               # control and save fields at once
     control = VMRUN_CONTROLS.parse(raw, VMRUN_CONTROLS.start)
     save = SAVE_CODEC.struct.unpack_from(raw, _SAVE_AT)
@@ -252,12 +264,12 @@ def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, host: ArchState | Non
         _refuse(machine, vmcb_pa, host, failure)
         return host[At.rip]
     controls = intercept_controls(machine, control)
-    guest = ArchState(host)
+    guest = host                                    # the host's registers are in svm.host now
     SAVE_CODEC.load_guest(guest, save)
     int_ctl = control["int_ctl"]
     shadow = uci.HF_INHIBIT_IRQ if control["interrupt_state"] & INTERRUPT_SHADOW else 0
     guest[At.hflags] = guest[At.hflags] & ~uci.HF_INHIBIT_IRQ | shadow
-    svm.host_if = bool(host[At.rflags] & RFLAGS_IF)
+    svm.host_if = bool(svm.host[At.rflags] & RFLAGS_IF)
     svm.v_intr_masking = bool(int_ctl & V_INTR_MASKING)
     if svm.v_intr_masking:                          # CR8 is the guest's V_TPR while it runs
         svm.host_cr8 = cpu["cr8"]
@@ -343,8 +355,11 @@ def vmexit(machine: "Machine", exit_: VmExit, guest: ArchState | None = None) ->
         guest = cpu.capture()
     guest[At.rip] = exit_.rip
     _write_back(machine, vmcb_pa, exit_, guest)
-    host = ArchState(guest)
-    SAVE_CODEC.load_host(host, _read_save(machine, svm.hsave_pa))
+    host = guest                                    # the guest's registers are in the VMCB now
+    if machine.profile.host_save_in_memory:
+        SAVE_CODEC.load_host(host, _read_save(machine, svm.hsave_pa))
+    else:
+        SAVE_CODEC.restore_host(host, svm.host)
     host[At.cr0] |= CR0_PE
     host[At.rflags] &= ~RFLAGS_VM
     host[At.dr7] = HOST_DR7
@@ -371,14 +386,15 @@ def smm_fields(machine: "Machine") -> dict[str, int]:
         return {}
     fields = {"svm_guest": 1, "svm_guest_vmcb": svm.vmcb_pa}
     if machine.profile.smm_svm_host_fields:
-        host = dict(zip(SAVE_CODEC.order, _read_save(machine, svm.hsave_pa)))
-        fields.update({f"svm_host_{name}": host[name] for name in ("efer", "cr0", "cr3", "cr4")})
+        fields.update({f"svm_host_{name}": svm.host[getattr(At, name)] for name in ("efer", "cr0", "cr3", "cr4")})
     return fields
 
 
 def suspend_for_smm(machine: "Machine") -> None:
-    """SMM runs outside guest mode; the VMCB address waits in the state-save map."""
+    """SMM runs outside guest mode; the VMCB address waits in the state-save map and the host
+    state in the HSAVE page (KVM stashes it there only now, §C.2 step 2)."""
     if machine.svm.guest_mode:
+        _write_host(machine, machine.svm.hsave_pa, machine.svm.host)
         machine.svm.vmcb_pa = None
         machine.tsc.offset = 0
         machine.leave_guest()
@@ -386,8 +402,11 @@ def suspend_for_smm(machine: "Machine") -> None:
 
 def resume_after_rsm(machine: "Machine", vmcb_pa: int) -> None:
     """RSM to a state saved in guest mode: L2 runs again under its VMCB's controls (the
-    registers came from SMRAM; the host state is still in the host-save area)."""
+    registers came from SMRAM; the host state from the HSAVE page)."""
     svm = machine.svm
+    host = machine.cpu.capture()
+    SAVE_CODEC.load_host(host, _read_save(machine, svm.hsave_pa))
+    svm.host = tuple(host)
     control = VMRUN_CONTROLS.read(machine, vmcb_pa)
     svm.vmcb_pa, svm.asid = vmcb_pa, control["guest_asid"]
     svm.int_ctl, svm.v_intr_vector = control["int_ctl"], control["v_intr_vector"]
