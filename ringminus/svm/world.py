@@ -190,6 +190,10 @@ def _permission_map(machine: "Machine", base: int, size: int) -> np.ndarray:
     return np.frombuffer(_read(machine, base & MAP_ADDRESS_MASK, size), dtype=np.uint8).copy()
 
 
+_MAP_INTERCEPTS = 1 << ExitCode.IOIO | 1 << ExitCode.MSR
+_VECTOR_CONTROLS: dict[int, InterceptControls] = {}
+
+
 def intercept_controls(machine: "Machine", control: dict[str, int]) -> InterceptControls:
     """The VMCB's intercepts; a permission map is read (afresh: L1 may have changed it) only
     when its intercept is set."""
@@ -224,10 +228,6 @@ def _consistency(machine: "Machine", save: tuple, control: dict[str, int]) -> st
 
 
 _CONSISTENCY: dict[tuple, str | None] = {}
-
-
-_MAP_INTERCEPTS = 1 << ExitCode.IOIO | 1 << ExitCode.MSR
-_VECTOR_CONTROLS: dict[int, InterceptControls] = {}
 
 
 def _candidate(machine: "Machine", save: tuple, control: dict[str, int]) -> VmrunCandidate:
@@ -379,8 +379,7 @@ def vmexit(machine: "Machine", exit_: VmExit, guest: ArchState | None = None) ->
 
 def smm_fields(machine: "Machine") -> dict[str, int]:
     """The 64-bit state-save map's SVM fields for an SMI taken in guest mode: FED8h = 1 and
-    FEE0h = the VMCB (KVM); the apm profile adds the host's CR0/CR3/CR4/EFER at FF28h-FF40h
-    from the host-save area, where KVM leaves them."""
+    FEE0h = the VMCB (KVM); the apm profile adds the host's CR0/CR3/CR4/EFER at FF28h-FF40h."""
     svm = machine.svm
     if not svm.guest_mode:
         return {}
