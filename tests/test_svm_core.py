@@ -8,7 +8,7 @@ from ringminus import Machine, StopReason
 from ringminus.svm.cpuid import SVM, MODELS, cpuid_table
 from ringminus.intercepts.profiles import PROFILES
 
-from .l1 import CPUID, HLT, GuestHypervisor, asm
+from .l1 import CPUID, HLT, L2_CODE, GuestHypervisor, asm
 
 CODE = 0x100000
 EFER = 0xC000_0080
@@ -138,3 +138,16 @@ def test_rdtsc_in_l2_reads_the_virtual_tsc_plus_the_vmcbs_tsc_offset():
     assert result.stop.reason is StopReason.HLT
     assert hv.exits(machine)[-1].rbx == before + machine.tsc.STEP + offset     # L2's read, in RBX
     assert machine.tsc.offset == 0                                      # L1 reads the plain TSC
+
+
+def test_booting_again_leaves_guest_mode():
+    hv = GuestHypervisor("cpuid\nhlt", intercepts=(CPUID, HLT), handlers={CPUID: "jmp advance"})
+    machine = hv.build()
+    machine.break_at(L2_CODE)
+    assert machine.run(timeout=30).stop.reason is StopReason.BREAKPOINT
+    assert machine.svm.guest_mode and machine.guest is not None        # stopped inside L2
+    machine.write_memory(CODE, asm("cpuid\nhlt", 64, CODE))
+    machine.boot("long", CODE)
+    assert not machine.svm.guest_mode and machine.guest is None and machine.gif
+    result = machine.run(timeout=30)
+    assert result.stop.reason is StopReason.HLT and result.stats["vmexits"] == 0   # CPUID ran natively

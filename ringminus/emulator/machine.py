@@ -200,6 +200,7 @@ class Machine:
     # -- setting up ------------------------------------------------------------------------
     def boot(self, state: boot_states.BootState | str, entry: int = 0, cpl: int = 0) -> None:
         """Put the CPU in a boot state (boot.py) with the guest entered at ``entry``."""
+        self._reset_svm()
         boot_states.boot(self, boot_states.BootState(state), entry, cpl)
         self._trap, self.halted = None, False
 
@@ -306,11 +307,17 @@ class Machine:
         self.interrupts.add(vector)
         self._arm_interrupt_window()
 
-    def _process_init(self) -> None:
-        self.smm.latched_init = False
-        if self.svm.guest_mode:               # INIT leaves guest mode (KVM: kvm_vcpu_reset)
+    def _reset_svm(self) -> None:
+        """As INIT leaves SVM (KVM's kvm_vcpu_reset): out of guest mode, GIF = 1; the SVM MSRs
+        keep their values."""
+        if self.svm.guest_mode:
             self.leave_guest()
         self.svm = SvmState(hsave_pa=self.svm.hsave_pa, vm_cr=self.svm.vm_cr)
+        self.tsc.offset = 0
+
+    def _process_init(self) -> None:
+        self.smm.latched_init = False
+        self._reset_svm()
         boot_states.boot_bios(self)
         self.halted = False
         self.events.append({"kind": "init", "instructions": self.instructions_if_exact})
