@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import json
 import os
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -448,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     except UnicornLayoutError as e:
         print(f"ringminus: {e}", file=sys.stderr)
         return USAGE_ERROR_STATUS
+    except BrokenPipeError:
+        # The reader went away (``| head``): end quietly, with the status a shell gives a
+        # process SIGPIPE ends, and keep the interpreter from failing to flush stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

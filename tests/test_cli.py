@@ -1,5 +1,6 @@
 """The command line: JSON schema, exit statuses, options, and one-line usage errors."""
 import json
+import signal
 import struct
 import subprocess
 import sys
@@ -173,3 +174,14 @@ def test_console_script_runs_as_a_module():
     done = subprocess.run([sys.executable, "-m", "ringminus", "run", str(EXAMPLES / "hello.bin"), "--json"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and json.loads(done.stdout)["console"] == "Hello from ringminus!\n"
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly():
+    """``ringminus harness … | head -1``: no traceback, the status of a process SIGPIPE ends."""
+    vectors = Path(__file__).parent / "vectors"
+    process = subprocess.Popen([sys.executable, "-m", "ringminus", "harness", str(vectors)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.readline()
+    process.stdout.close()
+    status = process.wait(timeout=120)
+    assert status == 128 + signal.SIGPIPE and process.stderr.read() == b""
