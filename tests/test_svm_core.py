@@ -6,6 +6,8 @@ import pytest
 
 from ringminus import Machine, StopReason
 from ringminus.svm.cpuid import SVM, MODELS, cpuid_table
+from ringminus.emulator.boot import TSS_BASE
+from ringminus.intercepts.controls import EXCEPTION_BASE
 from ringminus.intercepts.profiles import PROFILES
 
 from .l1 import CPUID, HLT, L2_CODE, GuestHypervisor, asm
@@ -151,3 +153,22 @@ def test_booting_again_leaves_guest_mode():
     assert not machine.svm.guest_mode and machine.guest is None and machine.gif
     result = machine.run(timeout=30)
     assert result.stop.reason is StopReason.HLT and result.stats["vmexits"] == 0   # CPUID ran natively
+
+
+def test_an_out_the_io_bitmap_refuses_at_cpl3_exits_on_gp_and_l1_resumes():
+    """L2 at CPL 3 whose OUT to the exit device (a port ringminus performs itself) the TSS's
+    I/O bitmap refuses: #GP(0) before any IOIO intercept (§A.5), intercepted, and L1 — not
+    the OUT, not the rest of L2's code — runs after the #VMEXIT."""
+    hv = GuestHypervisor("mov al, 0x41\nout 0xf4, al\nmov rbx, 0x5a\nhlt",
+                         intercepts=(HLT, EXCEPTION_BASE + 13))
+    cs, ss = hv.save["cs"], hv.save["ss"]
+    cs["selector"], cs["attrib"] = 0x33, 0xAFB          # 64-bit code, DPL 3
+    ss["selector"], ss["attrib"] = 0x23, 0xCF3          # data, DPL 3
+    hv.save["cpl"] = 3
+    machine = hv.build()
+    machine.memory.load(TSS_BASE + 0x68 + 0xF4 // 8, b"\x10")        # port 0xF4 refused
+    result = machine.run(timeout=30)
+    exits = hv.exits(machine)
+    assert [e.exitcode for e in exits] == [EXCEPTION_BASE + 13]
+    assert exits[0].exitinfo1 == 0 and exits[0].rip == L2_CODE + 2 and exits[0].rbx != 0x5A
+    assert result.stop.reason is StopReason.HLT                        # not the exit device

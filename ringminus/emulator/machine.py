@@ -429,7 +429,9 @@ class Machine:
         instruction, or (on_exit="skip") by going on after it.  True when the run must stop."""
         if self.guest.on_exit == "l1":
             try:
-                svm_world.vmexit(self, exit_, guest_state)
+                # RIP through the API: inside a hook (an OUT's #GP intercepted, say) Unicorn
+                # must leave the block it was running for L2.
+                self.cpu.rip = svm_world.vmexit(self, exit_, guest_state)
             except svm_world.VmcbMemoryError as missing:
                 self.request_stop(StopReason.MEMORY, detail=f"#VMEXIT: {missing}")
             return self._stop is not None
@@ -532,12 +534,7 @@ class Machine:
 
     def _vmexit_in_hook(self, exit_: VmExit, state: ArchState) -> None:
         """The #VMEXIT to a guest hypervisor inside L2's code hook, without ending the slice."""
-        try:
-            rip = svm_world.vmexit(self, exit_, state)
-        except svm_world.VmcbMemoryError as missing:
-            self.request_stop(StopReason.MEMORY, detail=f"#VMEXIT: {missing}")
-        else:
-            self.cpu.rip = rip                  # through the API: Unicorn leaves the block
+        self._take_exit(exit_, state)
         self._continue_in_hook()
 
     def _vmrun_in_hook(self) -> bool:
