@@ -8,6 +8,7 @@ import struct
 
 import numpy as np
 
+U1, U2, U4, U8 = "u1", "<u2", "<u4", "<u8"                                # little-endian field formats
 STRUCT_CODES = {"u1": "B", "u2": "H", "u4": "I", "u8": "Q", "i8": "q"}     # numpy kind+size -> struct
 
 

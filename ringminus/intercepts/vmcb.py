@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..binlayout import field_span, structured, verify as verify_layout
+from ..binlayout import U1, U2, U4, U8, field_span, structured, verify as verify_layout
 from ..emulator.cpu import (CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_DEFINED, CR4_PAE, EFER_DEFINED, EFER_LMA,
                             EFER_LME, EFER_SVME)
 from ..emulator.descriptors import Segment
@@ -137,8 +137,6 @@ class EventInfo:
 
 
 # --- record types -----------------------------------------------------------------------------
-
-U1, U2, U4, U8 = "u1", "<u2", "<u4", "<u8"
 
 # Segment record, 16 bytes (Linux struct vmcb_seg); GDTR and IDTR use only limit and base.
 VMCB_SEGMENT = np.dtype({"names": ["selector", "attrib", "limit", "base"],

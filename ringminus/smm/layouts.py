@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..binlayout import structured, verify
+from ..binlayout import U1, U2, U4, U8, structured, verify
 
 # --- constants (semantics.md §C.1, §F.14) ---------------------------------------------------
 
@@ -48,8 +48,6 @@ SEGMENT_64 = np.dtype({"names": ["selector", "attributes", "limit", "base"],
 SEGMENT_CACHE_32 = np.dtype({"names": ["flags", "limit", "base"],
                              "formats": ["<u4", "<u4", "<u4"],
                              "offsets": [0, 4, 8], "itemsize": 12})
-
-U1, U2, U4, U8 = "u1", "<u2", "<u4", "<u8"
 
 
 def _map(rows: list[tuple[str, object, int]]) -> np.dtype:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from ..emulator.cpu import (CR0_CD, CR0_EM, CR0_NW, CR0_PE, CR0_PG, CR0_TS, CR4_DEFINED, CR4_PAE,  # noqa: F401
                             EFER_DEFINED, EFER_LMA, EFER_LME, MAX_PHYSICAL_BITS, RFLAGS_VM,   # (CONTROL_CHECKS)
                             STATE_NAMES, ArchState, At)
+from ..binlayout import STRUCT_CODES
 from ..emulator.ucinternals import HF2_NMI_MASK, HF_CPL_MASK, HF_INHIBIT_IRQ
 from ..emulator.descriptors import FLAG_DB, FLAG_L
 from ..emulator.memory import UnbackedMemory
@@ -82,7 +83,6 @@ ATTRIBUTES = {
 NARROW_IN_QEMU_64 = ("cr0", "cr4", "dr6", "dr7", "rflags")
 SIXTEEN_BIT_REGISTERS = [STATE_NAMES.index(f"{seg}.selector") for seg in SEGMENT_RECORDS] + \
                         [STATE_NAMES.index(f"{table}.limit") for table in ("gdtr", "idtr")]
-_STRUCT = {"u1": "B", "<u2": "H", "<u4": "I", "<u8": "Q"}
 
 
 class MapCodec:
@@ -97,7 +97,7 @@ class MapCodec:
         fields = []
         for name, (dtype, offset, *_) in layout.fields.items():
             members = dtype.fields.items() if dtype.fields else [(None, (dtype, 0))]
-            fields += [(offset + sub_offset, f"{name}.{member}" if member else name, _STRUCT[sub.str.replace("|", "")])
+            fields += [(offset + sub_offset, f"{name}.{member}" if member else name, STRUCT_CODES[sub.str[1:]])
                        for member, (sub, sub_offset, *_) in members]
         fields.sort()
         fmt, at = "<", 0
