@@ -532,11 +532,6 @@ class Machine:
         self._trap_and_stop(_Trap("invalid"))
         return True
 
-    def _vmexit_in_hook(self, exit_: VmExit, state: ArchState) -> None:
-        """The #VMEXIT to a guest hypervisor inside L2's code hook, without ending the slice."""
-        self._take_exit(exit_, state)
-        self._continue_in_hook()
-
     def _vmrun_in_hook(self) -> bool:
         """VMRUN from L1 inside the #UD hook: see ``_vmrun_now``."""
         state = self.cpu.capture()
@@ -661,7 +656,8 @@ class Machine:
                 self._take_exit(outcome)          # moves RIP past it; Unicorn honours the write
             elif self.guest.on_exit == "l1" and self._switch_in_hooks:
                 current = self.cpu.version == version             # the hook's context copy
-                self._vmexit_in_hook(outcome, self.cpu.capture(context_is_current=current))
+                self._take_exit(outcome, self.cpu.capture(context_is_current=current))   # #VMEXIT, here
+                self._continue_in_hook()
             else:
                 self._trap_and_stop(_Trap("vmexit", outcome=outcome))
             return True
