@@ -106,14 +106,18 @@ class PhysicalMemory:
         start, end = max(base, 0), min(base + size, self.ram_size)
         if start < end:
             self.uc.mem_unmap(start, end - start)
-            self._ram_shows[start // PAGE:-(-end // PAGE)] = bytes(-(-end // PAGE) - start // PAGE)
+            self._set_ram_shows(start, end, False)
 
     def map_ram(self, base: int, size: int) -> None:
         """Map the RAM in [base, base + size) (after ``unmap_ram``) as a region of its own."""
         start, end = max(base, 0), min(base + size, self.ram_size)
         if start < end:
             self._map(start, self.ram[start:end], RW)
-            self._ram_shows[start // PAGE:-(-end // PAGE)] = b"\1" * (-(-end // PAGE) - start // PAGE)
+            self._set_ram_shows(start, end, True)
+
+    def _set_ram_shows(self, start: int, end: int, shows: bool) -> None:
+        first, last = start // PAGE, -(-end // PAGE)
+        self._ram_shows[first:last] = bytes([shows]) * (last - first)
 
     # -- Python-side physical access (what the CPU would see right now) --------------------
     def _reveal_hidden(self, address: int, size: int) -> None:
@@ -130,8 +134,8 @@ class PhysicalMemory:
 
     def read_fast(self, address: int, size: int) -> bytes | None:
         """``read`` for hot paths: None instead of an exception where nothing is mapped."""
-        if 0 <= address and size > 0 and self._ram_shows.find(0, address // PAGE, (address + size - 1) // PAGE + 1) < 0 \
-                and address + size <= len(self.ram):
+        if 0 <= address and 0 < size and address + size <= len(self.ram) \
+                and self._ram_shows.find(0, address // PAGE, (address + size - 1) // PAGE + 1) < 0:
             return self.ram[address:address + size].tobytes()
         if self.hidden:
             self._reveal_hidden(address, size)
