@@ -5,26 +5,43 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import os
 import signal
 import sys
+import threading
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 from .emulator import BootState, ImageError, Machine, RunResult, parse_elf, parse_flat
 from .emulator.boot import CPU_SIGNATURE, DEFAULT_LOAD, SYSTEM_AREA, overlaps_system_area
-from .emulator.cpu import REGISTER_NAMES
+from .emulator.cpu import CONTROL, GPRS, REGISTER_NAMES, SEGMENT_REGISTERS
 from .emulator.loader import is_elf
-from .emulator.result import USAGE_ERROR_STATUS
+from .emulator.result import EXIT_STATUS, USAGE_ERROR_STATUS, StopReason
 from .emulator.ucinternals import UnicornLayoutError
 from .harness import VIAS, VectorError, collect, run_vector
 from .hypercalls import HypercallAction, HypercallFilterError, HypercallHandlerError
-from .intercepts.controls import InterceptControls
+from .intercepts.controls import LAST_INTERCEPT_BIT, InterceptControls, msrpm_bit
 from .intercepts.exitcodes import ExitCode, parse_exit
 from .intercepts.profiles import DEFAULT_PROFILE, PROFILES
+from .sigint import calling_on_sigint
 
 SIZE_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+ADDRESS_LIMIT = 1 << 64
+# ``--set``: how many bits each register name holds (narrow names are part of a wider one).
+# A value that does not fit is an error, never truncated.
+REGISTER_BITS = {
+    **dict.fromkeys((*GPRS, "rip", "rflags", *CONTROL, "cr8", "dr0", "dr1", "dr2", "dr3", "dr6", "dr7",
+                     "fs_base", "gs_base", "efer"), 64),
+    **dict.fromkeys(("eip", "eflags", "eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp",
+                     *(f"r{n}d" for n in range(8, 16))), 32),
+    **dict.fromkeys(("ip", "ax", "bx", "cx", "dx", "si", "di", "bp", "sp", *SEGMENT_REGISTERS,
+                     *(f"r{n}w" for n in range(8, 16))), 16),
+    **dict.fromkeys(("al", "bl", "cl", "dl", "ah", "bh", "ch", "dh", *(f"r{n}b" for n in range(8, 16))), 8),
+}
+assert REGISTER_BITS.keys() == REGISTER_NAMES, "a register --set accepts has no width here"
 
 
 class UsageError(Exception):
@@ -33,9 +50,47 @@ class UsageError(Exception):
 
 def parse_number(text: str) -> int:
     try:
-        return int(text, 0)
+        value = int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r} (use decimal or 0x hex)") from None
+    # Nothing a user gives ringminus is wider than 64 bits; a number too wide to print in
+    # decimal (Python's 4300-digit limit) would break the message that says it is too large.
+    if abs(value).bit_length() > 128:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}… is far too large a number")
+    return value
+
+
+def parse_bounded(text: str, low: int, high: int, what: str) -> int:
+    """A number in low..high; out of range says so in words."""
+    value = parse_number(text)
+    if value < low:
+        problem = "is negative" if value < 0 else f"is below {low:#x}"
+        raise argparse.ArgumentTypeError(f"{text!r} {problem}; {what} is {low:#x}..{high:#x}")
+    if value > high:
+        raise argparse.ArgumentTypeError(f"{text!r} is too large; {what} is {low:#x}..{high:#x}")
+    return value
+
+
+def parse_address(text: str) -> int:
+    return parse_bounded(text, 0, ADDRESS_LIMIT - 1, "an address")
+
+
+def parse_count(text: str) -> int:
+    """A number of instructions: 0 or more (Unicorn counts in 64 bits)."""
+    return parse_bounded(text, 0, (1 << 63) - 1, "a count")
+
+
+def parse_timeout(text: str) -> float:
+    """Seconds of wall time: finite, positive, and no longer than a thread can wait."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, not {text!r}")
+    if seconds > threading.TIMEOUT_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is too long; at most {threading.TIMEOUT_MAX:.0f} seconds")
+    return seconds
 
 
 def parse_irq(text: str) -> tuple[int, int]:
@@ -43,10 +98,7 @@ def parse_irq(text: str) -> tuple[int, int]:
     index, sep, vector = text.partition(":")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected N:VECTOR, got {text!r}")
-    index, vector = parse_number(index), parse_number(vector)
-    if index < 0 or not 0 <= vector <= 0xFF:
-        raise argparse.ArgumentTypeError(f"expected N >= 0 and a vector 0-255, got {text!r}")
-    return index, vector
+    return parse_count(index), parse_bounded(vector, 0, 0xFF, "a vector")
 
 
 def parse_size(text: str) -> int:
@@ -61,18 +113,37 @@ def parse_size(text: str) -> int:
     return value
 
 
+def host_memory() -> int:
+    """Bytes of physical memory the host has (0 when it does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def parse_memory_size(text: str) -> int:
+    """Guest RAM: a size the host can back.  RAM is allocated untouched, so the rule is the
+    host's physical memory, not what is free at the moment (prepare() still turns a failed
+    allocation into a usage error)."""
+    value = parse_size(text)
+    limit = host_memory()
+    if limit and value > limit:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than this host's {limit >> 20} MiB of memory")
+    return value
+
+
 def parse_blob(text: str) -> tuple[str, int]:
     path, at, address = text.rpartition("@")
     if not at or not path:
         raise argparse.ArgumentTypeError(f"--blob takes FILE@ADDR, not {text!r}")
-    return path, parse_number(address)
+    return path, parse_address(address)
 
 
 def parse_range(text: str) -> tuple[int, int]:
     base, colon, size = text.partition(":")
     if not colon:
         raise argparse.ArgumentTypeError(f"expected BASE:SIZE, not {text!r}")
-    return parse_number(base), parse_size(size)
+    return parse_address(base), parse_size(size)
 
 
 def parse_dump(text: str) -> tuple[int, int]:
@@ -82,7 +153,10 @@ def parse_dump(text: str) -> tuple[int, int]:
     count = parse_number(length)
     if not 0 < count <= 1 << 20:
         raise argparse.ArgumentTypeError(f"--dump length must be 1..1M, not {length!r}")
-    return parse_number(address), count
+    start = parse_address(address)
+    if start + count > ADDRESS_LIMIT:
+        raise argparse.ArgumentTypeError(f"--dump {text!r} runs past the end of the address space")
+    return start, count
 
 
 def parse_assignment(text: str) -> tuple[str, int]:
@@ -90,7 +164,11 @@ def parse_assignment(text: str) -> tuple[str, int]:
     name = name.strip().lower()
     if not eq or name not in REGISTER_NAMES:
         raise argparse.ArgumentTypeError(f"--set takes REG=VALUE with a known register, not {text!r}")
-    return name, parse_number(value)
+    bits, number = REGISTER_BITS[name], parse_number(value)
+    if not 0 <= number < 1 << bits:
+        problem = "is negative" if number < 0 else f"is not {bits} bits wide"
+        raise argparse.ArgumentTypeError(f"{text}: {value.strip()} {problem}; {name} holds 0..{(1 << bits) - 1:#x}")
+    return name, number
 
 
 def parse_exit_names(text: str) -> list[int]:
@@ -98,14 +176,21 @@ def parse_exit_names(text: str) -> list[int]:
     if text.strip().lower() == "all":
         return ["all"]
     try:
-        return [parse_exit(name) for name in text.split(",") if name.strip()]
+        codes = [parse_exit(name) for name in text.split(",") if name.strip()]
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    for code in codes:
+        if not 0 <= code <= LAST_INTERCEPT_BIT:
+            raise argparse.ArgumentTypeError(f"exit {code.name.lower()} ({int(code):#x}) has no intercept bit "
+                                             f"(bit number = exit code, 0x0-{LAST_INTERCEPT_BIT:#x})")
+    if not codes:
+        raise argparse.ArgumentTypeError(f"no exit names in {text!r}")
+    return codes
 
 
 def parse_vectors(text: str) -> list[int]:
     vectors = [parse_number(v) for v in text.split(",") if v.strip()]
-    if any(not 0 <= v <= 31 for v in vectors):
+    if not vectors or any(not 0 <= v <= 31 for v in vectors):
         raise argparse.ArgumentTypeError(f"exception vectors are 0-31, not {text!r}")
     return vectors
 
@@ -129,7 +214,11 @@ def parse_msr_permissions(text: str) -> list[tuple[int, bool, bool]]:
         access = access.strip().lower()
         if not colon or access not in ("r", "w", "rw"):
             raise argparse.ArgumentTypeError(f"--msrpm takes MSR:r|w|rw, not {item!r}")
-        out.append((parse_number(msr), "r" in access, "w" in access))
+        number = parse_bounded(msr, 0, 0xFFFF_FFFF, "an MSR number")
+        if msrpm_bit(number, False) is None:
+            raise argparse.ArgumentTypeError(f"MSR {number:#x} is outside the MSRPM ranges (0-0x1fff, "
+                                             "0xc0000000-0xc0001fff, 0xc0010000-0xc0011fff): always intercepted")
+        out.append((number, "r" in access, "w" in access))
     return out
 
 
@@ -199,7 +288,8 @@ def load_handler(module_name: str, function: str) -> Callable:
 
 
 def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
+    """The message on one printable line (a path or name may hold a newline or a NUL)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(str(error).split()))
 
 
 class Parser(argparse.ArgumentParser):
@@ -214,9 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("image", help="flat binary or ELF32/ELF64 file")
     run.add_argument("--boot", choices=[s.value for s in BootState], default="real",
                      help="initial CPU state (default real)")
-    run.add_argument("--load", type=parse_number, metavar="ADDR",
+    run.add_argument("--load", type=parse_address, metavar="ADDR",
                      help="load address of a flat image (default 0x7c00 real, 0x100000 protected/long)")
-    run.add_argument("--mem", type=parse_size, default="64M", metavar="SIZE", help="guest RAM (default 64M)")
+    run.add_argument("--mem", type=parse_memory_size, default="64M", metavar="SIZE", help="guest RAM (default 64M)")
     run.add_argument("--cpl", type=int, choices=(0, 3), default=0, help="privilege level to enter the guest at")
     run.add_argument("--blob", type=parse_blob, action="append", default=[], metavar="FILE@ADDR",
                      help="place another file in guest RAM (repeatable)")
@@ -224,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="set a register before the run (repeatable)")
     run.add_argument("--debugcon-port", type=parse_port, default=0xE9, metavar="PORT",
                      help="port of the debug console (default 0xe9)")
-    run.add_argument("--max-insns", type=parse_number, metavar="N", help="stop after N instructions (reason limit)")
-    run.add_argument("--timeout", type=float, metavar="SECONDS", help="stop after SECONDS of wall time")
+    run.add_argument("--max-insns", type=parse_count, metavar="N", help="stop after N instructions (reason limit)")
+    run.add_argument("--timeout", type=parse_timeout, metavar="SECONDS", help="stop after SECONDS of wall time")
     run.add_argument("--cpu", choices=sorted(CPU_SIGNATURE), default="qemu64",
                      help="CPU model: qemu64 (long mode, 64-bit SMM map) or qemu32 (32-bit map)")
     run.add_argument("--chipset", choices=("q35", "pc"), default="q35",
@@ -236,10 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="set the SMRAM control as firmware would (default: as at reset)")
     run.add_argument("--smram-load", type=parse_blob, action="append", default=[], metavar="FILE@ADDR",
                      help="place a file straight into SMRAM (the address must lie in an SMRAM range)")
-    run.add_argument("--smbase", type=parse_number, metavar="ADDR", help="initial SMBASE (default 0x30000)")
-    run.add_argument("--smi-at", type=parse_number, action="append", default=[], metavar="N",
+    run.add_argument("--smbase", type=parse_address, metavar="ADDR", help="initial SMBASE (default 0x30000)")
+    run.add_argument("--smi-at", type=parse_count, action="append", default=[], metavar="N",
                      help="raise an SMI after exactly N retired instructions (repeatable)")
-    run.add_argument("--nmi-at", type=parse_number, action="append", default=[], metavar="N",
+    run.add_argument("--nmi-at", type=parse_count, action="append", default=[], metavar="N",
                      help="raise an NMI after exactly N retired instructions (repeatable)")
     run.add_argument("--irq-at", type=parse_irq, action="append", default=[], metavar="N:VECTOR",
                      help="raise an external interrupt (INTR) with VECTOR after exactly N retired "
@@ -278,14 +368,68 @@ def build_parser() -> argparse.ArgumentParser:
                               "in-guest hypervisor that VMRUNs each vector (guest), or both, failing "
                               "every vector where the two disagree")
     run.add_argument("--trace", action="store_true", help="print every executed instruction to stderr")
+    # Listed for --help only: main() hands ``fuzz …`` to the fuzz runner before parsing.
+    commands.add_parser("fuzz", add_help=False,
+                        help="run the self-fuzzing campaigns: fuzz CAMPAIGN|all [--seed S] [--runs N] "
+                             "[--seconds T] [--replay S] (see ringminus fuzz --help)")
     return parser
 
 
 def read_file(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:          # ValueError: a NUL in the path
+        raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+@contextmanager
+def blaming(option: str):
+    """A ValueError (or ImageError) from the machine while it takes ``option`` is a usage
+    error that names the option; so is running the host out of memory (a huge ELF .bss)."""
+    try:
+        yield
+    except (ImageError, ValueError) as e:
+        raise UsageError(f"{option}: {one_line(e)}") from None
+    except MemoryError:
+        raise UsageError(f"{option}: the host ran out of memory") from None
+
+
+# The highest entry point each boot state can start at (boot.py's frames and CS:IP).
+ENTRY_LIMIT = {BootState.REAL: 0xF_FFFF, BootState.PROTECTED: 0xFFFF_FFFF, BootState.LONG: (1 << 64) - 1}
+
+
+def load_plan(args: argparse.Namespace, state: BootState, data: bytes):
+    """The image as it will be placed (None for a -bios ROM), checked before any machine exists."""
+    if not data:
+        raise UsageError(f"{args.image}: the image is empty")
+    if state is BootState.BIOS:
+        if args.load is not None or is_elf(data):
+            raise UsageError("--boot bios takes a raw ROM image and no --load")
+        return None
+    if is_elf(data):
+        if args.load is not None:
+            raise UsageError(f"--load applies to flat images; {args.image} is an ELF file, "
+                             "loaded where its program headers say")
+        with blaming(args.image):
+            image = parse_elf(data)
+    else:
+        image = parse_flat(data, DEFAULT_LOAD[state] if args.load is None else args.load)
+    if state is not BootState.REAL:
+        clash = [s for s in image.segments if overlaps_system_area(s.address, s.address + s.memory_size)]
+        if clash:
+            raise UsageError(f"image at {clash[0].address:#x} overlaps the machine's system tables "
+                             f"({SYSTEM_AREA.start:#x}-{SYSTEM_AREA.stop - 1:#x})")
+    return image
+
+
+def new_machine(args: argparse.Namespace) -> Machine:
+    try:
+        return Machine(memory_size=args.mem, debugcon_port=args.debugcon_port, cpu_model=args.cpu,
+                       chipset=args.chipset, profile=args.profile, apm_smi=args.apm_smi)
+    except MemoryError:
+        raise UsageError(f"--mem: this host cannot give the guest {args.mem >> 20} MiB of RAM now") from None
+    except ValueError as e:             # the options' values are checked: a port two devices claim
+        raise UsageError(f"--debugcon-port {args.debugcon_port:#x}: {one_line(e)}") from None
 
 
 def prepare(args: argparse.Namespace) -> Machine:
@@ -293,56 +437,58 @@ def prepare(args: argparse.Namespace) -> Machine:
     intercepting = args.intercept or args.intercept_exception or args.iopm or args.msrpm
     if intercepting and not args.guest:
         raise UsageError("--intercept, --intercept-exception, --iopm and --msrpm need --guest")
-    data = read_file(args.image)
-    if args.max_insns is not None and args.max_insns < 0:
-        raise UsageError("--max-insns must not be negative")
-    if args.timeout is not None and args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
-    try:
-        machine = Machine(memory_size=args.mem, debugcon_port=args.debugcon_port, cpu_model=args.cpu,
-                          chipset=args.chipset, profile=args.profile, apm_smi=args.apm_smi)
-        if state is BootState.LONG and not machine.long_mode_capable:
-            raise UsageError(f"--cpu {args.cpu} has no long mode")
-        for base, size in args.smram:
+    image = load_plan(args, state, data := read_file(args.image))
+    blobs = [(f"--blob {path}@{address:#x}", address, read_file(path)) for path, address in args.blob]
+    for option, address, blob in blobs:
+        if state not in (BootState.REAL, BootState.BIOS) and overlaps_system_area(address, address + len(blob)):
+            raise UsageError(f"{option} overlaps the machine's system tables "
+                             f"({SYSTEM_AREA.start:#x}-{SYSTEM_AREA.stop - 1:#x}), which the boot writes")
+    smram_loads = [(f"--smram-load {path}@{address:#x}", address, read_file(path)) for path, address in args.smram_load]
+    machine = new_machine(args)
+    if state is BootState.LONG and not machine.long_mode_capable:
+        raise UsageError(f"--cpu {args.cpu} has no long mode")
+    for base, size in args.smram:
+        with blaming(f"--smram {base:#x}:{size:#x}"):
             machine.smram.add_range(base, size)
-        if args.smram_state:
+    if args.smram_state:
+        with blaming(f"--smram-state {args.smram_state}"):
             machine.smram.set_state(args.smram_state)
-        for path, address in args.smram_load:
-            machine.load_smram(address, read_file(path))
-        if args.smbase is not None:
+    for option, address, blob in smram_loads:
+        with blaming(option):
+            machine.load_smram(address, blob)
+    if args.smbase is not None:
+        with blaming(f"--smbase {args.smbase:#x}"):
             machine.set_smbase(args.smbase)
-        for index in args.smi_at:
-            machine.at_instruction(index, Machine.raise_smi)
-        for index in args.nmi_at:
-            machine.at_instruction(index, Machine.raise_nmi)
-        for index, vector in args.irq_at:
-            machine.at_instruction(index, lambda m, vector=vector: m.raise_intr(vector))
-        entry = 0
-        if state is BootState.BIOS:
-            if args.load is not None or is_elf(data):
-                raise UsageError("--boot bios takes a raw ROM image and no --load")
+    for index in args.smi_at:
+        machine.at_instruction(index, Machine.raise_smi)
+    for index in args.nmi_at:
+        machine.at_instruction(index, Machine.raise_nmi)
+    for index, vector in args.irq_at:
+        machine.at_instruction(index, lambda m, vector=vector: m.raise_intr(vector))
+    entry = 0
+    with blaming(args.image):
+        if image is None:
             machine.load_bios(data)
         else:
-            image = parse_elf(data) if is_elf(data) else parse_flat(data, DEFAULT_LOAD[state] if args.load is None else args.load)
-            clash = [s for s in image.segments if overlaps_system_area(s.address, s.address + s.memory_size)]
-            if state is not BootState.REAL and clash:
-                raise UsageError(f"image at {clash[0].address:#x} overlaps the machine's system tables "
-                                 f"({SYSTEM_AREA.start:#x}-{SYSTEM_AREA.stop - 1:#x})")
             entry = machine.load_image(image)
-        for path, address in args.blob:
-            machine.write_memory(address, read_file(path))
+    if image is not None and entry > ENTRY_LIMIT[state]:
+        raise UsageError(f"{args.image}: entry point {entry:#x} is out of reach of --boot {state.value}")
+    for option, address, blob in blobs:
+        with blaming(option):
+            machine.write_memory(address, blob)
+    with blaming(f"--boot {state.value} --cpl {args.cpl}"):
         machine.boot(state, entry, args.cpl)
-        for name, value in args.set:
+    for name, value in args.set:
+        with blaming(f"--set {name}={value:#x}"):
             machine[name] = value
-        if args.guest:
+    if args.guest:
+        with blaming("--guest"):
             machine.enter_guest(intercept_controls(args), args.profile, args.on_exit)
-        for rule in args.hypercall:
-            try:
-                machine.hypercalls.add(rule.base, rule.count, rule.action)
-            except HypercallFilterError as e:
-                raise UsageError(f"--hypercall {rule.text}: {e} ({e.errno_name})") from None
-    except (ImageError, ValueError) as e:
-        raise UsageError(str(e)) from None
+    for rule in args.hypercall:
+        try:
+            machine.hypercalls.add(rule.base, rule.count, rule.action)
+        except HypercallFilterError as e:
+            raise UsageError(f"--hypercall {rule.text}: {e} ({e.errno_name})") from None
     if args.hypercall_handler:
         machine.hypercalls.handler = load_handler(*args.hypercall_handler)
     return machine
@@ -404,8 +550,9 @@ def summary(result: RunResult) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     machine = prepare(args)
     try:
-        result = machine.run(max_instructions=args.max_insns, timeout=args.timeout,
-                             trace=sys.stderr if args.trace else None)
+        with calling_on_sigint(machine.interrupt):       # Ctrl-C: stop reason "interrupted"
+            result = machine.run(max_instructions=args.max_insns, timeout=args.timeout,
+                                 trace=sys.stderr if args.trace else None)
     except HypercallHandlerError as e:
         raise UsageError(one_line(e)) from None
     if args.json:
@@ -420,9 +567,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_harness(args: argparse.Namespace) -> int:
+    interrupted = threading.Event()
+
+    def interrupt() -> None:
+        interrupted.set()
+        Machine.interrupt_all()
+
     try:
         vectors = collect(args.paths)
-        results = [run_vector(v, args.profile, args.via) for v in vectors]
+        results = []
+        with calling_on_sigint(interrupt):      # Ctrl-C: report the vectors finished so far
+            for vector in vectors:
+                result = run_vector(vector, args.profile, args.via)
+                if interrupted.is_set():        # this vector's runs were cut short
+                    break
+                results.append(result)
+                if not args.json:               # a line as each vector ends (a CI log shows progress)
+                    print(result.line(), flush=True)
     except VectorError as e:
         raise UsageError(str(e)) from None
     passed = sum(r.status == "PASS" for r in results)
@@ -431,23 +592,31 @@ def cmd_harness(args: argparse.Namespace) -> int:
     summary_line = f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else "")
     if args.json:
         print(json.dumps({"via": args.via, "results": [r.as_dict() for r in results], "passed": passed,
-                          "failed": failed, "skipped": skipped}))
+                          "failed": failed, "skipped": skipped, "interrupted": interrupted.is_set()}))
     else:
-        for r in results:
-            print(r.line())
+        if interrupted.is_set():
+            print(f"interrupted after {len(results)} of {len(vectors)} vectors")
         print(summary_line)
+    if interrupted.is_set():
+        return EXIT_STATUS[StopReason.INTERRUPTED]
     return 1 if failed else 0
 
 
+def cmd_fuzz(argv: list[str]) -> int:
+    """``ringminus fuzz …``: the fuzz runner parses its own options (ringminus/fuzz/runner.py)."""
+    from .fuzz.runner import main as fuzz_main      # lazily: the campaigns import all of ringminus
+    return fuzz_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["fuzz"]:
+            return cmd_fuzz(argv[1:])
         args = build_parser().parse_args(argv)
         return cmd_harness(args) if args.command == "harness" else cmd_run(args)
-    except UsageError as e:
-        print(f"ringminus: {e}", file=sys.stderr)
-        return USAGE_ERROR_STATUS
-    except UnicornLayoutError as e:
-        print(f"ringminus: {e}", file=sys.stderr)
+    except (UsageError, UnicornLayoutError) as e:
+        print(f"ringminus: {one_line(e)}", file=sys.stderr)
         return USAGE_ERROR_STATUS
     except BrokenPipeError:
         # The reader went away (``| head``): end quietly, with the status a shell gives a

@@ -185,6 +185,7 @@ def boot_flat(machine, entry: int, long_mode: bool, cpl: int) -> None:
     mem.load(frame_address, frame)
     mem.load(TRAMPOLINE, _trampoline(long_mode))
     cpu["rsp"] = frame_address
+    machine.uc.ctl_flush_tb()           # code translated by an earlier run must not run in the count
     machine.uc.emu_start(TRAMPOLINE, entry, count=3)
     cpu["rax"] = 0                                      # the trampoline's scratch register
     if cpu.rip != entry or cpu.cpl != cpl:

@@ -75,21 +75,33 @@ def _take_virtual_interrupt(machine: "Machine") -> None:
     machine.deliver(Event(machine.svm.v_intr_vector, EventKind.EXTERNAL, machine.cpu.rip))
 
 
+def _consume_intr(machine: "Machine") -> None:
+    machine.interrupts.discard(max(machine.interrupts))
+
+
+def _consume_virtual_interrupt(machine: "Machine") -> None:
+    machine.svm.int_ctl &= ~V_IRQ
+
+
 class Source(NamedTuple):
     ready: Callable[["Machine"], bool]      # pending and not masked now
     exit_code: int                          # L1's intercept
     take: Callable[["Machine"], None]
+    consume: Callable[["Machine"], None]    # no longer pending: a caller-L1 with on_exit "skip" handled it
     exit_info1: Callable[["Machine"], int] = lambda machine: 0
 
 
 SOURCES = (
-    Source(lambda m: m.smm.latched_init and not m.smm.in_smm, ExitCode.INIT, lambda m: m._process_init()),
+    Source(lambda m: m.smm.latched_init and not m.smm.in_smm, ExitCode.INIT, lambda m: m._process_init(),
+           lambda m: setattr(m.smm, "latched_init", False)),
     Source(lambda m: m.smm.pending and not m.smm.in_smm, ExitCode.SMI, _take_smi,
+           lambda m: setattr(m.smm, "pending", False),
            lambda m: int(m.profile.smi_exitinfo)),              # F.8
-    Source(lambda m: m.nmi_pending and not m.cpu.nmi_blocked, ExitCode.NMI, _take_nmi),
-    Source(lambda m: bool(m.interrupts) and intr_ready(m), ExitCode.INTR, _take_intr),
+    Source(lambda m: m.nmi_pending and not m.cpu.nmi_blocked, ExitCode.NMI, _take_nmi,
+           lambda m: setattr(m, "nmi_pending", False)),
+    Source(lambda m: bool(m.interrupts) and intr_ready(m), ExitCode.INTR, _take_intr, _consume_intr),
     Source(lambda m: bool(m.svm.int_ctl & V_IRQ) and virtual_interrupt_ready(m), ExitCode.VINTR,
-           _take_virtual_interrupt),
+           _take_virtual_interrupt, _consume_virtual_interrupt),
 )
 
 
@@ -101,7 +113,12 @@ def take_pending_event(machine: "Machine") -> bool:
         if source.ready(machine):
             if intercepted(machine, source.exit_code):
                 machine.halted = False
-                machine._take_exit(VmExit(source.exit_code, source.exit_info1(machine), rip=machine.cpu.rip))
+                exit_ = VmExit(source.exit_code, source.exit_info1(machine), rip=machine.cpu.rip)
+                if machine.guest.on_exit == "skip":     # the caller, as L1, handled the event:
+                    source.consume(machine)             # no instruction to skip, RIP stays
+                    machine.record_exit(exit_)
+                else:
+                    machine._take_exit(exit_)
             else:
                 source.take(machine)
             break

@@ -32,6 +32,27 @@ TRANSLATION_CR4_BITS = CR4_PSE | CR4_PAE | CR4_PGE | CR4_LA57 | CR4_PCIDE | CR4_
 # A CR4 write that changes one of these flushes QEMU's TLB itself (cpu_x86_update_cr4).
 CR4_FLUSHES_TLB = CR4_PGE | CR4_PAE | CR4_PSE | CR4_SMEP | CR4_SMAP | CR4_LA57
 
+
+
+def cr_write_refused(reg: int, value: int, cr0: int, cr4: int, efer: int) -> bool:
+    """True where MOV to CR``reg`` of ``value`` raises #GP(0) with the other control registers
+    as given (KVM's kvm_set_cr0/3/4/8 checks): reserved bits, PG without PE, NW without CD,
+    paging turned on with EFER.LME but not CR4.PAE, PAE turned off in long mode."""
+    long_mode = bool(efer & EFER_LMA)
+    if reg == 0:
+        turns_on_paging = value & CR0_PG and not cr0 & CR0_PG
+        return bool(value >> 32 or value & CR0_PG and not value & CR0_PE or value & CR0_NW and not value & CR0_CD
+                    or turns_on_paging and efer & EFER_LME and not cr4 & CR4_PAE
+                    or not value & CR0_PG and cr4 & CR4_PCIDE)
+    if reg == 4:
+        return bool(value & ~CR4_DEFINED or long_mode and not value & CR4_PAE)
+    if reg == 3:
+        return long_mode and bool((value & ~(1 << 63)) >> MAX_PHYSICAL_BITS)    # bit 63: PCID no-flush
+    if reg == 8:
+        return bool(value >> 4)
+    return False
+
+
 RFLAGS_TF = 1 << 8
 RFLAGS_IF = 1 << 9
 RFLAGS_NT = 1 << 14

@@ -16,6 +16,7 @@ from .descriptors import (FLAG_DB, SYS_INT_GATE, SYS_INT_GATE16, SYS_TASK_GATE, 
                           SYS_TRAP_GATE16, TYPE_CODE, TYPE_CONFORMING, TYPE_EXPAND_DOWN,
                           TYPE_WRITABLE, Segment, unpack_descriptor, unpack_gate)
 from .paging import LinearMemory
+from .segmentation import canonical
 from .vectors import CONTRIBUTORY, PUSHES_ERROR_CODE, GuestFault, Vector
 
 
@@ -264,7 +265,9 @@ class Delivery:
         frame = [self.cpu["ss"], self.cpu["rsp"], rflags, self.cpu["cs"], event.return_rip]
         if event.pushes_error_code:
             frame.append(event.error_code or 0)
-        rsp -= 8 * len(frame)
+        rsp = (rsp - 8 * len(frame)) & 0xFFFF_FFFF_FFFF_FFFF           # RSP wraps (QEMU: target_ulong)
+        if not (canonical(rsp) and canonical(rsp + 8 * len(frame) - 1)):
+            raise GuestFault(Vector.SS, ext)      # SDM Vol. 2A INT n: "StackAddress is non-canonical: #SS(EXT)"
         self.mem.write(rsp, b"".join(v.to_bytes(8, "little") for v in reversed(frame)))
         ss = self.cpu.segment("ss") if new_cpl == cpl else Segment(new_cpl, 0, 0, new_cpl << 13)
         self._enter_handler(gate, cs, new_cpl, ss, rsp, rflags, keep_sp_high=False)

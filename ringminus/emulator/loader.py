@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 ELF_MAGIC = b"\x7fELF"
 EM_386, EM_X86_64 = 3, 62
@@ -37,40 +38,74 @@ def parse_flat(data: bytes, address: int) -> Image:
     return Image((Segment(address, data, len(data)),), address)
 
 
+class ElfFormat(NamedTuple):
+    """One ELF class's layout (System V gABI, "ELF Header" and "Program Header")."""
+    bits: int
+    machine: int
+    header: str                      # e_type … e_shstrndx, from offset 16
+    header_size: int                 # the whole ELF header, e_ident included
+    program_header: str
+    fields: tuple[str, ...]          # the program header's fields, in file order
+
+
+ELF_FORMATS = {
+    1: ElfFormat(32, EM_386, "<HHIIIIIHHHHHH", 52, "<IIIIIIII",
+                 ("type", "offset", "vaddr", "paddr", "filesz", "memsz", "flags", "align")),
+    2: ElfFormat(64, EM_X86_64, "<HHIQQQIHHHHHH", 64, "<IIQQQQQQ",
+                 ("type", "flags", "offset", "vaddr", "paddr", "filesz", "memsz", "align")),
+}
+PN_XNUM = 0xFFFF                      # e_phnum escape: the count is in section 0 (not supported)
+
+
 def parse_elf(data: bytes) -> Image:
-    if len(data) < 52 or not is_elf(data):
+    """An ELF32/ELF64 x86 executable's PT_LOAD segments at their physical addresses.  Every
+    offset, size and count is checked against the file and the address space, so a
+    malformed file is an ImageError with the reason, never a struct or overflow error."""
+    if not is_elf(data):
         raise ImageError("not an ELF file")
-    elf_class, endian = data[4], data[5]
-    if elf_class not in (1, 2) or endian != 1:
+    if len(data) < 6 or data[4] not in ELF_FORMATS or data[5] != 1:
         raise ImageError("ELF must be little-endian ELF32 or ELF64")
-    wide = elf_class == 2
-    header = "<HHIQQQIHHHHHH" if wide else "<HHIIIIIHHHHHH"
-    try:
-        (_type, machine, _version, entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum,
-         *_rest) = struct.unpack_from(header, data, 16)
-    except struct.error:
-        raise ImageError("truncated ELF header") from None
-    if machine != (EM_X86_64 if wide else EM_386):
+    elf = ELF_FORMATS[data[4]]
+    if len(data) < elf.header_size:
+        raise ImageError(f"truncated ELF header: {len(data)} bytes, ELF{elf.bits} needs {elf.header_size}")
+    (_type, machine, _version, entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum,
+     *_rest) = struct.unpack_from(elf.header, data, 16)
+    if machine != elf.machine:
         raise ImageError(f"ELF is for another architecture (e_machine {machine}), not x86")
-    segments = []
-    program_header = "<IIQQQQQQ" if wide else "<IIIIIIII"
+    if phnum == PN_XNUM:
+        raise ImageError("ELF uses extended program header numbering (e_phnum 0xffff), which ringminus does not read")
+    needed = struct.calcsize(elf.program_header)
+    if phnum and phentsize < needed:
+        raise ImageError(f"ELF program header entries are {phentsize} bytes; ELF{elf.bits} needs {needed}")
+    if phoff + phnum * phentsize > len(data):
+        raise ImageError(f"ELF program headers ({phnum} at offset {phoff:#x}) extend beyond the "
+                         f"file's {len(data)} bytes")
+    space = 1 << elf.bits
+    segments, loaded = [], []         # loaded: (index, paddr, vaddr, memsz)
     for i in range(phnum):
-        try:
-            fields = struct.unpack_from(program_header, data, phoff + i * phentsize)
-        except struct.error:
-            raise ImageError("truncated ELF program headers") from None
-        if wide:
-            p_type, _flags, offset, _vaddr, paddr, filesz, memsz, _align = fields
-        else:
-            p_type, offset, _vaddr, paddr, filesz, memsz, _flags, _align = fields
-        if p_type != PT_LOAD:
+        h = dict(zip(elf.fields, struct.unpack_from(elf.program_header, data, phoff + i * phentsize)))
+        if h["type"] != PT_LOAD or h["memsz"] == 0:
             continue
-        if offset + filesz > len(data) or filesz > memsz:
-            raise ImageError("ELF segment extends beyond the file")
-        segments.append(Segment(paddr, data[offset:offset + filesz], memsz))
+        if h["offset"] + h["filesz"] > len(data):
+            raise ImageError(f"ELF segment {i} (file bytes {h['offset']:#x}+{h['filesz']:#x}) extends beyond the file")
+        if h["filesz"] > h["memsz"]:
+            raise ImageError(f"ELF segment {i} has more file bytes ({h['filesz']:#x}) than memory ({h['memsz']:#x})")
+        for kind in ("paddr", "vaddr"):
+            if h[kind] + h["memsz"] > space:
+                raise ImageError(f"ELF segment {i} ({kind} {h[kind]:#x}+{h['memsz']:#x}) runs past the end "
+                                 f"of the {elf.bits}-bit address space")
+        loaded.append((i, h["paddr"], h["vaddr"], h["memsz"]))
+        segments.append(Segment(h["paddr"], data[h["offset"]:h["offset"] + h["filesz"]], h["memsz"]))
     if not segments:
         raise ImageError("ELF has no loadable segments")
-    return Image(tuple(segments), entry, 64 if wide else 32)
+    by_address = sorted(loaded, key=lambda s: s[1])
+    for (first, paddr, _, memsz), (second, next_paddr, _, _) in zip(by_address, by_address[1:]):
+        if next_paddr < paddr + memsz:
+            raise ImageError(f"ELF segments {first} and {second} overlap at physical {next_paddr:#x}")
+    # e_entry is virtual; ringminus starts there with identity paging, so either address counts.
+    if not any(base <= entry < base + memsz for _, paddr, vaddr, memsz in loaded for base in (paddr, vaddr)):
+        raise ImageError(f"ELF entry point {entry:#x} lies in no loadable segment")
+    return Image(tuple(segments), entry, elf.bits)
 
 
 def check_bios(data: bytes) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import threading
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, TextIO
@@ -19,16 +21,17 @@ from typing import Callable, TextIO
 import numpy as np
 from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR,
-                     UC_HOOK_MEM_INVALID, UC_MEM_WRITE_PROT, UC_MODE_64, Uc, UcError)
+                     UC_HOOK_MEM_INVALID, UC_MEM_FETCH_PROT, UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_PROT, UC_MODE_64, Uc, UcError)
 from unicorn import x86_const as X
 
 from ..decode.decoder import Instruction, decode
 from ..decode.length import instruction_length
+from ..decode.prefixes import is_prefix
 from ..decode.table import (ALWAYS_ARMED_OPCODES, INTERRUPT_WINDOW_OPCODES, INTERRUPT_WINDOW_ROWS, OUT_OPCODES,
                             PORT_OUT_ROWS, site_opcodes)
 from . import boot as boot_states, boundary
 from . import ucinternals
-from .cpu import EFER_SVME, RFLAGS_VM, SEGMENT_REGISTERS, ArchState, At, Cpu
+from .cpu import EFER_SVME, RFLAGS_VM, SEGMENT_REGISTERS, ArchState, At, Cpu, cr_write_refused
 from .descriptors import Segment
 from .delivery import Delivery, Event, EventKind, Outcome, Unsupported
 from .loader import Image, bios_windows, check_bios
@@ -56,10 +59,16 @@ from ..svm.cpuid import MODELS, cpuid_table
 from ..svm.instructions import EXECUTE as SVM_INSTRUCTIONS, execute as execute_svm, vmcb_address
 
 DEFAULT_MEMORY = 64 << 20
+# What a guest can make ringminus's own accesses (page walks, VMCBs, maps) reach: nothing
+# backs the address.  The run stops with reason ``memory``, as Unicorn's own accesses do.
+GUEST_MEMORY_ERRORS = (UnbackedMemory, svm_world.VmcbMemoryError)
 UNBOUNDED_COUNT = 1 << 62
+MASK_64 = 0xFFFF_FFFF_FFFF_FFFF
+ROTATES = frozenset({0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3})     # group 2: /2 RCL, /3 RCR
+CC_OP = ucinternals.EFLAGS + 4 * 8      # QEMU's lazy-flags operation (i32), after eflags, cc_dst, cc_src, cc_src2
 STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "vmexits", "port_reads",
              "port_writes", "unclaimed_port_reads", "unclaimed_port_writes", "hypercalls", "vmruns")
-ICEBP, INT3, INTO = 0xF1, 0xCC, 0xCE
+ICEBP, INT3, INTO, HLT = 0xF1, 0xCC, 0xCE, 0xF4
 EMULATED_MSR_ROWS = frozenset({"rdmsr", "wrmsr"})
 RSM = b"\x0f\xaa"
 VMRUN = b"\x0f\x01\xd8"
@@ -100,8 +109,10 @@ class _Watchdog(threading.Thread):
         self._uc, self._seconds, self._done = uc, seconds, threading.Event()
 
     def run(self) -> None:
-        if self._done.wait(self._seconds):
-            return
+        deadline = time.monotonic() + self._seconds
+        while (left := deadline - time.monotonic()) > 0:       # Event.wait takes at most TIMEOUT_MAX
+            if self._done.wait(min(left, threading.TIMEOUT_MAX)):
+                return
         while True:
             self._uc.emu_stop()
             if self._done.wait(0.01):
@@ -125,9 +136,12 @@ class _Trap:
     port: int = 0
     detail: str = ""
     outcome: object = None      # "vmexit": the VmExit; "fault": the checker's Fault; "port", "msr": the insn
+    flags_in_cc_src: bool = False   # "memory", "view": see Machine._flags_in_cc_src
 
 
 class Machine:
+    _running_machines: "weakref.WeakSet[Machine]" = weakref.WeakSet()   # for interrupt_all (Ctrl-C)
+
     def __init__(self, memory_size: int = DEFAULT_MEMORY, cpu_model: str = "qemu64",
                  debugcon_port: int = DEBUGCON_PORT, exact_instructions: bool = False,
                  chipset: str = "q35", profile: str = DEFAULT_PROFILE, apm_smi: bool = False):
@@ -169,6 +183,9 @@ class Machine:
         self.halted = False
         self.stats: Counter = Counter()
         self._scheduled: list[tuple[int, int, Callable[["Machine"], None]]] = []
+        self._running = False
+        self._interrupt_requested = False       # interrupt(): any thread may set it
+        self._events_this_run = 0               # deliveries and exits: bounded by max_instructions too
         self._sequence = itertools.count()
         self._trap: _Trap | None = None
         self._stop: Stop | None = None
@@ -205,10 +222,11 @@ class Machine:
         self._trap, self.halted = None, False
 
     def write_memory(self, address: int, data: bytes) -> None:
-        """Place bytes in guest RAM and arm the code sites they contain."""
+        """Place bytes in guest RAM (code sites in them are armed when Unicorn translates
+        them: sites.py)."""
         self.memory.load(address, data)
         self.linear.flush()
-        self.sites.scan(address, data)
+        self.cpu.clear_inflight_exception()        # see break_at
 
     def read_memory(self, address: int, size: int) -> bytes:
         return self.memory.read(address, size)
@@ -234,12 +252,11 @@ class Machine:
         return image.entry
 
     def load_bios(self, data: bytes) -> None:
-        """Map a ``-bios`` image as QEMU does (read-only) and scan it for code sites."""
+        """Map a ``-bios`` image as QEMU does (read-only)."""
         check_bios(data)
         rom = np.frombuffer(bytearray(data), dtype=np.uint8)
         for address, offset, length in bios_windows(len(data)):
             self.memory.add_overlay(f"bios@{address:#x}", address, rom[offset:offset + length], ROM)
-            self.sites.scan(address, rom[offset:offset + length])
 
     def __setitem__(self, register: str, value: int) -> None:
         """Set a register by name; a segment register loads as the current mode loads it."""
@@ -339,9 +356,8 @@ class Machine:
             self.smm.latched_init = latched_init
 
     def load_smram(self, address: int, data: bytes) -> None:
-        """Place bytes straight into SMRAM (whatever the view) and arm the code sites in them."""
+        """Place bytes straight into SMRAM (whatever the view)."""
         self.smram.load(address, data)
-        self.sites.scan(address, data, watch=False)
 
     def set_smbase(self, smbase: int) -> None:
         if not 0 <= smbase < 1 << 32:
@@ -394,6 +410,7 @@ class Machine:
         wanted = site_opcodes(controls.vector)
         if not wanted <= self.sites.opcodes:
             self.sites.set_opcodes(self.sites.opcodes | wanted)
+            self.cpu.clear_inflight_exception()    # arming flushes; see break_at
 
     def leave_guest(self) -> None:
         self.guest = None
@@ -406,6 +423,7 @@ class Machine:
     def record_exit(self, exit_, record: dict | None = None) -> None:
         """Note a #VMEXIT (``record``: the event to log instead of the exit itself)."""
         self.stats["vmexits"] += 1
+        self._events_this_run += 1
         self.last_exit = exit_
         self.events.append(exit_ if record is None else record)
 
@@ -427,7 +445,7 @@ class Machine:
         """L1 takes ``exit_``: a guest hypervisor by a #VMEXIT (``guest_state``: L2's
         registers, if just captured); the caller as L1 by a stop at the intercepted
         instruction, or (on_exit="skip") by going on after it.  True when the run must stop."""
-        if self.guest.on_exit == "l1":
+        if self.guest.on_exit == "l1":          # svm_world.vmexit records (and counts) it
             try:
                 # RIP through the API: inside a hook (an OUT's #GP intercepted, say) Unicorn
                 # must leave the block it was running for L2.
@@ -436,6 +454,7 @@ class Machine:
                 self.request_stop(StopReason.MEMORY, detail=f"#VMEXIT: {missing}")
             return self._stop is not None
         self.stats["vmexits"] += 1
+        self._events_this_run += 1
         self.last_exit = exit_
         if self.guest.on_exit == "skip":
             self.events.append(exit_)
@@ -466,6 +485,10 @@ class Machine:
         if address not in self._breakpoints:
             self._breakpoints[address] = self.uc.hook_add(UC_HOOK_CODE, self._on_breakpoint, begin=address, end=address)
             self.uc.ctl_remove_cache(address, address + 1)
+            # Unicorn finds a flushed address through the guest's page tables; where they map
+            # nothing, QEMU raises a #PF that nobody takes and leaves it in flight, and the
+            # guest's next fault would be reported as #DF (unicorn.md §3).  Forget it.
+            self.cpu.clear_inflight_exception()
 
     def _on_breakpoint(self, uc: Uc, address: int, size: int, _data) -> None:
         if address == self._resuming_at_breakpoint:      # the run starts where it stopped
@@ -479,10 +502,33 @@ class Machine:
         if self._stop is None:
             self._stop = Stop(reason, self.cpu.rip, value, detail)
 
+    def interrupt(self) -> None:
+        """End the current run — or the next one, if none is running — with reason
+        ``interrupted``, at the next point the emulator can stop.  Safe from any thread:
+        Unicorn runs with the GIL released, so a signal handler never runs during a tight
+        guest loop, but a thread that waits for the signal can call this (the CLI does)."""
+        self._interrupt_requested = True
+        self.uc.emu_stop()
+        if self._running:          # a stop that falls between two slices is lost: repeat it
+            threading.Thread(target=self._stop_until_seen, daemon=True).start()
+
+    @classmethod
+    def interrupt_all(cls) -> None:
+        """``interrupt()`` every machine of this process that is running now (a signal is
+        the process's: the harness's Ctrl-C ends whichever vector runs)."""
+        for machine in list(cls._running_machines):
+            machine.interrupt()
+
+    def _stop_until_seen(self) -> None:
+        while self._interrupt_requested and self._running:
+            self.uc.emu_stop()
+            time.sleep(0.01)
+
     def deliver(self, event: Event, injected: bool = False) -> None:
         """Deliver an event through the IVT/IDT now (wakes a halted CPU).  ``injected``:
         VMRUN's EVENTINJ, which L1's exception intercepts do not see."""
         self.halted = False
+        self._events_this_run += 1
         record = {"kind": event.kind.value, "vector": event.vector, "rip": event.instruction_rip
                   if event.instruction_rip is not None else event.return_rip}
         if event.error_code is not None and event.pushes_error_code:
@@ -515,9 +561,34 @@ class Machine:
 
     def _on_interrupt(self, uc: Uc, intno: int, _data) -> None:
         ctx = self.cpu.context.snapshot()
+        if intno != Vector.DB and not ctx.i32(ucinternals.EXCEPTION_IS_INT) and self._flags_in_cc_src(ctx):
+            ctx.put_i32(CC_OP, ucinternals.CC_OP_EFLAGS)        # a fault: the flags are cc_src's
+            ctx.commit()
         self._trap_and_stop(_Trap("exception", vector=intno, error_code=ctx.i32(ucinternals.ERROR_CODE) & 0xFFFFFFFF,
                                   software=bool(ctx.i32(ucinternals.EXCEPTION_IS_INT)),
                                   cr2=ctx.u64(ucinternals.CR + 2 * 8)))
+
+    def _flags_in_cc_src(self, ctx) -> bool:
+        """Unicorn bug (its PR #2373): an instruction that computes RFLAGS into cc_src before
+        it faults — one a code hook covers (the count hook, a trace, a code site, a
+        breakpoint), or RCL/RCR of memory, which needs CF first — gets back its earlier
+        lazy-flags operation at the fault, which then misreads cc_src.  True when so: the
+        flags before the faulting instruction (``ctx`` is at it) are cc_src's."""
+        pc = (ctx.segment("cs").base + ctx.u64(ucinternals.EIP)) & 0xFFFF_FFFF_FFFF_FFFF
+        if (ucinternals.emu_counter(self.uc) > 0 or self._tracing or pc in self.sites.armed
+                or pc in self._breakpoints):
+            return True
+        code = self.linear.fetch(pc, 4, ctx.u64(ucinternals.CR), ctx.u64(ucinternals.CR + 24)) or b""
+        bits = ucinternals.code_bits(ctx.u32(ucinternals.HFLAGS))
+        at = next((i for i, byte in enumerate(code) if not is_prefix(byte, bits)), len(code))
+        return len(code) > at + 1 and code[at] in ROTATES and code[at + 1] < 0xC0 and (code[at + 1] >> 3) & 7 in (2, 3)
+
+    def _rflags_from_cc_src(self) -> None:
+        """After a slice ended at such a fault (its exit already folded the misread flags into
+        RFLAGS): the arithmetic flags are cc_src's."""
+        ctx = self.cpu.context.snapshot()
+        arithmetic = ucinternals.ARITHMETIC_FLAGS
+        self.cpu["rflags"] = ctx.u64(ucinternals.EFLAGS) & ~arithmetic | ctx.u64(CC_OP - 16) & arithmetic
 
     def _on_invalid_opcode(self, uc: Uc, _data) -> bool:
         if self._switch_in_hooks and self.smm.in_smm:        # RSM, as SMM handlers end
@@ -572,13 +643,18 @@ class Machine:
             self._trap_and_stop(_Trap("resume"))
 
     def _on_bad_memory(self, uc: Uc, access: int, address: int, size: int, value: int, _data) -> bool:
+        # A data access that ends the slice: Unicorn restores the state again after this hook,
+        # so the flags are repaired once the slice has ended.
+        repair = access not in (UC_MEM_WRITE_PROT, UC_MEM_FETCH_UNMAPPED, UC_MEM_FETCH_PROT) \
+            and self._flags_in_cc_src(self.cpu.context.snapshot())
         if self.smram.hidden_at(address):
-            self._trap = _Trap("view", address=address)     # map its view, run it again
+            self._trap = _Trap("view", address=address, flags_in_cc_src=repair)     # map its view, run it again
             return False
         if access == UC_MEM_WRITE_PROT:          # ROM: the write is dropped, as QEMU drops it
             self.stats["rom_writes_ignored"] += 1
             return True
-        self._trap = _Trap("memory", address=address, detail=f"access to unbacked memory at {address:#x}")
+        self._trap = _Trap("memory", address=address, detail=f"access to unbacked memory at {address:#x}",
+                           flags_in_cc_src=repair)
         return False
 
     def _on_cpuid(self, uc: Uc, _data) -> int:
@@ -601,6 +677,8 @@ class Machine:
             uc.emu_stop()
 
     def _on_site(self, uc: Uc, address: int, size: int, _data) -> None:
+        if address in self._breakpoints and address != self._resuming_at_breakpoint:
+            return          # the breakpoint stops the run before this instruction (whichever hook runs first)
         ctx = self.cpu.context.snapshot()           # one copy serves mode, RIP, CR0 and CR3
         code = self.linear.fetch(address, 15, ctx.u64(ucinternals.CR), ctx.u64(ucinternals.CR + 24))
         if code is None:
@@ -616,6 +694,9 @@ class Machine:
                 return
             if name in EMULATED_MSR_ROWS and svm_msrs.emulates(self, ctx.u64(ucinternals.GPRS + 8) & 0xFFFF_FFFF):
                 self._trap_and_stop(_Trap("msr", address=address, outcome=insn))
+                return
+            if name == "mov_to_cr" and self._cr_write_refused(insn, ctx):
+                self._trap_and_stop(_Trap("fault", outcome=Fault(Vector.GP, 0)))    # Unicorn would take it
                 return
             changes_space = name == "mov_to_cr" and insn.reg in (0, 3, 4)
             opens_window = name in INTERRUPT_WINDOW_ROWS and boundary.waiting(self)
@@ -633,6 +714,14 @@ class Machine:
             self._continue_in_hook(self._emulate_out(insn, port, self.cpu.capture(context_is_current=True)))
         else:
             self._trap_and_stop(_Trap("port", address=address, port=port, outcome=insn))
+
+    @staticmethod
+    def _cr_write_refused(insn: Instruction, ctx) -> bool:
+        """Unicorn executes MOV to CR without the architecture's checks (it keeps reserved
+        CR4 bits, say): they are made here, on the registers of the hook's context copy."""
+        value = ctx.u64(ucinternals.GPRS + 8 * insn.rm) & (MASK_64 if insn.bits == 64 else 0xFFFF_FFFF)
+        return cr_write_refused(insn.reg, value, ctx.u64(ucinternals.CR), ctx.u64(ucinternals.CR + 4 * 8),
+                                ctx.u64(ucinternals.EFER))
 
     def _decode(self, code: bytes, bits: int, rip: int) -> Instruction | None:
         """Decode once per (address, bytes, mode) — DESIGN.md §3."""
@@ -669,7 +758,13 @@ class Machine:
     # -- running ---------------------------------------------------------------------------
     def run(self, max_instructions: int | None = None, timeout: float | None = None,
             trace: TextIO | None = None) -> RunResult:
-        """Run until a stop reason (result.py).  ``max_instructions`` counts from this call."""
+        """Run until a stop reason (result.py).  ``max_instructions`` counts from this call and
+        bounds the events delivered and exits taken as well, so a loop in which nothing
+        retires (a fault whose handler faults again) ends with ``limit`` too."""
+        if max_instructions is not None and (not isinstance(max_instructions, int) or max_instructions < 0):
+            raise ValueError(f"max_instructions must be a whole number >= 0, not {max_instructions!r}")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, not {timeout!r}")
         limit = None if max_instructions is None else self.instructions + max_instructions
         deadline = None if timeout is None else time.monotonic() + timeout
         counting = self.exact_instructions or limit is not None or bool(self._scheduled)
@@ -684,14 +779,24 @@ class Machine:
         if self.cpu.paging_epoch != self._armed_epoch:     # the caller changed paging registers
             self._forget_armed_spaces()
         pc = (self.cpu.segment("cs").base + self.cpu.rip) & 0xFFFF_FFFF_FFFF_FFFF
-        self._resuming_at_breakpoint = pc if pc in self._breakpoints else None
+        # Only the breakpoint the machine stopped at is passed (a run can start at another
+        # one, after a limit say: it stops there at once).
+        self._resuming_at_breakpoint = pc if pc == self._resuming_at_breakpoint else None
         watchdog = None if timeout is None else _Watchdog(self.uc, timeout)
         if watchdog is not None:
             watchdog.start()
+        self._events_this_run, self._running = 0, True
+        self._running_machines.add(self)
         try:
             while self._stop is None:
-                self._step(limit, deadline, counting)
+                try:
+                    self._step(limit, max_instructions, deadline, counting)
+                except GUEST_MEMORY_ERRORS as missing:     # ringminus's own access reached nothing
+                    self._stop = Stop(StopReason.MEMORY, self.cpu.rip, getattr(missing, "address", None),
+                                      f"ringminus's own access: {missing}")
         finally:
+            self._running = False
+            self._running_machines.discard(self)
             if watchdog is not None:
                 watchdog.cancel()
             if trace_hook is not None:
@@ -732,7 +837,12 @@ class Machine:
             _, _, callback = heapq.heappop(self._scheduled)
             callback(self)
 
-    def _step(self, limit: int | None, deadline: float | None, counting: bool) -> None:
+    def _step(self, limit: int | None, max_instructions: int | None, deadline: float | None,
+              counting: bool) -> None:
+        if self._interrupt_requested:
+            self._interrupt_requested = False
+            self._stop = Stop(StopReason.INTERRUPTED, self.cpu.rip)
+            return
         self._fire_due_events()
         if self._stop is not None:
             return
@@ -745,7 +855,7 @@ class Machine:
             else:
                 self._stop = Stop(StopReason.HLT, self.cpu.rip)
             return
-        if limit is not None and self.instructions >= limit:
+        if limit is not None and (self.instructions >= limit or self._events_this_run > max_instructions):
             self._stop = Stop(StopReason.LIMIT, self.cpu.rip)
             return
         budget = 0
@@ -777,11 +887,11 @@ class Machine:
         self._after_slice(error, budget, started, deadline)
 
     def _rearm_if_address_space_changed(self, only_if_cheap: bool = False) -> bool:
-        """Sites sit on linear addresses: when paging changes, arm them where the code is now
-        mapped (DESIGN.md §3, rule 2).  Hooks are never removed, so an address space armed
-        before (world switches alternate between two) needs nothing unless sites were added
-        or page tables may have changed since.  False when a remap was needed but
-        ``only_if_cheap`` forbade it."""
+        """Sites are armed as Unicorn translates code, at the linear address it runs at
+        (sites.py); what a hook cannot do safely inside Unicorn — merging ranges, translating
+        again after sites were added — is owed to the run loop and done here, between
+        slices, once per address space and count of sites.  False when that work is owed
+        but ``only_if_cheap`` forbade it."""
         space = self.cpu.address_space()
         sites = len(self.sites.physical)
         if space == self._address_space and self._armed_spaces.get(space) == sites:
@@ -789,11 +899,8 @@ class Machine:
         if self._armed_spaces.get(space) != sites:                 # new space, or new sites
             if only_if_cheap:
                 return False
-            if space[0]:
-                inverse = self.linear.inverse({p & ~0xFFF for p in self.sites.physical})
-                self.sites.remap(lambda page: inverse.get(page, []))
-            else:
-                self.sites.remap(None)
+            self.sites.remap()
+            self.cpu.clear_inflight_exception()    # arming flushes; see break_at
             self._armed_spaces[space] = sites
         self._address_space = space
         return True
@@ -808,6 +915,8 @@ class Machine:
 
     def _after_slice(self, error: UcError | None, budget: int, started: int, deadline: float | None) -> None:
         trap = self._trap
+        if trap is not None and trap.flags_in_cc_src:
+            self._rflags_from_cc_src()
         if trap is not None and trap.kind == "view":
             self._retire(started - 1)
             self.smram.reveal(trap.address)
@@ -822,12 +931,18 @@ class Machine:
                 self._retire(budget)                        # a limit or an event is due
             elif self._stop is not None:                    # a device stopped an unarmed OUT
                 self._retire(started - 1)
+            elif self._interrupt_requested:                 # the next step stops the run
+                self._retire(started - 1)
             elif deadline is not None and time.monotonic() >= deadline:
                 self._retire(started - 1)
                 self._stop = Stop(StopReason.TIMEOUT, self.cpu.rip)
-            else:
+            elif self._follows_hlt():
                 self._retire(started)                       # HLT retired; the CPU is halted
                 self.halted = True
+            else:
+                self._retire(started - 1)
+                self._stop = Stop(StopReason.ENDED, self.cpu.rip, detail="Unicorn ended the slice for no reason "
+                                  "ringminus knows (no HLT before RIP): an emu_stop() from outside?")
         elif trap.kind == "exception":
             self._on_exception_trap(trap, started)
         elif trap.kind == "invalid":
@@ -850,6 +965,7 @@ class Machine:
         elif trap.kind == "breakpoint":
             self._retire(started - 1)
             self._stop = Stop(StopReason.BREAKPOINT, self.cpu.rip)
+            self._resuming_at_breakpoint = trap.address     # the next run passes it
         elif trap.kind == "vmexit":
             self._retire(started - 1)
             self._take_exit(trap.outcome)
@@ -857,6 +973,15 @@ class Machine:
             self._retire(started - 1)
             fault = trap.outcome
             self.deliver(Event(fault.vector, EventKind.EXCEPTION, self.cpu.rip, fault.error_code, fault.cr2))
+
+    def _follows_hlt(self) -> bool:
+        """Unicorn ends a slice after HLT without a hook: only a HLT byte just before RIP
+        tells a halt from any other unexplained end."""
+        try:
+            before = self.linear.fetch((self.cpu.segment("cs").base + self.cpu.rip - 1) & 0xFFFF_FFFF_FFFF_FFFF, 1)
+        except GUEST_MEMORY_ERRORS:
+            return False
+        return before == bytes((HLT,))
 
     def _on_exception_trap(self, trap: _Trap, started: int) -> None:
         rip = self.cpu.rip

@@ -3,9 +3,6 @@ instructions): 32-bit, PAE and 4-level paging with the architecture's permission
 accessed/dirty updates and #PF error codes."""
 from __future__ import annotations
 
-import bisect
-
-import numpy as np
 from unicorn.x86_const import UC_X86_REG_CR0 as X86_CR0, UC_X86_REG_CR3 as X86_CR3
 
 from .cpu import CR0_PG, CR0_WP, CR4_PAE, CR4_PSE, EFER_LMA, EFER_NXE, Cpu
@@ -16,6 +13,22 @@ PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D, PTE_PS = 1, 2, 4, 0x20, 0x40, 0x80
 PTE_NX = 1 << 63
 PF_P, PF_W, PF_U, PF_I = 1, 2, 4, 16
 ADDRESS_52 = 0x000F_FFFF_FFFF_F000
+
+
+def pae_pdpte_problem(phys: PhysicalMemory, cr3: int, max_phys_bits: int) -> str | None:
+    """Why loading PAE paging's four PDPTEs from ``cr3`` fails, or None: they are loaded
+    when PAE paging is turned on, as KVM's load_pdptrs does for MOV CR0/CR3/CR4, RSM and
+    VMRUN — not in memory, or a present entry with reserved bits (1-2, 5-8, MAXPHYADDR-63)."""
+    table = cr3 & 0xFFFF_FFE0
+    raw = phys.read_fast(table, 32)
+    if raw is None:
+        return f"PAE PDPTEs at {table:#x} are not in memory"
+    reserved = ((1 << 64) - (1 << max_phys_bits)) | 0x1E6
+    for index in range(4):
+        entry = int.from_bytes(raw[8 * index:8 * index + 8], "little")
+        if entry & PTE_P and entry & reserved:
+            return f"PAE PDPTE {index} ({entry:#x}) has reserved bits set"
+    return None
 
 
 class LinearMemory:
@@ -102,7 +115,10 @@ class LinearMemory:
             index_bits = 2 if pae_pdpte and depth == 0 else (10 if entry_size == 4 else 9)
             index = (linear >> shift) & ((1 << index_bits) - 1)
             entry_address = table + index * entry_size
-            entry = self.phys.read_u(entry_address, entry_size)
+            raw = self.phys.read_fast(entry_address, entry_size)
+            # A walk through memory nothing backs reads zeros (not present), as QEMU's
+            # unassigned reads and Unicorn's own walks do: the guest gets its #PF.
+            entry = 0 if raw is None else int.from_bytes(raw, "little")
             if not entry & PTE_P:
                 raise GuestFault(Vector.PF, error, cr2=linear)
             if not (pae_pdpte and depth == 0):      # PAE PDPTEs carry no permissions
@@ -153,45 +169,3 @@ class LinearMemory:
 
     def read_u(self, linear: int, size: int, user: bool = False) -> int:
         return int.from_bytes(self.read(linear, size, user), "little")
-
-    def inverse(self, physical_pages: set[int]) -> dict[int, list[int]]:
-        """Every linear page that maps each of ``physical_pages`` under the current paging
-        (all present leaves of the tables walked; user/supervisor alike)."""
-        wanted = sorted(physical_pages)
-        found: dict[int, list[int]] = {}
-        cr4, efer = self.cpu["cr4"], self.cpu["efer"]
-        cr3 = self.cpu["cr3"]
-        if efer & EFER_LMA:
-            self._walk(cr3 & ADDRESS_52, (39, 30, 21, 12), 0, 8, wanted, found, sign_extend=True)
-        elif cr4 & CR4_PAE:
-            for i in range(4):
-                pdpte = self.phys.read_u((cr3 & 0xFFFF_FFE0) + 8 * i, 8)
-                if pdpte & PTE_P:
-                    self._walk(pdpte & ADDRESS_52, (21, 12), i << 30, 8, wanted, found)
-        else:
-            self._walk(cr3 & 0xFFFF_F000, (22, 12), 0, 4, wanted, found, pse=bool(cr4 & CR4_PSE))
-        return found
-
-    def _walk(self, table: int, shifts, base: int, entry_size: int, wanted, found, sign_extend=False,
-              pse=False) -> None:
-        raw = self.phys.read_fast(table, 4096)
-        if raw is None:
-            return
-        entries = np.frombuffer(raw, dtype=np.uint64 if entry_size == 8 else np.uint32)
-        shift, rest = shifts[0], shifts[1:]
-        for index in np.flatnonzero(entries & PTE_P).tolist():
-            entry = int(entries[index])
-            linear = base | (index << shift)
-            if sign_extend and linear >> 47:
-                linear |= 0xFFFF_0000_0000_0000
-            large = rest and (entry & PTE_PS) and (entry_size == 8 or pse) and shift != 39
-            if not rest or large:
-                size = 1 << shift
-                frame = (entry & 0xFFC0_0000) if entry_size == 4 and large else entry & ADDRESS_52 & ~(size - 1)
-                lo = bisect.bisect_left(wanted, frame)
-                hi = bisect.bisect_left(wanted, frame + size)
-                for page in wanted[lo:hi]:
-                    found.setdefault(page, []).append(linear + (page - frame))
-            else:
-                next_table = entry & (ADDRESS_52 if entry_size == 8 else 0xFFFF_F000)
-                self._walk(next_table, rest, linear, entry_size, wanted, found, sign_extend, pse)

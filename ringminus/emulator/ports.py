@@ -1,6 +1,7 @@
 """The port-I/O bus and its built-in devices: the debug console and the exit device."""
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from typing import Callable, Iterable, Protocol
 
@@ -65,25 +66,101 @@ class ExitDevice:
         self._on_exit(value)
 
 
+def _takes(function: Callable, *arguments) -> bool:
+    """Whether ``function`` can be called with these positional arguments (True when Python
+    cannot tell, e.g. for some builtins)."""
+    try:
+        inspect.signature(function).bind(*arguments)
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
+
+
+PARAMETERS = ("port", "size", "value")
+CALLS = {"read": (0, 1), "write": (0, 1, 0)}          # how the bus calls a device: sample arguments
+
+
+def _check_device(device) -> None:
+    """What the bus calls on a device: read(port, size), write(port, size, value), precise."""
+    for method, arguments in CALLS.items():
+        function = getattr(device, method, None)
+        if not callable(function):
+            raise TypeError(f"port device {device!r} has no {method}() method")
+        if not _takes(function, *arguments):
+            raise TypeError(f"port device {device!r}: {method}() must take ({', '.join(PARAMETERS[:len(arguments)])})")
+    if not isinstance(getattr(device, "precise", None), bool):
+        raise TypeError(f"port device {device!r} needs a bool attribute 'precise' "
+                        "(True: an access stops the guest exactly at the instruction)")
+
+
+def _port_list(ports) -> list[int]:
+    if isinstance(ports, bool):
+        raise TypeError(f"ports must be a port number or an iterable of them, not {ports!r}")
+    if isinstance(ports, int):
+        ports = [ports]
+    try:
+        ports = list(ports)
+    except TypeError:
+        raise TypeError(f"ports must be a port number or an iterable of them, not {ports!r}") from None
+    if not ports:
+        raise ValueError("no ports to claim")
+    for port in ports:
+        if not isinstance(port, int) or isinstance(port, bool):
+            raise TypeError(f"a port is a number, not {port!r}")
+        if not 0 <= port <= 0xFFFF:
+            raise ValueError(f"port {port:#x} is outside 0-0xffff")
+    if len(set(ports)) != len(ports):
+        raise ValueError("the same port is claimed twice in one registration")
+    return ports
+
+
 class PortBus:
     def __init__(self):
         self._devices: dict[int, PortDevice] = {}
+        self._shadowed: dict[int, list[PortDevice]] = {}    # port -> claims an overlay hides, oldest first
         self.stats = Counter()
         self.unclaimed = Counter()
 
     def register(self, ports: int | Iterable[int], device: PortDevice | None = None, *,
                  read: Callable[[int, int], int] | None = None,
-                 write: Callable[[int, int, int], None] | None = None, precise: bool = False) -> PortDevice:
-        """Claim ``ports`` for ``device`` (or for the ``read``/``write`` callables)."""
-        device = device or FunctionDevice(read, write, precise)
-        for port in ([ports] if isinstance(ports, int) else ports):
-            if not 0 <= port <= 0xFFFF:
-                raise ValueError(f"port {port:#x} is outside 0-0xffff")
+                 write: Callable[[int, int, int], None] | None = None, precise: bool = False,
+                 overlay: bool = False) -> PortDevice:
+        """Claim ``ports`` for ``device`` (or for the ``read``/``write`` callables).
+
+        Everything the bus will call is checked here, so a device that lacks it fails at
+        registration (TypeError), not in the middle of a run; a port outside 0-0xFFFF or one
+        that is already claimed is a ValueError.  ``overlay`` claims over an existing device
+        instead (a decoder moved over another one, as a guest can move a chipset's I/O base):
+        the new device answers until it is unregistered, and the one below comes back."""
+        if device is None:
+            for name, function in (("read", read), ("write", write)):
+                if function is not None and not (callable(function) and _takes(function, *CALLS[name])):
+                    raise TypeError(f"{name} must be a callable taking ({', '.join(PARAMETERS[:len(CALLS[name])])}), "
+                                    f"not {function!r}")
+            if not isinstance(precise, bool):
+                raise TypeError(f"precise must be True or False, not {precise!r}")
+            device = FunctionDevice(read, write, precise)
+        elif read is not None or write is not None:
+            raise TypeError("give a device or read/write callables, not both")
+        _check_device(device)
+        ports = _port_list(ports)
+        if not overlay:
+            for port in ports:
+                if port in self._devices:
+                    raise ValueError(f"cannot claim port {port:#x} for {type(device).__name__}: "
+                                     f"{type(self._devices[port]).__name__} claims it")
+        for port in ports:
+            if port in self._devices:
+                self._shadowed.setdefault(port, []).append(self._devices[port])
             self._devices[port] = device
         return device
 
     def unregister(self, port: int) -> None:
-        self._devices.pop(port, None)
+        """Drop the newest claim on ``port``; a claim it overlaid answers again."""
+        if self._devices.pop(port, None) is not None and self._shadowed.get(port):
+            self._devices[port] = self._shadowed[port].pop()
 
     def device(self, port: int) -> PortDevice | None:
         return self._devices.get(port)

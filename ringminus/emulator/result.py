@@ -18,6 +18,9 @@ class StopReason(Enum):
     VMEXIT = "vmexit"            # L2 took an intercept L1 asked for; value = the exit code
     BREAKPOINT = "breakpoint"    # Machine.break_at() address reached
     HYPERCALL = "hypercall"      # a forwarded hypercall with no handler; value = its number
+    INTERRUPTED = "interrupted"  # Machine.interrupt() (Ctrl-C at the CLI)
+    ENDED = "ended"              # emulation ended for a reason ringminus did not decide (detail says
+                                 # what was seen: an emu_stop() from outside, say)
 
 
 # CLI exit status per stop reason.  ``exit`` maps to 2*value+1 as QEMU's isa-debug-exit does
@@ -33,6 +36,8 @@ EXIT_STATUS = {
     StopReason.VMEXIT: 16,
     StopReason.BREAKPOINT: 18,
     StopReason.HYPERCALL: 20,
+    StopReason.ENDED: 22,
+    StopReason.INTERRUPTED: 130,     # as a shell reports a process SIGINT ended
 }
 USAGE_ERROR_STATUS = 2
 

@@ -8,7 +8,7 @@ How the image is made, per vector:
    paging, memory bytes, registers, the breakpoint after the code).
 2. That CPU state becomes the VMCB's save area (segments with hidden parts, GDTR/IDTR,
    CR0/2/3/4, EFER with SVME, RFLAGS, RIP, RSP, RAX, DR6/7, CPL, the VMLOAD MSRs); the
-   vector's intercepts (plus VMRUN, which VMRUN requires), exception bitmap, IOPM and MSRPM
+   vector's intercepts (VMRUN's included: ``runner.controls_for``), exception bitmap, IOPM and MSRPM
    become its control area, with ASID 1.  The GPRs VMRUN does not load go into L1's code.
 3. The machine boots L1 in long mode at CPL 0.  That boot writes its tables over the L2's
    low memory (GDT 0x1000, TSS 0x1100, IDT 0x4000, page tables 0x10000 -- a protected-mode
@@ -19,15 +19,22 @@ How the image is made, per vector:
    syscall MSRs, which VMRUN does not load), the L2's GPRs, VMRUN; after the #VMEXIT it
    writes L1_DONE to the exit port.
 
-The one state VMRUN refuses is EFER.SVME clear (§B.5), and most vectors leave it clear.  Such
-an L2 starts at CPL 0 in a stub at L2_STUB that writes the vector's EFER with WRMSR, restores
-the registers WRMSR used, and jumps to the code (CPL 0) or far-returns to it (CPL 3: RETF has
-no intercept, IRET has).  A vector whose intercepts or state would catch the stub
-(STUB_CONFLICTS) cannot run through this L1: it is reported as a SKIP that says why.
+VMRUN refuses EFER.SVME clear (§B.5), and most vectors leave it clear.  Such an L2 starts at
+CPL 0 in a stub at L2_STUB that writes the vector's EFER with WRMSR, restores the registers
+WRMSR used, and jumps to the code (CPL 0) or far-returns to it (CPL 3: RETF has no intercept,
+IRET has).  A vector this L1 cannot run as written is reported as a SKIP that says why: its
+intercepts or state would catch the stub (STUB_CONFLICTS); VMRUN refuses its state for another
+reason (say EFER.LME and CR0.PG without CR4.PAE, which the host-side L1 would load unchecked);
+or the stub does not bring the L2 to the vector's first instruction in exactly the vector's
+state -- checked there, register by register, as the stub's last instruction retires (RF
+cannot survive the stub, 16/32-bit code cannot restore bits 63:32 of the registers WRMSR
+uses, a real-mode far jump cannot restore a CS base other than selector × 16, and the stub
+cannot run where the vector's paging does not map it).
 """
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,8 +103,7 @@ STUB_SOURCE = """
     mov edx, {high:#x}
     wrmsr
 {restore}
-    {leave}
-"""
+"""                                       # then the way to the code (_enter_through_stub)
 
 
 class Layout:
@@ -114,6 +120,53 @@ class Layout:
 class GeneratedL1:
     layout: Layout
     done_rip: int                # where the run stops once L1 has signalled (after its OUT)
+    start: int = 0               # linear address of the vector's first instruction
+    wanted: dict | None = None   # the L2 registers the vector asks for (RunResult.regs form)
+    stub_leave: int | None = None  # linear address of the entry stub's jump to the code; None: no stub
+
+    def run(self, machine, max_instructions: int = MAX_INSTRUCTIONS, timeout: float = TIMEOUT) -> Outcome:
+        """Run L1 and its L2, at most ``max_instructions`` between them.  A vector this L1
+        cannot run as written is NotRunnable: VMRUN refuses its state, or the entry stub does
+        not bring the L2 to the vector's code in the vector's state (checked as the stub's
+        last instruction retires)."""
+        first, deadline = machine.instructions, time.monotonic() + timeout
+
+        def run_on(count: int | None = None):
+            left = max_instructions - (machine.instructions - first)
+            return machine.run(max_instructions=max(min(left, count or left), 0),
+                               timeout=max(deadline - time.monotonic(), 0.001))
+
+        if self.stub_leave is not None:
+            machine.break_at(self.stub_leave)
+        result = run_on()
+        refused = next((e for e in result.events if e.get("kind") == "vmrun-invalid"), None)
+        if refused is not None:        # the L2's own VMRUN is always intercepted: this was L1's
+            raise NotRunnable(f"via guest: VMRUN refuses the L2's state: {refused['reason']} (APM §15.5.1)")
+        if self.stub_leave is None:
+            return self.observe(machine, result)
+        if not self._at(result, StopReason.BREAKPOINT, self.stub_leave):
+            outcome = self.observe(machine, result)
+            if outcome.kind == "stop" and outcome.fields.get("reason") == "l1":
+                return outcome
+            raise NotRunnable(f"via guest: the L2 entry stub did not reach its end "
+                              f"({outcome.kind} {outcome.describe()})")
+        result = run_on(1)
+        if not self._at(result, StopReason.LIMIT, self.start):
+            outcome = self.observe(machine, result)
+            raise NotRunnable(f"via guest: the L2 entry stub did not reach the vector's code "
+                              f"({outcome.kind} {outcome.describe()})")
+        wrong = [name for name, value in (self.wanted or {}).items() if result.regs.get(name) != value]
+        if wrong:
+            raise NotRunnable(f"via guest: the L2 entry stub cannot give the L2 the vector's {', '.join(wrong)}")
+        result = run_on()
+        while self._at(result, StopReason.BREAKPOINT, self.stub_leave):     # the L2 ran into the stub
+            result = run_on()
+        return self.observe(machine, result)
+
+    @staticmethod
+    def _at(result, reason: StopReason, linear: int) -> bool:
+        stop = result.stop
+        return stop.reason is reason and (result.regs["cs"]["base"] + stop.rip) & 0xFFFF_FFFF_FFFF_FFFF == linear
 
     def finished(self, result) -> bool:
         stop = result.stop
@@ -194,17 +247,18 @@ def _vmcb(machine, controls, layout: Layout) -> np.void:
     for name, msr in VMLOAD_MSRS:
         save[name] = cpu.fast.read_msr(msr)
     save["cpl"], save["efer"] = cpu.cpl, machine["efer"] | EFER_SVME
-    set_intercept_vector(control, controls.vector | 1 << ExitCode.VMRUN)
+    set_intercept_vector(control, controls.vector)           # VMRUN's bit included (controls_for)
     control["iopm_base_pa"], control["msrpm_base_pa"], control["guest_asid"] = layout.iopm, layout.msrpm, 1
     return record
 
 
-def _enter_through_stub(machine, save) -> list[tuple[int, bytes]]:
+def _enter_through_stub(machine, save) -> tuple[list[tuple[int, bytes]], int]:
     """The stub at L2_STUB that gives the L2 the vector's EFER (SVME clear) with WRMSR,
     restores the registers WRMSR used and goes to the code: a far JMP from the stub's own
     segment in real mode, a JMP at CPL 0, at CPL 3 a far return from CPL 0 (RETF has no
     intercept; IRET has) whose frame ends the stub's area.  ``save`` is changed to start the
-    L2 in the stub."""
+    L2 in the stub.  Returns what to place where, and the linear address of that last
+    instruction (the stub runs identity-mapped)."""
     cpu = machine.cpu
     bits = cpu.code_bits()
     names = STUB_SCRATCH if bits == 64 else tuple("e" + name[1:] for name in STUB_SCRATCH)
@@ -224,10 +278,12 @@ def _enter_through_stub(machine, save) -> list[tuple[int, bytes]]:
             write_segment(save[name], unpack_descriptor(machine.read_memory(gdt + selector, 8), selector))
         save["cpl"], save["rsp"] = 0, L2_STUB + L2_STUB_SIZE - len(frame)
     efer = machine["efer"]
-    source = STUB_SOURCE.format(efer=MSR_EFER, low=efer & 0xFFFF_FFFF, high=efer >> 32, restore=restore, leave=leave)
+    source = STUB_SOURCE.format(efer=MSR_EFER, low=efer & 0xFFFF_FFFF, high=efer >> 32, restore=restore)
     save["rip"] = L2_STUB - int(save["cs"]["base"])
-    pieces = [(L2_STUB, assemble_text(source, bits, int(save["rip"]), "the in-guest L2 entry stub"))]
-    return pieces + [(int(save["rsp"]), frame)] if frame else pieces
+    body = assemble_text(source, bits, int(save["rip"]), "the in-guest L2 entry stub")
+    code = body + assemble_text(leave, bits, int(save["rip"]) + len(body), "the in-guest L2 entry stub")
+    pieces = [(L2_STUB, code)] + ([(int(save["rsp"]), frame)] if frame else [])
+    return pieces, L2_STUB + len(body)
 
 
 # --- L1 ----------------------------------------------------------------------------------------
@@ -288,20 +344,24 @@ def generate_l1(prepared: Setup) -> GeneratedL1:
     _check_fits(prepared, layout, stub)
     vmcb = _vmcb(machine, controls, layout)
     pieces = [(layout.iopm, controls.iopm.tobytes()), (layout.msrpm, controls.msrpm.tobytes())]
+    leave = None
     if stub:
-        pieces += _enter_through_stub(machine, vmcb["save"])
+        stub_pieces, leave = _enter_through_stub(machine, vmcb["save"])
+        pieces += stub_pieces
     pieces.append((layout.vmcb, vmcb.tobytes()))
     l1_code = _l1_code(machine, layout)      # holds the L2's GPRs: made before L1 boots
+    wanted = machine.cpu.snapshot().registers()
+    start = (wanted["cs"]["base"] + wanted["rip"]) & 0xFFFF_FFFF_FFFF_FFFF
     low_memory = machine.read_memory(0, SYSTEM_AREA.stop)
     _boot_l1(machine, layout)
     _restore_pages(machine, low_memory)
     for address, data in (*pieces, (layout.code, l1_code)):
         machine.write_memory(address, data)
-    return GeneratedL1(layout, layout.code + len(l1_code) - 1)    # the OUT's successor: HLT
+    # done_rip: the OUT's successor, HLT
+    return GeneratedL1(layout, layout.code + len(l1_code) - 1, start, wanted, leave)
 
 
-def run_in_guest(vector: Vector, profile: str) -> Outcome:
+def run_in_guest(vector: Vector, profile: str, max_instructions: int = MAX_INSTRUCTIONS,
+                 timeout: float = TIMEOUT) -> Outcome:
     prepared = setup(vector, profile)
-    l1 = generate_l1(prepared)
-    machine = prepared.machine
-    return l1.observe(machine, machine.run(max_instructions=MAX_INSTRUCTIONS, timeout=TIMEOUT))
+    return generate_l1(prepared).run(prepared.machine, max_instructions, timeout)

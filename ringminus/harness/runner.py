@@ -18,7 +18,7 @@ from ..emulator import Machine, StopReason
 from ..emulator.boot import DEFAULT_LOAD, BootState
 from ..intercepts.controls import InterceptControls
 from ..intercepts.exitcodes import ExitCode
-from .vectors import Outcome, Vector, VectorError
+from .vectors import Outcome, Vector, assemble_text  # noqa: F401 (inguest assembles with it)
 
 PAGING32_DIRECTORY = 0x20000           # protected mode: PD, then one page table per 4 MiB
 SPLIT_TABLES = 0x40000                 # long mode: 4 KiB tables that replace split 2 MiB pages
@@ -27,7 +27,7 @@ TIMEOUT = 10.0
 EXCEPTION_EVENTS = ("exception", "software-exception", "icebp")   # ICEBP delivers #DB (type 3)
 PTE_PRESENT, PTE_LARGE = 1, 0x80
 VIAS = ("host", "guest", "both")
-BITS = {"real": 16, "protected": 32, "long": 64}
+MODE_REGISTERS = frozenset({"cr0", "cr4", "efer"})
 
 
 @dataclass(frozen=True)
@@ -74,26 +74,6 @@ class NotRunnable(Exception):
 
 # --- preparing the L2 -----------------------------------------------------------------------
 
-def assemble_text(source: str, bits: int, address: int, where: str) -> bytes:
-    try:
-        from keystone import KS_ARCH_X86, KS_MODE_16, KS_MODE_32, KS_MODE_64, Ks, KsError
-    except ImportError:
-        raise VectorError(f"{where}: assembling needs keystone-engine "
-                          "(pip install 'ringminus[test]')") from None
-    mode = {16: KS_MODE_16, 32: KS_MODE_32, 64: KS_MODE_64}[bits]
-    try:
-        encoding, _ = Ks(KS_ARCH_X86, mode).asm(source, address)
-    except KsError as e:
-        raise VectorError(f"{where}: cannot assemble: {e}") from None
-    return bytes(encoding or b"")
-
-
-def assemble(vector: Vector, bits: int, address: int) -> bytes:
-    if vector.code is not None:
-        return vector.code
-    return assemble_text(vector.asm, bits, address, f"{vector.source}: {vector.name}")
-
-
 def _identity_paging_32(machine: Machine, not_present) -> None:
     ram = machine.memory.ram_size
     tables = -(-ram // (4 << 20))
@@ -132,9 +112,10 @@ def _unmap_long(machine: Machine, not_present) -> None:
 
 
 def controls_for(vector: Vector) -> InterceptControls:
-    """What L1 intercepts for ``vector``: its intercepts, exception vectors, IOPM and MSRPM."""
+    """What L1 intercepts for ``vector``: its intercepts, exception vectors, IOPM and MSRPM,
+    and always VMRUN, which every L1 intercepts (VMRUN refuses a VMCB without it, APM §15.5.1)."""
     controls = InterceptControls()
-    controls.set(*vector.intercepts)
+    controls.set(ExitCode.VMRUN, *vector.intercepts)
     controls.intercept_exception(*vector.exceptions)
     if vector.iopm:
         controls.set(ExitCode.IOIO)
@@ -160,7 +141,7 @@ class Setup:
 def setup(vector: Vector, profile: str) -> Setup:
     state = BootState(vector.mode)
     address = DEFAULT_LOAD[state]
-    code = assemble(vector, BITS[vector.mode], address)
+    code = vector.code                   # parsing assembled an ``asm`` vector for this address
     machine = Machine(profile=profile)
     machine.write_memory(address, code)
     machine.boot(state, address, vector.cpl)
@@ -169,7 +150,13 @@ def setup(vector: Vector, profile: str) -> Setup:
     for where, data in vector.memory_bytes:
         machine.write_memory(where, data)
     for name, value in vector.regs.items():
-        machine[name] = value
+        if name not in MODE_REGISTERS:
+            machine[name] = value
+    if MODE_REGISTERS & vector.regs.keys():
+        # A state, set exactly as VMRUN loads one: register writes would be mode transitions,
+        # after which QEMU keeps a 64-bit CS's operand size outside long mode, say.
+        machine.cpu.set_mode_state(*(vector.regs.get(name, machine[name]) for name in ("cr0", "cr4", "efer")))
+        machine.forget_tlb()             # which holds what setting up translated without paging
     end = address + len(code)
     machine.break_at(end)
     return Setup(vector, machine, address, end, controls_for(vector))

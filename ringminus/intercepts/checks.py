@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from ..emulator.cpu import CR0_CD, CR0_NW, CR0_PE, CR0_PG, EFER_LME, EFER_SVME
+from ..emulator.cpu import CR0_PE, EFER_SVME, cr_write_refused
 from ..emulator.ports import io_permitted
 from ..emulator.segmentation import linear_address
 from ..emulator.vectors import GuestFault, Vector
@@ -17,7 +17,6 @@ CR4_DE, CR4_TSD, CR4_PCE, CR4_UMIP = 1 << 3, 1 << 2, 1 << 8, 1 << 11
 DR7_GD = 1 << 13
 DR6_BD = 1 << 13
 VALID_CRS = frozenset({0, 2, 3, 4, 8})
-CR4_RESERVED = ~0x3F7FFF & 0xFFFF_FFFF_FFFF_FFFF     # bits KVM/APM treat as must-be-zero (no LA57 etc.)
 MAX_PMC = 5
 
 
@@ -42,18 +41,7 @@ def cr_access(insn: "Instruction", guest: "Guest") -> None:
     if insn.row.name != "mov_to_cr" or not guest.profile.cr_value_checks_before_intercept:
         return
     value = gpr(guest, insn.rm, 8 if insn.bits == 64 else 4)
-    if insn.reg == 0:
-        bad = (value >> 32) or (value & CR0_PG and not value & CR0_PE) or (value & CR0_NW and not value & CR0_CD)
-        bad = bad or (value & CR0_PG and guest.cpu["efer"] & EFER_LME and not guest.cpu["cr4"] & 0x20)
-    elif insn.reg == 4:
-        bad = value & CR4_RESERVED
-    elif insn.reg == 3:
-        bad = value >> 52
-    elif insn.reg == 8:
-        bad = value >> 4
-    else:
-        bad = False
-    if bad:
+    if cr_write_refused(insn.reg, value, guest.cpu["cr0"], guest.cpu["cr4"], guest.cpu["efer"]):
         raise _gp()
 
 

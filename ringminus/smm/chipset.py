@@ -105,6 +105,8 @@ class Chipset:
         target, offset = self._target()
         if target is None:
             return (1 << (8 * size)) - 1
+        if target is self.functions[(0, 0, 0)]:     # the SMRAM register lives in Smram (set_state too)
+            target.config[self.smram_offset] = self.smram.register
         return target.read(offset + (port - CONFIG_DATA), size)
 
     def _write_data(self, port: int, size: int, value: int) -> None:
@@ -130,7 +132,7 @@ class Chipset:
             self.pm_base = new_base
             if new_base is not None:
                 self._ports.register(range(new_base + ICH9_SMI_EN, new_base + ICH9_SMI_EN + 4),
-                                     read=self._read_smi_enable, write=self._write_smi_enable)
+                                     read=self._read_smi_enable, write=self._write_smi_enable, overlay=True)
 
     def _read_smi_enable(self, port: int, size: int) -> int:
         return (self.smi_enable >> (8 * (port - self.pm_base - ICH9_SMI_EN))) & ((1 << (8 * size)) - 1)

@@ -20,7 +20,9 @@ from ..binlayout import STRUCT_CODES
 from ..emulator.ucinternals import HF2_NMI_MASK, HF_CPL_MASK, HF_INHIBIT_IRQ
 from ..emulator.descriptors import FLAG_DB, FLAG_L
 from ..emulator.memory import UnbackedMemory
+from ..emulator.paging import pae_pdpte_problem
 from ..svm import world as svm_world
+from ..svm.cpuid import max_physical_bits
 from . import layouts as L
 
 if TYPE_CHECKING:
@@ -115,9 +117,12 @@ class MapCodec:
         narrow = " & 0xFFFFFFFF" if layout is L.SMRAM_STATE_32 else ""    # 64-bit registers into u4 fields
         # pack(s, **extras): each map field from register s[i], or an extra (0 unless given)
         encode = "(s[{}] >> 8) & 0xF0FF" if shifted else "s[{}] & 0xF0FF00"
+        # Extras are masked to their field's width: a 32-bit map's I/O-restart fields take
+        # the low halves of 64-bit registers.
+        width_masks = [hex((1 << 8 * (stop - start)) - 1) for start, stop in self.spans]
         fields_out = [f"s[{STATE_NAMES.index(plan[name])}]{narrow}" if name in plan else
                       encode.format(STATE_NAMES.index(attributes[name])) if name in attributes else
-                      name.replace(".", "_") for name in self.names]
+                      f"{name.replace('.', '_')} & {mask}" for name, mask in zip(self.names, width_masks)]
         # restore(s, a): each register from map field a[k], or kept from s
         decode = "(a[{}] & 0xF0FF) << 8" if shifted else "a[{}] & 0xF0FF00"
         sources = {STATE_NAMES.index(register): f"a[{at}]" for at, name in enumerate(self.names)
@@ -127,6 +132,9 @@ class MapCodec:
         for index in SIXTEEN_BIT_REGISTERS:         # the map's u32 slots hold 16-bit registers
             if index in sources and sources[index].startswith("a["):
                 sources[index] += " & 0xFFFF"
+        if profile.smm_narrow_control_fields and layout is L.SMRAM_STATE_64:
+            for name in NARROW_IN_QEMU_64:          # F.11: QEMU's RSM reads them as 32 bits too
+                sources[STATE_NAMES.index(name)] += " & 0xFFFFFFFF"
         registers_in = [sources.get(index, f"s[{index}]") for index in range(len(STATE_NAMES))]
         extras = ", ".join(f"{name.replace('.', '_')}=0" for name in self.extras)
         # Both first take plain copies (s[:] of an ArchState is a list, a[:] of an Area a tuple):
@@ -138,13 +146,23 @@ class MapCodec:
         exec(compile(self.source, f"<MapCodec {layout is L.SMRAM_STATE_64 and 64 or 32}-bit {profile.name}>", "exec"),
              namespace)
         self._pack, self.restore = namespace["pack"], namespace["restore"]
-        self.written = self._written_mask(profile) if profile.smm_writes_over_memory else None
+        written = self._written_fields(profile)
+        self.written = self._written_mask(profile, written) if written is not None else None
+        # RSM returns to guest mode only where SMI entry writes FED8h: bytes a QEMU-style
+        # entry leaves alone are not state (QEMU's RSM never reads FED8h/FEE0h).
+        self.returns_to_guest_mode = "svm_guest" in self.names and (written is None or "svm_guest" in written)
 
-    def _written_mask(self, profile) -> int:
-        """F.11: which bytes a QEMU-style entry writes over SMRAM (the rest keep their bytes)."""
+    def _written_fields(self, profile) -> set[str] | None:
+        """F.11: the fields a QEMU-style entry writes over SMRAM (None: the whole map)."""
+        if not profile.smm_writes_over_memory:
+            return None
         written = set(PLAN[id(self.layout)]) | set(ATTRIBUTES[id(self.layout)]) | {"smbase", "revision"}
         if profile.smm_restart_fields:
             written |= set(self.extras)
+        return written
+
+    def _written_mask(self, profile, written: set[str]) -> int:
+        """The bytes of ``written`` fields, as a mask over the map."""
         mask = 0
         for name, (start, stop) in zip(self.names, self.spans):
             if name in written:
@@ -333,8 +351,12 @@ def leave_smm(machine: "Machine", current: ArchState | None = None) -> None:
         elif area.auto_halt_restart & 1:
             machine.halted = True           # back to the HLT the SMI interrupted
     cpu.load(state, context_is_current=True)
-    if getattr(area, "svm_guest", 0) & 1:     # the SMI came in guest mode: RSM returns to L2
-        svm_world.resume_after_rsm(machine, area.svm_guest_vmcb)
+    if codec.returns_to_guest_mode and area.svm_guest & 1:     # the SMI came in guest mode: back to L2
+        try:
+            svm_world.resume_after_rsm(machine, area.svm_guest_vmcb)
+        except (svm_world.VmcbMemoryError, UnbackedMemory) as missing:     # KVM: the map fails, RSM fails
+            machine.request_stop_shutdown(f"RSM: guest-mode state: {missing}")
+            return
     machine.events.append({"kind": "rsm", "instructions": machine.instructions_if_exact, "rip": state[At.rip],
                            "smbase": smm.smbase})
 
@@ -345,6 +367,11 @@ def _validate(machine: "Machine", state: ArchState, area, is_64: bool) -> None:
     cr0, cr4, efer = state[At.cr0], state[At.cr4], state[At.efer]
     if profile.rsm_checks:
         _control_checks(cr0, state[At.cr3], cr4, efer if is_64 else 0, state[At.dr6], state[At.dr7], is_64)
+        lme = is_64 and efer & EFER_LME
+        if cr0 & CR0_PG and cr4 & CR4_PAE and not lme:        # KVM loads the PDPTEs (its CR0 write)
+            problem = pae_pdpte_problem(machine.memory, state[At.cr3], max_physical_bits(machine.cpu_model))
+            if problem:
+                raise InvalidSavedState(f"CR3 {state[At.cr3]:#x}: {problem}")
     if profile.rsm_apm_checks:
         if area.revision != revision(machine, codec_for(is_64, profile).layout):
             raise InvalidSavedState(f"revision identifier modified ({area.revision:#x})")
