@@ -32,9 +32,7 @@ Inconclusive, not findings: a run that ends with ``timeout`` (wall time is not r
 a cut run whose count of delivered events and exits reached the budget with nothing
 retired (``max_instructions`` bounds both, per call); a difference in a guest that writes
 into code it runs (Unicorn counts an instruction QEMU restarts after such a store twice,
-and whether QEMU catches the store depends on state no snapshot holds); a cut-run
-difference under a skipping caller-as-L1 that intercepts an event (the event exits again
-at every slice start).
+and whether QEMU catches the store depends on state no snapshot holds).
 """
 from __future__ import annotations
 
@@ -54,7 +52,6 @@ from ..harness import inguest, runner
 from ..harness.vectors import BITS
 from ..intercepts import InterceptControls
 from ..intercepts.controls import LAST_INTERCEPT_BIT
-from ..intercepts.exitcodes import ExitCode
 from ..intercepts.profiles import PROFILES
 from ..svm.cpuid import MODELS
 from . import Finding, viaboth
@@ -72,7 +69,6 @@ DEBUGCON = 0xE9
 APM_CONTROL = 0xB2
 # Stop reasons after which a continuation can go on: the driver answers them.
 ANSWERED = {StopReason.LIMIT, StopReason.VMEXIT, StopReason.HYPERCALL, StopReason.BREAKPOINT}
-EVENT_EXITS = frozenset({ExitCode.INTR, ExitCode.NMI, ExitCode.SMI, ExitCode.INIT, ExitCode.VINTR})
 RAISERS = {
     "smi": Machine.raise_smi,
     "nmi": Machine.raise_nmi,
@@ -464,8 +460,7 @@ def one_run(seed: int) -> None:
         if not (bounded or bounded_too):
             first, second = (_without_work(reference) + [final_state(machine)],
                              _without_work(pieces) + [final_state(other)])
-            if (_first_difference(first, second) is not None and not _skips_event_exits(s)
-                    and not _modifies_executed_code(s, ((whole,), (split,)))):
+            if _first_difference(first, second) is not None and not _modifies_executed_code(s, ((whole,), (split,))):
                 _compare("split", s, first, second)
         # replay: prefix, snapshot, continuation; restore, continuation again
         machine = build(s)
@@ -492,14 +487,6 @@ def _compare_unless_self_modifying(what: str, s: Scenario, first, second, plans)
     snapshot's reach (snapshot.py)."""
     if _first_difference(first, second) is not None and not _modifies_executed_code(s, (plans,)):
         _compare(what, s, first, second)
-
-
-def _skips_event_exits(s: Scenario) -> bool:
-    """A caller-as-L1 with ``on_exit="skip"`` that intercepts INTR, NMI, SMI, INIT or VINTR:
-    the event stays pending after its exit and exits again at the start of the next slice,
-    so how often — and which instructions the skips pass over — depends on how the run is
-    cut.  (Open: for an event exit "skip" should consume the event, not move RIP.)"""
-    return s.guest is not None and s.guest[3] == "skip" and any(code in EVENT_EXITS for code in s.guest[0])
 
 
 def _modifies_executed_code(s: Scenario, runs) -> bool:
