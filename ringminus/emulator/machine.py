@@ -65,7 +65,6 @@ GUEST_MEMORY_ERRORS = (UnbackedMemory, svm_world.VmcbMemoryError)
 UNBOUNDED_COUNT = 1 << 62
 MASK_64 = 0xFFFF_FFFF_FFFF_FFFF
 ROTATES = frozenset({0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3})     # group 2: /2 RCL, /3 RCR
-CC_OP = ucinternals.EFLAGS + 4 * 8      # QEMU's lazy-flags operation (i32), after eflags, cc_dst, cc_src, cc_src2
 STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "vmexits", "port_reads",
              "port_writes", "unclaimed_port_reads", "unclaimed_port_writes", "hypercalls", "vmruns")
 ICEBP, INT3, INTO, HLT = 0xF1, 0xCC, 0xCE, 0xF4
@@ -562,7 +561,7 @@ class Machine:
     def _on_interrupt(self, uc: Uc, intno: int, _data) -> None:
         ctx = self.cpu.context.snapshot()
         if intno != Vector.DB and not ctx.i32(ucinternals.EXCEPTION_IS_INT) and self._flags_in_cc_src(ctx):
-            ctx.put_i32(CC_OP, ucinternals.CC_OP_EFLAGS)        # a fault: the flags are cc_src's
+            ctx.put_i32(ucinternals.CC_OP, ucinternals.CC_OP_EFLAGS)        # a fault: the flags are cc_src's
             ctx.commit()
         self._trap_and_stop(_Trap("exception", vector=intno, error_code=ctx.i32(ucinternals.ERROR_CODE) & 0xFFFFFFFF,
                                   software=bool(ctx.i32(ucinternals.EXCEPTION_IS_INT)),
@@ -588,7 +587,7 @@ class Machine:
         RFLAGS): the arithmetic flags are cc_src's."""
         ctx = self.cpu.context.snapshot()
         arithmetic = ucinternals.ARITHMETIC_FLAGS
-        self.cpu["rflags"] = ctx.u64(ucinternals.EFLAGS) & ~arithmetic | ctx.u64(CC_OP - 16) & arithmetic
+        self.cpu["rflags"] = ctx.u64(ucinternals.EFLAGS) & ~arithmetic | ctx.u64(ucinternals.CC_SRC) & arithmetic
 
     def _on_invalid_opcode(self, uc: Uc, _data) -> bool:
         if self._switch_in_hooks and self.smm.in_smm:        # RSM, as SMM handlers end

@@ -101,6 +101,8 @@ STATE_RUNS: tuple[tuple[struct.Struct, int, slice], ...] = tuple(
     for offset, run, names in _STATE_RUNS_SPEC)
 
 
+CC_OP = EFLAGS + 4 * 8        # i32: QEMU's lazy-flags operation, after eflags, cc_dst, cc_src, cc_src2
+CC_SRC = EFLAGS + 2 * 8       # u64
 CC_OP_EFLAGS = 1              # QEMU's lazy-flags state "CC_SRC holds the flags themselves"
 ARITHMETIC_FLAGS = 0x8D5      # OF SF ZF AF PF CF
 
