@@ -270,8 +270,9 @@ def _enter_through_stub(machine, save) -> tuple[list[tuple[int, bytes]], int]:
     elif cpu.cpl == 0:
         leave = f"jmp {cs.base + cpu.rip:#x}"
     else:
-        slot = "<Q" if bits == 64 else "<I"
-        frame = b"".join(struct.pack(slot, value) for value in (cpu.rip, cs.selector, machine["rsp"], machine["ss"]))
+        slot, width = ("<Q", (1 << 64) - 1) if bits == 64 else ("<I", 0xFFFF_FFFF)    # a 32-bit RETF pops 32 bits
+        frame = b"".join(struct.pack(slot, value & width)
+                         for value in (cpu.rip, cs.selector, machine["rsp"], machine["ss"]))
         leave = "retfq" if bits == 64 else "retf"
         gdt, _ = cpu.table_register("gdtr")
         for name, selector in (("cs", SEL_CODE64 if bits == 64 else SEL_CODE32), ("ss", SEL_DATA)):
