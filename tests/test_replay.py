@@ -212,10 +212,28 @@ def test_a_fault_frame_holds_the_flags_before_the_fault(limit):
     assert rip == 0x100005 and rflags == 0x46
 
 
+@pytest.mark.parametrize("between", ["", "cpuid;", "nop;"])
+@pytest.mark.parametrize("pieces", [(None,), (1000,), (1, 1, 1000), (2, 1000)])
+def test_an_invalid_opcode_frame_holds_the_flags_before_it(between, pieces):
+    # add [rax], al from 0 + 0 leaves ZF and PF (0x46), then #UD (lock nop) through a handler
+    # that halts: the frame holds 0x46 however the run is counted, cut or hooked (CPUID).
+    machine = Machine(memory_size=4 << 20)
+    machine.write_memory(0x100000, asm(f"add [rax], al; {between}", 64, 0x100000) + bytes.fromhex("f090"))
+    machine.boot("long", 0x100000)
+    machine.write_memory(IDT_BASE + 6 * 16, pack_gate(0x180000, SEL_CODE64, SYS_INT_GATE, long_mode=True))
+    machine.write_memory(0x180000, b"\xf4")
+    machine["rax"] = 0x1000
+    for piece in pieces:
+        result = machine.run(max_instructions=piece)
+    assert result.stop.reason is StopReason.HLT and result.events[0]["vector"] == 6
+    rip, cs, rflags = struct.unpack("<3Q", machine.read_memory(result.regs["rsp"], 24))
+    assert rflags == 0x46
+
+
 # Seeds that found a class once: 0 (flags at a fault), 59 (a run starting at a breakpoint),
 # 114 and 2004 (SMRAM views and swaps), 10151 (re-arming after restore), 10372 (flags at a
-# memory stop).
-@pytest.mark.parametrize("seed", [0, 3, 59, 114, 2004, 10151, 10372])
+# memory stop), 70660 (flags at an invalid opcode), 80372 and 81464 (an SMI raised by OUTS).
+@pytest.mark.parametrize("seed", [0, 3, 59, 114, 2004, 10151, 10372, 70660, 80372, 81464])
 def test_replay_campaign_seeds(seed):
     load("replay").one_run(seed)
 

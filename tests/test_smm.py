@@ -417,6 +417,30 @@ def test_io_instruction_restart_in_the_apm_profile():
             assert trap == 0xB2 << 16 | 1 << 4 | 0b10        # port 0xB2, SZ8, valid, a write
 
 
+def test_an_smi_raised_by_outs_is_taken_right_after_it():
+    # OUTS reaches the APM port through Unicorn's own OUT hook (no code site): the SMI is still
+    # taken at the next boundary, and the APM map records a string I/O instruction.
+    for code, entries, rip, io_regs, trap in (
+            ("outsb", 1, 0x7C0D, (0x7C0C, 3, 0x500), 0xB2 << 16 | 1 << 4 | 0b110),
+            ("rep outsb", 3, 0x7C0C, (0x7C0C, 1, 0x502), 0xB2 << 16 | 1 << 4 | 0b1110)):    # the 3rd iteration
+        machine = Machine(profile="apm", apm_smi=True)
+        machine.smram.add_range(SMRAM_BASE, 0x10000)
+        machine.load_smram(0x38000, asm("inc byte ptr [0x9000]", 16, 0x8000) + RSM)
+        machine.write_memory(0x7C00, asm(f"mov ecx, 3; mov si, 0x500; mov dx, 0xb2; {code}; inc ebx; hlt",
+                                         16, 0x7C00))
+        machine.boot("real", 0x7C00)
+        result = machine.run(max_instructions=1000)
+        data = machine.smram.ranges[1].data
+        saved = lambda offset, size=8: int.from_bytes(data[offset:offset + size].tobytes(), "little")
+        assert result.stop.reason is StopReason.HLT and result.smm["entries"] == entries
+        assert machine.read_memory(0x9000, 1)[0] == entries and result.regs["rbx"] & 0xFFFF == 1
+        assert saved(0xFF78) == rip                                  # taken after the OUTS (iteration)
+        assert (saved(0xFEA0), saved(0xFEA8), saved(0xFEB0)) == io_regs     # RIP, RCX, RSI before it
+        assert saved(0xFEC0, 4) == trap
+        if code == "outsb":
+            assert result.as_dict()["events"][0]["instructions"] == 4      # counted with the OUTS
+
+
 def test_smbase_above_one_mib():
     # CS selector (SMBASE >> 4) & 0xFFFF with base SMBASE: a real-mode CS a selector write
     # could not express (reference/unicorn.md §5).

@@ -560,9 +560,8 @@ class Machine:
 
     def _on_interrupt(self, uc: Uc, intno: int, _data) -> None:
         ctx = self.cpu.context.snapshot()
-        if intno != Vector.DB and not ctx.i32(ucinternals.EXCEPTION_IS_INT) and self._flags_in_cc_src(ctx):
-            ctx.put_i32(ucinternals.CC_OP, ucinternals.CC_OP_EFLAGS)        # a fault: the flags are cc_src's
-            ctx.commit()
+        if intno != Vector.DB and not ctx.i32(ucinternals.EXCEPTION_IS_INT):
+            self._repair_flags_at_fault(ctx)
         self._trap_and_stop(_Trap("exception", vector=intno, error_code=ctx.i32(ucinternals.ERROR_CODE) & 0xFFFFFFFF,
                                   software=bool(ctx.i32(ucinternals.EXCEPTION_IS_INT)),
                                   cr2=ctx.u64(ucinternals.CR + 2 * 8)))
@@ -582,6 +581,12 @@ class Machine:
         at = next((i for i, byte in enumerate(code) if not is_prefix(byte, bits)), len(code))
         return len(code) > at + 1 and code[at] in ROTATES and code[at + 1] < 0xC0 and (code[at + 1] >> 3) & 7 in (2, 3)
 
+    def _repair_flags_at_fault(self, ctx) -> None:
+        """Inside the hook of a fault or an invalid opcode: undo Unicorn's misread, if any."""
+        if self._flags_in_cc_src(ctx):
+            ctx.put_i32(ucinternals.CC_OP, ucinternals.CC_OP_EFLAGS)
+            ctx.commit()
+
     def _rflags_from_cc_src(self) -> None:
         """After a slice ended at such a fault (its exit already folded the misread flags into
         RFLAGS): the arithmetic flags are cc_src's."""
@@ -599,6 +604,7 @@ class Machine:
                 return True
         elif self._switch_in_hooks and self.guest is None and self._vmrun_in_hook():
             return True
+        self._repair_flags_at_fault(self.cpu.context.snapshot())
         self._trap_and_stop(_Trap("invalid"))
         return True
 
@@ -671,9 +677,25 @@ class Machine:
         return self.ports.read(port, size)
 
     def _on_out(self, uc: Uc, port: int, size: int, value: int, _data) -> None:
+        """Unicorn's OUT: an OUT to a port no precise device claims, and OUTS (one call per
+        iteration, the registers as they were before it).  What the write leaves pending is
+        taken right after it, as after an emulated OUT: the slice ends there."""
+        smi_before = self.smm.pending
         self.ports.write(port, size, value)
-        if self._stop is not None:       # an unarmed OUT to a stopping device: best effort
-            uc.emu_stop()
+        if self.smm.pending and not smi_before:
+            self.smm.io_instruction = self._io_instruction_at_hook(port, size)
+        if self._stop is not None or self.smm.pending and not smi_before:
+            self._trap_and_stop(_Trap("resume"))
+
+    def _io_instruction_at_hook(self, port: int, size: int) -> IoInstruction:
+        """The I/O instruction whose OUT hook runs (RIP at it): OUT, OUTS or REP OUTS."""
+        state = self.cpu.capture()
+        rip = state[At.rip]
+        code = self.linear.fetch(state[At.cs_base] + rip, 15, state[At.cr0], state[At.cr3])
+        insn = self._decode(code, ucinternals.code_bits(state[At.hflags]), rip) if code else None
+        string = insn is not None and insn.row.name in ("outs", "outs_wide")
+        return IoInstruction((rip, state[At.rcx], state[At.rsi], state[At.rdi]), port, read=False, size=size,
+                             string=string, repeat=string and insn.prefixes.rep)
 
     def _on_site(self, uc: Uc, address: int, size: int, _data) -> None:
         if address in self._breakpoints and address != self._resuming_at_breakpoint:
@@ -960,7 +982,7 @@ class Machine:
                 self._forget_armed_spaces()     # even a reload of the same CR3 flushes the TLB
                 self.linear.flush()
         elif trap.kind == "resume":
-            pass                                # a hook finished the instruction; the loop acts
+            self._retire(started)               # a hook finished the instruction; the loop acts
         elif trap.kind == "breakpoint":
             self._retire(started - 1)
             self._stop = Stop(StopReason.BREAKPOINT, self.cpu.rip)
