@@ -41,7 +41,7 @@ from unicorn.x86_const import UC_X86_REG_RIP, UC_X86_REG_RSP  # noqa: E402
 from ringminus import Machine, StopReason  # noqa: E402
 from ringminus.emulator.loader import parse_elf  # noqa: E402
 from ringminus.intercepts import InterceptControls  # noqa: E402
-from ringminus.intercepts.exitcodes import ExitCode  # noqa: E402
+from ringminus.arch.exitcodes import ExitCode  # noqa: E402
 
 TEXT = 0x100000
 BSS = 0x200000

@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from .emulator import BootState, ImageError, Machine, RunResult, parse_elf, parse_flat
-from .emulator.boot import CPU_SIGNATURE, DEFAULT_LOAD, SYSTEM_AREA, overlaps_system_area
-from .emulator.cpu import CONTROL, GPRS, REGISTER_NAMES, SEGMENT_REGISTERS
+from .emulator.boot import DEFAULT_LOAD, SYSTEM_AREA, overlaps_system_area
+from .emulator.cpu import REGISTER_NAMES
+from .arch.models import MODELS
+from .arch.registers import CONTROL, GPRS, LEGACY_GPRS, SEGMENT_REGISTERS
 from .emulator.loader import is_elf
 from .emulator.result import EXIT_STATUS, USAGE_ERROR_STATUS, StopReason
 from .emulator.ucinternals import UnicornLayoutError
 from .harness import VIAS, VectorError, collect, run_vector
 from .hypercalls import HypercallAction, HypercallFilterError, HypercallHandlerError
 from .intercepts.controls import LAST_INTERCEPT_BIT, InterceptControls, msrpm_bit
-from .intercepts.exitcodes import ExitCode, parse_exit
+from .arch.exitcodes import ExitCode, parse_exit
 from .intercepts.profiles import DEFAULT_PROFILE, PROFILES
 from .sigint import calling_on_sigint
 
@@ -316,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="port of the debug console (default 0xe9)")
     run.add_argument("--max-insns", type=parse_count, metavar="N", help="stop after N instructions (reason limit)")
     run.add_argument("--timeout", type=parse_timeout, metavar="SECONDS", help="stop after SECONDS of wall time")
-    run.add_argument("--cpu", choices=sorted(CPU_SIGNATURE), default="qemu64",
+    run.add_argument("--cpu", choices=sorted(MODELS), default="qemu64",
                      help="CPU model: qemu64 (long mode, 64-bit SMM map) or qemu32 (32-bit map)")
     run.add_argument("--chipset", choices=("q35", "pc"), default="q35",
                      help="host bridge, SMRAM register and SMI enables as QEMU's machine (default q35)")
@@ -537,9 +539,8 @@ def summary(result: RunResult) -> str:
     if result.events:
         kinds = Counter(e["kind"] for e in result.events)
         lines.append("events: " + ", ".join(f"{count} {kind}" for kind, count in kinds.items()))
-    names = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp")
-    lines.append("  ".join(f"{n}={regs[n]:#018x}" for n in names[:4]))
-    lines.append("  ".join(f"{n}={regs[n]:#018x}" for n in names[4:]))
+    lines.append("  ".join(f"{n}={regs[n]:#018x}" for n in LEGACY_GPRS[:4]))
+    lines.append("  ".join(f"{n}={regs[n]:#018x}" for n in LEGACY_GPRS[4:]))
     lines.append(f"rip={regs['rip']:#018x}  rflags={regs['rflags']:#x}  cpl={regs['cpl']}  "
                  f"cr0={regs['cr0']:#x}  cr3={regs['cr3']:#x}  cr4={regs['cr4']:#x}  efer={regs['efer']:#x}")
     lines.append("  ".join(f"{n}={regs[n]['selector']:04x}[{regs[n]['base']:#x} {regs[n]['attributes']:#06x}]"

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from ringminus import Machine, StopReason
-from ringminus.emulator.descriptors import SYS_INT_GATE, pack_gate
+from ringminus.arch.segments import SYS_INT_GATE, pack_gate
 from ringminus.intercepts.controls import InterceptControls
-from ringminus.intercepts.exitcodes import ExitCode
+from ringminus.arch.exitcodes import ExitCode
 from ringminus.smm import layouts as L
 
 from .conftest import asm

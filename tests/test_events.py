@@ -4,7 +4,7 @@ import io
 from ringminus import Machine, StopReason
 from ringminus.emulator import ucinternals
 from ringminus.emulator.boot import IDT_BASE
-from ringminus.emulator.descriptors import SYS_TRAP_GATE, pack_gate
+from ringminus.arch.segments import SYS_TRAP_GATE, pack_gate
 
 from .conftest import asm
 

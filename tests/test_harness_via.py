@@ -12,8 +12,8 @@ from ringminus.cli import main
 from ringminus.harness import collect, run_vector, runner
 from ringminus.harness.inguest import L1_DONE, generate_l1
 from ringminus.harness.vectors import Outcome, parse_vector
-from ringminus.emulator.cpu import EFER_SVME
-from ringminus.intercepts.exitcodes import ExitCode
+from ringminus.arch.control import EFER_SVME
+from ringminus.arch.exitcodes import ExitCode
 from ringminus.intercepts.profiles import PROFILES
 from ringminus.intercepts.vmcb import VMCB_SIZE, intercept_vector, vmcb_view
 

@@ -123,7 +123,7 @@ def test_exception_intercept_during_delivery_reports_exitintinfo():
     # ... and #GP during #NP delivery, with #GP intercepted: EXITINTINFO = the #NP.
     def bad_np_gate(m):
         from ringminus.emulator.boot import IDT_BASE
-        from ringminus.emulator.descriptors import SYS_TRAP_GATE, pack_gate
+        from ringminus.arch.segments import SYS_TRAP_GATE, pack_gate
         m.write_memory(IDT_BASE + 11 * 8, pack_gate(0x2000, 0x1000, SYS_TRAP_GATE))
     _, result = guest("int 0x30", "protected", setup=bad_np_gate, codes=[ExitCode.EXCP13, ExitCode.EXCP8])
     assert result.vmexit["name"] == "excp13" and result.vmexit["info1"] == 0x1001     # EXT: during an exception

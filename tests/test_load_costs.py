@@ -14,12 +14,12 @@ from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_WRITE
 
 from ringminus import Machine, StopReason
 from ringminus.emulator.boot import IDT_BASE, SEL_CODE64
-from ringminus.emulator.descriptors import SYS_INT_GATE, pack_gate
+from ringminus.arch.segments import SYS_INT_GATE, pack_gate
 from ringminus.emulator.loader import parse_elf
 from ringminus.emulator.ports import EXIT_PORT
 from ringminus.emulator.sites import RANGE_BUDGET
 from ringminus.intercepts import InterceptControls
-from ringminus.intercepts.exitcodes import ExitCode
+from ringminus.arch.exitcodes import ExitCode
 
 from . import l1
 from .conftest import asm

@@ -74,7 +74,7 @@ def test_emulated_out_honours_the_tss_io_bitmap():
 
     def setup(m):
         from ringminus.emulator.boot import IDT_BASE
-        from ringminus.emulator.descriptors import SYS_TRAP_GATE, pack_gate
+        from ringminus.arch.segments import SYS_TRAP_GATE, pack_gate
         m.write_memory(0x200000, asm("mov ebx, [esp]; and byte ptr [%#x], 0; mov al, 2; out 0xf4, al" % bit_byte,
                                      32, 0x200000))
         m.write_memory(IDT_BASE + 13 * 8, pack_gate(0x200000, 0x08, SYS_TRAP_GATE))

@@ -8,10 +8,10 @@ import pytest
 
 from ringminus import Machine, StopReason
 from ringminus.emulator.boot import IDT_BASE, SEL_CODE64
-from ringminus.emulator.descriptors import SYS_INT_GATE, pack_gate
+from ringminus.arch.segments import SYS_INT_GATE, pack_gate
 from ringminus.fuzz import load
 from ringminus.intercepts import InterceptControls
-from ringminus.intercepts.exitcodes import ExitCode
+from ringminus.arch.exitcodes import ExitCode
 
 from .conftest import asm
 

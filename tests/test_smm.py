@@ -102,7 +102,7 @@ def test_rsm_rejects_nw_without_cd(profile, expect_shutdown):              # §E
     put(machine, "cr0", 0xA005_0033)
     result = machine.run()
     if expect_shutdown:
-        assert result.stop.reason is StopReason.SHUTDOWN and "NW without CD" in result.stop.detail
+        assert result.stop.reason is StopReason.SHUTDOWN and "CR0.NW set with CR0.CD clear" in result.stop.detail
         assert result.smm["smm"] is False                                   # KVM leaves SMM first
     else:
         assert result.stop.reason is not StopReason.SHUTDOWN

@@ -5,6 +5,7 @@ import struct
 import numpy as np
 import pytest
 
+from ringminus.arch import segments as S
 from ringminus.smm import layouts as L
 from ringminus.smm.layouts import SMRAM_STATE_32, SMRAM_STATE_64
 
@@ -230,35 +231,35 @@ CODE_64 = 0x00A0_9B00           # type B, S, P, L, G
 
 
 def test_descriptor_flags():
-    assert L.descriptor_flags(0xB, default_big=1, granularity=1) == FLAT_CODE_32
-    assert L.descriptor_flags(0xB, long_mode=1, granularity=1) == CODE_64
+    assert S.descriptor_flags(0xB, default_big=1, granularity=1) == FLAT_CODE_32
+    assert S.descriptor_flags(0xB, long_mode=1, granularity=1) == CODE_64
     # SMM entry segments: type 3, S=1, DPL 0, P=1, G=1 (§C.2 step 10)
-    assert L.descriptor_flags(3, granularity=1) == 0x0080_9300
+    assert S.descriptor_flags(3, granularity=1) == 0x0080_9300
 
 
 def test_attributes_64():
-    assert L.attributes_64(FLAT_CODE_32) == 0xC09B
-    assert L.attributes_64(CODE_64) == 0xA09B
-    assert L.flags_from_attributes_64(0xC09B) == FLAT_CODE_32
-    assert L.flags_from_attributes_64(0xA09B) == CODE_64
+    assert S.attributes_from_flags(FLAT_CODE_32) == 0xC09B
+    assert S.attributes_from_flags(CODE_64) == 0xA09B
+    assert S.flags_from_attributes(0xC09B) == FLAT_CODE_32
+    assert S.flags_from_attributes(0xA09B) == CODE_64
     # limit 19:16 (descriptor bits 19:16 -> flags bits 19:16) is not an attribute
-    assert L.attributes_64(FLAT_CODE_32 | 0x000F_0000) == 0xC09B
+    assert S.attributes_from_flags(FLAT_CODE_32 | 0x000F_0000) == 0xC09B
 
 
 def test_segment_flags_32_kvm_vs_qemu():
-    assert L.segment_flags_32(FLAT_CODE_32, shifted=False) == 0x00C0_9B00    # KVM
-    assert L.segment_flags_32(FLAT_CODE_32, shifted=True) == 0x0000_C09B     # QEMU i386
-    assert L.segment_flags_32(FLAT_CODE_32 | 0x000F_0000, shifted=False) == 0x00C0_9B00
+    assert S.segment_flags_32(FLAT_CODE_32, shifted=False) == 0x00C0_9B00    # KVM
+    assert S.segment_flags_32(FLAT_CODE_32, shifted=True) == 0x0000_C09B     # QEMU i386
+    assert S.segment_flags_32(FLAT_CODE_32 | 0x000F_0000, shifted=False) == 0x00C0_9B00
     for shifted in (False, True):
         for flags in (FLAT_CODE_32, CODE_64, 0x0080_9300, 0x0000_8B00):
-            assert L.flags_from_32(L.segment_flags_32(flags, shifted), shifted) == flags
+            assert S.flags_from_32(S.segment_flags_32(flags, shifted), shifted) == flags
 
 
 def test_qemu_and_kvm_32bit_maps_differ_only_in_the_flags_word():
     kvm, qemu = L.new_save_area(SMRAM_STATE_32), L.new_save_area(SMRAM_STATE_32)
     for rec, shifted in ((kvm, False), (qemu, True)):
         rec["cs_selector"] = 8
-        rec["cs_cache"]["flags"] = L.segment_flags_32(FLAT_CODE_32, shifted)
+        rec["cs_cache"]["flags"] = S.segment_flags_32(FLAT_CODE_32, shifted)
         rec["cs_cache"]["limit"] = 0xFFFF_FFFF
     k, q = L.to_bytes(kvm), L.to_bytes(qemu)
     assert raw(k, 0xFF90, "I") == 0x00C0_9B00 and raw(q, 0xFF90, "I") == 0x0000_C09B

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ringminus import Machine, StopReason
-from ringminus.svm.cpuid import SVM, MODELS, cpuid_table
+from ringminus.svm.cpuid import cpuid_table
+from ringminus.arch.models import SVM, MODELS
 from ringminus.emulator.boot import TSS_BASE
 from ringminus.intercepts.controls import EXCEPTION_BASE
 from ringminus.intercepts.profiles import PROFILES

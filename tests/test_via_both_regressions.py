@@ -8,7 +8,7 @@ import pytest
 from ringminus.cli import main
 from ringminus.harness import run_vector
 from ringminus.harness.vectors import parse_vector
-from ringminus.intercepts.exitcodes import ExitCode
+from ringminus.arch.exitcodes import ExitCode
 
 
 def vector(text: str):

@@ -5,9 +5,10 @@ import struct
 
 import pytest
 
-from ringminus.emulator.descriptors import Segment
+from ringminus.arch.segments import Segment
+from ringminus.arch import segments as S
 from ringminus.intercepts import vmcb as V
-from ringminus.intercepts.exitcodes import ExitCode
+from ringminus.arch.exitcodes import ExitCode
 
 
 def raw(record, offset: int, fmt: str) -> int:
@@ -184,17 +185,17 @@ def test_event_encoding():
     (0x0000_0000, 0x0000),      # null
 ])
 def test_attrib_round_trip(flags, attrib):
-    assert V.vmcb_attrib_from_flags(flags) == attrib
-    assert V.flags_from_vmcb_attrib(attrib) == flags
+    assert S.vmcb_attrib_from_flags(flags) == attrib
+    assert S.flags_from_vmcb_attrib(attrib) == flags
 
 
 def test_attrib_bit_positions():
     # Linux SVM_SELECTOR_*_SHIFT: S 4, DPL 5, P 7, AVL 8, L 9, DB 10, G 11
-    from ringminus.emulator.descriptors import FLAG_DB, FLAG_G, FLAG_L, FLAG_P, FLAG_S
+    from ringminus.arch.segments import FLAG_DB, FLAG_G, FLAG_L, FLAG_P, FLAG_S
     flags = (FLAG_S, FLAG_P, 1 << 20, FLAG_L, FLAG_DB, FLAG_G)
-    assert [V.vmcb_attrib_from_flags(f) for f in flags] == [1 << n for n in (4, 7, 8, 9, 10, 11)]
-    assert V.vmcb_attrib_from_flags(3 << 13) == 3 << 5
-    assert V.vmcb_attrib_from_flags(0x00CF_9B00) == 0x0C9B      # limit 19:16 is not an attribute
+    assert [S.vmcb_attrib_from_flags(f) for f in flags] == [1 << n for n in (4, 7, 8, 9, 10, 11)]
+    assert S.vmcb_attrib_from_flags(3 << 13) == 3 << 5
+    assert S.vmcb_attrib_from_flags(0x00CF_9B00) == 0x0C9B      # limit 19:16 is not an attribute
 
 
 def test_segment_record_round_trip():
@@ -223,9 +224,9 @@ def n64_vmcb():
     save["dr6"] = 0xFFFF_0FF0
     save["dr7"] = 0x0000_0400
     save["rflags"] = 0x2
-    V.write_segment(save["cs"], Segment(0x08, 0, 0xFFFF_FFFF, V.flags_from_vmcb_attrib(CS_64)))
+    V.write_segment(save["cs"], Segment(0x08, 0, 0xFFFF_FFFF, S.flags_from_vmcb_attrib(CS_64)))
     for name in ("ss", "ds", "es", "fs", "gs"):
-        V.write_segment(save[name], Segment(0x10, 0, 0xFFFF_FFFF, V.flags_from_vmcb_attrib(0x0C93)))
+        V.write_segment(save[name], Segment(0x10, 0, 0xFFFF_FFFF, S.flags_from_vmcb_attrib(0x0C93)))
     V.set_intercept_vector(control, 1 << ExitCode.VMRUN)
     control["guest_asid"] = 1
     return record

@@ -12,7 +12,7 @@ import functools
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
-from ..intercepts.exitcodes import ExitCode as E
+from ..arch.exitcodes import ExitCode as E
 
 
 class Stage(IntEnum):

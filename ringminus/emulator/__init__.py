@@ -4,7 +4,7 @@ from .delivery import Event, EventKind
 from .loader import ImageError, parse_elf, parse_flat
 from .machine import Machine
 from .result import RunResult, Stop, StopReason
-from .vectors import Vector
+from ..arch.exceptions import Vector
 
 __all__ = ["BootState", "Event", "EventKind", "ImageError", "Machine", "RunResult", "Stop",
            "StopReason", "Vector", "parse_elf", "parse_flat"]

@@ -23,8 +23,10 @@ from __future__ import annotations
 import struct
 from enum import Enum
 
-from .cpu import CR4_PAE, EFER_LMA, EFER_LME, GPRS
-from .descriptors import (FLAG_P, FLAG_S, SYS_INT_GATE, SYS_LDT, SYS_TSS32_AVAILABLE, SYS_TSS32_BUSY,
+from ..arch.control import CR4_PAE, EFER_LMA, EFER_LME
+from ..arch.models import MODELS
+from ..arch.registers import GPRS
+from ..arch.segments import (FLAG_P, FLAG_S, SYS_INT_GATE, SYS_LDT, SYS_TSS32_AVAILABLE, SYS_TSS32_BUSY,
                           Segment, pack_descriptor, pack_gate, pack_system_descriptor64, unpack_descriptor)
 
 
@@ -59,7 +61,6 @@ LONG_CR0 = 0x8000_0011             # PG | PE | ET
 
 # QEMU's CPU models: the CPUID.1 signature EDX holds at reset.
 # qemu64: family 15, model 107, stepping 1; qemu32: family 6, model 6, stepping 3.
-CPU_SIGNATURE = {"qemu64": 0x0006_0FB1, "qemu32": 0x0000_0663}
 
 RESET_CODE = FLAG_P | FLAG_S | (0xB << 8)        # 0x9B: code, readable, accessed
 RESET_DATA = FLAG_P | FLAG_S | (0x3 << 8)        # 0x93: data, writable, accessed
@@ -84,7 +85,7 @@ def reset_state(machine, cs_selector: int, cs_base: int, ip: int) -> None:
     cpu.set_table_register("idtr", 0, RESET_TABLE_LIMIT)
     cpu["rflags"] = 0x2
     cpu["dr6"], cpu["dr7"] = RESET_DR6, RESET_DR7
-    cpu["edx"] = CPU_SIGNATURE[machine.cpu_model]
+    cpu["edx"] = MODELS[machine.cpu_model].signature
     cpu.rip = ip
 
 

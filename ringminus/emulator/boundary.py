@@ -8,12 +8,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from ..intercepts.checker import VmExit
-from ..intercepts.exitcodes import ExitCode
+from ..arch.exitcodes import ExitCode
 from ..intercepts.vmcb import V_IGN_TPR, V_INTR_PRIO_MASK, V_INTR_PRIO_SHIFT, V_IRQ
 from ..smm.world import enter_smm
-from .cpu import RFLAGS_IF
+from ..arch.control import RFLAGS_IF
 from .delivery import Event, EventKind
-from .vectors import Vector
+from ..arch.exceptions import Vector
 
 if TYPE_CHECKING:
     from .machine import Machine

@@ -4,67 +4,11 @@ from __future__ import annotations
 from unicorn import Uc
 from unicorn import x86_const as X
 
+from ..arch.control import (CR0_PE, CR0_PG, CR0_WP, CR4_FLUSHES_TLB, CR4_PAE, CR4_PSE, EFER_LMA, EFER_NXE, EFER_SVME,
+                            MSR_EFER, RFLAGS_VM, TRANSLATION_CR4_BITS)
+from ..arch.registers import CONTROL, GPRS, SEGMENT_REGISTERS, SYSTEM_SEGMENTS
 from . import ucinternals as uci
-from .descriptors import Segment
-
-MSR_EFER = 0xC000_0080
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
-EFER_NXE = 1 << 11
-EFER_SVME = 1 << 12
-EFER_SCE = 1 << 0
-# What KVM's EFER/CR4 writes accept (RSM's and VMRUN's checks): LMSLE and FFXSR included,
-# no LA57 on these CPU models.
-EFER_DEFINED = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE | EFER_SVME | (1 << 14) | (1 << 15)
-CR4_DEFINED = 0x003F_7FFF & ~(1 << 12)
-MAX_PHYSICAL_BITS = 52
-
-CR0_PE = 1 << 0
-CR0_EM, CR0_TS, CR0_NW, CR0_CD = 1 << 2, 1 << 3, 1 << 29, 1 << 30
-CR0_WP = 1 << 16
-CR0_PG = 1 << 31
-CR4_PSE = 1 << 4
-CR4_PAE = 1 << 5
-
-CR4_PGE = 1 << 7
-CR4_LA57, CR4_PCIDE, CR4_SMEP, CR4_SMAP, CR4_PKE = 1 << 12, 1 << 17, 1 << 20, 1 << 21, 1 << 22
-TRANSLATION_CR4_BITS = CR4_PSE | CR4_PAE | CR4_PGE | CR4_LA57 | CR4_PCIDE | CR4_SMEP | CR4_SMAP | CR4_PKE
-# A CR4 write that changes one of these flushes QEMU's TLB itself (cpu_x86_update_cr4).
-CR4_FLUSHES_TLB = CR4_PGE | CR4_PAE | CR4_PSE | CR4_SMEP | CR4_SMAP | CR4_LA57
-
-
-
-def cr_write_refused(reg: int, value: int, cr0: int, cr4: int, efer: int) -> bool:
-    """True where MOV to CR``reg`` of ``value`` raises #GP(0) with the other control registers
-    as given (KVM's kvm_set_cr0/3/4/8 checks): reserved bits, PG without PE, NW without CD,
-    paging turned on with EFER.LME but not CR4.PAE, PAE turned off in long mode."""
-    long_mode = bool(efer & EFER_LMA)
-    if reg == 0:
-        turns_on_paging = value & CR0_PG and not cr0 & CR0_PG
-        return bool(value >> 32 or value & CR0_PG and not value & CR0_PE or value & CR0_NW and not value & CR0_CD
-                    or turns_on_paging and efer & EFER_LME and not cr4 & CR4_PAE
-                    or not value & CR0_PG and cr4 & CR4_PCIDE)
-    if reg == 4:
-        return bool(value & ~CR4_DEFINED or long_mode and not value & CR4_PAE)
-    if reg == 3:
-        return long_mode and bool((value & ~(1 << 63)) >> MAX_PHYSICAL_BITS)    # bit 63: PCID no-flush
-    if reg == 8:
-        return bool(value >> 4)
-    return False
-
-
-RFLAGS_TF = 1 << 8
-RFLAGS_IF = 1 << 9
-RFLAGS_NT = 1 << 14
-RFLAGS_RF = 1 << 16
-RFLAGS_VM = 1 << 17
-RFLAGS_AC = 1 << 18
-
-GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
-        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
-SEGMENT_REGISTERS = ("cs", "ds", "es", "fs", "gs", "ss")
-SYSTEM_SEGMENTS = ("ldtr", "tr")
-CONTROL = ("cr0", "cr2", "cr3", "cr4")
+from ..arch.segments import Segment
 
 # Every register name the API and ``--set`` accept, mapped to Unicorn's id.  Narrow names
 # (eax, ax, al, r8d …) write only their part, as the instruction set does.

@@ -11,13 +11,14 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Callable
 
-from .cpu import RFLAGS_AC, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM, Cpu
-from .descriptors import (FLAG_DB, SYS_INT_GATE, SYS_INT_GATE16, SYS_TASK_GATE, SYS_TRAP_GATE,
+from .cpu import Cpu
+from ..arch.control import RFLAGS_AC, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM
+from ..arch.segments import (FLAG_DB, SYS_INT_GATE, SYS_INT_GATE16, SYS_TASK_GATE, SYS_TRAP_GATE,
                           SYS_TRAP_GATE16, TYPE_CODE, TYPE_CONFORMING, TYPE_EXPAND_DOWN,
                           TYPE_WRITABLE, Segment, unpack_descriptor, unpack_gate)
 from .paging import LinearMemory
 from .segmentation import canonical
-from .vectors import CONTRIBUTORY, PUSHES_ERROR_CODE, GuestFault, Vector
+from ..arch.exceptions import CONTRIBUTORY, PUSHES_ERROR_CODE, GuestFault, Vector
 
 
 class EventKind(Enum):

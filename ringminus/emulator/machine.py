@@ -31,8 +31,10 @@ from ..decode.table import (ALWAYS_ARMED_OPCODES, INTERRUPT_WINDOW_OPCODES, INTE
                             PORT_OUT_ROWS, site_opcodes)
 from . import boot as boot_states, boundary
 from . import ucinternals
-from .cpu import EFER_SVME, RFLAGS_VM, SEGMENT_REGISTERS, ArchState, At, Cpu, cr_write_refused
-from .descriptors import Segment
+from .cpu import ArchState, At, Cpu
+from ..arch.control import EFER_SVME, RFLAGS_VM, cr_write_refused
+from ..arch.registers import SEGMENT_REGISTERS
+from ..arch.segments import Segment
 from .delivery import Delivery, Event, EventKind, Outcome, Unsupported
 from .loader import Image, bios_windows, check_bios
 from .memory import ROM, PhysicalMemory, UnbackedMemory
@@ -41,7 +43,7 @@ from .ports import DEBUGCON_PORT, EXIT_PORT, DebugConsole, ExitDevice, PortBus, 
 from .result import RunResult, Stop, StopReason
 from .sites import CodeSites
 from .snapshot import Snapshot, restore as restore_snapshot, take as take_snapshot
-from .vectors import PUSHES_ERROR_CODE, GuestFault, Vector
+from ..arch.exceptions import PUSHES_ERROR_CODE, GuestFault, Vector
 from ..intercepts.checker import Fault, VmExit, check
 from ..intercepts.guest import Guest
 from ..intercepts.profiles import DEFAULT_PROFILE, profile as profile_named
@@ -52,10 +54,11 @@ from ..smm.chipset import Chipset
 from ..smm.smram import Smram
 from ..smm.world import IoInstruction, SmmState, enter_smm, leave_smm
 from ..intercepts.controls import InterceptControls
-from ..intercepts.exitcodes import ExitCode
+from ..arch.exitcodes import ExitCode
 from ..svm import SvmState, msrs as svm_msrs
 from ..svm import world as svm_world
-from ..svm.cpuid import MODELS, cpuid_table
+from ..svm.cpuid import cpuid_table
+from ..arch.models import MODELS
 from ..svm.instructions import EXECUTE as SVM_INSTRUCTIONS, execute as execute_svm, vmcb_address
 
 DEFAULT_MEMORY = 64 << 20
@@ -145,7 +148,7 @@ class Machine:
                  debugcon_port: int = DEBUGCON_PORT, exact_instructions: bool = False,
                  chipset: str = "q35", profile: str = DEFAULT_PROFILE, apm_smi: bool = False):
         ucinternals.verify()
-        if cpu_model not in boot_states.CPU_SIGNATURE:
+        if cpu_model not in MODELS:
             raise ValueError(f"unknown CPU model {cpu_model!r} (qemu64 or qemu32)")
         self.cpu_model = cpu_model
         self.profile = profile_named(profile)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from unicorn.x86_const import UC_X86_REG_CR0 as X86_CR0, UC_X86_REG_CR3 as X86_CR3
 
-from .cpu import CR0_PG, CR0_WP, CR4_PAE, CR4_PSE, EFER_LMA, EFER_NXE, Cpu
+from .cpu import Cpu
+from ..arch.control import CR0_PG, CR0_WP, CR4_PAE, CR4_PSE, EFER_LMA, EFER_NXE
 from .memory import PhysicalMemory
-from .vectors import GuestFault, Vector
+from ..arch.exceptions import GuestFault, Vector
 
 PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D, PTE_PS = 1, 2, 4, 0x20, 0x40, 0x80
 PTE_NX = 1 << 63

@@ -5,9 +5,10 @@ import inspect
 from collections import Counter
 from typing import Callable, Iterable, Protocol
 
-from .cpu import RFLAGS_VM, At
+from .cpu import At
+from ..arch.control import RFLAGS_VM
 from .memory import UnbackedMemory
-from .vectors import GuestFault
+from ..arch.exceptions import GuestFault
 
 DEBUGCON_PORT = 0xE9      # Bochs / QEMU debugcon
 EXIT_PORT = 0xF4          # QEMU isa-debug-exit as commonly configured (iobase=0xf4)

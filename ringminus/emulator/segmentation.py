@@ -3,8 +3,8 @@ becomes a linear address, or #GP/#SS (null selector, type, limit, canonical form
 from __future__ import annotations
 
 from .cpu import Cpu
-from .descriptors import TYPE_CODE, TYPE_EXPAND_DOWN, TYPE_READABLE, TYPE_WRITABLE, Segment
-from .vectors import GuestFault, Vector
+from ..arch.segments import TYPE_CODE, TYPE_EXPAND_DOWN, TYPE_READABLE, TYPE_WRITABLE, Segment
+from ..arch.exceptions import GuestFault, Vector
 
 
 def canonical(address: int) -> bool:

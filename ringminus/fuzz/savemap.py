@@ -23,8 +23,8 @@ from . import Finding
 from .streams import MB, RUN_TIMEOUT, check_run, interesting_value, mov_imm, random_stream
 from ..emulator import Machine, StopReason
 from ..emulator.boot import PAGE_TABLES
-from ..emulator.cpu import GPRS
-from ..intercepts.exitcodes import ExitCode
+from ..arch.registers import GPRS
+from ..arch.exitcodes import ExitCode
 from ..intercepts.profiles import PROFILES
 from ..intercepts.vmcb import new_vmcb, set_intercept_vector, write_segment
 from ..smm import layouts as L

@@ -19,13 +19,13 @@ import time
 
 from . import Finding
 from ..emulator import Machine, StopReason
-from ..emulator.cpu import CR4_DEFINED, EFER_DEFINED
+from ..arch.control import CR4_DEFINED, EFER_DEFINED
 from ..emulator.boot import GDT_BASE, IDT_BASE, PAGE_TABLES, SEL_CODE32, SEL_CODE64
-from ..emulator.descriptors import SYS_INT_GATE, SYS_TRAP_GATE, pack_gate
+from ..arch.segments import SYS_INT_GATE, SYS_TRAP_GATE, pack_gate
 from ..emulator.memory import UnbackedMemory
-from ..emulator.vectors import GuestFault
+from ..arch.exceptions import GuestFault
 from ..intercepts.controls import LAST_INTERCEPT_BIT, MSR_RANGES, InterceptControls
-from ..intercepts.exitcodes import ExitCode
+from ..arch.exitcodes import ExitCode
 from ..intercepts.profiles import PROFILES
 
 MB = 1 << 20

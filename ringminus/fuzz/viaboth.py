@@ -52,11 +52,11 @@ import struct
 from . import Finding
 from ..emulator.boot import (DEFAULT_LOAD, IDT_BASE, PAGE_TABLES, SEL_CODE32, SEL_CODE32_USER, SEL_CODE64,
                              SEL_CODE64_USER, TSS_BASE, BootState)
-from ..emulator.cpu import MSR_EFER
+from ..arch.control import MSR_EFER
 from ..harness import inguest, runner
 from ..harness.vectors import BITS, Outcome, Vector, parse_vector
 from ..intercepts.controls import LAST_INTERCEPT_BIT, msrpm_bit
-from ..intercepts.exitcodes import ExitCode
+from ..arch.exitcodes import ExitCode
 from ..intercepts.profiles import PROFILES
 from ..intercepts.vmcb import MSR_VM_CR, MSR_VM_HSAVE_PA
 

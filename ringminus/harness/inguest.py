@@ -40,12 +40,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..emulator.boot import RING0_STACK_TOP, SEL_CODE32, SEL_CODE64, SEL_DATA, SYSTEM_AREA, BootState
-from ..emulator.cpu import CR0_PG, CR4_SMAP, CR4_SMEP, EFER_SVME, GPRS, MSR_EFER, RFLAGS_TF
-from ..emulator.descriptors import Segment, unpack_descriptor
+from ..arch.control import CR0_PG, CR4_SMAP, CR4_SMEP, EFER_SVME, MSR_EFER, RFLAGS_TF
+from ..arch.registers import GPRS
+from ..arch.segments import Segment, unpack_descriptor
 from ..emulator.ports import EXIT_PORT
 from ..emulator.result import StopReason
 from ..intercepts.controls import IOPM_BYTES, MSRPM_BYTES
-from ..intercepts.exitcodes import ExitCode
+from ..arch.exitcodes import ExitCode
 from ..intercepts.vmcb import (GUEST_INSTRUCTION_COUNT_MASK, MSR_VM_HSAVE_PA, VMCB_SIZE, new_vmcb,
                                set_intercept_vector, vmcb_view, write_segment)
 from ..svm.instructions import VMLOAD_MSRS

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from ..emulator import Machine, StopReason
 from ..emulator.boot import DEFAULT_LOAD, BootState
 from ..intercepts.controls import InterceptControls
-from ..intercepts.exitcodes import ExitCode
+from ..arch.exitcodes import ExitCode
 from .vectors import Outcome, Vector, assemble_text  # noqa: F401 (inguest assembles with it)
 
 PAGING32_DIRECTORY = 0x20000           # protected mode: PD, then one page table per 4 MiB

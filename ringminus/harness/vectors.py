@@ -18,20 +18,18 @@ from typing import Any, Callable, NamedTuple
 
 from ..decode.table import Stage
 from ..emulator.boot import DEFAULT_LOAD, BootState
-from ..emulator.cpu import CR4_DEFINED, EFER_DEFINED, GPRS, MAX_PHYSICAL_BITS
+from ..arch.control import DEFINED_BITS
+from ..arch.registers import GPRS
 from ..emulator.machine import DEFAULT_MEMORY
 from ..intercepts.controls import LAST_INTERCEPT_BIT, msrpm_bit
-from ..intercepts.exitcodes import parse_exit
+from ..arch.exitcodes import parse_exit
 from ..intercepts.profiles import PROFILES
 
 MODES = ("real", "protected", "long")
 BITS = {"real": 16, "protected": 32, "long": 64}
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
-# The registers a vector may set or expect, and the bits each can hold: a value with a
-# reserved bit set is one no CPU holds (RFLAGS 63:22, CR0/DR6/DR7 63:32, CR3 above the
-# physical address width, CR4 and EFER as KVM's checks define them; semantics.md §C.6).
-REGISTERS = {**dict.fromkeys(GPRS, U64), "rflags": (1 << 22) - 1, "cr0": U32,
-             "cr3": (1 << MAX_PHYSICAL_BITS) - 1, "cr4": CR4_DEFINED, "efer": EFER_DEFINED, "dr6": U32, "dr7": U32}
+# The registers a vector may set or expect, and the bits each can hold (arch.control).
+REGISTERS = {**dict.fromkeys(GPRS, U64), **DEFINED_BITS}
 # Where a vector's code may run: a real-mode vector's CS is 0, so its code ends at the 64 KiB
 # segment; above 1 MiB the code has the rest of the runner's guest RAM.
 CODE_ROOM = {"real": 0x10000 - DEFAULT_LOAD[BootState.REAL],

@@ -21,7 +21,7 @@ from ..decode.decoder import decode
 from ..emulator.delivery import Event, EventKind
 from ..emulator.memory import UnbackedMemory
 from ..emulator.result import StopReason
-from ..emulator.vectors import GuestFault, Vector
+from ..arch.exceptions import GuestFault, Vector
 from .filter import HypercallAction
 
 if TYPE_CHECKING:

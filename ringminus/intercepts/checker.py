@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..decode.table import Flag, Stage
-from ..emulator.cpu import CR0_PE
-from ..emulator.vectors import GuestFault, Vector
+from ..arch.control import CR0_PE
+from ..arch.exceptions import GuestFault, Vector
 from .checks import CHECKS
-from .exitcodes import exit_name
+from ..arch.exitcodes import exit_name
 from .exitinfo import BUILDERS
 
 if TYPE_CHECKING:

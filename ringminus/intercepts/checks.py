@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from ..emulator.cpu import CR0_PE, EFER_SVME, cr_write_refused
+from ..arch.control import CR0_PE, CR4_DE, CR4_PCE, CR4_TSD, CR4_UMIP, DR6_BD, DR7_GD, EFER_SVME, cr_write_refused
 from ..emulator.ports import io_permitted
 from ..emulator.segmentation import linear_address
-from ..emulator.vectors import GuestFault, Vector
+from ..arch.exceptions import GuestFault, Vector
 
 if TYPE_CHECKING:
     from ..decode.decoder import Instruction
     from .guest import Guest
 
-CR4_DE, CR4_TSD, CR4_PCE, CR4_UMIP = 1 << 3, 1 << 2, 1 << 8, 1 << 11
-DR7_GD = 1 << 13
-DR6_BD = 1 << 13
 VALID_CRS = frozenset({0, 2, 3, 4, 8})
 MAX_PMC = 5
 

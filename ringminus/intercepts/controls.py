@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .exitcodes import ExitCode
+from ..arch.exitcodes import ExitCode
 
 IOPM_BYTES = 12 * 1024
 MSRPM_BYTES = 8 * 1024

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from ..decode.table import Flag
-from .exitcodes import ExitCode as E
+from ..arch.exitcodes import ExitCode as E
 
 if TYPE_CHECKING:
     from ..decode.decoder import Instruction

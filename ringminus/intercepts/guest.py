@@ -9,10 +9,10 @@ from ..decode.decoder import GPR64, Instruction
 from ..emulator.delivery import Event, EventKind
 from ..emulator.memory import UnbackedMemory
 from ..emulator.segmentation import linear_address
-from ..emulator.vectors import GuestFault, Vector
+from ..arch.exceptions import GuestFault, Vector
 from .checker import VmExit
 from .controls import EXCEPTION_BASE, InterceptControls
-from .exitcodes import ExitCode
+from ..arch.exitcodes import ExitCode
 from .profiles import DEFAULT_PROFILE, profile as profile_named
 from .vmcb import V_IRQ, EventType, encode_event
 

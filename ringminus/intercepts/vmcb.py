@@ -18,6 +18,7 @@ convert to and from the descriptor-cache ``flags`` word of descriptors.py.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Callable
@@ -25,11 +26,10 @@ from typing import Callable
 import numpy as np
 
 from ..binlayout import U1, U2, U4, U8, field_span, structured, verify as verify_layout
-from ..emulator.cpu import (CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_DEFINED, CR4_PAE, EFER_DEFINED, EFER_LMA,
-                            EFER_LME, EFER_SVME)
-from ..emulator.descriptors import Segment
+from ..arch.control import CONTROL_RULES, EFER_SVME, ControlState
+from ..arch.segments import Segment, flags_from_vmcb_attrib, vmcb_attrib_from_flags
 from .controls import IOPM_BYTES, MSRPM_BYTES
-from .exitcodes import ExitCode
+from ..arch.exitcodes import ExitCode
 
 # --- sizes and MSRs ---------------------------------------------------------------------------
 
@@ -299,23 +299,6 @@ def set_intercept_vector(control, vector: int) -> None:
     control["intercepts"] = [(vector >> (32 * i)) & 0xFFFF_FFFF for i in range(INTERCEPT_WORDS)]
 
 
-# --- segment attributes (semantics.md §C.5) ---------------------------------------------------
-# flags (descriptor high dword): type 11:8, S 12, DPL 14:13, P 15, AVL 20, L 21, D/B 22, G 23.
-# VMCB attrib: type 3:0, S 4, DPL 6:5, P 7, AVL 8, L 9, D/B 10, G 11.
-
-VMCB_ATTRIB_MASK = 0x0FFF
-
-
-def vmcb_attrib_from_flags(flags: int) -> int:
-    """The VMCB 12-bit attrib of a descriptor-cache flags word (limit 19:16 dropped)."""
-    return (flags >> 8) & 0x0FF | (flags >> 12) & 0xF00
-
-
-def flags_from_vmcb_attrib(attrib: int) -> int:
-    """The descriptor-cache flags word of a VMCB attrib."""
-    return (attrib & 0x0FF) << 8 | (attrib & 0xF00) << 12
-
-
 def read_segment(record) -> Segment:
     """The segment a VMCB segment record holds (its limit is already byte-granular)."""
     return Segment(int(record["selector"]), int(record["base"]), int(record["limit"]),
@@ -331,8 +314,6 @@ def write_segment(record, segment: Segment) -> None:
 
 # --- VMRUN consistency checks (APM §15.5.1, semantics.md §B.5) --------------------------------
 
-_CS_L = 1 << 9                      # VMCB attrib bits
-_CS_D = 1 << 10
 _EVENT_TYPES = frozenset(EventType)
 
 
@@ -369,9 +350,10 @@ class VmrunCandidate:
             long_mode_capable=long_mode_capable, max_phys_bits=max_phys_bits,
             nested_paging_supported=nested_paging_supported)
 
-    @property
-    def long_mode_paging(self) -> bool:
-        return bool(self.efer & EFER_LME and self.cr0 & CR0_PG)
+    @functools.cached_property
+    def control(self) -> ControlState:
+        return ControlState(self.cr0, self.cr3, self.cr4, self.efer, self.dr6, self.dr7, self.long_mode_capable,
+                            self.max_phys_bits, flags_from_vmcb_attrib(self.cs_attrib))
 
 
 def _map_beyond_physical(base: int, size: int, max_phys_bits: int) -> bool:
@@ -392,25 +374,20 @@ def _illegal_event_injection(eventinj: int) -> bool:
     return event.kind == EventType.EXCEPTION and event.vector not in EXCEPTION_VECTORS
 
 
+# The control-state rules VMRUN applies (arch.control), in the APM's order after EFER.SVME.
+VMRUN_CONTROL_RULES = ("nw_without_cd", "cr0_high", "cr3_high", "cr4_reserved", "dr6_high", "dr7_high",
+                       "efer_reserved", "lme_lma_without_long_mode", "long_paging_without_pae",
+                       "long_paging_without_pe", "long_paging_cs_l_and_d")
+
+
+def _control_rule(name: str) -> tuple[str, Callable[[VmrunCandidate], bool]]:
+    rule = CONTROL_RULES[name]
+    return rule.reason, lambda s: rule.refused(s.control)
+
+
 VMRUN_CHECKS: tuple[tuple[str, Callable[[VmrunCandidate], bool]], ...] = (
     ("EFER.SVME is clear", lambda s: not s.efer & EFER_SVME),
-    ("CR0.NW set with CR0.CD clear", lambda s: bool(s.cr0 & CR0_NW) and not s.cr0 & CR0_CD),
-    ("CR0[63:32] not zero", lambda s: (s.cr0 >> 32) != 0),
-    # CR3: only bits 63:max_phys_bits (KVM checks CR3 only under LME&PG)
-    ("CR3 MBZ bits set", lambda s: (s.cr3 >> s.max_phys_bits) != 0),
-    ("CR4 MBZ bits set", lambda s: (s.cr4 & ~CR4_DEFINED) != 0),
-    ("DR6[63:32] not zero", lambda s: (s.dr6 >> 32) != 0),
-    ("DR7[63:32] not zero", lambda s: (s.dr7 >> 32) != 0),
-    ("EFER MBZ bits set", lambda s: (s.efer & ~EFER_DEFINED) != 0),
-    ("EFER.LME/LMA set without long mode",
-     lambda s: bool(s.efer & (EFER_LME | EFER_LMA)) and not s.long_mode_capable),
-    ("EFER.LME and CR0.PG set with CR4.PAE clear",
-     lambda s: s.long_mode_paging and not s.cr4 & CR4_PAE),
-    ("EFER.LME and CR0.PG set with CR0.PE clear",
-     lambda s: s.long_mode_paging and not s.cr0 & CR0_PE),
-    ("EFER.LME, CR0.PG, CR4.PAE, CS.L and CS.D all set",
-     lambda s: s.long_mode_paging and bool(s.cr4 & CR4_PAE)
-     and (s.cs_attrib & (_CS_L | _CS_D)) == (_CS_L | _CS_D)),
+    *(_control_rule(name) for name in VMRUN_CONTROL_RULES),
     ("VMRUN intercept clear", lambda s: not (s.intercepts >> ExitCode.VMRUN) & 1),
     ("MSRPM extends beyond the physical address space",
      lambda s: _map_beyond_physical(s.msrpm_base_pa, MSRPM_BYTES, s.max_phys_bits)),
@@ -457,7 +434,6 @@ __all__ = [
     "VMCB_SEGMENT", "VMCB_CONTROL", "VMCB_SAVE", "VMCB",
     "CONTROL_OFFSETS", "SAVE_OFFSETS", "VMCB_OFFSETS", "verify_layout",
     "new_vmcb", "vmcb_view", "offset_of", "intercept_vector", "set_intercept_vector",
-    "VMCB_ATTRIB_MASK", "vmcb_attrib_from_flags", "flags_from_vmcb_attrib",
     "read_segment", "write_segment",
     "VmrunCandidate", "VMRUN_CHECKS", "consistency_failure", "first_failure",
 ]

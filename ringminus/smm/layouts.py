@@ -254,54 +254,10 @@ def from_bytes(data: bytes | bytearray | memoryview, layout: np.dtype) -> np.voi
     return np.frombuffer(bytearray(data), dtype=layout)[0]
 
 
-# --- segment attribute encodings (semantics.md §C.5, §F.6) -----------------------------------
-# "flags" = KVM/QEMU's descriptor high-dword layout: type<<8, S<<12, DPL<<13, P<<15, AVL<<20,
-# L<<21, D/B<<22, G<<23 (limit 19:16 excluded).
-
-FLAGS_MASK = 0x00F0FF00             # the attribute bits of a flags word
-ATTRIBUTES_MASK = 0xF0FF            # the same bits shifted down by 8
-
-
-def descriptor_flags(type_: int, s: int = 1, dpl: int = 0, present: int = 1, avl: int = 0,
-                     long_mode: int = 0, default_big: int = 0, granularity: int = 0) -> int:
-    """Build a flags word from descriptor attribute fields."""
-    return ((type_ & 0xF) << 8 | (s & 1) << 12 | (dpl & 3) << 13 | (present & 1) << 15
-            | (avl & 1) << 20 | (long_mode & 1) << 21 | (default_big & 1) << 22
-            | (granularity & 1) << 23)
-
-
-def flags_dpl(flags: int) -> int:
-    """The DPL a flags word holds."""
-    return (flags >> 13) & 3
-
-
-def attributes_64(flags: int) -> int:
-    """The 16-bit attributes word of a 64-bit-map segment record (KVM and QEMU agree)."""
-    return (flags >> 8) & ATTRIBUTES_MASK
-
-
-def flags_from_attributes_64(attributes: int) -> int:
-    """The flags word back from a 64-bit-map attributes word."""
-    return (attributes & ATTRIBUTES_MASK) << 8
-
-
-def segment_flags_32(flags: int, shifted: bool) -> int:
-    """The 32-bit-map cache "flags" word: unshifted in KVM (shifted=False, 0x00C09B00 for flat
-    32-bit code), shifted like the 64-bit map in QEMU i386 (shifted=True, 0x0000C09B)."""
-    return (flags >> 8) & ATTRIBUTES_MASK if shifted else flags & FLAGS_MASK
-
-
-def flags_from_32(word: int, shifted: bool) -> int:
-    """The flags word back from a 32-bit-map cache word written as ``segment_flags_32`` does."""
-    return (word & ATTRIBUTES_MASK) << 8 if shifted else word & FLAGS_MASK
-
-
 __all__ = [
     "SAVE_AREA", "SAVE_AREA_SIZE", "ENTRY_OFFSET", "DEFAULT_SMBASE",
     "REVISION_64", "REVISION_32", "REVISION_IO_RESTART", "REVISION_SMBASE_RELOCATION",
     "SEGMENT_64", "SEGMENT_CACHE_32", "SMRAM_STATE_64", "SMRAM_STATE_32",
     "OFFSETS_64", "OFFSETS_32", "verify_layout",
     "layout_for", "revision_for", "offset_of", "new_save_area", "to_bytes", "from_bytes",
-    "FLAGS_MASK", "ATTRIBUTES_MASK", "descriptor_flags", "flags_dpl", "attributes_64",
-    "flags_from_attributes_64", "segment_flags_32", "flags_from_32",
 ]

@@ -8,17 +8,19 @@ an invalid state ends in shutdown with the reason recorded.
 """
 from __future__ import annotations
 
+import functools
 import struct
 from collections import namedtuple
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..emulator.cpu import (CR0_CD, CR0_EM, CR0_NW, CR0_PE, CR0_PG, CR0_TS, CR4_DEFINED, CR4_PAE,  # noqa: F401
-                            EFER_DEFINED, EFER_LMA, EFER_LME, MAX_PHYSICAL_BITS, RFLAGS_VM,   # (CONTROL_CHECKS)
-                            STATE_NAMES, ArchState, At)
+from ..emulator.cpu import STATE_NAMES, ArchState, At
+from ..arch.control import (CR0_EM, CR0_PE, CR0_PG, CR0_TS, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_VM, ControlState,
+                            first_refused)
 from ..binlayout import STRUCT_CODES
 from ..emulator.ucinternals import HF2_NMI_MASK, HF_CPL_MASK, HF_INHIBIT_IRQ
-from ..emulator.descriptors import FLAG_DB, FLAG_L
+from ..arch.registers import GPRS_BY_NUMBER
+from ..arch.segments import FLAG_DB, FLAG_L, descriptor_flags, flags_dpl, flags_from_32, segment_flags_32
 from ..emulator.memory import UnbackedMemory
 from ..emulator.paging import pae_pdpte_problem
 from ..svm import world as svm_world
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
     from ..emulator.machine import Machine
 
 SMM_DR7 = 0x400
-SMM_SEGMENT_FLAGS = L.descriptor_flags(0x3, granularity=1)        # data R/W accessed, G, P, S
+SMM_SEGMENT_FLAGS = descriptor_flags(0x3, granularity=1)        # data R/W accessed, G, P, S
 SMM_DATA_SEGMENT = (0, 0, 0xFFFF_FFFF, SMM_SEGMENT_FLAGS)          # selector, base, limit, flags
 GPR_NAMES_32 = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
 SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
@@ -62,18 +64,17 @@ class SmmState:
 # SMBASE, the revision, the restart fields; zero unless given).
 
 SEGMENT_RECORDS = (*SEGMENTS, "ldtr", "tr")
-_GPRS_64 = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", *(f"r{n}" for n in range(8, 16)))
 PLAN = {
     id(L.SMRAM_STATE_64): {
         **{f"{seg}.{part}": f"{seg}.{part}" for seg in SEGMENT_RECORDS for part in ("selector", "limit", "base")},
         **{f"{table}_{part}": f"{table}.{part}" for table in ("gdtr", "idtr") for part in ("limit", "base")},
-        **{name: name for name in ("efer", "cr0", "cr3", "cr4", "dr6", "dr7", "rflags", "rip", *_GPRS_64)},
+        **{name: name for name in ("efer", "cr0", "cr3", "cr4", "dr6", "dr7", "rflags", "rip", *GPRS_BY_NUMBER)},
     },
     id(L.SMRAM_STATE_32): {
         **{f"{seg}_selector": f"{seg}.selector" for seg in SEGMENT_RECORDS},
         **{f"{seg}_cache.{part}": f"{seg}.{part}" for seg in SEGMENT_RECORDS for part in ("limit", "base")},
         **{f"{table}_{part}": f"{table}.{part}" for table in ("gdtr", "idtr") for part in ("limit", "base")},
-        **dict(zip(GPR_NAMES_32, ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi"))),
+        **dict(zip(GPR_NAMES_32, GPRS_BY_NUMBER)),
         "eip": "rip", "eflags": "rflags", **{name: name for name in ("cr0", "cr3", "cr4", "dr6", "dr7")},
     },
 }
@@ -116,7 +117,8 @@ class MapCodec:
         shifted = profile.smm_shifted_attributes_32 or layout is L.SMRAM_STATE_64
         narrow = " & 0xFFFFFFFF" if layout is L.SMRAM_STATE_32 else ""    # 64-bit registers into u4 fields
         # pack(s, **extras): each map field from register s[i], or an extra (0 unless given)
-        encode = "(s[{}] >> 8) & 0xF0FF" if shifted else "s[{}] & 0xF0FF00"
+        # (segment attributes through arch.segments, the one home of their encodings)
+        encode = "_encode(s[{}])"
         # Extras are masked to their field's width: a 32-bit map's I/O-restart fields take
         # the low halves of 64-bit registers.
         width_masks = [hex((1 << 8 * (stop - start)) - 1) for start, stop in self.spans]
@@ -124,7 +126,7 @@ class MapCodec:
                       encode.format(STATE_NAMES.index(attributes[name])) if name in attributes else
                       f"{name.replace('.', '_')} & {mask}" for name, mask in zip(self.names, width_masks)]
         # restore(s, a): each register from map field a[k], or kept from s
-        decode = "(a[{}] & 0xF0FF) << 8" if shifted else "a[{}] & 0xF0FF00"
+        decode = "_decode(a[{}])"
         sources = {STATE_NAMES.index(register): f"a[{at}]" for at, name in enumerate(self.names)
                    for register in [plan.get(name)] if register}
         sources.update({STATE_NAMES.index(register): decode.format(at) for at, name in enumerate(self.names)
@@ -142,7 +144,9 @@ class MapCodec:
         # are nothing but subscripts.
         self.source = (f"def pack(s, *, {extras}):\n    s = s[:]\n    return _pack({', '.join(fields_out)})\n"
                        f"def restore(s, a):\n    s, a = s[:], a[:]\n    return _ArchState(({', '.join(registers_in)},))\n")
-        namespace = {"_pack": self.struct.pack, "_ArchState": ArchState}
+        namespace = {"_pack": self.struct.pack, "_ArchState": ArchState,
+                     "_encode": functools.partial(segment_flags_32, shifted=shifted),
+                     "_decode": functools.partial(flags_from_32, shifted=shifted)}
         exec(compile(self.source, f"<MapCodec {layout is L.SMRAM_STATE_64 and 64 or 32}-bit {profile.name}>", "exec"),
              namespace)
         self._pack, self.restore = namespace["pack"], namespace["restore"]
@@ -290,30 +294,16 @@ def enter_smm(machine: "Machine", state: ArchState | None = None) -> None:
                            "smbase": smm.smbase})
 
 
-# What KVM's CR/DR/EFER writes reject (every profile that checks), §C.6 / §F.12: (refused
-# when, the reason recorded with the shutdown), over cr0 cr3 cr4 efer dr6 dr7 and
-# long_mode_capable.  Compiled into one function below: RSM runs it every time.
-CONTROL_CHECKS = (
-    ("cr0 >> 32", "CR0 {cr0:#x}: bits 63:32 set"),
-    ("cr0 & CR0_PG and not cr0 & CR0_PE", "CR0 {cr0:#x}: PG without PE"),
-    ("cr0 & CR0_NW and not cr0 & CR0_CD", "CR0 {cr0:#x}: NW without CD"),
-    ("cr4 & ~CR4_DEFINED", "CR4 {cr4:#x}: reserved bits"),
-    ("cr3 >> MAX_PHYSICAL_BITS", "CR3 {cr3:#x}: bits above the physical address width"),
-    ("dr6 >> 32 or dr7 >> 32", "DR6/DR7: bits 63:32 set"),
-    ("efer & ~EFER_DEFINED", "EFER {efer:#x}: reserved bits"),
-    ("efer & EFER_LME and not long_mode_capable", "EFER.LME on a CPU without long mode"),
-    ("efer & EFER_LME and cr0 & CR0_PG and not cr4 & CR4_PAE", "EFER.LME and CR0.PG without CR4.PAE"),
-)
-_CONTROL_ARGUMENTS = "cr0, cr3, cr4, efer, dr6, dr7, long_mode_capable"
-exec(f"def _first_refused({_CONTROL_ARGUMENTS}):\n"
-     + "".join(f"    if {condition}:\n        return {k}\n" for k, (condition, _) in enumerate(CONTROL_CHECKS)),
-     globals())
+# The control-state rules RSM applies (arch.control; KVM's CR/DR/EFER writes, every profile
+# that checks: §C.6 / §F.12), in KVM's order.
+RSM_CONTROL_RULES = ("cr0_high", "pg_without_pe", "nw_without_cd", "cr4_reserved", "cr3_high", "dr6_high",
+                     "dr7_high", "efer_reserved", "lme_without_long_mode", "long_paging_without_pae")
 
 
 def _control_checks(cr0: int, cr3: int, cr4: int, efer: int, dr6: int, dr7: int, long_mode_capable: bool) -> None:
-    refused = _first_refused(cr0, cr3, cr4, efer, dr6, dr7, long_mode_capable)   # noqa: F821 (compiled above)
+    refused = first_refused(ControlState(cr0, cr3, cr4, efer, dr6, dr7, long_mode_capable), RSM_CONTROL_RULES)
     if refused is not None:
-        raise InvalidSavedState(CONTROL_CHECKS[refused][1].format(cr0=cr0, cr3=cr3, cr4=cr4, efer=efer))
+        raise InvalidSavedState(f"{refused} (CR0 {cr0:#x}, CR3 {cr3:#x}, CR4 {cr4:#x}, EFER {efer:#x})")
 
 
 def leave_smm(machine: "Machine", current: ArchState | None = None) -> None:
@@ -342,7 +332,7 @@ def leave_smm(machine: "Machine", current: ArchState | None = None) -> None:
     else:
         smm.smbase = area.smbase            # the APM and KVM always reload it
     state[At.hflags] &= ~HF_INHIBIT_IRQ
-    state.cpl = L.flags_dpl(state[At.ss_flags]) if state[At.cr0] & CR0_PE else 0
+    state.cpl = flags_dpl(state[At.ss_flags]) if state[At.cr0] & CR0_PE else 0
     if profile.smm_restart_fields:
         if area.io_instruction_restart:     # run the I/O instruction that raised the SMI again
             names = IO_RESTART_64 if is_64 else IO_RESTART_32

@@ -13,45 +13,15 @@ executes it (§F.5).  Nested paging is not advertised: VMRUN with NP_ENABLE fail
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
+from ..arch.models import AMD_ALIASES, BRAND, MODELS, SKINIT, SVM, CpuModel
 from ..intercepts.profiles import Profile
 
-# Fn0000_0001 EDX: QEMU's PPRO_FEATURES without APIC (bit 9), then qemu64's additions.
-FPU, DE, PSE, TSC, MSR, PAE, MCE, CX8, SEP, MTRR, PGE, MCA, CMOV, PAT, PSE36, CLFLUSH, MMX, FXSR, SSE, SSE2 = (
-    1 << b for b in (0, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 14, 15, 16, 17, 19, 23, 24, 25, 26))
-PPRO = FPU | DE | PSE | TSC | MSR | MCE | CX8 | PGE | CMOV | PAT | FXSR | MMX | SSE | SSE2 | PAE | SEP
-SSE3, CX16 = 1 << 0, 1 << 13                                   # Fn0000_0001 ECX
-SYSCALL, NX, LM = 1 << 11, 1 << 20, 1 << 29                    # Fn8000_0001 EDX
-LAHF_LM, SVM, SKINIT = 1 << 0, 1 << 2, 1 << 12                 # Fn8000_0001 ECX
-AMD_ALIASES = 0x0183F3FF      # Fn0000_0001 EDX bits AMD repeats in Fn8000_0001 EDX (QEMU)
 # Fn8000_000A EDX
 NP, LBRV, SVML, NRIPS, TSC_RATE, VMCB_CLEAN, FLUSH_BY_ASID, DECODE_ASSISTS = (1 << b for b in range(8))
 SVM_REVISION = 1
 SVM_ASIDS = 16
 LEAF_SVM = 0x8000_000A
-BRAND = b"QEMU Virtual CPU version 2.5+"
-
-
-@dataclass(frozen=True)
-class CpuModel:
-    name: str
-    vendor: bytes
-    level: int                  # highest basic leaf
-    xlevel: int                 # highest extended leaf
-    signature: int              # Fn0000_0001 EAX (family/model/stepping)
-    edx: int
-    ecx: int
-    ext_edx: int
-    ext_ecx: int
-    address_bits: int           # Fn8000_0008 EAX: virtual << 8 | physical (0: no such leaf)
-
-
-MODELS = {m.name: m for m in (
-    CpuModel("qemu64", b"AuthenticAMD", 0xD, 0x8000_000A, 0x0006_0FB1,
-             PPRO | MTRR | CLFLUSH | MCA | PSE36, SSE3 | CX16, LM | SYSCALL | NX, LAHF_LM | SVM, 0x3028),
-    CpuModel("qemu32", b"GenuineIntel", 0x4, 0x8000_0004, 0x0000_0663, PPRO, SSE3, 0, 0, 0),
-)}
 
 
 def _vendor_registers(vendor: bytes) -> tuple[int, int, int]:

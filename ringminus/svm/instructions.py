@@ -14,13 +14,16 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from ..emulator.boot import (CPU_SIGNATURE, RESET_CR0, RESET_DATA_SEGMENT, RESET_DR6, RESET_DR7,
+from ..arch.models import MODELS
+from ..emulator.boot import (RESET_CR0, RESET_DATA_SEGMENT, RESET_DR6, RESET_DR7,
                              RESET_SYSTEM_SEGMENTS, RESET_TABLE_LIMIT)
-from ..emulator.cpu import CR0_PE, GPRS, At
-from ..emulator.descriptors import FLAG_DB, FLAG_G, FLAG_P, FLAG_S, Segment
-from ..emulator.vectors import GuestFault, Vector
-from ..intercepts.vmcb import (SAVE_AREA_OFFSET, SAVE_AREA_SIZE, VM_CR_R_INIT, VMCB_SAVE, read_segment,
-                               vmcb_attrib_from_flags)
+from ..emulator.cpu import At
+from ..arch.control import CR0_PE
+from ..arch.registers import GPRS
+from ..arch.segments import FLAG_DB, FLAG_G, FLAG_P, FLAG_S, Segment
+from ..arch.exceptions import GuestFault, Vector
+from ..intercepts.vmcb import SAVE_AREA_OFFSET, SAVE_AREA_SIZE, VM_CR_R_INIT, VMCB_SAVE, read_segment
+from ..arch.segments import vmcb_attrib_from_flags
 from .cpuid import max_physical_bits
 from .world import vmrun
 
@@ -113,7 +116,7 @@ def _skinit(machine: "Machine", insn: "Instruction") -> None:
     state = machine.cpu.capture()
     for name in GPRS:
         state[getattr(At, name)] = 0
-    state[At.rax], state[At.rdx] = slb, CPU_SIGNATURE[machine.cpu_model]
+    state[At.rax], state[At.rdx] = slb, MODELS[machine.cpu_model].signature
     state[At.rsp], state[At.rip] = slb + SLB_SIZE, slb + entry
     for name, segment in SKINIT_SEGMENTS.items():
         at = getattr(At, f"{name}_selector")

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from ..emulator.cpu import CR0_PG, EFER_LMA, EFER_LME, EFER_NXE, EFER_SCE, EFER_SVME, MSR_EFER
-from ..emulator.vectors import GuestFault, Vector
+from ..arch.control import CR0_PG, EFER_LMA, EFER_LME, EFER_NXE, EFER_SCE, EFER_SVME, MSR_EFER
+from ..arch.exceptions import GuestFault, Vector
 from ..intercepts.vmcb import MSR_VM_CR, MSR_VM_HSAVE_PA, VM_CR_LOCK, VM_CR_SVMDIS
-from .cpuid import LM, MODELS, NX, SVM, SYSCALL, advertises_svm, max_physical_bits
+from .cpuid import advertises_svm, max_physical_bits
+from ..arch.models import LM, MODELS, NX, SVM, SYSCALL
 
 if TYPE_CHECKING:
     from ..emulator.machine import Machine

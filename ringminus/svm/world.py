@@ -26,16 +26,15 @@ import numpy as np
 
 from ..binlayout import field_runs, field_span, fields_struct
 from ..emulator import ucinternals as uci
-from ..emulator.cpu import CR0_PE, RFLAGS_IF, RFLAGS_VM, ArchState, At
+from ..emulator.cpu import ArchState, At
+from ..arch.control import CR0_PE, RFLAGS_IF, RFLAGS_VM
 from ..emulator.delivery import Event, EventKind
 from ..emulator.memory import UnbackedMemory
 from ..intercepts.checker import VmExit
 from ..intercepts.controls import IOPM_BYTES, MSRPM_BYTES, InterceptControls
-from ..intercepts.exitcodes import ExitCode
-from ..intercepts.vmcb import (EVENT_VALID, GUEST_INTERRUPT_MASK, INTERCEPT_WORDS, INTERRUPT_SHADOW,
-                               MAP_ADDRESS_MASK, SAVE_AREA_OFFSET, V_INTR_MASKING, V_TPR_MASK, VMCB_CONTROL,
-                               VMCB_SAVE, EventInfo, EventType, TlbControl, VmrunCandidate, first_failure,
-                               flags_from_vmcb_attrib, vmcb_attrib_from_flags)
+from ..arch.exitcodes import ExitCode
+from ..intercepts.vmcb import EVENT_VALID, GUEST_INTERRUPT_MASK, INTERCEPT_WORDS, INTERRUPT_SHADOW, MAP_ADDRESS_MASK, SAVE_AREA_OFFSET, V_INTR_MASKING, V_TPR_MASK, VMCB_CONTROL, VMCB_SAVE, EventInfo, EventType, TlbControl, VmrunCandidate, first_failure
+from ..arch.segments import flags_from_vmcb_attrib, vmcb_attrib_from_flags
 from .cpuid import max_physical_bits
 
 if TYPE_CHECKING:

@@ -1,12 +1,14 @@
-"""Segment descriptors, gate descriptors and segment-register state.
-
-Three encodings of the same attributes appear in ringminus and are converted only here:
+"""Segment descriptors, gate descriptors and segment-register state, and every encoding of
+a segment's attributes, converted only here (semantics.md §C.5, §F.6):
 
 * the 8-byte descriptor in a GDT/LDT,
 * QEMU's descriptor-cache ``flags`` (the descriptor's high dword: type<<8, S<<12, DPL<<13,
-  P<<15, AVL<<20, L<<21, D/B<<22, G<<23),
+  P<<15, AVL<<20, L<<21, D/B<<22, G<<23; limit 19:16 excluded),
 * the 16-bit SMRAM/KVM ``attributes`` (type 0-3, S 4, DPL 5-6, P 7, AVL 12, L 13, D/B 14,
-  G 15) that RunResult and ``--json`` report (semantics.md §C.5).
+  G 15) of the 64-bit state-save map, RunResult and ``--json``,
+* the 32-bit state-save map's cache word (the flags word itself in KVM, shifted like the
+  attributes in QEMU i386),
+* the VMCB's 12-bit ``attrib`` (type 3:0, S 4, DPL 6:5, P 7, AVL 8, L 9, D/B 10, G 11).
 """
 from __future__ import annotations
 
@@ -47,8 +49,8 @@ class Segment:
 
     @property
     def attributes(self) -> int:
-        """The 16-bit SMRAM/KVM attribute encoding (semantics.md §C.5)."""
-        return (self.flags >> 8) & 0xF0FF
+        """The 16-bit SMRAM/KVM attribute encoding."""
+        return attributes_from_flags(self.flags)
 
     @property
     def type(self) -> int:
@@ -56,7 +58,7 @@ class Segment:
 
     @property
     def dpl(self) -> int:
-        return (self.flags >> 13) & 3
+        return flags_dpl(self.flags)
 
     @property
     def present(self) -> bool:
@@ -86,8 +88,53 @@ class Segment:
                        FLAG_P | FLAG_S | ((kind | TYPE_ACCESSED) << 8))
 
 
-def attributes_to_flags(attributes: int) -> int:
-    return (attributes & 0xF0FF) << 8
+FLAGS_MASK = 0x00F0FF00             # the attribute bits of a flags word
+ATTRIBUTES_MASK = 0xF0FF            # the same bits shifted down by 8
+VMCB_ATTRIB_MASK = 0x0FFF
+
+
+def descriptor_flags(type_: int, s: int = 1, dpl: int = 0, present: int = 1, avl: int = 0,
+                     long_mode: int = 0, default_big: int = 0, granularity: int = 0) -> int:
+    """Build a flags word from descriptor attribute fields."""
+    return ((type_ & 0xF) << 8 | (s & 1) << 12 | (dpl & 3) << 13 | (present & 1) << 15
+            | (avl & 1) << 20 | (long_mode & 1) << 21 | (default_big & 1) << 22
+            | (granularity & 1) << 23)
+
+
+def flags_dpl(flags: int) -> int:
+    """The DPL a flags word holds."""
+    return (flags >> 13) & 3
+
+
+def attributes_from_flags(flags: int) -> int:
+    """The 16-bit attributes word (64-bit map, RunResult; KVM and QEMU agree)."""
+    return (flags >> 8) & ATTRIBUTES_MASK
+
+
+def flags_from_attributes(attributes: int) -> int:
+    """The flags word back from a 16-bit attributes word."""
+    return (attributes & ATTRIBUTES_MASK) << 8
+
+
+def segment_flags_32(flags: int, shifted: bool) -> int:
+    """The 32-bit-map cache "flags" word: unshifted in KVM (shifted=False, 0x00C09B00 for flat
+    32-bit code), shifted like the 64-bit map in QEMU i386 (shifted=True, 0x0000C09B)."""
+    return (flags >> 8) & ATTRIBUTES_MASK if shifted else flags & FLAGS_MASK
+
+
+def flags_from_32(word: int, shifted: bool) -> int:
+    """The flags word back from a 32-bit-map cache word written as ``segment_flags_32`` does."""
+    return (word & ATTRIBUTES_MASK) << 8 if shifted else word & FLAGS_MASK
+
+
+def vmcb_attrib_from_flags(flags: int) -> int:
+    """The VMCB 12-bit attrib of a descriptor-cache flags word (limit 19:16 dropped)."""
+    return (flags >> 8) & 0x0FF | (flags >> 12) & 0xF00
+
+
+def flags_from_vmcb_attrib(attrib: int) -> int:
+    """The descriptor-cache flags word of a VMCB attrib."""
+    return (attrib & 0x0FF) << 8 | (attrib & 0xF00) << 12
 
 
 def pack_descriptor(base: int, limit: int, attributes: int) -> bytes:
@@ -112,7 +159,7 @@ def unpack_descriptor(raw: bytes, selector: int, base_high: int = 0) -> Segment:
     limit = (low & 0xFFFF) | (high & 0xF0000)
     if high & FLAG_G:
         limit = (limit << 12) | 0xFFF
-    return Segment(selector, base, limit, high & 0x00F0FF00)
+    return Segment(selector, base, limit, high & FLAGS_MASK)
 
 
 @dataclass(frozen=True)
