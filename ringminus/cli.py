@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from .emulator import BootState, ImageError, Machine, RunResult, parse_elf, parse_flat
+from .emulator import BootState, ImageError, RunResult, parse_elf, parse_flat
+from .machine import Machine
 from .emulator.boot import DEFAULT_LOAD, SYSTEM_AREA, overlaps_system_area
 from .emulator.cpu import REGISTER_NAMES
 from .arch.models import MODELS

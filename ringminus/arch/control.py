@@ -1,10 +1,8 @@
 """Control registers, EFER, RFLAGS and the debug registers: their bits, the bits each may
 hold, and the one table of control-state rules the architecture enforces.  MOV to CR,
 VMRUN's consistency checks (APM §15.5.1) and RSM's checks (KVM's, semantics.md §C.6) all
-read ``CONTROL_RULES``; each names the rules it applies, in its own order."""
+read ``CONTROL_RULES``; each applies a ``RuleSet`` of them, in its own order."""
 from __future__ import annotations
-
-from typing import Callable, NamedTuple
 
 MSR_EFER = 0xC000_0080
 EFER_SCE = 1 << 0
@@ -46,60 +44,50 @@ DEFINED_BITS = {"rflags": (1 << 22) - 1, "cr0": U32, "cr3": (1 << MAX_PHYSICAL_B
                 "efer": EFER_DEFINED, "dr6": U32, "dr7": U32}
 
 
-class ControlState(NamedTuple):
-    """What the control-state rules look at."""
-    cr0: int
-    cr3: int
-    cr4: int
-    efer: int
-    dr6: int = 0
-    dr7: int = 0
-    long_mode_capable: bool = True
-    max_phys_bits: int = MAX_PHYSICAL_BITS
-    cs_flags: int = 0                   # CS's descriptor-cache flags (arch.segments)
-
-    @property
-    def long_mode_paging(self) -> bool:
-        return bool(self.efer & EFER_LME and self.cr0 & CR0_PG)
-
-
-class ControlRule(NamedTuple):
-    reason: str                                  # as VMRUN reports it, and RSM's shutdown detail
-    refused: Callable[[ControlState], bool]
-
-
-_CS_L, _CS_D = 1 << 21, 1 << 22                  # arch.segments FLAG_L, FLAG_DB
-
-CONTROL_RULES: dict[str, ControlRule] = {
-    "cr0_high": ControlRule("CR0[63:32] not zero", lambda s: s.cr0 >> 32 != 0),
-    "pg_without_pe": ControlRule("CR0.PG set with CR0.PE clear", lambda s: bool(s.cr0 & CR0_PG) and not s.cr0 & CR0_PE),
-    "nw_without_cd": ControlRule("CR0.NW set with CR0.CD clear", lambda s: bool(s.cr0 & CR0_NW) and not s.cr0 & CR0_CD),
-    "cr3_high": ControlRule("CR3 MBZ bits set", lambda s: s.cr3 >> s.max_phys_bits != 0),
-    "cr4_reserved": ControlRule("CR4 MBZ bits set", lambda s: s.cr4 & ~CR4_DEFINED != 0),
-    "dr6_high": ControlRule("DR6[63:32] not zero", lambda s: s.dr6 >> 32 != 0),
-    "dr7_high": ControlRule("DR7[63:32] not zero", lambda s: s.dr7 >> 32 != 0),
-    "efer_reserved": ControlRule("EFER MBZ bits set", lambda s: s.efer & ~EFER_DEFINED != 0),
-    "lme_lma_without_long_mode": ControlRule("EFER.LME/LMA set without long mode",
-                                             lambda s: bool(s.efer & (EFER_LME | EFER_LMA)) and not s.long_mode_capable),
-    "lme_without_long_mode": ControlRule("EFER.LME set without long mode",
-                                         lambda s: bool(s.efer & EFER_LME) and not s.long_mode_capable),
-    "long_paging_without_pae": ControlRule("EFER.LME and CR0.PG set with CR4.PAE clear",
-                                           lambda s: s.long_mode_paging and not s.cr4 & CR4_PAE),
-    "long_paging_without_pe": ControlRule("EFER.LME and CR0.PG set with CR0.PE clear",
-                                          lambda s: s.long_mode_paging and not s.cr0 & CR0_PE),
-    "long_paging_cs_l_and_d": ControlRule("EFER.LME, CR0.PG, CR4.PAE, CS.L and CS.D all set",
-                                          lambda s: s.long_mode_paging and bool(s.cr4 & CR4_PAE)
-                                          and s.cs_flags & (_CS_L | _CS_D) == _CS_L | _CS_D),
+# Each rule: (the reason VMRUN reports and RSM's shutdown gives, the condition that refuses
+# the state) over cr0 cr3 cr4 efer dr6 dr7 long_mode_capable max_phys_bits cs_flags (CS's
+# descriptor-cache flags: L is bit 21, D bit 22).  MOV CR, VMRUN and RSM each apply a RuleSet
+# of them, in their own order.
+CONTROL_RULES: dict[str, tuple[str, str]] = {
+    "cr0_high": ("CR0[63:32] not zero", "cr0 >> 32"),
+    "pg_without_pe": ("CR0.PG set with CR0.PE clear", f"cr0 & {CR0_PG:#x} and not cr0 & {CR0_PE:#x}"),
+    "nw_without_cd": ("CR0.NW set with CR0.CD clear", f"cr0 & {CR0_NW:#x} and not cr0 & {CR0_CD:#x}"),
+    "cr3_high": ("CR3 MBZ bits set", "cr3 >> max_phys_bits"),
+    "cr4_reserved": ("CR4 MBZ bits set", f"cr4 & {~CR4_DEFINED & (1 << 64) - 1:#x}"),
+    "dr6_high": ("DR6[63:32] not zero", "dr6 >> 32"),
+    "dr7_high": ("DR7[63:32] not zero", "dr7 >> 32"),
+    "efer_reserved": ("EFER MBZ bits set", f"efer & {~EFER_DEFINED & (1 << 64) - 1:#x}"),
+    "lme_lma_without_long_mode": ("EFER.LME/LMA set without long mode",
+                                  f"efer & {EFER_LME | EFER_LMA:#x} and not long_mode_capable"),
+    "lme_without_long_mode": ("EFER.LME set without long mode", f"efer & {EFER_LME:#x} and not long_mode_capable"),
+    "long_paging_without_pae": ("EFER.LME and CR0.PG set with CR4.PAE clear",
+                                f"efer & {EFER_LME:#x} and cr0 & {CR0_PG:#x} and not cr4 & {CR4_PAE:#x}"),
+    "long_paging_without_pe": ("EFER.LME and CR0.PG set with CR0.PE clear",
+                               f"efer & {EFER_LME:#x} and cr0 & {CR0_PG:#x} and not cr0 & {CR0_PE:#x}"),
+    "long_paging_cs_l_and_d": ("EFER.LME, CR0.PG, CR4.PAE, CS.L and CS.D all set",
+                               f"efer & {EFER_LME:#x} and cr0 & {CR0_PG:#x} and cr4 & {CR4_PAE:#x} "
+                               f"and cs_flags & {3 << 21:#x} == {3 << 21:#x}"),
 }
+_ARGUMENTS = "cr0, cr3, cr4, efer, dr6=0, dr7=0, long_mode_capable=True, max_phys_bits=MAX_PHYSICAL_BITS, cs_flags=0"
 
 
-def first_refused(state: ControlState, rules: tuple[str, ...]) -> str | None:
-    """The reason of the first of ``rules`` (names in CONTROL_RULES) that ``state`` breaks."""
-    for name in rules:
-        rule = CONTROL_RULES[name]
-        if rule.refused(state):
-            return rule.reason
-    return None
+class RuleSet:
+    """Some of CONTROL_RULES, in order, compiled into one function (world switches run it
+    every time): ``first_refused(cr0, cr3, cr4, efer, …)`` gives the first rule's reason, or
+    None.  ``source`` is the function's text."""
+
+    def __init__(self, *names: str):
+        self.names = names
+        self.source = f"def first_refused({_ARGUMENTS}):\n" + "".join(
+            f"    if {CONTROL_RULES[name][1]}:\n        return {CONTROL_RULES[name][0]!r}\n" for name in names)
+        namespace = {"MAX_PHYSICAL_BITS": MAX_PHYSICAL_BITS}
+        exec(compile(self.source, f"<RuleSet {' '.join(names)}>", "exec"), namespace)
+        self.first_refused = namespace["first_refused"]
+
+
+_CR0_WRITE = RuleSet("cr0_high", "pg_without_pe", "nw_without_cd")
+_CR4_WRITE = RuleSet("cr4_reserved")
+_CR3_WRITE = RuleSet("cr3_high")
 
 
 def cr_write_refused(reg: int, value: int, cr0: int, cr4: int, efer: int) -> bool:
@@ -109,15 +97,13 @@ def cr_write_refused(reg: int, value: int, cr0: int, cr4: int, efer: int) -> boo
     long_mode = bool(efer & EFER_LMA)
     if reg == 0:
         turns_on_paging = value & CR0_PG and not cr0 & CR0_PG
-        state = ControlState(value, 0, cr4, efer)
-        return bool(first_refused(state, ("cr0_high", "pg_without_pe", "nw_without_cd"))
+        return bool(_CR0_WRITE.first_refused(value, 0, cr4, efer)
                     or turns_on_paging and efer & EFER_LME and not cr4 & CR4_PAE
                     or not value & CR0_PG and cr4 & CR4_PCIDE)
     if reg == 4:
-        return CONTROL_RULES["cr4_reserved"].refused(ControlState(cr0, 0, value, efer)) \
-            or long_mode and not value & CR4_PAE
+        return _CR4_WRITE.first_refused(cr0, 0, value, efer) is not None or long_mode and not value & CR4_PAE
     if reg == 3:
-        return long_mode and CONTROL_RULES["cr3_high"].refused(ControlState(cr0, value & ~(1 << 63), cr4, efer))
+        return long_mode and _CR3_WRITE.first_refused(cr0, value & ~(1 << 63), cr4, efer) is not None
     if reg == 8:
         return bool(value >> 4)
     return False

@@ -53,7 +53,7 @@ class Event:
         return self.kind is EventKind.EXCEPTION and self.vector in PUSHES_ERROR_CODE
 
 
-class Outcome(Enum):
+class Delivered(Enum):
     DELIVERED = "delivered"
     INTERCEPTED = "intercepted"      # an exception intercept took it (intercept callback said so)
     SHUTDOWN = "shutdown"            # a fault while delivering #DF
@@ -90,27 +90,27 @@ class Delivery:
     def _intercepted(self, event: Event, during: Event | None) -> bool:
         return self.intercept is not None and self.intercept(event, during)
 
-    def deliver(self, event: Event, injected: bool = False) -> Outcome:
+    def deliver(self, event: Event, injected: bool = False) -> Delivered:
         """Deliver ``event`` and any exceptions its delivery raises.  An ``injected`` event
         (VMRUN's EVENTINJ) is not checked against the exception intercepts itself; faults
         while delivering it are (APM §15.20)."""
         if not injected and self._intercepted(event, None):
-            return Outcome.INTERCEPTED
+            return Delivered.INTERCEPTED
         current = event
         while True:
             try:
                 self._deliver_once(current)
-                return Outcome.DELIVERED
+                return Delivered.DELIVERED
             except GuestFault as fault:
                 restart = current.instruction_rip if current.instruction_rip is not None else current.return_rip
                 nested = Event(fault.vector, EventKind.EXCEPTION, restart, fault.error_code, fault.cr2)
                 if self._intercepted(nested, current):          # checked before combining
-                    return Outcome.INTERCEPTED
+                    return Delivered.INTERCEPTED
                 combined = combine(current, nested)
                 if combined is None:
-                    return Outcome.SHUTDOWN
+                    return Delivered.SHUTDOWN
                 if combined is not nested and self._intercepted(combined, current):
-                    return Outcome.INTERCEPTED                  # the #DF itself
+                    return Delivered.INTERCEPTED                  # the #DF itself
                 current = combined
 
     # -- one attempt -----------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""The machine: one 64-bit Unicorn handle, its memory, ports and events, and the run loop.
+"""The core machine: one 64-bit Unicorn handle, its memory, ports and events, and the run
+loop.  It knows no feature: SMM, SVM, the intercepts and the hypercall conduit plug in through
+plugins.py (ringminus.machine composes them).
 
 Unicorn executes the guest natively.  Python runs only when Unicorn reports an event (a fault
 or software interrupt, an invalid opcode, port I/O, an access to unbacked memory, HLT) or when
@@ -15,7 +17,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, TextIO
 
 import numpy as np
@@ -24,56 +26,38 @@ from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INSN_INVAL
                      UC_HOOK_MEM_INVALID, UC_MEM_FETCH_PROT, UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_PROT, UC_MODE_64, Uc, UcError)
 from unicorn import x86_const as X
 
+from ..arch.control import RFLAGS_IF, cr_write_refused
+from ..arch.exceptions import PUSHES_ERROR_CODE, GuestFault, Vector
+from ..arch.exitcodes import ExitCode
+from ..arch.models import LM, MODELS
+from ..arch.registers import SEGMENT_REGISTERS
+from ..arch.segments import Segment
 from ..decode.decoder import Instruction, decode
 from ..decode.length import instruction_length
 from ..decode.prefixes import is_prefix
 from ..decode.table import (ALWAYS_ARMED_OPCODES, INTERRUPT_WINDOW_OPCODES, INTERRUPT_WINDOW_ROWS, OUT_OPCODES,
-                            PORT_OUT_ROWS, site_opcodes)
+                            PORT_OUT_ROWS)
 from . import boot as boot_states, boundary
 from . import ucinternals
 from .cpu import ArchState, At, Cpu
-from ..arch.control import EFER_SVME, RFLAGS_VM, cr_write_refused
-from ..arch.registers import SEGMENT_REGISTERS
-from ..arch.segments import Segment
-from .delivery import Delivery, Event, EventKind, Outcome, Unsupported
+from .delivery import Delivered, Delivery, Event, EventKind, Unsupported
 from .loader import Image, bios_windows, check_bios
-from .memory import ROM, PhysicalMemory, UnbackedMemory
+from .memory import ROM, MissingMemory, PhysicalMemory, UnbackedMemory
 from .paging import LinearMemory
-from .ports import DEBUGCON_PORT, EXIT_PORT, DebugConsole, ExitDevice, PortBus, io_permitted
-from .result import RunResult, Stop, StopReason
+from .plugins import Executor, Gate, HookExecutor, Msr, OnExit, Part, Source
+from .ports import DEBUGCON_PORT, EXIT_PORT, DebugConsole, ExitDevice, IoAccess, PortBus, io_permitted
+from .result import RunResult, Section, Stop, StopReason
 from .sites import CodeSites
-from .snapshot import Snapshot, restore as restore_snapshot, take as take_snapshot
-from ..arch.exceptions import PUSHES_ERROR_CODE, GuestFault, Vector
-from ..intercepts.checker import Fault, VmExit, check
-from ..intercepts.guest import Guest
-from ..intercepts.profiles import DEFAULT_PROFILE, profile as profile_named
-from ..hypercalls.conduit import (CONDUITS, PendingHypercall, complete as complete_hypercall,
-                                  execute as execute_hypercall)
-from ..hypercalls.filter import HypercallFilter
-from ..smm.chipset import Chipset
-from ..smm.smram import Smram
-from ..smm.world import IoInstruction, SmmState, enter_smm, leave_smm
-from ..intercepts.controls import InterceptControls
-from ..arch.exitcodes import ExitCode
-from ..svm import SvmState, msrs as svm_msrs
-from ..svm import world as svm_world
-from ..svm.cpuid import cpuid_table
-from ..arch.models import MODELS
-from ..svm.instructions import EXECUTE as SVM_INSTRUCTIONS, execute as execute_svm, vmcb_address
+from .snapshot import CORE_PARTS, Snapshot, restore as restore_snapshot, take as take_snapshot
 
 DEFAULT_MEMORY = 64 << 20
-# What a guest can make ringminus's own accesses (page walks, VMCBs, maps) reach: nothing
-# backs the address.  The run stops with reason ``memory``, as Unicorn's own accesses do.
-GUEST_MEMORY_ERRORS = (UnbackedMemory, svm_world.VmcbMemoryError)
 UNBOUNDED_COUNT = 1 << 62
 MASK_64 = 0xFFFF_FFFF_FFFF_FFFF
 ROTATES = frozenset({0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3})     # group 2: /2 RCL, /3 RCR
-STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "vmexits", "port_reads",
-             "port_writes", "unclaimed_port_reads", "unclaimed_port_writes", "hypercalls", "vmruns")
+STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "port_reads", "port_writes",
+             "unclaimed_port_reads", "unclaimed_port_writes")
 ICEBP, INT3, INTO, HLT = 0xF1, 0xCC, 0xCE, 0xF4
-EMULATED_MSR_ROWS = frozenset({"rdmsr", "wrmsr"})
-RSM = b"\x0f\xaa"
-VMRUN = b"\x0f\x01\xd8"
+MSR_ROWS = frozenset({"rdmsr", "wrmsr"})
 
 
 class VirtualTsc:
@@ -128,8 +112,8 @@ class _Watchdog(threading.Thread):
 @dataclass(frozen=True, slots=True)
 class _Trap:
     """What a hook saw before it stopped the slice."""
-    kind: str                   # "exception", "invalid", "port", "memory", "vmexit", "fault", "step",
-                                # "breakpoint", "resume", "view"
+    kind: str                   # "exception", "invalid", "port", "memory", "exit", "fault", "step",
+                                # "breakpoint", "resume", "miss"
     vector: int = 0
     error_code: int = 0
     software: bool = False
@@ -137,21 +121,22 @@ class _Trap:
     address: int = 0
     port: int = 0
     detail: str = ""
-    outcome: object = None      # "vmexit": the VmExit; "fault": the checker's Fault; "port", "msr": the insn
-    flags_in_cc_src: bool = False   # "memory", "view": see Machine._flags_in_cc_src
+    outcome: object = None      # "exit": the gate's exit; "fault": a Fault; "port", "msr": the insn
+    flags_in_cc_src: bool = False   # "memory", "miss": see Core._flags_in_cc_src
+    handler: object = None      # "miss": the handler that maps the address
 
 
-class Machine:
-    _running_machines: "weakref.WeakSet[Machine]" = weakref.WeakSet()   # for interrupt_all (Ctrl-C)
+class Core:
+    """The machine without features (ringminus.Machine is this with SMM, SVM, the intercepts
+    and the hypercall conduit plugged in)."""
+    _running_machines: "weakref.WeakSet[Core]" = weakref.WeakSet()   # for interrupt_all (Ctrl-C)
 
     def __init__(self, memory_size: int = DEFAULT_MEMORY, cpu_model: str = "qemu64",
-                 debugcon_port: int = DEBUGCON_PORT, exact_instructions: bool = False,
-                 chipset: str = "q35", profile: str = DEFAULT_PROFILE, apm_smi: bool = False):
+                 debugcon_port: int = DEBUGCON_PORT, exact_instructions: bool = False):
         ucinternals.verify()
         if cpu_model not in MODELS:
-            raise ValueError(f"unknown CPU model {cpu_model!r} (qemu64 or qemu32)")
+            raise ValueError(f"unknown CPU model {cpu_model!r} ({' or '.join(MODELS)})")
         self.cpu_model = cpu_model
-        self.profile = profile_named(profile)
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         # No ``until`` address: with one, Unicorn stops at it and, on leaving emu_start,
         # translates ``until - 1``, overwriting CR2 when the guest's paging does not map it.
@@ -165,38 +150,30 @@ class Machine:
         self.console = DebugConsole()
         self.ports.register(debugcon_port, self.console)
         self.ports.register(EXIT_PORT, ExitDevice(lambda value: self.request_stop(StopReason.EXIT, value)))
-        self.smm = SmmState()
-        self.svm = SvmState()
         self.nmi_pending = False
+        self.init_pending = False               # an INIT held (in SMM, GIF = 0, …) until it can be taken
         self.interrupts: set[int] = set()       # INTR vectors raised and not yet taken
-        self._cpuid: dict[str, dict] = {}       # profile name -> CPUID table
-        self._pre_except_exits: dict[str, dict] = {}    # profile -> the checker's cache (checker.py)
-        self._l1_view: Guest | None = None
+        self._io_access: IoAccess | Callable[[], IoAccess] | None = None     # see io_access
         self.uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         self.tsc = VirtualTsc(self.cpu)
         self._tsc_hooks = [ucinternals.add_instruction_hook(self.uc, X.UC_X86_INS_RDTSC, self.tsc.rdtsc),
                            ucinternals.add_instruction_hook(self.uc, X.UC_X86_INS_RDTSCP, self.tsc.rdtscp)]
-        self.smram = Smram(self.memory)
-        self.chipset = Chipset(chipset, self.smram, self.ports, self.raise_smi, apm_smi)
         self.sites = CodeSites(self.uc, self._on_site, OUT_OPCODES | ALWAYS_ARMED_OPCODES, self.memory.read_fast)
         self.exact_instructions = exact_instructions
         self.instructions = 0
         self._instructions_exact = True
         self.halted = False
         self.stats: Counter = Counter()
-        self._scheduled: list[tuple[int, int, Callable[["Machine"], None]]] = []
+        self._scheduled: list[tuple[int, int, Callable[["Core"], None]]] = []
         self._running = False
         self._interrupt_requested = False       # interrupt(): any thread may set it
         self._events_this_run = 0               # deliveries and exits: bounded by max_instructions too
         self._sequence = itertools.count()
         self._trap: _Trap | None = None
         self._stop: Stop | None = None
-        self.guest = None                   # intercepts.Guest while the guest runs as L2
-        self.last_exit = None               # the VmExit that ended the last run, if any
-        self.events: list[dict] = []        # events delivered, exits skipped, hypercalls, in order
-        self.has_run = False                # set by the first run(): the hypercall filter is fixed then
-        self.hypercalls = HypercallFilter(lambda: self.has_run)
-        self._pending_hypercall: PendingHypercall | None = None     # forwarded, awaiting resume()
+        self.gate: Gate | None = None       # while a guest runs as L2: what its L1 intercepts
+        self.events: list = []              # the event log: events delivered, exits, hypercalls, in order
+        self.has_run = False                # set by the first run()
         self._breakpoints: dict[int, int] = {}
         self._resuming_at_breakpoint: int | None = None
         self._decoded: dict[tuple[int, int], tuple[bytes, Instruction | None]] = {}
@@ -209,6 +186,24 @@ class Machine:
         self._address_space: tuple | None = None
         self._armed_epoch = -1                      # paging_epoch when the last run ended
         self._armed_spaces: dict[tuple, int] = {}  # address space -> how many sites are armed there
+        # -- what features attach (plugins.py) --
+        self._executors: dict[str, Executor] = {}
+        self._hook_executors: dict[str, HookExecutor] = {}
+        self._sources: tuple[Source, ...] = boundary.CORE_SOURCES
+        self._pending_checks = tuple(source.pending for source in self._sources)
+        self._holds: tuple[Callable[[], bool], ...] = ()        # every event stays pending while one holds
+        self._init_holds: tuple[Callable[[], bool], ...] = ()   # INIT stays pending while one holds
+        self._msrs: tuple[Msr, ...] = ()
+        self._miss_handlers: tuple = ()
+        self._parts: tuple[Part, ...] = CORE_PARTS
+        self._sections: tuple[Callable[[Stop], Section], ...] = ()
+        self._reset_hooks: tuple[Callable[[], None], ...] = ()
+        self._run_hooks: tuple[Callable[[], None], ...] = ()
+        self._resume_handlers: tuple[Callable[[int | None], bool], ...] = ()
+        self._stat_keys = STAT_KEYS
+        self._reported_stats: tuple[tuple[str, Callable[[], object]], ...] = ()
+        self._cpuid: Callable[[], dict] = dict
+        self.intr_unmasked: Callable[[], bool] = self._intr_unmasked
         self.delivery.intercept = self._intercept_event
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
@@ -216,10 +211,69 @@ class Machine:
         self.uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
         self.uc.hook_add(UC_HOOK_MEM_INVALID, self._on_bad_memory)
 
+    # -- what features attach (plugins.py) -------------------------------------------------
+    def add_executor(self, row: str, execute: Executor, in_hook: HookExecutor | None = None) -> None:
+        """``execute(insn)`` runs decode-table row ``row`` when Unicorn cannot (after the
+        guest-mode gate); ``in_hook(insn, state)``, if given, may run it inside the hook (True:
+        done, the slice goes on)."""
+        self._executors[row] = execute
+        if in_hook is not None:
+            self._hook_executors[row] = in_hook
+
+    def add_event_source(self, source: Source) -> None:
+        self._sources = tuple(sorted((*self._sources, source), key=lambda s: s.priority))
+        self._pending_checks = tuple(source.pending for source in self._sources)
+
+    def add_event_hold(self, holds: Callable[[], bool], init_only: bool = False) -> None:
+        """While ``holds()``, every event (or only INIT) stays pending."""
+        if init_only:
+            self._init_holds += (holds,)
+        else:
+            self._holds += (holds,)
+
+    def add_msr(self, msr: Msr) -> None:
+        self._msrs += (msr,)
+
+    def add_miss_handler(self, hidden_at: Callable[[int], bool], reveal: Callable[[int], None]) -> None:
+        """An access Unicorn finds unmapped at an address ``hidden_at`` claims: ``reveal`` maps
+        it and the instruction runs again (SMRAM's views)."""
+        self._miss_handlers += ((hidden_at, reveal),)
+
+    def add_snapshot_part(self, part: Part) -> None:
+        self._parts = tuple(sorted((*self._parts, part), key=lambda p: p.order))
+
+    def add_result_section(self, section: Callable[[Stop], Section]) -> None:
+        self._sections += (section,)
+
+    def add_reset_hook(self, reset: Callable[[], None]) -> None:
+        """Called by INIT and ``boot`` before the CPU is reset."""
+        self._reset_hooks += (reset,)
+
+    def add_run_hook(self, starting: Callable[[], None]) -> None:
+        """Called as each ``run()`` starts."""
+        self._run_hooks += (starting,)
+
+    def add_resume_handler(self, resume: Callable[[int | None], bool]) -> None:
+        """``resume(ret)`` completes what the last stop left pending (True if it did)."""
+        self._resume_handlers += (resume,)
+
+    def add_stat_keys(self, *keys: str) -> None:
+        """Counters a feature keeps in ``stats`` (reported as 0 until counted)."""
+        self._stat_keys += keys
+
+    def add_reported_stat(self, name: str, value: Callable[[], object]) -> None:
+        """A statistic a feature keeps itself, read when a result is made."""
+        self._reported_stats += ((name, value),)
+
+    def set_cpuid(self, table: Callable[[], dict]) -> None:
+        """``table()``: CPUID leaf -> (EAX, EBX, ECX, EDX), asked at each CPUID."""
+        self._cpuid = table
+
     # -- setting up ------------------------------------------------------------------------
     def boot(self, state: boot_states.BootState | str, entry: int = 0, cpl: int = 0) -> None:
         """Put the CPU in a boot state (boot.py) with the guest entered at ``entry``."""
-        self._reset_svm()
+        for reset in self._reset_hooks:
+            reset()
         boot_states.boot(self, boot_states.BootState(state), entry, cpl)
         self._trap, self.halted = None, False
 
@@ -285,24 +339,15 @@ class Machine:
             raise ValueError(f"selector {selector:#x} is not in the descriptor table") from None
         self.cpu.load_segments({name: descriptor}, cpl=descriptor.dpl if name == "cs" else None)
 
-    # -- SMM -------------------------------------------------------------------------------------
+    # -- pending events ------------------------------------------------------------------------
     @property
     def long_mode_capable(self) -> bool:
         """qemu64 has long mode (and so the 64-bit state-save map); qemu32 does not."""
-        return self.cpu_model == "qemu64"
-
-    @property
-    def gif(self) -> bool:
-        """The global interrupt flag (APM §15.17): STGI sets it, CLGI and #VMEXIT clear it."""
-        return self.svm.gif
+        return bool(MODELS[self.cpu_model].ext_edx & LM)
 
     @property
     def instructions_if_exact(self) -> int | None:
         return self.instructions if self._instructions_exact else None
-
-    def raise_smi(self) -> None:
-        """An SMI: taken at the next instruction boundary, or latched while in SMM."""
-        self.smm.pending = True
 
     def raise_nmi(self) -> None:
         """An NMI: delivered at the next instruction boundary unless NMIs are blocked (after
@@ -310,12 +355,12 @@ class Machine:
         self.nmi_pending = True
 
     def raise_init(self) -> None:
-        """An INIT: held while in SMM (processed after RSM), while GIF = 0, and in a guest
-        whose L1 intercepts it (semantics.md §B.3, §C.7); otherwise the CPU resets to the
-        reset vector (SMBASE and VM_HSAVE_PA are kept)."""
-        self.smm.latched_init = True
-        if not self.smm.in_smm and self.svm.gif and not boundary.intercepted(self, ExitCode.INIT):
-            self._process_init()
+        """An INIT: held while a feature holds it (in SMM: processed after RSM; GIF = 0) and in
+        a guest whose L1 intercepts it (semantics.md §B.3, §C.7); otherwise the CPU resets to
+        the reset vector (SMBASE and VM_HSAVE_PA are kept)."""
+        self.init_pending = True
+        if not self.init_held() and not self.intercepted(ExitCode.INIT):
+            self.reset_cpu()
 
     def raise_intr(self, vector: int) -> None:
         """An external interrupt (INTR) with ``vector``: taken through the IDT at an
@@ -326,62 +371,51 @@ class Machine:
         self.interrupts.add(vector)
         self._arm_interrupt_window()
 
-    def _reset_svm(self) -> None:
-        """As INIT leaves SVM (KVM's kvm_vcpu_reset): out of guest mode, GIF = 1; the SVM MSRs
-        keep their values."""
-        if self.svm.guest_mode:
-            self.leave_guest()
-        self.svm = SvmState(hsave_pa=self.svm.hsave_pa, vm_cr=self.svm.vm_cr)
-        self.tsc.offset = 0
+    def events_held(self) -> bool:
+        for holds in self._holds:
+            if holds():
+                return True
+        return False
 
-    def _process_init(self) -> None:
-        self.smm.latched_init = False
-        self._reset_svm()
+    def init_held(self) -> bool:
+        if self.events_held():
+            return True
+        for holds in self._init_holds:
+            if holds():
+                return True
+        return False
+
+    def intercepted(self, exit_code: int) -> bool:
+        return self.gate is not None and self.gate.intercepts(exit_code)
+
+    def set_intr_unmasked(self, unmasked: Callable[[], bool]) -> None:
+        """``unmasked()`` decides whether INTR can be taken now (SVM's V_INTR_MASKING)."""
+        self.intr_unmasked = unmasked
+
+    def _intr_unmasked(self) -> bool:
+        return bool(self.cpu["rflags"] & RFLAGS_IF)
+
+    def reset_cpu(self) -> None:
+        """INIT: the features reset (SVM leaves guest mode), then the CPU goes to the reset vector."""
+        self.init_pending = False
+        for reset in self._reset_hooks:
+            reset()
         boot_states.boot_bios(self)
         self.halted = False
         self.events.append({"kind": "init", "instructions": self.instructions_if_exact})
 
-    def set_smm_state(self, smm: bool | None = None, pending: bool | None = None,
-                      inside_nmi: bool | None = None, latched_init: bool | None = None) -> None:
-        """Like KVM's SET_VCPU_EVENTS with VALID_SMM (semantics.md §C.8): flipping ``smm``
-        switches the memory view only — no state is saved or restored."""
-        if smm is not None and smm != self.smm.in_smm:
-            self.smm.in_smm = smm
-            self.smram.set_smm(smm)
-            if not smm:
-                self.smm.inside_nmi = False
-        if pending is not None:
-            self.smm.pending = pending
-        if inside_nmi is not None and self.smm.in_smm:
-            self.smm.inside_nmi = inside_nmi
-        if latched_init is not None:
-            self.smm.latched_init = latched_init
-
-    def load_smram(self, address: int, data: bytes) -> None:
-        """Place bytes straight into SMRAM (whatever the view)."""
-        self.smram.load(address, data)
-
-    def set_smbase(self, smbase: int) -> None:
-        if not 0 <= smbase < 1 << 32:
-            raise ValueError(f"SMBASE {smbase:#x} must lie below 4 GiB")
-        self.smm.smbase = smbase
-
     def request_stop_shutdown(self, reason: str) -> None:
         self.request_stop(StopReason.SHUTDOWN, detail=reason)
-
-    def _execute_rsm(self, rip: int, state: ArchState | None = None) -> None:
-        """RSM at ``rip`` (``state``: the registers there, if the caller has them)."""
-        if not self.smm.in_smm:
-            self.deliver(Event(Vector.UD, EventKind.EXCEPTION, rip))
-            return
-        self._retire(1)
-        leave_smm(self, state)
-        if self.smm.latched_init and self._stop is None:
-            self._process_init()
 
     def _arm_interrupt_window(self) -> None:
         if not INTERRUPT_WINDOW_OPCODES <= self.sites.opcodes:
             self.sites.set_opcodes(self.sites.opcodes | INTERRUPT_WINDOW_OPCODES)
+
+    def arm_opcodes(self, opcodes: frozenset[bytes]) -> None:
+        """Flag more opcodes for code sites (a guest's intercepts, say)."""
+        if not opcodes <= self.sites.opcodes:
+            self.sites.set_opcodes(self.sites.opcodes | opcodes)
+            self.cpu.clear_inflight_exception()    # arming flushes; see break_at
 
     # -- snapshots --------------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
@@ -398,85 +432,70 @@ class Machine:
         self._forget_armed_spaces()
         self._stop = None
 
-    # -- running as L2 ------------------------------------------------------------------------
-    def enter_guest(self, controls, profile: str | None = None, on_exit: str = "stop") -> None:
-        """Run the guest as L2 under ``controls`` (intercepts.InterceptControls): the caller
-        plays L1 (``on_exit`` stop or skip), or the guest's own VMRUN does (``l1``: exits
-        are #VMEXITs to the guest hypervisor).  Only the intercepts that are set are armed
-        (sites stay armed afterwards: an armed site only costs a callback where it runs).
-        ``profile`` (default: the machine's) also becomes the machine's profile."""
-        if profile is not None:
-            self.profile = profile_named(profile)
-        self.guest = Guest(self, controls, self.profile.name, on_exit,
-                           self._pre_except_exits.setdefault(self.profile.name, {}))
-        wanted = site_opcodes(controls.vector)
-        if not wanted <= self.sites.opcodes:
-            self.sites.set_opcodes(self.sites.opcodes | wanted)
-            self.cpu.clear_inflight_exception()    # arming flushes; see break_at
-
-    def leave_guest(self) -> None:
-        self.guest = None
-
     def forget_tlb(self) -> None:
         """Drop every cached translation (INVLPGA, VMRUN's TLB_CONTROL): QEMU's and ringminus's."""
         self.linear.flush()
         self.cpu.fast.flush_tlb()
 
-    def record_exit(self, exit_, record: dict | None = None) -> None:
-        """Note a #VMEXIT (``record``: the event to log instead of the exit itself)."""
-        self.stats["vmexits"] += 1
-        self._events_this_run += 1
-        self.last_exit = exit_
-        self.events.append(exit_ if record is None else record)
+    # -- services for features (plugins.SERVICES) ---------------------------------------------
+    @property
+    def stop(self) -> Stop | None:
+        """The stop this run will end with, once something asked for one."""
+        return self._stop
 
-    def skip_instruction(self) -> None:
-        """After a vmexit stop: resume at the exit's next RIP, as an L1 that emulated it."""
-        exit_ = self.last_exit
-        if exit_ is None:
-            raise ValueError("no vmexit to skip")
-        self.cpu.rip = exit_.next_rip or exit_.rip + self._length_at(exit_.rip)
+    def retire(self, count: int = 1) -> None:
+        """``count`` instructions retired (a feature executed them)."""
+        self.instructions += max(count, 0)
 
-    def _length_at(self, rip: int) -> int:
+    def record_event(self, record, bounded: bool = True) -> None:
+        """Log an event (a dict, or an exit; None: count it, log nothing); ``bounded``: it
+        counts against the run's ``max_instructions`` as delivered events do (a loop of exits
+        must end)."""
+        if bounded:
+            self._events_this_run += 1
+        if record is not None:
+            self.events.append(record)
+
+    @property
+    def io_access(self) -> IoAccess | None:
+        """The I/O instruction performing the port access a device sees now, else None."""
+        io = self._io_access
+        return io() if callable(io) else io
+
+    def restamp_stop(self) -> None:
+        """The stop asked for reports the current RIP (it was asked mid-instruction)."""
+        if self._stop is not None:
+            self._stop = replace(self._stop, rip=self.cpu.rip)
+
+    def stop_at(self, reason: StopReason, rip: int, value: int | None = None, detail: str | None = None) -> None:
+        """End the run now with this stop (a feature decided it: a #VMEXIT to the caller)."""
+        self._stop = Stop(reason, rip, value, detail)
+
+    def instruction_length_at(self, rip: int) -> int:
+        """The length of the instruction at CS:``rip`` (1 where it cannot be read)."""
         try:
-            code = self.linear.read((self.cpu.segment("cs").base + rip) & 0xFFFF_FFFF_FFFF_FFFF, 15)
+            code = self.linear.read((self.cpu.segment("cs").base + rip) & MASK_64, 15)
         except (GuestFault, UnbackedMemory):
             return 1
         return instruction_length(code, self.cpu.code_bits()) or 1
 
-    def _take_exit(self, exit_, guest_state: ArchState | None = None) -> bool:
-        """L1 takes ``exit_``: a guest hypervisor by a #VMEXIT (``guest_state``: L2's
-        registers, if just captured); the caller as L1 by a stop at the intercepted
-        instruction, or (on_exit="skip") by going on after it.  True when the run must stop."""
-        if self.guest.on_exit == "l1":          # svm_world.vmexit records (and counts) it
-            try:
-                # RIP through the API: inside a hook (an OUT's #GP intercepted, say) Unicorn
-                # must leave the block it was running for L2.
-                self.cpu.rip = svm_world.vmexit(self, exit_, guest_state)
-            except svm_world.VmcbMemoryError as missing:
-                self.request_stop(StopReason.MEMORY, detail=f"#VMEXIT: {missing}")
-            return self._stop is not None
-        self.stats["vmexits"] += 1
-        self._events_this_run += 1
-        self.last_exit = exit_
-        if self.guest.on_exit == "skip":
-            self.events.append(exit_)
-            self.cpu.fast.write(X.UC_X86_REG_RIP, exit_.next_rip or exit_.rip + self._length_at(exit_.rip))
-            return False
-        self.cpu.rip = exit_.rip
-        self._stop = Stop(StopReason.VMEXIT, exit_.rip, int(exit_.code), exit_.name)
-        return True
+    def decode_at(self, state: ArchState) -> Instruction | None:
+        """The instruction at CS:RIP of ``state`` (None where it cannot be fetched or decoded)."""
+        rip = state[At.rip]
+        code = self.linear.fetch(state[At.cs_base] + rip, 15, state[At.cr0], state[At.cr3])
+        return self._decode(code, ucinternals.code_bits(state[At.hflags]), rip) if code else None
 
     def _intercept_event(self, event: Event, during: Event | None) -> bool:
-        if self.guest is None:
+        if self.gate is None:
             return False
-        exit_ = self.guest.exception_exit(event, during)
+        exit_ = self.gate.event_exit(event, during)
         if exit_ is None:
             return False
-        self._take_exit(exit_)
+        self.gate.take_exit(exit_)
         return True
 
-    # -- events ----------------------------------------------------------------------------
-    def at_instruction(self, index: int, callback: Callable[["Machine"], None]) -> None:
+    # -- scheduled events, breakpoints, stops, delivery ----------------------------------
+    def at_instruction(self, index: int, callback: Callable[["Core"], None]) -> None:
         """Call ``callback(machine)`` once exactly ``index`` instructions have retired (counted
         from the machine's creation).  If the CPU halts first, the event is delivered to the
         halted CPU.  Runs with a pending event count instructions exactly."""
@@ -547,13 +566,13 @@ class Machine:
             self.request_stop(StopReason.MEMORY, missing.address, f"delivering vector {event.vector}: {missing}")
             return
         self.cpu.clear_inflight_exception()
-        if delivered is Outcome.SHUTDOWN:
-            shutdown = self.guest.shutdown_exit(self.cpu.rip) if self.guest else None
+        if delivered is Delivered.SHUTDOWN:
+            shutdown = self.gate.shutdown_exit(self.cpu.rip) if self.gate else None
             if shutdown is not None:
-                self._take_exit(shutdown)
+                self.gate.take_exit(shutdown)
             else:
                 self.request_stop(StopReason.SHUTDOWN, detail=f"triple fault while delivering vector {event.vector}")
-        elif delivered is Outcome.DELIVERED:
+        elif delivered is Delivered.DELIVERED:
             self.stats["exceptions_delivered" if event.kind is EventKind.EXCEPTION else "interrupts_delivered"] += 1
 
     # -- Unicorn hooks (they record and stop; the run loop acts) ---------------------------
@@ -598,66 +617,47 @@ class Machine:
         self.cpu["rflags"] = ctx.u64(ucinternals.EFLAGS) & ~arithmetic | ctx.u64(ucinternals.CC_SRC) & arithmetic
 
     def _on_invalid_opcode(self, uc: Uc, _data) -> bool:
-        if self._switch_in_hooks and self.smm.in_smm:        # RSM, as SMM handlers end
-            state = self.cpu.capture(rflags=False)         # RSM replaces RFLAGS
-            linear = state[At.cs_base] + state[At.rip]
-            if self.linear.fetch(linear, 2, state[At.cr0], state[At.cr3]) == RSM:
-                self._execute_rsm(state[At.rip], state)
-                self._continue_in_hook()
+        if self._switch_in_hooks and self._hook_executors:     # RSM, VMRUN: a world switch right here
+            state = self.cpu.capture()
+            insn = self.decode_at(state)
+            execute = self._hook_executors.get(insn.row.name) if insn is not None else None
+            if execute is not None and execute(insn, state):
                 return True
-        elif self._switch_in_hooks and self.guest is None and self._vmrun_in_hook():
-            return True
         self._repair_flags_at_fault(self.cpu.context.snapshot())
         self._trap_and_stop(_Trap("invalid"))
         return True
 
-    def _vmrun_in_hook(self) -> bool:
-        """VMRUN from L1 inside the #UD hook: see ``_vmrun_now``."""
-        state = self.cpu.capture()
-        code = self.linear.fetch(state[At.cs_base] + state[At.rip], 3, state[At.cr0], state[At.cr3])
-        if code != VMRUN:
-            return False
-        return self._vmrun_now(self._decode(code, ucinternals.code_bits(state[At.hflags]), state[At.rip]), state)
-
-    def _vmrun_now(self, insn: Instruction, state: ArchState) -> bool:
-        """VMRUN from L1 inside a hook (its code site, once a VMCB asked for VMRUN's
-        intercept, else the #UD hook), when nothing faults: the world switch without ending
-        the slice — a guest hypervisor's loop.  False: the run loop must look at it."""
-        # Only when none of its #UD/#GP checks can fire (then their order does not matter):
-        # protected mode, not VM86, CPL 0, EFER.SVME; rAX is checked by vmcb_address.
-        if state.cpl or not state.protected or state[At.rflags] & RFLAGS_VM or not state[At.efer] & EFER_SVME:
-            return False
-        try:
-            vmcb = vmcb_address(self, insn, state[At.rax])
-            rip = svm_world.vmrun(self, vmcb, insn.next_rip, state)
-        except (GuestFault, svm_world.VmcbMemoryError, UnbackedMemory):
-            return False                       # the run loop executes it again and reports it
-        self._retire(1)
-        self.stats["vmruns"] += 1
-        self.cpu.rip = rip                       # through the API: a code hook's block ends here
-        self._continue_in_hook()
-        return True
-
-    def _continue_in_hook(self, state: ArchState | None = None) -> None:
-        """After a hook executed the instruction itself: take a pending SMI right here, or end
-        the slice when the run must stop or the run loop has an event to deliver.  ``state``:
-        the registers after the instruction, if the hook still holds them current."""
-        smm = self.smm
-        if smm.pending and self._stop is None and not smm.in_smm and self.guest is None and self.svm.gif:
-            smm.pending = False
-            enter_smm(self, state)
-        if (self._stop is not None or self.halted or (smm.pending or smm.latched_init) and not smm.in_smm
-                or boundary.waiting(self) or not self._rearm_if_address_space_changed(only_if_cheap=True)):
+    def continue_in_hook(self, state: ArchState | None = None) -> None:
+        """After a hook executed the instruction itself: take a pending event that can be
+        taken right here (an SMI), or end the slice when the run must stop or the run loop has
+        an event to deliver.  ``state``: the registers after the instruction, if the hook
+        still holds them current."""
+        if self._stop is None and self.gate is None and not self.events_held():
+            for source in self._sources:
+                if source.ready(self):
+                    if source.take_in_hook is not None:
+                        source.take_in_hook(self, state)
+                    break
+        if self._stop is not None or self.halted or self._boundary_work() \
+                or not self._rearm_if_address_space_changed(only_if_cheap=True):
             self._trap_and_stop(_Trap("resume"))
+
+    def _boundary_work(self) -> bool:
+        """Something the run loop must look at before the next instruction: a pending event."""
+        for pending in self._pending_checks:
+            if pending(self):
+                return True
+        return False
 
     def _on_bad_memory(self, uc: Uc, access: int, address: int, size: int, value: int, _data) -> bool:
         # A data access that ends the slice: Unicorn restores the state again after this hook,
         # so the flags are repaired once the slice has ended.
         repair = access not in (UC_MEM_WRITE_PROT, UC_MEM_FETCH_UNMAPPED, UC_MEM_FETCH_PROT) \
             and self._flags_in_cc_src(self.cpu.context.snapshot())
-        if self.smram.hidden_at(address):
-            self._trap = _Trap("view", address=address, flags_in_cc_src=repair)     # map its view, run it again
-            return False
+        for hidden_at, reveal in self._miss_handlers:
+            if hidden_at(address):          # map the view, run the instruction again
+                self._trap = _Trap("miss", address=address, flags_in_cc_src=repair, handler=reveal)
+                return False
         if access == UC_MEM_WRITE_PROT:          # ROM: the write is dropped, as QEMU drops it
             self.stats["rom_writes_ignored"] += 1
             return True
@@ -666,12 +666,9 @@ class Machine:
         return False
 
     def _on_cpuid(self, uc: Uc, _data) -> int:
-        """CPUID answers from the CPU model's table (svm/cpuid.py), not Unicorn's Haswell."""
-        table = self._cpuid.get(self.profile.name)
-        if table is None:
-            table = self._cpuid[self.profile.name] = cpuid_table(MODELS[self.cpu_model], self.profile)
+        """CPUID answers from the table a feature gives (svm/cpuid.py), not Unicorn's Haswell."""
         read, write = self.cpu.fast.read, self.cpu.fast.write
-        values = table.get(read(X.UC_X86_REG_EAX) & 0xFFFF_FFFF, (0, 0, 0, 0))
+        values = self._cpuid().get(read(X.UC_X86_REG_EAX) & 0xFFFF_FFFF, (0, 0, 0, 0))
         for register, value in zip((X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX), values):
             write(register, value)
         return 1                                  # the native CPUID is skipped
@@ -683,22 +680,21 @@ class Machine:
         """Unicorn's OUT: an OUT to a port no precise device claims, and OUTS (one call per
         iteration, the registers as they were before it).  What the write leaves pending is
         taken right after it, as after an emulated OUT: the slice ends there."""
-        smi_before = self.smm.pending
-        self.ports.write(port, size, value)
-        if self.smm.pending and not smi_before:
-            self.smm.io_instruction = self._io_instruction_at_hook(port, size)
-        if self._stop is not None or self.smm.pending and not smi_before:
+        self._io_access = lambda: self._io_access_at_hook(port, size)     # made only if a device asks
+        try:
+            self.ports.write(port, size, value)
+        finally:
+            self._io_access = None
+        if self._stop is not None or self._boundary_work():
             self._trap_and_stop(_Trap("resume"))
 
-    def _io_instruction_at_hook(self, port: int, size: int) -> IoInstruction:
+    def _io_access_at_hook(self, port: int, size: int) -> IoAccess:
         """The I/O instruction whose OUT hook runs (RIP at it): OUT, OUTS or REP OUTS."""
         state = self.cpu.capture()
-        rip = state[At.rip]
-        code = self.linear.fetch(state[At.cs_base] + rip, 15, state[At.cr0], state[At.cr3])
-        insn = self._decode(code, ucinternals.code_bits(state[At.hflags]), rip) if code else None
+        insn = self.decode_at(state)
         string = insn is not None and insn.row.name in ("outs", "outs_wide")
-        return IoInstruction((rip, state[At.rcx], state[At.rsi], state[At.rdi]), port, read=False, size=size,
-                             string=string, repeat=string and insn.prefixes.rep)
+        return IoAccess((state[At.rip], state[At.rcx], state[At.rsi], state[At.rdi]), port, read=False, size=size,
+                        string=string, repeat=string and insn.prefixes.rep)
 
     def _on_site(self, uc: Uc, address: int, size: int, _data) -> None:
         if address in self._breakpoints and address != self._resuming_at_breakpoint:
@@ -710,17 +706,17 @@ class Machine:
         bits = ucinternals.code_bits(ctx.u32(ucinternals.HFLAGS))
         insn = self._decode(code, bits, ctx.u64(ucinternals.EIP))
         if insn is not None:
-            if self.guest is not None and self._check_at_site(insn):
+            if self.gate is not None and self._check_at_site(insn):
                 return
             name = insn.row.name
-            if name == "vmrun" and self.guest is None and self._switch_in_hooks \
-                    and self._vmrun_now(insn, self.cpu.capture(context_is_current=True)):
+            execute = self._hook_executors.get(name) if self._switch_in_hooks else None
+            if execute is not None and execute(insn, self.cpu.capture(context_is_current=True)):
                 return
-            if name in EMULATED_MSR_ROWS and svm_msrs.emulates(self, ctx.u64(ucinternals.GPRS + 8) & 0xFFFF_FFFF):
+            if name in MSR_ROWS and self._kept_msr(ctx.u64(ucinternals.GPRS + 8) & 0xFFFF_FFFF) is not None:
                 self._trap_and_stop(_Trap("msr", address=address, outcome=insn))
                 return
             if name == "mov_to_cr" and self._cr_write_refused(insn, ctx):
-                self._trap_and_stop(_Trap("fault", outcome=Fault(Vector.GP, 0)))    # Unicorn would take it
+                self._trap_and_stop(_Trap("fault", outcome=GuestFault(Vector.GP, 0)))    # Unicorn would take it
                 return
             changes_space = name == "mov_to_cr" and insn.reg in (0, 3, 4)
             opens_window = name in INTERRUPT_WINDOW_ROWS and boundary.waiting(self)
@@ -735,9 +731,12 @@ class Machine:
         if not self.ports.is_precise(port):
             return
         if self._switch_in_hooks:
-            self._continue_in_hook(self._emulate_out(insn, port, self.cpu.capture(context_is_current=True)))
+            self.continue_in_hook(self._emulate_out(insn, port, self.cpu.capture(context_is_current=True)))
         else:
             self._trap_and_stop(_Trap("port", address=address, port=port, outcome=insn))
+
+    def _kept_msr(self, msr: int) -> Msr | None:
+        return next((kept for kept in self._msrs if kept.handles(msr)), None)
 
     @staticmethod
     def _cr_write_refused(insn: Instruction, ctx) -> bool:
@@ -758,26 +757,25 @@ class Machine:
         return cached[1]
 
     def _check_at_site(self, insn: Instruction) -> bool:
-        """Run the staged checker before an intercepted instruction executes.  True when the
+        """Run the guest-mode gate before an intercepted instruction executes.  True when the
         instruction has been dealt with (an exit, a fault, or skipped)."""
         if insn.row.intercept is None:
             return False
-        version = self.cpu.version
-        outcome = check(insn, self.guest)
-        if isinstance(outcome, VmExit):
-            if self.guest.on_exit == "skip":
-                self._take_exit(outcome)          # moves RIP past it; Unicorn honours the write
-            elif self.guest.on_exit == "l1" and self._switch_in_hooks:
-                current = self.cpu.version == version             # the hook's context copy
-                self._take_exit(outcome, self.cpu.capture(context_is_current=current))   # #VMEXIT, here
-                self._continue_in_hook()
-            else:
-                self._trap_and_stop(_Trap("vmexit", outcome=outcome))
-            return True
-        if isinstance(outcome, Fault):
+        gate, version = self.gate, self.cpu.version
+        outcome = gate.check(insn)
+        if outcome is None:
+            return False
+        if isinstance(outcome, GuestFault):
             self._trap_and_stop(_Trap("fault", outcome=outcome))
-            return True
-        return False
+        elif gate.on_exit is OnExit.SKIP:
+            gate.take_exit(outcome)                # moves RIP past it; Unicorn honours the write
+        elif gate.on_exit is OnExit.L1 and self._switch_in_hooks:
+            current = self.cpu.version == version             # the hook's context copy
+            gate.take_exit(outcome, self.cpu.capture(context_is_current=current))   # #VMEXIT, here
+            self.continue_in_hook()
+        else:
+            self._trap_and_stop(_Trap("exit", outcome=outcome))
+        return True
 
     # -- running ---------------------------------------------------------------------------
     def run(self, max_instructions: int | None = None, timeout: float | None = None,
@@ -797,9 +795,9 @@ class Machine:
         trace_hook = self._add_trace(trace) if trace else None
         self._tracing = trace_hook is not None
         self._stop = None
-        self.last_exit = None
         self.has_run = True
-        self._pending_hypercall = None          # not completed by resume(): the call runs again
+        for starting in self._run_hooks:
+            starting()
         if self.cpu.paging_epoch != self._armed_epoch:     # the caller changed paging registers
             self._forget_armed_spaces()
         pc = (self.cpu.segment("cs").base + self.cpu.rip) & 0xFFFF_FFFF_FFFF_FFFF
@@ -815,7 +813,7 @@ class Machine:
             while self._stop is None:
                 try:
                     self._step(limit, max_instructions, deadline, counting)
-                except GUEST_MEMORY_ERRORS as missing:     # ringminus's own access reached nothing
+                except MissingMemory as missing:     # ringminus's own access reached nothing
                     self._stop = Stop(StopReason.MEMORY, self.cpu.rip, getattr(missing, "address", None),
                                       f"ringminus's own access: {missing}")
         finally:
@@ -830,30 +828,22 @@ class Machine:
         return self.result()
 
     def result(self) -> RunResult:
-        stats = dict.fromkeys(STAT_KEYS, 0)
+        stats = dict.fromkeys(self._stat_keys, 0)
         stats.update(self.stats)
         stats.update(self.ports.stats)
         stats["unclaimed_ports"] = sorted(self.ports.unclaimed) if self.ports.unclaimed else []
         stats["code_sites"] = len(self.sites.armed)
-        stats["smram_swaps"] = self.smram.swaps
+        stats.update((name, value()) for name, value in self._reported_stats)
         stop = self._stop or Stop(StopReason.STOPPED, self.cpu.rip)
-        exit_ = self.last_exit if stop.reason is StopReason.VMEXIT else None
-        pending = self._pending_hypercall if stop.reason is StopReason.HYPERCALL else None
-        return RunResult(stop, self.cpu.snapshot(), bytes(self.console.output),
-                         self.instructions if self._instructions_exact else None, stats, exit_,
-                         tuple(self.events), self.smm.as_dict(self.smram.state),
-                         pending.call if pending else None,
-                         {**self.svm.as_dict(), "pending_interrupts": sorted(self.interrupts)})
+        return RunResult(stop, self.cpu.snapshot(), bytes(self.console.output), self.instructions_if_exact,
+                         stats, tuple(self.events), tuple(section(stop) for section in self._sections))
 
     def resume(self, ret: int | None = None, max_instructions: int | None = None,
                timeout: float | None = None, trace: TextIO | None = None) -> RunResult:
-        """Run on.  After a ``hypercall`` stop, first complete the forwarded call as KVM x86
-        does on re-entry (semantics.md §D.2): RAX := ``ret`` (a u32 outside 64-bit mode;
-        None declines: −KVM_ENOSYS) and RIP past the instruction."""
-        if self._pending_hypercall is not None:
-            complete_hypercall(self, self._pending_hypercall, ret)
-        elif ret is not None:
-            raise ValueError("no forwarded hypercall to complete: the last run did not stop for one")
+        """Run on.  ``ret`` completes what the last stop left pending (a forwarded
+        hypercall's result: hypercalls/conduit.py)."""
+        if not any(resume(ret) for resume in self._resume_handlers) and ret is not None:
+            raise ValueError("nothing to complete with a value: the last run did not stop for a hypercall")
         return self.run(max_instructions, timeout, trace)
 
     def _fire_due_events(self) -> None:
@@ -898,7 +888,7 @@ class Machine:
             return
         self._trap = None
         self._switch_in_hooks = not counting and not self._tracing and (
-            self.guest is None or self.guest.on_exit == "l1")
+            self.gate is None or self.gate.on_exit is OnExit.L1)
         error = None
         try:
             self.uc.emu_start(self.cpu.rip, 0, count=budget)
@@ -934,67 +924,64 @@ class Machine:
         self._address_space = None
         self._armed_spaces.clear()
 
-    def _retire(self, count: int) -> None:
-        self.instructions += max(count, 0)
-
     def _after_slice(self, error: UcError | None, budget: int, started: int, deadline: float | None) -> None:
         trap = self._trap
         if trap is not None and trap.flags_in_cc_src:
             self._rflags_from_cc_src()
-        if trap is not None and trap.kind == "view":
-            self._retire(started - 1)
-            self.smram.reveal(trap.address)
+        if trap is not None and trap.kind == "miss":
+            self.retire(started - 1)
+            trap.handler(trap.address)
         elif trap is not None and trap.kind == "memory":
-            self._retire(started - 1)
+            self.retire(started - 1)
             self._stop = Stop(StopReason.MEMORY, self.cpu.rip, trap.address, trap.detail)
         elif error is not None:
-            self._retire(started - 1)
+            self.retire(started - 1)
             self._stop = Stop(StopReason.UNSUPPORTED, self.cpu.rip, detail=f"Unicorn: {error}")
         elif trap is None:
             if budget and started > budget:
-                self._retire(budget)                        # a limit or an event is due
+                self.retire(budget)                        # a limit or an event is due
             elif self._stop is not None:                    # a device stopped an unarmed OUT
-                self._retire(started - 1)
+                self.retire(started - 1)
             elif self._interrupt_requested:                 # the next step stops the run
-                self._retire(started - 1)
+                self.retire(started - 1)
             elif deadline is not None and time.monotonic() >= deadline:
-                self._retire(started - 1)
+                self.retire(started - 1)
                 self._stop = Stop(StopReason.TIMEOUT, self.cpu.rip)
             elif self._follows_hlt():
-                self._retire(started)                       # HLT retired; the CPU is halted
+                self.retire(started)                       # HLT retired; the CPU is halted
                 self.halted = True
             else:
-                self._retire(started - 1)
+                self.retire(started - 1)
                 self._stop = Stop(StopReason.ENDED, self.cpu.rip, detail="Unicorn ended the slice for no reason "
                                   "ringminus knows (no HLT before RIP): an emu_stop() from outside?")
         elif trap.kind == "exception":
             self._on_exception_trap(trap, started)
         elif trap.kind == "invalid":
-            self._retire(started - 1)
+            self.retire(started - 1)
             self._on_invalid_trap()
         elif trap.kind == "port":
-            self._retire(started - 1)
+            self.retire(started - 1)
             self._emulate_out(trap.outcome, trap.port, self.cpu.capture())
         elif trap.kind == "msr":
-            self._retire(started - 1)
+            self.retire(started - 1)
             self._emulate_msr(trap.outcome)
         elif trap.kind == "step":
-            self._retire(started - 1)
+            self.retire(started - 1)
             self._stepping_over = trap.address
             if trap.detail == "paging":
                 self._forget_armed_spaces()     # even a reload of the same CR3 flushes the TLB
                 self.linear.flush()
         elif trap.kind == "resume":
-            self._retire(started)               # a hook finished the instruction; the loop acts
+            self.retire(started)               # a hook finished the instruction; the loop acts
         elif trap.kind == "breakpoint":
-            self._retire(started - 1)
+            self.retire(started - 1)
             self._stop = Stop(StopReason.BREAKPOINT, self.cpu.rip)
             self._resuming_at_breakpoint = trap.address     # the next run passes it
-        elif trap.kind == "vmexit":
-            self._retire(started - 1)
-            self._take_exit(trap.outcome)
+        elif trap.kind == "exit":
+            self.retire(started - 1)
+            self.gate.take_exit(trap.outcome)
         elif trap.kind == "fault":
-            self._retire(started - 1)
+            self.retire(started - 1)
             fault = trap.outcome
             self.deliver(Event(fault.vector, EventKind.EXCEPTION, self.cpu.rip, fault.error_code, fault.cr2))
 
@@ -1003,14 +990,14 @@ class Machine:
         tells a halt from any other unexplained end."""
         try:
             before = self.linear.fetch((self.cpu.segment("cs").base + self.cpu.rip - 1) & 0xFFFF_FFFF_FFFF_FFFF, 1)
-        except GUEST_MEMORY_ERRORS:
+        except MissingMemory:
             return False
         return before == bytes((HLT,))
 
     def _on_exception_trap(self, trap: _Trap, started: int) -> None:
         rip = self.cpu.rip
         if trap.software:                     # INT n / INT3 / INTO: retired, RIP is past it
-            self._retire(started)
+            self.retire(started)
             try:
                 last = self.linear.read(rip - 1, 1)[0]
             except (GuestFault, UnbackedMemory):
@@ -1020,91 +1007,55 @@ class Machine:
             self.deliver(Event(trap.vector, kind, rip, instruction_rip=rip - (1 if one_byte else 2)))
             return
         # #DB from TF or a data breakpoint is a trap (the instruction retired); others fault.
-        self._retire(started if trap.vector == Vector.DB else started - 1)
+        self.retire(started if trap.vector == Vector.DB else started - 1)
         error_code = trap.error_code if trap.vector in PUSHES_ERROR_CODE else None
         cr2 = trap.cr2 if trap.vector == Vector.PF else None
         self.deliver(Event(trap.vector, EventKind.EXCEPTION, rip, error_code, cr2))
 
     def _on_invalid_trap(self) -> None:
         """An instruction Unicorn cannot execute: SVM instructions, RSM, VMMCALL, ICEBP, UD2…
-        As L2 the staged checker decides first; then ringminus executes it or raises #UD."""
+        As L2 the guest-mode gate decides first; then a feature's executor runs it, or #UD."""
         rip = self.cpu.rip
-        linear = (self.cpu.segment("cs").base + rip) & 0xFFFF_FFFF_FFFF_FFFF
+        linear = (self.cpu.segment("cs").base + rip) & MASK_64
         try:
             code = self.linear.read(linear, 15)
         except (GuestFault, UnbackedMemory):
             code = b""
         insn = self._decode(code, self.cpu.code_bits(), rip) if code else None
-        if insn is not None and self.guest is not None:
-            outcome = check(insn, self.guest)
-            if isinstance(outcome, VmExit):
-                self._take_exit(outcome)
-                return
-            if isinstance(outcome, Fault):
+        if insn is not None and self.gate is not None:
+            outcome = self.gate.check(insn)
+            if isinstance(outcome, GuestFault):
                 self.deliver(Event(outcome.vector, EventKind.EXCEPTION, rip, outcome.error_code, outcome.cr2))
                 return
-        if insn is not None and insn.row.name == "rsm":
-            self._execute_rsm(rip)
+            if outcome is not None:
+                self.gate.take_exit(outcome)
+                return
+        execute = self._executors.get(insn.row.name) if insn is not None else None
+        if execute is not None:
+            execute(insn)
             return
-        if insn is not None and insn.row.name in SVM_INSTRUCTIONS:
-            self._execute_svm(insn)
-            return
-        if insn is not None and insn.row.name in CONDUITS and self.guest is None:
-            execute_hypercall(self, insn)       # ringminus is the host (semantics.md §D.3)
-            return
-        first = code[0] if code else None
-        if first == ICEBP:                   # INT1: a trap-like #DB that Unicorn reports as #UD
-            self._retire(1)
+        if code[:1] == bytes((ICEBP,)):          # INT1: a trap-like #DB that Unicorn reports as #UD
+            self.retire(1)
             self.deliver(Event(Vector.DB, EventKind.ICEBP, rip + 1, instruction_rip=rip))
         else:
             self.deliver(Event(Vector.UD, EventKind.EXCEPTION, rip))
 
-    def _l1_checks(self) -> Guest:
-        """The staged checker's view of code outside guest mode: no intercepts, only the
-        #UD/#GP checks (in the profile's order)."""
-        if self._l1_view is None or self._l1_view.profile is not self.profile:
-            self._l1_view = Guest(self, InterceptControls(), self.profile.name)
-        return self._l1_view
-
-    def _execute_svm(self, insn: Instruction) -> None:
-        """An SVM instruction L1 does not intercept (or outside guest mode)."""
-        rip = insn.address
-        if insn.row.name == "vmrun" and self.guest is not None:
-            # Only a caller-made guest can lack the VMRUN intercept (VMRUN requires it).
-            self.request_stop(StopReason.UNSUPPORTED, detail="VMRUN in a guest whose Python L1 does "
-                              "not intercept it (a third level of nesting)")
-            return
-        fault = check(insn, self._l1_checks())
-        if isinstance(fault, Fault):
-            self.deliver(Event(fault.vector, EventKind.EXCEPTION, rip, fault.error_code))
-            return
-        try:
-            execute_svm(self, insn)
-        except GuestFault as fault:
-            self.deliver(Event(fault.vector, EventKind.EXCEPTION, rip, fault.error_code))
-            return
-        except (svm_world.VmcbMemoryError, UnbackedMemory) as missing:
-            self.request_stop(StopReason.MEMORY, detail=f"{insn.row.name}: {missing}")
-            return
-        self._retire(1)
-        if insn.row.name == "vmrun":
-            self.stats["vmruns"] += 1
-
     def _emulate_msr(self, insn: Instruction) -> None:
-        """RDMSR/WRMSR of an MSR ringminus keeps (svm/msrs.py), at CPU ``insn``."""
+        """RDMSR/WRMSR of an MSR a feature keeps (add_msr), at CPU ``insn``."""
         cpu, rip = self.cpu, insn.address
         msr = cpu["ecx"]
+        kept = self._kept_msr(msr)
         try:
             if insn.row.name == "rdmsr":
-                value = svm_msrs.read(self, msr)
+                value = kept.read(msr)
                 cpu["rax"], cpu["rdx"] = value & 0xFFFF_FFFF, value >> 32
             else:
-                svm_msrs.write(self, msr, (cpu["edx"] << 32) | cpu["eax"])
+                kept.write(msr, (cpu["edx"] << 32) | cpu["eax"])
         except GuestFault as fault:
             self.deliver(Event(fault.vector, EventKind.EXCEPTION, rip, fault.error_code))
             return
         cpu.rip = insn.next_rip
-        self._retire(1)
+        self.retire(1)
 
     def _emulate_out(self, io: Instruction, port: int, state: ArchState) -> ArchState | None:
         """Perform an OUT to a precise device, exactly as the CPU would, on the registers
@@ -1117,12 +1068,13 @@ class Machine:
             self.deliver(Event(Vector.GP, EventKind.EXCEPTION, rip, 0))
             return None
         self.cpu.rip = state[At.rip] = rip + io.length
-        self._retire(1)
-        smi_before, version = self.smm.pending, self.cpu.version
-        self.ports.write(port, size, state[At.rax])
-        if self.smm.pending and not smi_before:     # an I/O-instruction SMI (APM §10.3.5)
-            self.smm.io_instruction = IoInstruction((rip, state[At.rcx], state[At.rsi], state[At.rdi]), port,
-                                                    read=False, size=size)
+        self.retire(1)
+        version = self.cpu.version
+        self._io_access = IoAccess((rip, state[At.rcx], state[At.rsi], state[At.rdi]), port, read=False, size=size)
+        try:
+            self.ports.write(port, size, state[At.rax])
+        finally:
+            self._io_access = None
         if self._stop is not None:
             self._stop = Stop(self._stop.reason, self.cpu.rip, self._stop.value, self._stop.detail)
         return state if self.cpu.version == version else None

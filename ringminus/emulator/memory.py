@@ -20,7 +20,12 @@ ROM = UC_PROT_READ | UC_PROT_EXEC
 RW = UC_PROT_ALL
 
 
-class UnbackedMemory(Exception):
+class MissingMemory(Exception):
+    """Something ringminus itself reads or writes for the guest is not in memory (a feature's
+    structures too: a VMCB, say).  A run that meets one stops with reason ``memory``."""
+
+
+class UnbackedMemory(MissingMemory):
     """Python touched a physical address that no RAM, ROM or overlay backs."""
 
     def __init__(self, address: int):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, NamedTuple, Protocol
 
 from .cpu import At
 from ..arch.control import RFLAGS_VM
@@ -13,6 +13,17 @@ from ..arch.exceptions import GuestFault
 DEBUGCON_PORT = 0xE9      # Bochs / QEMU debugcon
 EXIT_PORT = 0xF4          # QEMU isa-debug-exit as commonly configured (iobase=0xf4)
 
+
+
+class IoAccess(NamedTuple):
+    """The I/O instruction performing a port access (``Core.io_access`` while a device sees
+    it): its RIP and RCX/RSI/RDI before it ran.  SMM's I/O-instruction SMIs record it."""
+    registers: tuple[int, int, int, int]
+    port: int
+    read: bool
+    size: int = 1
+    string: bool = False
+    repeat: bool = False
 
 class PortDevice(Protocol):
     #: True when an access must stop the guest exactly at the instruction (the access is then

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
+from typing import Callable, NamedTuple
 
 
 class StopReason(Enum):
@@ -64,21 +65,29 @@ class Stop:
         return out
 
 
+class Section(NamedTuple):
+    """A feature's part of a result: ``value`` as captured at the stop, and how it reads in
+    ``as_dict`` and as the attribute of its name (None: as it is)."""
+    name: str
+    value: object
+    as_dict: Callable[[object], object] | None = None
+    raw_name: str | None = None             # the attribute that gives ``value`` itself
+
+
 @dataclass(frozen=True)
 class RunResult:
-    """What a run left.  ``regs``, ``stats``, ``vmexit``, ``hypercall`` and ``events`` are built
-    on first use from what was captured at the stop (a stop-and-resume loop rarely reads them
-    all)."""
+    """What a run left: the core's part, then each feature's ``Section`` (``result.smm``,
+    ``result.svm``, ``result.vmexit``, ``result.hypercall``…).  ``regs``, ``stats``, ``events``
+    and the sections are built on first use from what was captured at the stop (a
+    stop-and-resume loop rarely reads them all)."""
     stop: Stop
     cpu: object                   # emulator.cpu.CpuSnapshot at the stop
     console_bytes: bytes
     instructions: int | None      # exact when counting (a limit or an instruction event is set)
     counters: dict = field(default_factory=dict)
-    exit: object = None           # intercepts.VmExit that stopped the run (reason vmexit)
     event_log: tuple = ()         # events delivered, exits skipped, hypercalls, in order
-    smm: dict = field(default_factory=dict)   # the KVM vcpu-events view of SMM, SMBASE, SMRAM state
-    call: object = None           # hypercalls.Hypercall that stopped the run (reason hypercall)
-    svm: dict = field(default_factory=dict)   # GIF, VM_HSAVE_PA, guest mode, pending interrupts
+    sections: tuple[Section, ...] = ()
+    _read: dict = field(default_factory=dict, repr=False, compare=False)
 
     @cached_property
     def regs(self) -> dict:
@@ -94,18 +103,26 @@ class RunResult:
         return dict(self.counters)
 
     @cached_property
-    def vmexit(self) -> dict | None:
-        return self.exit.as_dict() if self.exit is not None else None
-
-    @cached_property
-    def hypercall(self) -> dict | None:
-        return self.call.as_dict() if self.call is not None else None
-
-    @cached_property
     def events(self) -> list:
         return [e if isinstance(e, dict) else {"kind": "vmexit", **e.as_dict()} for e in self.event_log]
 
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        read = self.__dict__.get("_read")
+        if read is not None and name in read:
+            return read[name]
+        for section in self.__dict__.get("sections", ()):
+            if name == section.raw_name:
+                return section.value
+            if name == section.name:
+                value = section.value if section.as_dict is None or section.value is None \
+                    else section.as_dict(section.value)
+                read[name] = value
+                return value
+        raise AttributeError(f"a run result has no {name!r}")
+
     def as_dict(self) -> dict:
         return {"stop": self.stop.as_dict(), "regs": self.regs, "console": self.console,
-                "instructions": self.instructions, "stats": self.stats, "vmexit": self.vmexit,
-                "hypercall": self.hypercall, "events": self.events, "smm": self.smm, "svm": self.svm}
+                "instructions": self.instructions, "stats": self.stats, "events": self.events,
+                **{section.name: getattr(self, section.name) for section in self.sections}}

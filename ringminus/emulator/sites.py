@@ -397,6 +397,23 @@ class CodeSites:
         return grew
 
     # -- what the machine asks -----------------------------------------------------------
+    def state(self) -> tuple:
+        """What a snapshot holds of the sites: the opcodes flagged, and the sites found that
+        translated code does not honour yet (the armed ones are a cache: rescan)."""
+        return self.opcodes, frozenset(self.physical)
+
+    def restore(self, state: tuple) -> None:
+        opcodes, physical = state
+        if opcodes != self.opcodes:
+            # Flagging only ever adds (set_opcodes), and the adding reads the code translated
+            # so far, which may map a hidden SMRAM range: a replay flags them when the first
+            # run did, so they are put back as they were, without that read.
+            self.opcodes = opcodes
+            self._opcodes_pattern = _pattern(opcodes)
+        # The run loop re-arms when ``physical`` grows past what it armed in an address space.
+        self.physical.clear()
+        self.physical.update(physical)
+
     def set_opcodes(self, opcodes: frozenset[bytes]) -> None:
         """Flag more opcodes.  Blocks translated before that hold one of them are translated
         again before the next slice (their addresses join ``physical``; see ``remap``)."""

@@ -2,7 +2,9 @@
 the same calls reproduces it bit for bit — results, events, counters and all.
 
 A snapshot is a tuple of *parts*, one per piece of state, each taken and put back by its own
-pair of functions (PARTS).  What they hold, and why each is there:
+pair of functions: the core's (CORE_PARTS, below) and those features add (plugins.Part: SMM's
+state, SMRAM's bytes and views and the chipset's registers; SVM's state and its guest; the
+intercepts' last exit; a forwarded hypercall).  What they hold, and why each is there:
 
 * the CPU: Unicorn's whole saved state (registers, hidden segment state, NMI blocking, the
   interrupt shadow, the lazy-flags fields) and the guest-visible EFER.SVME;
@@ -48,22 +50,15 @@ writes into itself may replay differently.
 """
 from __future__ import annotations
 
-import copy
 import itertools
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING
 
-from . import sites as sites_module
+from .plugins import Part
 
 if TYPE_CHECKING:
-    from .machine import Machine
-
-
-class Part(NamedTuple):
-    name: str
-    take: Callable[["Machine"], object]
-    put: Callable[["Machine", object], None]
+    from .machine import Core as Machine
 
 
 # -- the parts ------------------------------------------------------------------------------------
@@ -79,82 +74,24 @@ def _put_cpu(machine: "Machine", state: tuple) -> None:
     machine.cpu.paging_epoch += 1           # the Cpu's cached address space is stale now
 
 
-def _take_memory(machine: "Machine") -> tuple:
-    return machine.memory.ram.copy(), tuple(r.data.copy() for r in machine.smram.ranges)
+def _take_memory(machine: "Machine"):
+    return machine.memory.ram.copy()
 
 
-def _put_memory(machine: "Machine", state: tuple) -> None:
-    ram, smram = state
+def _put_memory(machine: "Machine", ram) -> None:
     machine.memory.ram[:] = ram
-    for smram_range, data in zip(machine.smram.ranges, smram):
-        smram_range.data[:] = data
-
-
-def _take_smm(machine: "Machine") -> object:
-    return copy.copy(machine.smm)
-
-
-def _put_smm(machine: "Machine", smm) -> None:
-    machine.smm = copy.copy(smm)
-
-
-def _take_views(machine: "Machine") -> tuple:
-    smram = machine.smram
-    return smram.register, tuple(r.hidden for r in smram.ranges), smram.swaps
-
-
-def _put_views_part(machine: "Machine", state: tuple) -> None:
-    register, hidden, swaps = state
-    # Mapping and unmapping makes Unicorn look addresses up through the guest's page tables;
-    # where they map nothing it leaves a #PF in flight and CR2 clobbered: keep the CPU as put.
-    cpu = machine.uc.context_save()
-    _put_views(machine.smram, register, machine.smm.in_smm, hidden)
-    machine.uc.context_restore(cpu)
-    machine.smram.swaps = swaps
-
-
-def _put_views(smram, register: int, in_smm: bool, hidden: tuple[bool, ...]) -> None:
-    """Map the SMRAM ranges as the snapshot had them.  A mapped range always shows its right
-    view (smram.py), so the mapping is one flag per range: first hide every range (each
-    range's view changes in one of two flips of visibility — every range visible, then none),
-    then reveal those the snapshot had mapped."""
-    for everything_visible in (True, False):
-        smram.register = 0xFF if everything_visible else 0      # (G_SMRAME | D_OPEN) or nothing
-        smram.in_smm = everything_visible
-        smram.update()
-    smram.register = register
-    smram.set_smm(in_smm)
-    for smram_range, was_hidden in zip(smram.ranges, hidden):
-        if not was_hidden:
-            smram.reveal(smram_range.base)
-
-
-def _take_svm(machine: "Machine") -> tuple:
-    guest = machine.guest
-    own = copy.copy(guest) if machine.svm.guest_mode and guest is not None else None
-    return copy.copy(machine.svm), own, guest.monitor_armed if guest is not None else False
-
-
-def _put_svm(machine: "Machine", state: tuple) -> None:
-    svm, own, monitor_armed = state
-    machine.svm = copy.copy(svm)
-    if own is not None or machine.guest is not None and machine.guest.on_exit == "l1":
-        machine.guest = copy.copy(own)      # a guest the caller entered stays the caller's
-    if machine.guest is not None:
-        machine.guest.monitor_armed = monitor_armed
 
 
 def _take_events(machine: "Machine") -> tuple:
     following = next(machine._sequence)     # the order number the next scheduled event gets
     machine._sequence = itertools.count(following)
-    return (machine.nmi_pending, frozenset(machine.interrupts), machine.halted, tuple(machine._scheduled),
-            following, tuple(machine.events), machine._pending_hypercall, machine.last_exit,
-            machine._resuming_at_breakpoint)
+    return (machine.nmi_pending, machine.init_pending, frozenset(machine.interrupts), machine.halted,
+            tuple(machine._scheduled), following, tuple(machine.events), machine._resuming_at_breakpoint)
 
 
 def _put_events(machine: "Machine", state: tuple) -> None:
-    (machine.nmi_pending, interrupts, machine.halted, scheduled, following, events,
-     machine._pending_hypercall, machine.last_exit, machine._resuming_at_breakpoint) = state
+    (machine.nmi_pending, machine.init_pending, interrupts, machine.halted, scheduled, following, events,
+     machine._resuming_at_breakpoint) = state
     machine.interrupts = set(interrupts)
     machine._scheduled = list(scheduled)    # a heap stays a heap
     machine._sequence = itertools.count(following)
@@ -182,65 +119,40 @@ def _put_stats(machine: "Machine", state: tuple) -> None:
         live.update(saved)
 
 
-def _take_chipset(machine: "Machine") -> tuple:
-    chipset = machine.chipset
-    return (chipset.address, chipset.apm_status, chipset.smi_enable,
-            {where: bytes(function.config) for where, function in chipset.functions.items()})
-
-
-def _put_chipset(machine: "Machine", state: tuple) -> None:
-    chipset = machine.chipset
-    chipset.address, chipset.apm_status, chipset.smi_enable, configs = state
-    for where, config in configs.items():
-        chipset.functions[where].config[:] = config
-    lpc = getattr(chipset, "lpc", None)
-    if lpc is not None:                     # PMBASE decides where SMI_EN's ports are: re-derive
-        lpc.on_write(next(iter(lpc.writable)))
-
-
 def _take_arming(machine: "Machine") -> tuple:
-    return (machine._stepping_over, machine.sites.opcodes, frozenset(machine.sites.physical),
-            machine._address_space, dict(machine._armed_spaces), machine._armed_epoch == machine.cpu.paging_epoch)
+    return (machine._stepping_over, machine.sites.state(), machine._address_space, dict(machine._armed_spaces),
+            machine._armed_epoch == machine.cpu.paging_epoch)
 
 
 def _put_arming(machine: "Machine", state: tuple) -> None:
-    stepping_over, opcodes, physical, address_space, armed_spaces, arming_current = state
+    stepping_over, sites, address_space, armed_spaces, arming_current = state
     machine._stepping_over = stepping_over
-    sites = machine.sites
-    if sites.opcodes != opcodes:
-        # Flagging opcodes only ever adds (set_opcodes), and the adding reads the code
-        # translated so far, which may map a hidden SMRAM range: the replay must flag them
-        # when the first run did.  (A CodeSites method should own this.)
-        sites.opcodes = opcodes
-        sites._opcodes_pattern = sites_module._pattern(opcodes)
-    # The run loop re-arms when ``physical`` grows past what it armed in this address space.
-    sites.physical.clear()
-    sites.physical.update(physical)
+    machine.sites.restore(sites)
     machine._address_space, machine._armed_spaces = address_space, dict(armed_spaces)
     machine._armed_epoch = machine.cpu.paging_epoch if arming_current else -1
 
 
-# Restored in this order: the CPU before the parts that read its paging epoch; the SMRAM views
-# last, as any read of guest memory on the way would map a hidden range (and count a swap).
-PARTS = (
-    Part("memory", _take_memory, _put_memory),
-    Part("smm", _take_smm, _put_smm),
-    Part("cpu", _take_cpu, _put_cpu),
-    Part("svm", _take_svm, _put_svm),
-    Part("events", _take_events, _put_events),
-    Part("count", _take_count, _put_count),
-    Part("stats", _take_stats, _put_stats),
-    Part("chipset", _take_chipset, _put_chipset),
-    Part("arming", _take_arming, _put_arming),
-    Part("views", _take_views, _put_views_part),
+# Restored in ``order``: the CPU before the parts that read its paging epoch; features slot
+# theirs in between (SMM's state before the CPU, SMRAM's views last: any read of guest memory
+# on the way would map a hidden range and count a swap).
+CORE_PARTS = (
+    Part(10, "memory", _take_memory, _put_memory),
+    Part(30, "cpu", _take_cpu, _put_cpu),
+    Part(50, "events", _take_events, _put_events),
+    Part(60, "count", _take_count, _put_count),
+    Part(70, "stats", _take_stats, _put_stats),
+    Part(90, "arming", _take_arming, _put_arming),
 )
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    parts: tuple                    # one state per PARTS entry, in its order
-    ram_size: int
-    smram_ranges: tuple[tuple[int, int], ...]
+    parts: tuple                    # (name, state) per part, in restore order
+    shape: tuple                    # what a machine must have to take it: RAM size, SMRAM ranges…
+
+
+def _shape(machine: "Machine") -> tuple:
+    return (machine.memory.ram_size, *(part.shape(machine) for part in machine._parts if part.shape))
 
 
 def take(machine: "Machine") -> Snapshot:
@@ -248,15 +160,13 @@ def take(machine: "Machine") -> Snapshot:
     machine._decoded.clear()
     machine.forget_tlb()
     machine.sites.rescan()
-    return Snapshot(tuple(part.take(machine) for part in PARTS), machine.memory.ram_size,
-                    tuple((r.base, r.size) for r in machine.smram.ranges))
+    return Snapshot(tuple((part.name, part.take(machine)) for part in machine._parts), _shape(machine))
 
 
 def restore(machine: "Machine", snap: Snapshot) -> None:
-    if snap.ram_size != machine.memory.ram_size or \
-            snap.smram_ranges != tuple((r.base, r.size) for r in machine.smram.ranges):
-        raise ValueError("snapshot is from a machine with other memory or SMRAM ranges")
-    for part, state in zip(PARTS, snap.parts):
+    if snap.shape != _shape(machine) or [name for name, _ in snap.parts] != [part.name for part in machine._parts]:
+        raise ValueError("snapshot is from a machine with other memory, SMRAM ranges or features")
+    for part, (_, state) in zip(machine._parts, snap.parts):
         part.put(machine, state)
     machine._decoded.clear()
     machine.forget_tlb()

@@ -21,7 +21,8 @@ import random
 
 from . import Finding
 from .streams import MB, RUN_TIMEOUT, check_run, interesting_value, mov_imm, random_stream
-from ..emulator import Machine, StopReason
+from ..emulator import StopReason
+from ..machine import Machine
 from ..emulator.boot import PAGE_TABLES
 from ..arch.registers import GPRS
 from ..arch.exitcodes import ExitCode

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 from . import Finding
 from .streams import MB, RUN_TIMEOUT, check_run
-from ..emulator import Machine, StopReason
+from ..emulator import StopReason
+from ..machine import Machine
 from ..intercepts.profiles import PROFILES
 from ..smm import layouts as L
 

@@ -18,7 +18,8 @@ import struct
 import time
 
 from . import Finding
-from ..emulator import Machine, StopReason
+from ..emulator import StopReason
+from ..machine import Machine
 from ..arch.control import CR4_DEFINED, EFER_DEFINED
 from ..emulator.boot import GDT_BASE, IDT_BASE, PAGE_TABLES, SEL_CODE32, SEL_CODE64
 from ..arch.segments import SYS_INT_GATE, SYS_TRAP_GATE, pack_gate

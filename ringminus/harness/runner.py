@@ -14,7 +14,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, replace
 
-from ..emulator import Machine, StopReason
+from ..emulator import StopReason
+from ..machine import Machine
 from ..emulator.boot import DEFAULT_LOAD, BootState
 from ..intercepts.controls import InterceptControls
 from ..arch.exitcodes import ExitCode

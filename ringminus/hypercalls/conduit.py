@@ -13,7 +13,7 @@ In guest mode none of this runs: the L1 intercept decides, then #UD (§D.3 point
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,7 @@ from .filter import HypercallAction
 
 if TYPE_CHECKING:
     from ..decode.decoder import Instruction
-    from ..emulator.machine import Machine
+    from ..machine import Machine
 
 # include/uapi/linux/kvm_para.h
 KVM_EPERM = 1
@@ -132,14 +132,13 @@ def execute(machine: "Machine", insn: "Instruction") -> None:
     if answer is not None:
         _finish(machine, call, next_rip, action.label, answer(call.nr))
     elif machine.hypercalls.handler is None:    # KVM_EXIT_HYPERCALL: RIP stays at the call
-        machine._pending_hypercall = PendingHypercall(call, next_rip, len(machine.events))
+        machine.pending_hypercall = PendingHypercall(call, next_rip, len(machine.events))
         machine.events.append(_record(call, action.label, None))
         machine.request_stop(StopReason.HYPERCALL, call.nr)
     else:
         value = _ask(machine.hypercalls.handler, call)
         _finish(machine, call, next_rip, action.label, value)
-        if machine._stop is not None:           # the handler asked to stop: after the call
-            machine._stop = replace(machine._stop, rip=machine.cpu.rip)
+        machine.restamp_stop()                  # if the handler asked to stop: after the call
 
 
 def complete(machine: "Machine", pending: PendingHypercall, ret: int | None) -> None:
@@ -178,7 +177,7 @@ def _finish(machine: "Machine", call: Hypercall, next_rip: int, action: str, val
     result = value & _mask(call.long_mode)
     machine.cpu["rax"] = result
     machine.cpu.rip = next_rip
-    machine._retire(1)
+    machine.retire(1)
     record = _record(call, action, result)
     if event_index is None:
         machine.events.append(record)

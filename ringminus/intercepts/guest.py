@@ -1,30 +1,35 @@
 """The guest as L2: what L1 intercepts, under which profile, and the exits it takes —
 for instructions (through the staged checker) and for exceptions and events (before
-delivery and before #DF combination, semantics.md §B.2)."""
+delivery and before #DF combination, semantics.md §B.2).  A Guest is the core's guest-mode
+gate (emulator/plugins.Gate) while it runs."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
+
+from unicorn import x86_const as X
 
 from ..decode.decoder import GPR64, Instruction
 from ..emulator.delivery import Event, EventKind
 from ..emulator.memory import UnbackedMemory
+from ..emulator.plugins import OnExit
+from ..emulator.result import StopReason
 from ..emulator.segmentation import linear_address
 from ..arch.exceptions import GuestFault, Vector
-from .checker import VmExit
+from .checker import Fault, VmExit, check
 from .controls import EXCEPTION_BASE, InterceptControls
 from ..arch.exitcodes import ExitCode
 from .profiles import DEFAULT_PROFILE, profile as profile_named
 from .vmcb import V_IRQ, EventType, encode_event
 
 if TYPE_CHECKING:
-    from ..emulator.machine import Machine
+    from ..emulator.cpu import ArchState
+    from ..emulator.machine import Core as Machine
 
 # The EXITINTINFO type of each kind of event (APM Figure 15-1): INT1/INT3/INTO count as
 # exceptions, only INTn as a software interrupt (§B.2).
 EVENT_TYPE = {EventKind.EXTERNAL: EventType.INTR, EventKind.NMI: EventType.NMI,
               EventKind.EXCEPTION: EventType.EXCEPTION, EventKind.SOFTWARE_EXCEPTION: EventType.EXCEPTION,
               EventKind.ICEBP: EventType.EXCEPTION, EventKind.SOFTWARE_INTERRUPT: EventType.SOFTWARE_INT}
-ON_EXIT = ("stop", "skip", "l1")         # l1: the guest's own hypervisor takes a #VMEXIT (svm/)
 # Exceptions whose intercepts report the error code in EXITINFO1 (§B.2).
 ERROR_CODE_IN_INFO1 = frozenset({Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.PF,
                                  Vector.AC, Vector.CP, Vector.SX})
@@ -38,15 +43,21 @@ def exit_int_info(event: Event | None) -> int:
 
 class Guest:
     def __init__(self, machine: "Machine", controls: InterceptControls, profile: str = DEFAULT_PROFILE,
-                 on_exit: str = "stop", pre_except_exits: dict | None = None):
-        if on_exit not in ON_EXIT:
-            raise ValueError(f"--on-exit must be one of {', '.join(ON_EXIT)}")
+                 on_exit: OnExit | str = OnExit.STOP, pre_except_exits: dict | None = None,
+                 l1_exit: Callable[[VmExit, "ArchState | None"], None] | None = None):
+        try:
+            on_exit = OnExit(on_exit)
+        except ValueError:
+            raise ValueError(f"--on-exit must be one of {', '.join(o.value for o in OnExit)}") from None
+        if on_exit is OnExit.L1 and l1_exit is None:
+            raise ValueError("a guest whose own hypervisor takes its exits needs that hypervisor's #VMEXIT")
         self.machine = machine
         self.cpu = machine.cpu
         self.linear = machine.linear
         self.controls = controls
         self.profile = profile_named(profile)
         self.on_exit = on_exit
+        self.l1_exit = l1_exit              # on_exit L1: the #VMEXIT into the guest's hypervisor (svm/)
         self.monitor_armed = False
         self._virtual_interrupt_pending = False
         # checker.py: outcomes that depend on nothing else (shareable between guests)
@@ -56,7 +67,7 @@ class Guest:
     def virtual_interrupt_pending(self) -> bool:
         """V_IRQ (IDLE_HLT exits only without one): the VMCB's, when the guest's own
         hypervisor runs this guest; what the caller sets, when the caller plays L1."""
-        if self.on_exit == "l1":
+        if self.on_exit is OnExit.L1:
             return bool(self.machine.svm.int_ctl & V_IRQ)
         return self._virtual_interrupt_pending
 
@@ -115,7 +126,7 @@ class Guest:
         rip = event.instruction_rip if software and event.instruction_rip is not None else event.return_rip
         next_rip = event.return_rip if software else 0
         if event.vector == Vector.BR and event.kind is EventKind.EXCEPTION:
-            next_rip = rip + self.machine._length_at(rip)         # BOUND saves nRIP too (§A.9)
+            next_rip = rip + self.machine.instruction_length_at(rip)      # BOUND saves nRIP too (§A.9)
         insn_bytes = b""
         if event.vector == Vector.PF and self.profile.decode_assists:
             insn_bytes = self._instruction_bytes(rip)
@@ -133,3 +144,47 @@ class Guest:
             except (GuestFault, UnbackedMemory):
                 continue
         return b""
+
+    # -- the gate (emulator/plugins.Gate) --------------------------------------------------
+    def intercepts(self, exit_code: int) -> bool:
+        return exit_code in self.controls
+
+    def check(self, insn: Instruction) -> VmExit | GuestFault | None:
+        """The staged checker's outcome for ``insn``: an exit, a fault, or None (it runs)."""
+        outcome = check(insn, self)
+        if isinstance(outcome, Fault):
+            return GuestFault(outcome.vector, outcome.error_code, outcome.cr2)
+        return outcome if isinstance(outcome, VmExit) else None
+
+    event_exit = exception_exit
+
+    def event_source_exit(self, exit_code: int, info1: int, rip: int) -> VmExit:
+        return VmExit(exit_code, info1, rip=rip)
+
+    def take_exit(self, exit_: VmExit, state: "ArchState | None" = None) -> bool:
+        """L1 takes ``exit_``: a guest hypervisor by a #VMEXIT (``state``: L2's registers, if
+        just captured); the caller as L1 by a stop at the intercepted instruction, or
+        (on_exit skip) by going on after it.  True when the run must stop."""
+        machine = self.machine
+        if self.on_exit is OnExit.L1:          # the #VMEXIT records (and counts) it
+            self.l1_exit(exit_, state)
+            return machine.stop is not None
+        if self.on_exit is OnExit.SKIP:
+            record_exit(machine, exit_)
+            machine.cpu.fast.write(X.UC_X86_REG_RIP, exit_.next_rip or exit_.rip + machine.instruction_length_at(exit_.rip))
+            return False
+        record_exit(machine, exit_, log=False)
+        machine.cpu.rip = exit_.rip
+        machine.stop_at(StopReason.VMEXIT, exit_.rip, int(exit_.code), exit_.name)
+        return True
+
+    def record_exit(self, exit_: VmExit) -> None:
+        record_exit(self.machine, exit_)
+
+
+def record_exit(machine: "Machine", exit_: VmExit, record: dict | None = None, log: bool = True) -> None:
+    """Note a #VMEXIT L1 took (``record``: the event to log instead of the exit itself;
+    ``log``: False for an exit that stops the run, which the result reports instead)."""
+    machine.stats["vmexits"] += 1
+    machine.last_exit = exit_
+    machine.record_event((exit_ if record is None else record) if log else None)

@@ -18,7 +18,6 @@ convert to and from the descriptor-cache ``flags`` word of descriptors.py.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Callable
@@ -26,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from ..binlayout import U1, U2, U4, U8, field_span, structured, verify as verify_layout
-from ..arch.control import CONTROL_RULES, EFER_SVME, ControlState
+from ..arch.control import CONTROL_RULES, EFER_SVME, RuleSet
 from ..arch.segments import Segment, flags_from_vmcb_attrib, vmcb_attrib_from_flags
 from .controls import IOPM_BYTES, MSRPM_BYTES
 from ..arch.exitcodes import ExitCode
@@ -350,10 +349,9 @@ class VmrunCandidate:
             long_mode_capable=long_mode_capable, max_phys_bits=max_phys_bits,
             nested_paging_supported=nested_paging_supported)
 
-    @functools.cached_property
-    def control(self) -> ControlState:
-        return ControlState(self.cr0, self.cr3, self.cr4, self.efer, self.dr6, self.dr7, self.long_mode_capable,
-                            self.max_phys_bits, flags_from_vmcb_attrib(self.cs_attrib))
+    def control_refused(self, rules: RuleSet) -> str | None:
+        return rules.first_refused(self.cr0, self.cr3, self.cr4, self.efer, self.dr6, self.dr7, self.long_mode_capable,
+                                   self.max_phys_bits, flags_from_vmcb_attrib(self.cs_attrib))
 
 
 def _map_beyond_physical(base: int, size: int, max_phys_bits: int) -> bool:
@@ -381,8 +379,8 @@ VMRUN_CONTROL_RULES = ("nw_without_cd", "cr0_high", "cr3_high", "cr4_reserved", 
 
 
 def _control_rule(name: str) -> tuple[str, Callable[[VmrunCandidate], bool]]:
-    rule = CONTROL_RULES[name]
-    return rule.reason, lambda s: rule.refused(s.control)
+    rules = RuleSet(name)
+    return CONTROL_RULES[name][0], lambda s: s.control_refused(rules) is not None
 
 
 VMRUN_CHECKS: tuple[tuple[str, Callable[[VmrunCandidate], bool]], ...] = (

@@ -12,23 +12,23 @@ import functools
 import struct
 from collections import namedtuple
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 from ..emulator.cpu import STATE_NAMES, ArchState, At
-from ..arch.control import (CR0_EM, CR0_PE, CR0_PG, CR0_TS, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_VM, ControlState,
-                            first_refused)
+from ..arch.control import CR0_EM, CR0_PE, CR0_PG, CR0_TS, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_VM, RuleSet
 from ..binlayout import STRUCT_CODES
 from ..emulator.ucinternals import HF2_NMI_MASK, HF_CPL_MASK, HF_INHIBIT_IRQ
 from ..arch.registers import GPRS_BY_NUMBER
 from ..arch.segments import FLAG_DB, FLAG_L, descriptor_flags, flags_dpl, flags_from_32, segment_flags_32
 from ..emulator.memory import UnbackedMemory
 from ..emulator.paging import pae_pdpte_problem
+from ..emulator.ports import IoAccess
 from ..svm import world as svm_world
 from ..svm.cpuid import max_physical_bits
 from . import layouts as L
 
 if TYPE_CHECKING:
-    from ..emulator.machine import Machine
+    from ..machine import Machine
 
 SMM_DR7 = 0x400
 SMM_SEGMENT_FLAGS = descriptor_flags(0x3, granularity=1)        # data R/W accessed, G, P, S
@@ -48,13 +48,13 @@ class SmmState:
     in_smm: bool = False
     pending: bool = False              # an SMI waiting (latched while in SMM)
     inside_nmi: bool = False           # HF_SMM_INSIDE_NMI: the SMI came inside an NMI handler
-    latched_init: bool = False         # an INIT that arrived in SMM, processed after RSM
-    io_instruction: "IoInstruction | None" = None   # the I/O instruction that raised the pending SMI
+    io_instruction: IoAccess | None = None   # the I/O instruction that raised the pending SMI
     entries: int = 0
 
-    def as_dict(self, smram_state: str) -> dict:
+    def as_dict(self, smram_state: str, latched_init: bool) -> dict:
+        """``latched_init``: the machine's held INIT (KVM reports it with SMM's state)."""
         return {"smm": self.in_smm, "pending": self.pending, "inside_nmi": self.inside_nmi,
-                "latched_init": self.latched_init, "smbase": self.smbase, "entries": self.entries,
+                "latched_init": latched_init, "smbase": self.smbase, "entries": self.entries,
                 "smram": smram_state}
 
 
@@ -212,24 +212,14 @@ IO_TRAP_STRING, IO_TRAP_REPEAT = 1 << 2, 1 << 3
 IO_TRAP_SIZE = {1: 1 << 4, 2: 1 << 5, 4: 1 << 6}        # SZ8, SZ16, SZ32
 
 
-class IoInstruction(NamedTuple):
-    """The I/O instruction that raised an SMI: its RIP and RCX/RSI/RDI before it ran.  (A
-    named tuple: one is made for every SMI an OUT raises.)"""
-    registers: tuple[int, int, int, int]
-    port: int
-    read: bool
-    size: int = 1
-    string: bool = False
-    repeat: bool = False
-
-    @property
-    def trap_dword(self) -> int:
-        """FEC0h.  Port, valid and read are what coreboot's AMD SMI handlers rely on; the
-        size/string/repeat bits follow AMD's BKDG description of SMMFEC0 ("SMM IO Trap
-        Offset"), since the APM's Figure 10-6 is not in the reference [unverified layout]."""
-        return (self.port << IO_TRAP_PORT_SHIFT | IO_TRAP_VALID | (IO_TRAP_READ if self.read else 0)
-                | IO_TRAP_SIZE.get(self.size, 0) | (IO_TRAP_STRING if self.string else 0)
-                | (IO_TRAP_REPEAT if self.repeat else 0))
+def trap_dword(io: IoAccess) -> int:
+    """FEC0h for the I/O instruction that raised the SMI.  Port, valid and read are what
+    coreboot's AMD SMI handlers rely on; the size/string/repeat bits follow AMD's BKDG
+    description of SMMFEC0 ("SMM IO Trap Offset"), since the APM's Figure 10-6 is not in the
+    reference [unverified layout]."""
+    return (io.port << IO_TRAP_PORT_SHIFT | IO_TRAP_VALID | (IO_TRAP_READ if io.read else 0)
+            | IO_TRAP_SIZE.get(io.size, 0) | (IO_TRAP_STRING if io.string else 0)
+            | (IO_TRAP_REPEAT if io.repeat else 0))
 
 
 def revision(machine: "Machine", layout) -> int:
@@ -248,7 +238,7 @@ def _extras(machine: "Machine", codec: MapCodec) -> dict[str, int]:
             is_64 = codec.layout is L.SMRAM_STATE_64
             extras.update(zip(IO_RESTART_64 if is_64 else IO_RESTART_32, io.registers))
             if is_64:
-                extras["io_restart_dword"] = io.trap_dword
+                extras["io_restart_dword"] = trap_dword(io)
     if codec.layout is L.SMRAM_STATE_64:
         extras.update(svm_world.smm_fields(machine))
     return extras
@@ -296,12 +286,12 @@ def enter_smm(machine: "Machine", state: ArchState | None = None) -> None:
 
 # The control-state rules RSM applies (arch.control; KVM's CR/DR/EFER writes, every profile
 # that checks: §C.6 / §F.12), in KVM's order.
-RSM_CONTROL_RULES = ("cr0_high", "pg_without_pe", "nw_without_cd", "cr4_reserved", "cr3_high", "dr6_high",
-                     "dr7_high", "efer_reserved", "lme_without_long_mode", "long_paging_without_pae")
+RSM_CONTROL_RULES = RuleSet("cr0_high", "pg_without_pe", "nw_without_cd", "cr4_reserved", "cr3_high", "dr6_high",
+                            "dr7_high", "efer_reserved", "lme_without_long_mode", "long_paging_without_pae")
 
 
 def _control_checks(cr0: int, cr3: int, cr4: int, efer: int, dr6: int, dr7: int, long_mode_capable: bool) -> None:
-    refused = first_refused(ControlState(cr0, cr3, cr4, efer, dr6, dr7, long_mode_capable), RSM_CONTROL_RULES)
+    refused = RSM_CONTROL_RULES.first_refused(cr0, cr3, cr4, efer, dr6, dr7, long_mode_capable)
     if refused is not None:
         raise InvalidSavedState(f"{refused} (CR0 {cr0:#x}, CR3 {cr3:#x}, CR4 {cr4:#x}, EFER {efer:#x})")
 

@@ -29,7 +29,7 @@ from .world import vmrun
 
 if TYPE_CHECKING:
     from ..decode.decoder import Instruction
-    from ..emulator.machine import Machine
+    from ..machine import Machine
 
 PAGE_MASK = ~0xFFF
 # What VMLOAD loads and VMSAVE saves: segments with their hidden state, then MSRs.

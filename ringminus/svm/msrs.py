@@ -21,7 +21,7 @@ from .cpuid import advertises_svm, max_physical_bits
 from ..arch.models import LM, MODELS, NX, SVM, SYSCALL
 
 if TYPE_CHECKING:
-    from ..emulator.machine import Machine
+    from ..machine import Machine
 
 VM_CR_BITS = 0x1F
 # EFER bits each CPUID feature makes writable.

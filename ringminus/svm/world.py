@@ -29,16 +29,22 @@ from ..emulator import ucinternals as uci
 from ..emulator.cpu import ArchState, At
 from ..arch.control import CR0_PE, RFLAGS_IF, RFLAGS_VM
 from ..emulator.delivery import Event, EventKind
-from ..emulator.memory import UnbackedMemory
+from ..emulator.memory import MissingMemory, UnbackedMemory
+from ..emulator.plugins import OnExit
+from ..emulator.result import StopReason
 from ..intercepts.checker import VmExit
+from ..intercepts.guest import record_exit
+from ..intercepts.plugin import enter_guest, leave_guest
 from ..intercepts.controls import IOPM_BYTES, MSRPM_BYTES, InterceptControls
 from ..arch.exitcodes import ExitCode
-from ..intercepts.vmcb import EVENT_VALID, GUEST_INTERRUPT_MASK, INTERCEPT_WORDS, INTERRUPT_SHADOW, MAP_ADDRESS_MASK, SAVE_AREA_OFFSET, V_INTR_MASKING, V_TPR_MASK, VMCB_CONTROL, VMCB_SAVE, EventInfo, EventType, TlbControl, VmrunCandidate, first_failure
+from ..intercepts.vmcb import (EVENT_VALID, GUEST_INTERRUPT_MASK, INTERCEPT_WORDS, INTERRUPT_SHADOW, MAP_ADDRESS_MASK,
+                               SAVE_AREA_OFFSET, V_INTR_MASKING, V_TPR_MASK, VMCB_CONTROL, VMCB_SAVE, EventInfo,
+                               EventType, TlbControl, VmrunCandidate, first_failure)
 from ..arch.segments import flags_from_vmcb_attrib, vmcb_attrib_from_flags
 from .cpuid import max_physical_bits
 
 if TYPE_CHECKING:
-    from ..emulator.machine import Machine
+    from ..machine import Machine
 
 VMEXIT_INVALID = -1
 SEGMENTS = ("es", "cs", "ss", "ds")                 # VMRUN loads, #VMEXIT saves and reloads these
@@ -51,7 +57,7 @@ INJECTED_KIND = {EventType.INTR: EventKind.EXTERNAL, EventType.NMI: EventKind.NM
                  EventType.EXCEPTION: EventKind.EXCEPTION, EventType.SOFTWARE_INT: EventKind.SOFTWARE_INTERRUPT}
 
 
-class VmcbMemoryError(Exception):
+class VmcbMemoryError(MissingMemory):
     """A VMCB, the HSAVE page or a permission map is not backed by RAM."""
 
 
@@ -280,7 +286,7 @@ def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, host: ArchState | Non
     svm.vmcb_pa, svm.asid, svm.gif = vmcb_pa, control["guest_asid"], True
     svm.int_ctl, svm.v_intr_vector = int_ctl, control["v_intr_vector"]
     machine.tsc.offset = control["tsc_offset"]
-    machine.enter_guest(controls, on_exit="l1")
+    enter_guest(machine, controls, on_exit=OnExit.L1, l1_exit=lambda exit_, state: vmexit_to_l1(machine, exit_, state))
     if control["eventinj"] & EVENT_VALID:
         _inject(machine, control["eventinj"], guest[At.rip])
         return machine.cpu.rip
@@ -294,7 +300,7 @@ def _refuse(machine: "Machine", vmcb_pa: int, host: ArchState, reason: str) -> N
     machine.cpu.rip = host[At.rip]
     if machine.profile.vmrun_invalid_clears_gif:
         machine.svm.gif = False
-    machine.record_exit(VmExit(VMEXIT_INVALID, rip=host[At.rip]),
+    record_exit(machine, VmExit(VMEXIT_INVALID, rip=host[At.rip]),
                         {"kind": "vmrun-invalid", "vmcb": vmcb_pa, "reason": reason})
 
 
@@ -369,9 +375,18 @@ def vmexit(machine: "Machine", exit_: VmExit, guest: ArchState | None = None) ->
         cpu["cr8"] = svm.host_cr8
     svm.vmcb_pa, svm.asid, svm.gif, svm.v_intr_masking = None, 0, False, False
     svm.int_ctl = svm.v_intr_vector = machine.tsc.offset = 0
-    machine.leave_guest()
-    machine.record_exit(exit_)
+    leave_guest(machine)
+    record_exit(machine, exit_)
     return host[At.rip]
+
+
+def vmexit_to_l1(machine: "Machine", exit_: VmExit, state: ArchState | None = None) -> None:
+    """L1 (the guest's own hypervisor) takes ``exit_``: the #VMEXIT, RIP set through the API
+    (inside a hook — an OUT's #GP intercepted, say — Unicorn must leave L2's block)."""
+    try:
+        machine.cpu.rip = vmexit(machine, exit_, state)
+    except VmcbMemoryError as missing:
+        machine.request_stop(StopReason.MEMORY, detail=f"#VMEXIT: {missing}")
 
 
 # -- an SMI taken in guest mode (semantics.md §C.7, §F.19) ----------------------------------------
@@ -395,7 +410,7 @@ def suspend_for_smm(machine: "Machine") -> None:
         _write_host(machine, machine.svm.hsave_pa, machine.svm.host)
         machine.svm.vmcb_pa = None
         machine.tsc.offset = 0
-        machine.leave_guest()
+        leave_guest(machine)
 
 
 def resume_after_rsm(machine: "Machine", vmcb_pa: int) -> None:
@@ -410,4 +425,5 @@ def resume_after_rsm(machine: "Machine", vmcb_pa: int) -> None:
     svm.int_ctl, svm.v_intr_vector = control["int_ctl"], control["v_intr_vector"]
     svm.v_intr_masking = bool(svm.int_ctl & V_INTR_MASKING)
     machine.tsc.offset = control["tsc_offset"]
-    machine.enter_guest(intercept_controls(machine, control), on_exit="l1")
+    enter_guest(machine, intercept_controls(machine, control), on_exit=OnExit.L1,
+                l1_exit=lambda exit_, state: vmexit_to_l1(machine, exit_, state))

@@ -1,0 +1,73 @@
+"""The composition root: ``Machine`` is the core (emulator/) with the features plugged in —
+the intercepts, SVM, SMM and the hypercall conduit, each through its ``install`` — and the
+public methods that belong to them."""
+from __future__ import annotations
+
+from .emulator.machine import DEFAULT_MEMORY, Core
+from .emulator.plugins import OnExit
+from .emulator.ports import DEBUGCON_PORT
+from .hypercalls import plugin as hypercalls
+from .intercepts import plugin as intercepts
+from .intercepts.controls import InterceptControls
+from .intercepts.profiles import DEFAULT_PROFILE, profile as profile_named
+from .smm import plugin as smm_feature
+from .svm import plugin as svm, world as svm_world
+
+
+class Machine(Core):
+    def __init__(self, memory_size: int = DEFAULT_MEMORY, cpu_model: str = "qemu64",
+                 debugcon_port: int = DEBUGCON_PORT, exact_instructions: bool = False,
+                 chipset: str = "q35", profile: str = DEFAULT_PROFILE, apm_smi: bool = False):
+        super().__init__(memory_size, cpu_model, debugcon_port, exact_instructions)
+        self.profile = profile_named(profile)    # the named choices where KVM, the APM and QEMU differ
+        intercepts.install(self)
+        svm.install(self)
+        smm_feature.install(self, chipset, apm_smi)
+        hypercalls.install(self)
+
+    # -- running as L2 (intercepts/) --------------------------------------------------------
+    def enter_guest(self, controls: InterceptControls, profile: str | None = None,
+                    on_exit: OnExit | str = OnExit.STOP) -> None:
+        """Run the guest as L2 under ``controls``: you play L1 (``on_exit`` stop: the run
+        stops at each exit; skip: it goes on after the intercepted instruction), or the guest
+        plays it (l1: exits are #VMEXITs into the guest's hypervisor, as after its VMRUN).
+        ``profile`` (default: the machine's) also becomes the machine's profile."""
+        l1_exit = (lambda exit_, state: svm_world.vmexit_to_l1(self, exit_, state)) \
+            if OnExit(on_exit) is OnExit.L1 else None
+        intercepts.enter_guest(self, controls, profile, on_exit, l1_exit)
+
+    def leave_guest(self) -> None:
+        intercepts.leave_guest(self)
+
+    def skip_instruction(self) -> None:
+        """After a vmexit stop: resume at the exit's next RIP, as an L1 that emulated it."""
+        intercepts.skip_instruction(self)
+
+    @property
+    def guest(self):
+        """The guest running as L2 (intercepts.Guest), or None."""
+        return self.gate
+
+    # -- SVM (svm/) -------------------------------------------------------------------------
+    @property
+    def gif(self) -> bool:
+        """The global interrupt flag (APM §15.17): STGI sets it, CLGI and #VMEXIT clear it."""
+        return self.svm.gif
+
+    # -- SMM (smm/) -------------------------------------------------------------------------
+    def raise_smi(self) -> None:
+        """An SMI: taken at the next instruction boundary, or latched while in SMM."""
+        smm_feature.raise_smi(self)
+
+    def set_smm_state(self, smm: bool | None = None, pending: bool | None = None,
+                      inside_nmi: bool | None = None, latched_init: bool | None = None) -> None:
+        """Like KVM's SET_VCPU_EVENTS with VALID_SMM (semantics.md §C.8): flipping ``smm``
+        switches the memory view only — no state is saved or restored."""
+        smm_feature.set_smm_state(self, smm, pending, inside_nmi, latched_init)
+
+    def load_smram(self, address: int, data: bytes) -> None:
+        """Place bytes straight into SMRAM (whatever the view)."""
+        self.smram.load(address, data)
+
+    def set_smbase(self, smbase: int) -> None:
+        smm_feature.set_smbase(self, smbase)

@@ -1,0 +1,156 @@
+"""In-guest SVM as a feature of the machine: the SVM instructions (executors; VMRUN in the
+hook when nothing can fault), GIF (a hold on every event), the virtual interrupt (an event
+source after INTR) and V_INTR_MASKING (how INTR is masked as L2), the MSRs it keeps, the
+CPUID table, what INIT resets, and SVM's parts of snapshots and results."""
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+from ..arch.control import EFER_SVME, RFLAGS_IF, RFLAGS_VM
+from ..arch.exceptions import GuestFault
+from ..arch.exitcodes import ExitCode
+from ..arch.models import MODELS
+from ..emulator.delivery import Event, EventKind
+from ..emulator.memory import MissingMemory
+from ..emulator.plugins import Msr, OnExit, Part, Source
+from ..emulator.cpu import At
+from ..emulator.result import Section, StopReason
+from ..intercepts.plugin import l1_checks, leave_guest
+from ..intercepts.vmcb import V_IGN_TPR, V_INTR_PRIO_MASK, V_INTR_PRIO_SHIFT, V_IRQ
+from . import msrs, world
+from .cpuid import cpuid_table
+from .instructions import EXECUTE, vmcb_address
+from .state import SvmState
+
+if TYPE_CHECKING:
+    from ..decode.decoder import Instruction
+    from ..emulator.cpu import ArchState
+    from ..machine import Machine
+
+
+def install(machine: "Machine") -> None:
+    machine.svm = SvmState()
+    machine.add_stat_keys("vmruns")
+    for row in EXECUTE:
+        machine.add_executor(row, lambda insn: _execute(machine, insn))
+    machine.add_executor("vmrun", lambda insn: _execute(machine, insn),
+                         in_hook=lambda insn, state: _vmrun_in_hook(machine, insn, state))
+    machine.add_event_hold(lambda: not machine.svm.gif)
+    machine.add_event_source(Source(50, "virtual interrupt", lambda m: bool(m.svm.int_ctl & V_IRQ),
+                                    lambda m: bool(m.svm.int_ctl & V_IRQ) and _virtual_interrupt_ready(m),
+                                    ExitCode.VINTR, _take_virtual_interrupt, _consume_virtual_interrupt,
+                                    window=True))
+    machine.set_intr_unmasked(lambda: _intr_unmasked(machine))
+    machine.add_msr(Msr(lambda msr: msrs.emulates(machine, msr), lambda msr: msrs.read(machine, msr),
+                        lambda msr, value: msrs.write(machine, msr, value)))
+    tables: dict[str, dict] = {}        # profile name -> CPUID table
+
+    def cpuid() -> dict:
+        table = tables.get(machine.profile.name)
+        if table is None:
+            table = tables[machine.profile.name] = cpuid_table(MODELS[machine.cpu_model], machine.profile)
+        return table
+
+    machine.set_cpuid(cpuid)
+    machine.add_reset_hook(lambda: reset(machine))
+    machine.add_snapshot_part(Part(40, "svm", _take_svm, _put_svm))
+    machine.add_result_section(lambda stop: Section(
+        "svm", {**machine.svm.as_dict(), "pending_interrupts": sorted(machine.interrupts)}))
+
+
+def reset(machine: "Machine") -> None:
+    """As INIT leaves SVM (KVM's kvm_vcpu_reset): out of guest mode, GIF = 1; the SVM MSRs
+    keep their values."""
+    if machine.svm.guest_mode:
+        leave_guest(machine)
+    machine.svm = SvmState(hsave_pa=machine.svm.hsave_pa, vm_cr=machine.svm.vm_cr)
+    machine.tsc.offset = 0
+
+
+def _execute(machine: "Machine", insn: "Instruction") -> None:
+    """An SVM instruction L1 does not intercept (or outside guest mode)."""
+    rip = insn.address
+    if insn.row.name == "vmrun" and machine.gate is not None:
+        # Only a caller-made guest can lack the VMRUN intercept (VMRUN requires it).
+        machine.request_stop(StopReason.UNSUPPORTED, detail="VMRUN in a guest whose Python L1 does "
+                             "not intercept it (a third level of nesting)")
+        return
+    fault = l1_checks(machine).check(insn)
+    if fault is not None:
+        machine.deliver(Event(fault.vector, EventKind.EXCEPTION, rip, fault.error_code))
+        return
+    try:
+        EXECUTE[insn.row.name](machine, insn)
+    except GuestFault as fault:
+        machine.deliver(Event(fault.vector, EventKind.EXCEPTION, rip, fault.error_code))
+        return
+    except MissingMemory as missing:
+        machine.request_stop(StopReason.MEMORY, detail=f"{insn.row.name}: {missing}")
+        return
+    machine.retire(1)
+    if insn.row.name == "vmrun":
+        machine.stats["vmruns"] += 1
+
+
+def _vmrun_in_hook(machine: "Machine", insn: "Instruction", state: "ArchState") -> bool:
+    """VMRUN from L1 inside a hook (its code site, once a VMCB asked for VMRUN's intercept,
+    else the #UD hook), when nothing faults: the world switch without ending the slice — a
+    guest hypervisor's loop.  False: the run loop must look at it."""
+    # Only when none of its #UD/#GP checks can fire (then their order does not matter):
+    # protected mode, not VM86, CPL 0, EFER.SVME; rAX is checked by vmcb_address.
+    if machine.gate is not None or state.cpl or not state.protected or state[At.rflags] & RFLAGS_VM \
+            or not state[At.efer] & EFER_SVME:
+        return False
+    try:
+        vmcb = vmcb_address(machine, insn, state[At.rax])
+        rip = world.vmrun(machine, vmcb, insn.next_rip, state)
+    except (GuestFault, MissingMemory):
+        return False                       # the run loop executes it again and reports it
+    machine.retire(1)
+    machine.stats["vmruns"] += 1
+    machine.cpu.rip = rip                    # through the API: a code hook's block ends here
+    machine.continue_in_hook()
+    return True
+
+
+def _intr_unmasked(machine: "Machine") -> bool:
+    """As L2 with V_INTR_MASKING, L1's RFLAGS.IF masks INTR, otherwise the running code's."""
+    svm = machine.svm
+    if svm.guest_mode and svm.v_intr_masking:
+        return svm.host_if
+    return bool(machine.cpu["rflags"] & RFLAGS_IF)
+
+
+def _virtual_interrupt_ready(machine: "Machine") -> bool:
+    """V_IRQ is taken (APM §15.21.4) when the guest's RFLAGS.IF is set, no shadow holds it,
+    and its priority is above V_TPR unless V_IGN_TPR."""
+    svm, cpu = machine.svm, machine.cpu
+    if not svm.guest_mode or not cpu["rflags"] & RFLAGS_IF or cpu.interrupt_shadow:
+        return False
+    tpr = cpu["cr8"] if svm.v_intr_masking else svm.int_ctl & 0xF
+    return bool(svm.int_ctl & V_IGN_TPR) or (svm.int_ctl & V_INTR_PRIO_MASK) >> V_INTR_PRIO_SHIFT > tpr
+
+
+def _take_virtual_interrupt(machine: "Machine") -> None:
+    machine.svm.int_ctl &= ~V_IRQ
+    machine.deliver(Event(machine.svm.v_intr_vector, EventKind.EXTERNAL, machine.cpu.rip))
+
+
+def _consume_virtual_interrupt(machine: "Machine") -> None:
+    machine.svm.int_ctl &= ~V_IRQ
+
+
+def _take_svm(machine: "Machine") -> tuple:
+    guest = machine.gate
+    own = copy.copy(guest) if machine.svm.guest_mode and guest is not None else None
+    return copy.copy(machine.svm), own, guest.monitor_armed if guest is not None else False
+
+
+def _put_svm(machine: "Machine", state: tuple) -> None:
+    svm, own, monitor_armed = state
+    machine.svm = copy.copy(svm)
+    if own is not None or machine.gate is not None and machine.gate.on_exit is OnExit.L1:
+        machine.gate = copy.copy(own)      # a guest the caller entered stays the caller's
+    if machine.gate is not None:
+        machine.gate.monitor_armed = monitor_armed
