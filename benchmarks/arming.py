@@ -19,29 +19,25 @@ Three measurements, each next to bare Unicorn doing the same work in the same pr
   is why sites.py keeps the number of hooks small (RANGE_BUDGET).
 
 Each figure is the best of ``--repeat`` runs.  A manual benchmark: timing depends on the host
-and is never asserted in tests (tests/test_load_costs.py checks the counts).
+and is never asserted in tests (tests/emulator/test_load_costs.py checks the counts).
 
     python benchmarks/arming.py [--json FILE] [--exits N] [--iterations N] [--repeat R]
 """
-import argparse
-import json
 import struct
 import sys
 from collections import Counter
-from pathlib import Path
 from time import perf_counter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_WRITE, Uc
+from unicorn.x86_const import UC_X86_REG_RIP
 
-import unicorn  # noqa: E402
-from keystone import KS_ARCH_X86, KS_MODE_64, Ks  # noqa: E402
-from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_MEM_WRITE, UC_MODE_64, Uc  # noqa: E402
-from unicorn.x86_const import UC_X86_REG_RIP, UC_X86_REG_RSP  # noqa: E402
-
-from ringminus import Machine, StopReason  # noqa: E402
-from ringminus.emulator.loader import parse_elf  # noqa: E402
-from ringminus.intercepts import InterceptControls  # noqa: E402
-from ringminus.arch.exitcodes import ExitCode  # noqa: E402
+# common before ringminus: it puts the repository root on sys.path.
+from common import (UNICORN_VERSION, add_repeat, assemble, banner, bare_uc, make_parser,
+                    require_positive, write_json)
+from ringminus import Machine, StopReason
+from ringminus.emulator.loader import parse_elf
+from ringminus.intercepts import InterceptControls
+from ringminus.arch.exitcodes import ExitCode
 
 TEXT = 0x100000
 BSS = 0x200000
@@ -51,11 +47,6 @@ DENSE_SIZE = 0x10000
 CPUID = b"\x0f\xa2"
 HOOK_COUNTS = (0, 128, 1024, 8192)
 IDLE_HOOKS_AT = 0x700000             # where the idle hooks of the hook-list measurement sit
-
-
-def assemble(source: str, address: int) -> bytes:
-    encoding, _ = Ks(KS_ARCH_X86, KS_MODE_64).asm(source, address)
-    return bytes(encoding)
 
 
 def best(function, repeat: int):
@@ -109,9 +100,7 @@ def dense_ringminus(exits: int) -> tuple[float, dict]:
 
 
 def dense_bare_arming() -> tuple[float, dict]:
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    uc.mem_map(0, 4 << 20)
-    uc.mem_write(TEXT, b"\xf4" * DENSE_SIZE)
+    uc = bare_uc(b"\xf4" * DENSE_SIZE, TEXT, 4 << 20)
     t0 = perf_counter()
     for address in range(TEXT, TEXT + DENSE_SIZE):
         uc.hook_add(UC_HOOK_CODE, lambda *_: None, begin=address, end=address)
@@ -169,10 +158,7 @@ def bss_ringminus(iterations: int) -> tuple[float, dict]:
 def bss_bare(iterations: int, watch: bool) -> tuple[float, dict]:
     code = stack_loop(iterations)
     cpuid_at = TEXT + code.index(CPUID)
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    uc.mem_map(0, 16 << 20)
-    uc.mem_write(TEXT, code)
-    uc.reg_write(UC_X86_REG_RSP, STACK_TOP)
+    uc = bare_uc(code, TEXT, 16 << 20, rsp=STACK_TOP)
 
     def skip(u: Uc, address: int, _size, _data) -> None:
         u.reg_write(UC_X86_REG_RIP, address + len(CPUID))
@@ -192,9 +178,7 @@ def bss_bare(iterations: int, watch: bool) -> tuple[float, dict]:
 # -- hook list ---------------------------------------------------------------------------------
 def fire_cost(idle: int, fires: int) -> tuple[float, dict]:
     code = assemble(f"mov ecx, {fires}; again: nop; dec ecx; jnz again; hlt", TEXT)
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    uc.mem_map(0, 16 << 20)
-    uc.mem_write(TEXT, code)
+    uc = bare_uc(code, TEXT, 16 << 20)
     for i in range(idle):
         uc.hook_add(UC_HOOK_CODE, lambda *_: None, begin=IDLE_HOOKS_AT + 2 * i, end=IDLE_HOOKS_AT + 2 * i)
     uc.hook_add(UC_HOOK_CODE, lambda *_: None, begin=TEXT + 5, end=TEXT + 5)      # the NOP
@@ -205,9 +189,7 @@ def fire_cost(idle: int, fires: int) -> tuple[float, dict]:
 
 def translate_cost(idle: int, blocks: int) -> tuple[float, dict]:
     block = bytes.fromhex("ffc0" "ffc3" "eb00")        # inc eax; inc ebx; jmp to the next block
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    uc.mem_map(0, 16 << 20)
-    uc.mem_write(TEXT, block * blocks + b"\xf4")
+    uc = bare_uc(block * blocks + b"\xf4", TEXT, 16 << 20)
     for i in range(idle):
         uc.hook_add(UC_HOOK_CODE, lambda *_: None, begin=IDLE_HOOKS_AT + 2 * i, end=IDLE_HOOKS_AT + 2 * i)
     t0 = perf_counter()
@@ -216,19 +198,17 @@ def translate_cost(idle: int, blocks: int) -> tuple[float, dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser = make_parser(__doc__)
     parser.add_argument("--exits", type=int, default=2000, help="HLT exits on the dense image (default 2,000)")
     parser.add_argument("--iterations", type=int, default=20_000,
                         help="iterations (CPUID exits) of the .bss stack loop (default 20,000)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per configuration (default 3)")
+    add_repeat(parser)
     args = parser.parse_args(argv)
-    if args.exits < 1 or args.iterations < 1 or args.repeat < 1:
-        parser.error("--exits, --iterations and --repeat must be at least 1")
+    require_positive(parser, args, "exits", "iterations", "repeat")
     if args.exits > DENSE_SIZE:
         parser.error(f"--exits must be at most {DENSE_SIZE} (one per HLT byte)")
-    results: dict = {"unicorn": unicorn.__version__}
-    print(f"unicorn {unicorn.__version__}, best of {args.repeat}")
+    results: dict = {"unicorn": UNICORN_VERSION}
+    banner(f"best of {args.repeat}")
 
     seconds, dense = best(lambda: dense_ringminus(args.exits), args.repeat)
     bare_arming, _ = best(dense_bare_arming, 1)
@@ -268,8 +248,7 @@ def main(argv=None) -> int:
         print(f"  {idle:>6} {fire_s / fires * 1e6:>17.2f} {translate_s / blocks * 1e6:>24.2f}", flush=True)
     results["hook_list"] = rows
 
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
     return 0
 
 

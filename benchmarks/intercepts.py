@@ -14,47 +14,33 @@ Timing is never asserted in tests.
 
     python benchmarks/intercepts.py [--json FILE] [--exits N] [--iterations N]
 """
-import argparse
-import json
 import sys
-from pathlib import Path
 from time import perf_counter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from unicorn.x86_const import UC_X86_REG_RCX
 
-from keystone import KS_ARCH_X86, KS_MODE_64, Ks  # noqa: E402
-from unicorn import UC_ARCH_X86, UC_MODE_64, Uc  # noqa: E402
-from unicorn.x86_const import UC_X86_REG_RCX, UC_X86_REG_RSP  # noqa: E402
-
-from ringminus import Machine, StopReason  # noqa: E402
-from ringminus.intercepts import ExitCode, InterceptControls  # noqa: E402
+# common before ringminus: it puts the repository root on sys.path.
+from common import add_repeat, assemble, bare_uc, booted_machine, fastest, make_parser, write_json
+from ringminus import Machine, StopReason
+from ringminus.intercepts import ExitCode, InterceptControls
 
 BASE = 0x100000
 ALU_LOOP = "mov rcx, {n}; l: add rax, rbx; xor rdx, rax; sub rsi, rdx; dec rcx; jnz l; hlt"
 CPUID_LOOP = "mov rcx, {n}; l: mov eax, 0; cpuid; mov rcx, r8; dec rcx; mov r8, rcx; jnz l; hlt"
 
 
-def assemble(source: str) -> bytes:
-    return bytes(Ks(KS_ARCH_X86, KS_MODE_64).asm(source, BASE)[0])
-
-
 def machine_for(code: bytes, controls: InterceptControls, on_exit: str) -> Machine:
-    machine = Machine()
-    machine.write_memory(BASE, code)
-    machine.boot("long", BASE)
+    machine = booted_machine(code, BASE)
     machine.enter_guest(controls, on_exit=on_exit)
     return machine
 
 
 def quiet_loop(iterations: int, repeat: int) -> dict:
-    code = assemble(ALU_LOOP.format(n=iterations))
+    code = assemble(ALU_LOOP.format(n=iterations), BASE)
     instructions = 5 * iterations + 2
     bare_best = guest_best = float("inf")
     for _ in range(repeat):
-        uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        uc.mem_map(0, 2 << 20)
-        uc.mem_write(BASE, code)
-        uc.reg_write(UC_X86_REG_RSP, 0x80000)
+        uc = bare_uc(code, BASE, 2 << 20, rsp=0x80000)
         t = perf_counter()
         uc.emu_start(BASE, 0xFFFF_FFFF_FFFF_FFFF)
         bare_best = min(bare_best, perf_counter() - t)
@@ -75,7 +61,7 @@ def quiet_loop(iterations: int, repeat: int) -> dict:
 def cpuid_exits(exits: int, on_exit: str) -> dict:
     controls = InterceptControls()
     controls.set(ExitCode.CPUID)
-    machine = machine_for(assemble(CPUID_LOOP.format(n=exits)), controls, on_exit)
+    machine = machine_for(assemble(CPUID_LOOP.format(n=exits), BASE), controls, on_exit)
     machine["r8"] = exits
     t = perf_counter()
     if on_exit == "skip":
@@ -92,21 +78,19 @@ def cpuid_exits(exits: int, on_exit: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", metavar="FILE")
+    parser = make_parser(__doc__)
     parser.add_argument("--exits", type=int, default=50_000)
     parser.add_argument("--iterations", type=int, default=30_000_000)
-    parser.add_argument("--repeat", type=int, default=3)
+    add_repeat(parser)
     args = parser.parse_args(argv)
     quiet = quiet_loop(args.iterations, args.repeat)
     print(f"no flagged instruction, every intercept set: bare {quiet['bare_insn_per_s'] / 1e6:.0f} M/s, "
           f"L2 {quiet['guest_insn_per_s'] / 1e6:.0f} M/s, ratio {quiet['ratio']:.3f} (target >= 0.9)")
-    skip = max((cpuid_exits(args.exits, "skip") for _ in range(args.repeat)), key=lambda r: r["exits_per_s"])
+    skip = fastest(lambda: cpuid_exits(args.exits, "skip"), args.repeat, key=lambda r: -r["exits_per_s"])
     print(f"CPUID exits, on_exit=skip: {skip['exits_per_s']:,.0f}/s ({skip['us_per_exit']:.1f} us each; target >= 100,000/s)")
-    stop = max((cpuid_exits(args.exits, "stop") for _ in range(args.repeat)), key=lambda r: r["exits_per_s"])
+    stop = fastest(lambda: cpuid_exits(args.exits, "stop"), args.repeat, key=lambda r: -r["exits_per_s"])
     print(f"CPUID exits, stop and resume: {stop['exits_per_s']:,.0f}/s ({stop['us_per_exit']:.1f} us each; target >= 40,000/s)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"quiet_loop": quiet, "skip": skip, "stop_resume": stop}, indent=2) + "\n")
+    write_json(args.json, {"quiet_loop": quiet, "skip": skip, "stop_resume": stop})
     return 0
 
 

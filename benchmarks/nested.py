@@ -20,23 +20,19 @@ Timing is never asserted in tests.
 
     python benchmarks/nested.py [--json FILE] [--exits N] [--repeat R]
 """
-import argparse
-import json
 import struct
 import sys
-from pathlib import Path
 from time import perf_counter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from unicorn import UC_HOOK_CODE, UC_HOOK_INSN_INVALID, Uc
+from unicorn import x86_const as X
 
-import unicorn  # noqa: E402
-from keystone import KS_ARCH_X86, KS_MODE_64, Ks  # noqa: E402
-from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN_INVALID, UC_MODE_64, UC_PROT_ALL, Uc  # noqa: E402
-from unicorn import x86_const as X  # noqa: E402
-
-from ringminus import Machine, StopReason  # noqa: E402
-from ringminus.intercepts.profiles import PROFILES  # noqa: E402
-from ringminus.intercepts.vmcb import VMCB_SIZE, vmcb_view  # noqa: E402
+# common before ringminus: it puts the repository root on sys.path.
+from common import (UNICORN_VERSION, add_repeat, assemble, banner, bare_uc, fastest, make_parser,
+                    write_json)
+from ringminus import Machine, StopReason
+from ringminus.intercepts.profiles import PROFILES
+from ringminus.intercepts.vmcb import VMCB_SIZE, vmcb_view
 
 L1_CODE, L2_CODE, L2_STACK = 0x100000, 0x200000, 0x380000
 VMCB, HSAVE = 0x300000, 0x301000
@@ -76,10 +72,6 @@ wrong_exit:
 """
 # L2: a CPUID per iteration, each one exits.
 L2 = "l: mov eax, 0\ncpuid\njmp l"
-
-
-def assemble(source: str, address: int) -> bytes:
-    return bytes(Ks(KS_ARCH_X86, KS_MODE_64).asm(source, address)[0])
 
 
 def l1_code(exits: int) -> bytes:
@@ -124,20 +116,16 @@ def ringminus_run(exits: int, profile: str = "kvm") -> dict:
     return {"exits": taken, "seconds": elapsed}
 
 
-def bare_uc(l1: bytes) -> Uc:
+def l1_uc(l1: bytes) -> Uc:
     """L1's flat long-mode world on a bare Unicorn: identity map, 64-bit code segment."""
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    uc.mem_map(0, 4 << 20, UC_PROT_ALL)
-    uc.mem_write(L1_CODE, l1)
-    uc.reg_write(X.UC_X86_REG_RSP, 0x80000)
-    return uc
+    return bare_uc(l1, L1_CODE, 4 << 20, rsp=0x80000)
 
 
 def bare_switch_run(exits: int) -> dict:
     """Bare Unicorn with the least Python world switch (see the module docstring)."""
     l1 = l1_code(exits)
     l2 = assemble(L2, L2_CODE)
-    uc = bare_uc(l1)
+    uc = l1_uc(l1)
     uc.mem_write(L2_CODE, l2)
     uc.mem_write(VMCB, vmcb_bytes())
     cpuid_at = L2_CODE + len(assemble("mov eax, 0", L2_CODE))
@@ -184,7 +172,7 @@ def bare_switch_run(exits: int) -> dict:
 def bare_native_run(exits: int) -> dict:
     """L1's loop with VMRUN as a 3-byte NOP and the VMCB already holding a CPUID exit."""
     l1 = l1_code(exits).replace(VMRUN, bytes.fromhex("0f1f00"), 1)
-    uc = bare_uc(l1)
+    uc = l1_uc(l1)
     uc.mem_write(VMCB, vmcb_bytes())
     uc.mem_write(VMCB + EXITCODE, struct.pack("<q", EXIT_CPUID))
     t = perf_counter()
@@ -196,24 +184,22 @@ def bare_native_run(exits: int) -> dict:
 
 
 def best(run, exits: int, repeat: int) -> dict:
-    fastest = min((run(exits) for _ in range(repeat)), key=lambda r: r["seconds"])
-    return {**fastest, "exits_per_s": fastest["exits"] / fastest["seconds"],
-            "us_per_round_trip": fastest["seconds"] / fastest["exits"] * 1e6}
+    fastest_run = fastest(lambda: run(exits), repeat, key=lambda r: r["seconds"])
+    return {**fastest_run, "exits_per_s": fastest_run["exits"] / fastest_run["seconds"],
+            "us_per_round_trip": fastest_run["seconds"] / fastest_run["exits"] * 1e6}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser = make_parser(__doc__)
     parser.add_argument("--exits", type=int, default=20_000, help="round trips per run (default 20,000)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per configuration (default 3)")
+    add_repeat(parser)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="kvm",
                         help="ringminus's profile (kvm keeps the host state as KVM does; apm and qemu "
                              "write it to the HSAVE page and read it back)")
     args = parser.parse_args(argv)
     if args.exits < 1 or args.repeat < 1 or args.exits >= 2 ** 31:
         parser.error("--exits must be 1 .. 2^31-1 and --repeat at least 1")
-    print(f"unicorn {unicorn.__version__}, {args.exits:,} CPUID round trips per run, best of {args.repeat}, "
-          f"profile {args.profile}")
+    banner(f"{args.exits:,} CPUID round trips per run", f"best of {args.repeat}", f"profile {args.profile}")
     nested = best(lambda exits: ringminus_run(exits, args.profile), args.exits, args.repeat)
     switch = best(bare_switch_run, args.exits, args.repeat)
     native = best(bare_native_run, args.exits, args.repeat)
@@ -227,12 +213,9 @@ def main(argv=None) -> int:
           f"({native['us_per_round_trip'] * 1000:.0f} ns each)")
     ratio = nested["us_per_round_trip"] / switch["us_per_round_trip"]
     print(f"ratio: a ringminus world switch costs {ratio:.1f}x the minimal Python switch")
-    if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"ringminus": nested, "bare_minimal_switch": switch, "bare_native_loop": native,
-             "ratio_to_minimal_switch": ratio, "target_exits_per_s": target, "unicorn": unicorn.__version__,
-             "profile": args.profile},
-            indent=2) + "\n")
+    write_json(args.json, {"ringminus": nested, "bare_minimal_switch": switch, "bare_native_loop": native,
+                           "ratio_to_minimal_switch": ratio, "target_exits_per_s": target,
+                           "unicorn": UNICORN_VERSION, "profile": args.profile})
     return 0
 
 

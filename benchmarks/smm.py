@@ -20,18 +20,13 @@ This is a manual benchmark: timing depends on the host and is never asserted in 
 
     python benchmarks/smm.py [--json FILE] [--smis N] [--repeat R]
 """
-import argparse
-import json
 import sys
-from pathlib import Path
 from time import perf_counter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import unicorn  # noqa: E402
-from keystone import KS_ARCH_X86, KS_MODE_16, KS_MODE_64, Ks  # noqa: E402
-
-from ringminus import Machine, StopReason  # noqa: E402
+# common before ringminus: it puts the repository root on sys.path.
+from common import (UNICORN_VERSION, add_repeat, assemble, banner, fastest, make_parser, require_positive,
+                    table_header, write_json)
+from ringminus import Machine, StopReason
 
 COUNTER = 0x9000                      # the handler's counter, in ordinary RAM below SMRAM
 HANDLER_OFFSET = 0x8000               # SMM entry = SMBASE + 0x8000
@@ -40,10 +35,10 @@ DEFAULT_SMIS = 20_000
 DEFAULT_SMBASE = 0x30000              # reset SMBASE: ordinary RAM in QEMU's default layout
 ASEG_SMBASE = 0xA0000
 
-# (mode, boot state, entry, keystone mode, guest loop template)
+# (mode, boot state, entry, code bits, guest loop template)
 MODES = [
-    ("real", "real", 0x7C00, KS_MODE_16, "mov ecx, {n}; l: out 0xb2, al; dec ecx; jnz l; hlt"),
-    ("long", "long", 0x100000, KS_MODE_64, "mov rcx, {n}; l: out 0xb2, al; dec rcx; jnz l; hlt"),
+    ("real", "real", 0x7C00, 16, "mov ecx, {n}; l: out 0xb2, al; dec ecx; jnz l; hlt"),
+    ("long", "long", 0x100000, 64, "mov rcx, {n}; l: out 0xb2, al; dec rcx; jnz l; hlt"),
 ]
 # (placement, description, target round trips per second)
 PLACEMENTS = [
@@ -52,12 +47,7 @@ PLACEMENTS = [
 ]
 
 
-def assemble(mode: int, source: str, address: int) -> bytes:
-    encoding, _ = Ks(KS_ARCH_X86, mode).asm(source, address)
-    return bytes(encoding)
-
-
-HANDLER = assemble(KS_MODE_16, f"inc dword ptr [{COUNTER:#x}]", 0) + RSM
+HANDLER = assemble(f"inc dword ptr [{COUNTER:#x}]", 0, 16) + RSM
 
 
 def machine_for(placement: str, boot_state: str, entry: int, code: bytes) -> Machine:
@@ -90,10 +80,10 @@ def run_once(placement: str, boot_state: str, entry: int, code: bytes, smis: int
     return elapsed
 
 
-def measure(mode_name: str, boot_state: str, entry: int, ks_mode: int, template: str,
+def measure(mode_name: str, boot_state: str, entry: int, bits: int, template: str,
             placement: str, target: int, smis: int, repeat: int) -> dict:
-    code = assemble(ks_mode, template.format(n=smis), entry)
-    best = min(run_once(placement, boot_state, entry, code, smis) for _ in range(repeat))
+    code = assemble(template.format(n=smis), entry, bits)
+    best = fastest(lambda: run_once(placement, boot_state, entry, code, smis), repeat)
     rate = smis / best
     return {"mode": mode_name, "handler": placement, "smis": smis, "seconds": best,
             "round_trips_per_s": rate, "us_per_round_trip": best / smis * 1e6,
@@ -101,36 +91,29 @@ def measure(mode_name: str, boot_state: str, entry: int, ks_mode: int, template:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser = make_parser(__doc__)
     parser.add_argument("--smis", type=int, default=DEFAULT_SMIS,
                         help=f"SMI round trips per run (default {DEFAULT_SMIS:,})")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per configuration (default 3)")
+    add_repeat(parser)
     args = parser.parse_args(argv)
-    if args.smis < 1 or args.repeat < 1:
-        parser.error("--smis and --repeat must be at least 1")
+    require_positive(parser, args, "smis", "repeat")
     if args.smis >= 2 ** 32:
         parser.error("--smis must fit in 32 bits (the real-mode loop counter and the handler's counter)")
 
-    print(f"unicorn {unicorn.__version__}, {args.smis:,} SMIs per run, best of {args.repeat}")
-    header = (f"{'interrupted':<12} {'handler':<42} {'round trips/s':>14} {'us each':>9} "
-              f"{'target/s':>9} {'':>7}")
-    print(header)
-    print("-" * len(header))
+    banner(f"{args.smis:,} SMIs per run", f"best of {args.repeat}")
+    table_header(f"{'interrupted':<12} {'handler':<42} {'round trips/s':>14} {'us each':>9} "
+                 f"{'target/s':>9} {'':>7}")
     results = []
     for placement, description, target in PLACEMENTS:
-        for mode_name, boot_state, entry, ks_mode, template in MODES:
-            row = measure(mode_name, boot_state, entry, ks_mode, template, placement, target,
+        for mode_name, boot_state, entry, bits, template in MODES:
+            row = measure(mode_name, boot_state, entry, bits, template, placement, target,
                           args.smis, args.repeat)
             results.append(row)
             print(f"{mode_name + ' mode':<12} {description:<42} {row['round_trips_per_s']:>14,.0f} "
                   f"{row['us_per_round_trip']:>9.1f} {target:>9,} {'met' if row['met'] else 'NOT met':>7}",
                   flush=True)
 
-    if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"configurations": results, "handler": HANDLER.hex(), "unicorn": unicorn.__version__},
-            indent=2) + "\n")
+    write_json(args.json, {"configurations": results, "handler": HANDLER.hex(), "unicorn": UNICORN_VERSION})
     return 0
 
 

@@ -10,21 +10,13 @@ This is a manual benchmark: timing depends on the host and is never asserted in 
 
     python benchmarks/throughput.py [--json FILE] [--iterations N] [--repeat R]
 """
-import argparse
-import json
 import sys
-from pathlib import Path
 from time import perf_counter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from unicorn.x86_const import UC_X86_REG_ECX, UC_X86_REG_EIP, UC_X86_REG_RCX, UC_X86_REG_RIP, UC_X86_REG_RSP
 
-import unicorn  # noqa: E402
-from keystone import Ks, KS_ARCH_X86, KS_MODE_32, KS_MODE_64  # noqa: E402
-from unicorn import Uc, UC_ARCH_X86, UC_MODE_32, UC_MODE_64  # noqa: E402
-from unicorn.x86_const import (UC_X86_REG_ECX, UC_X86_REG_EIP, UC_X86_REG_RCX,  # noqa: E402
-                               UC_X86_REG_RIP, UC_X86_REG_RSP)
-
-from ringminus import Machine  # noqa: E402
+from common import (UNICORN_VERSION, add_repeat, assemble, banner, bare_uc, booted_machine, make_parser,
+                    require_positive, table_header, write_json)
 
 CODE_BASE = 0x100000
 MEMORY_SIZE = 2 * 1024 * 1024
@@ -42,17 +34,9 @@ LOOPS = [
 ]
 
 
-def assemble(bits: int, source: str) -> bytes:
-    ks = Ks(KS_ARCH_X86, KS_MODE_32 if bits == 32 else KS_MODE_64)
-    encoding, _ = ks.asm(source, CODE_BASE)
-    return bytes(encoding)
-
-
 def run_bare(bits: int, code: bytes) -> float:
     """Run on a fresh bare Uc until HLT; return elapsed seconds."""
-    uc = Uc(UC_ARCH_X86, UC_MODE_32 if bits == 32 else UC_MODE_64)
-    uc.mem_map(0, MEMORY_SIZE)
-    uc.mem_write(CODE_BASE, code)
+    uc = bare_uc(code, CODE_BASE, MEMORY_SIZE, bits)
     if bits == 32:
         uc.reg_write(UC_X86_REG_EIP, CODE_BASE)
     else:
@@ -69,9 +53,7 @@ def run_bare(bits: int, code: bytes) -> float:
 
 def run_ringminus(bits: int, code: bytes) -> float:
     """Run on a fresh Machine until HLT; return elapsed seconds."""
-    m = Machine()
-    m.write_memory(CODE_BASE, code)
-    m.boot("protected" if bits == 32 else "long", CODE_BASE)
+    m = booted_machine(code, CODE_BASE, "protected" if bits == 32 else "long")
     t0 = perf_counter()
     r = m.run()
     elapsed = perf_counter() - t0
@@ -84,7 +66,7 @@ def run_ringminus(bits: int, code: bytes) -> float:
 
 def measure(name: str, bits: int, template: str, per_iteration: int, fixed: int,
             iterations: int, repeat: int) -> dict:
-    code = assemble(bits, template.format(n=iterations))
+    code = assemble(template.format(n=iterations), CODE_BASE, bits)
     instructions = per_iteration * iterations + fixed
     run_bare(bits, code)                  # untimed warm-up of each engine
     run_ringminus(bits, code)
@@ -99,22 +81,17 @@ def measure(name: str, bits: int, template: str, per_iteration: int, fixed: int,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser = make_parser(__doc__)
     parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
                         help=f"loop iterations (default {DEFAULT_ITERATIONS:,})")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per engine (default 3)")
+    add_repeat(parser, "engine")
     args = parser.parse_args(argv)
-    if args.iterations < 1 or args.repeat < 1:
-        parser.error("--iterations and --repeat must be at least 1")
+    require_positive(parser, args, "iterations", "repeat")
     if args.iterations >= 2 ** 32:
         parser.error("--iterations must fit in 32 bits (the 32-bit loop counter)")
 
-    print(f"unicorn {unicorn.__version__}, {args.iterations:,} iterations, "
-          f"best of {args.repeat} per engine")
-    header = f"{'loop':<16} {'instructions':>14} {'bare M/s':>10} {'ringminus M/s':>14} {'ratio':>7}"
-    print(header)
-    print("-" * len(header))
+    banner(f"{args.iterations:,} iterations", f"best of {args.repeat} per engine")
+    table_header(f"{'loop':<16} {'instructions':>14} {'bare M/s':>10} {'ringminus M/s':>14} {'ratio':>7}")
     results = []
     for name, bits, template, per_iteration, fixed in LOOPS:
         row = measure(name, bits, template, per_iteration, fixed, args.iterations, args.repeat)
@@ -126,9 +103,7 @@ def main(argv=None) -> int:
         verdict = "met" if row["ratio"] >= TARGET_RATIO else "NOT met"
         print(f"{row['name']}: target ratio >= {TARGET_RATIO}: {verdict}")
 
-    if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"loops": results, "unicorn": unicorn.__version__}, indent=2) + "\n")
+    write_json(args.json, {"loops": results, "unicorn": UNICORN_VERSION})
     return 0
 
 

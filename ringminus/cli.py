@@ -27,7 +27,7 @@ from .emulator.ucinternals import UnicornLayoutError
 from .harness import VIAS, VectorError, collect, run_vector
 from .hypercalls import HypercallAction, HypercallFilterError, HypercallHandlerError
 from .intercepts.controls import LAST_INTERCEPT_BIT, InterceptControls, msrpm_bit
-from .arch.exitcodes import ExitCode, parse_exit
+from .arch.exitcodes import parse_exit
 from .intercepts.profiles import DEFAULT_PROFILE, PROFILES
 from .sigint import calling_on_sigint
 
@@ -498,24 +498,10 @@ def prepare(args: argparse.Namespace) -> Machine:
 
 
 def intercept_controls(args: argparse.Namespace) -> InterceptControls:
-    controls = InterceptControls()
-    for names in args.intercept:
-        for name in names:
-            if name == "all":
-                controls.set_all()
-            else:
-                controls.set(name)
-    for vectors in args.intercept_exception:
-        controls.intercept_exception(*vectors)
-    for ranges in args.iopm:
-        controls.set(ExitCode.IOIO)
-        for low, high in ranges:
-            controls.set_ports(low, high)
-    for permissions in args.msrpm:
-        controls.set(ExitCode.MSR)
-        for msr, read, write in permissions:
-            controls.set_msr(msr, read, write)
-    return controls
+    return InterceptControls.of([name for names in args.intercept for name in names],
+                                [vector for vectors in args.intercept_exception for vector in vectors],
+                                [span for ranges in args.iopm for span in ranges],
+                                [permission for permissions in args.msrpm for permission in permissions])
 
 
 def summary(result: RunResult) -> str:

@@ -11,6 +11,7 @@ from .intercepts import plugin as intercepts
 from .intercepts.controls import InterceptControls
 from .intercepts.profiles import DEFAULT_PROFILE, profile as profile_named
 from .smm import plugin as smm_feature
+from .smm.world import GuestModeHook
 from .svm import plugin as svm, world as svm_world
 
 
@@ -23,6 +24,9 @@ class Machine(Core):
         intercepts.install(self)
         svm.install(self)
         smm_feature.install(self, chipset, apm_smi)
+        # An SMI in guest mode: SVM fills FED8h/FEE0h, leaves guest mode, and RSM returns to it.
+        smm_feature.add_guest_mode_hook(self, GuestModeHook(svm_world.smm_fields, svm_world.suspend_for_smm,
+                                                            svm_world.resume_after_rsm))
         hypercalls.install(self)
 
     # -- running as L2 (intercepts/) --------------------------------------------------------

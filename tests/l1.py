@@ -33,10 +33,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from keystone import KS_ARCH_X86, KS_MODE_16, KS_MODE_32, KS_MODE_64, Ks
-
 from ringminus import Machine
 from ringminus.intercepts.vmcb import VMCB_SIZE, vmcb_view
+
+from .helpers import asm
 
 # SVM instructions, spelled as bytes: keystone knows only some of them.
 VMRUN = ".byte 0x0f, 0x01, 0xd8"
@@ -47,7 +47,6 @@ STGI = ".byte 0x0f, 0x01, 0xdc"
 CLGI = ".byte 0x0f, 0x01, 0xdd"
 SKINIT = ".byte 0x0f, 0x01, 0xde"
 INVLPGA = ".byte 0x0f, 0x01, 0xdf"
-RSM = b"\x0f\xaa"
 
 L1_CODE = 0x100000
 L2_CODE = 0x200000
@@ -103,13 +102,6 @@ EFER_LME, EFER_LMA, EFER_SVME = 1 << 8, 1 << 10, 1 << 12
 CR0_PE, CR0_ET, CR0_PG = 1, 1 << 4, 1 << 31
 CR4_PAE = 1 << 5
 PAGE_TABLES = 0x10000
-
-_KS = {16: Ks(KS_ARCH_X86, KS_MODE_16), 32: Ks(KS_ARCH_X86, KS_MODE_32), 64: Ks(KS_ARCH_X86, KS_MODE_64)}
-
-
-def asm(source: str, bits: int = 64, address: int = 0) -> bytes:
-    encoding, _ = _KS[bits].asm(source, address)
-    return bytes(encoding or b"")
 
 
 def addresses(lines: list[str], bits: int = 64, base: int = L2_CODE) -> list[int]:

@@ -45,3 +45,12 @@ class GuestFault(Exception):
         self.vector = vector
         self.error_code = error_code
         self.cr2 = cr2
+
+
+def gp(error_code: int = 0) -> GuestFault:
+    """#GP(error_code), as a check or an executor raises it."""
+    return GuestFault(Vector.GP, error_code)
+
+
+def ud() -> GuestFault:
+    return GuestFault(Vector.UD)

@@ -35,3 +35,8 @@ MODELS = {m.name: m for m in (
              PPRO | MTRR | CLFLUSH | MCA | PSE36, SSE3 | CX16, LM | SYSCALL | NX, LAHF_LM | SVM, 0x3028),
     CpuModel("qemu32", b"GenuineIntel", 0x4, 0x8000_0004, 0x0000_0663, PPRO, SSE3, 0, 0, 0),
 )}
+
+
+def max_physical_bits(model_name: str) -> int:
+    """MAXPHYADDR: Fn8000_0008 EAX[7:0], or 36 without that leaf (PAE)."""
+    return MODELS[model_name].address_bits & 0xFF or 36

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from .prefixes import MAX_INSTRUCTION_LENGTH, Prefixes, parse_prefixes
 from .table import ROWS_BY_OPCODE, Flag, Row
 
-GPR64 = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 _MODRM16 = ((3, 6), (3, 7), (5, 6), (5, 7), (6, None), (7, None), (5, None), (3, None))  # (base, index)
 
 

@@ -1,5 +1,6 @@
-"""Instruction length of any instruction (capstone), for resuming after one ringminus did not
-decode with the table (an intercepted exception's instruction, skipped)."""
+"""Capstone, the one general disassembler: the length of any instruction (for resuming after
+one ringminus did not decode with the table: an intercepted exception's instruction,
+skipped), the instruction starts in a block (code sites), and the text of a trace."""
 from __future__ import annotations
 
 from functools import cache
@@ -10,10 +11,17 @@ _MODES = {16: CS_MODE_16, 32: CS_MODE_32, 64: CS_MODE_64}
 
 
 @cache
-def _disassembler(bits: int) -> Cs:
+def disassembler(bits: int) -> Cs:
+    """Capstone for ``bits``-bit code (one per mode, shared)."""
     return Cs(CS_ARCH_X86, _MODES[bits])
 
 
 def instruction_length(code: bytes, bits: int) -> int | None:
     """Length of the instruction at the start of ``code``, or None if it does not decode."""
-    return next((i.size for i in _disassembler(bits).disasm(code, 0, 1)), None)
+    return next((i.size for i in disassembler(bits).disasm(code, 0, 1)), None)
+
+
+def instruction_text(code: bytes, bits: int, address: int) -> str:
+    """``mnemonic operands`` of the instruction at the start of ``code``."""
+    return next((f"{i.mnemonic} {i.op_str}".strip() for i in disassembler(bits).disasm(code, address, 1)),
+                "(undecodable)")

@@ -17,7 +17,7 @@ class ImageError(ValueError):
 
 
 @dataclass(frozen=True)
-class Segment:
+class ImageSegment:
     address: int
     data: bytes
     memory_size: int
@@ -25,7 +25,7 @@ class Segment:
 
 @dataclass(frozen=True)
 class Image:
-    segments: tuple[Segment, ...]
+    segments: tuple[ImageSegment, ...]
     entry: int
     bits: int | None = None          # 32 or 64 for ELF, None for a flat binary
 
@@ -35,7 +35,7 @@ def is_elf(data: bytes) -> bool:
 
 
 def parse_flat(data: bytes, address: int) -> Image:
-    return Image((Segment(address, data, len(data)),), address)
+    return Image((ImageSegment(address, data, len(data)),), address)
 
 
 class ElfFormat(NamedTuple):
@@ -95,7 +95,7 @@ def parse_elf(data: bytes) -> Image:
                 raise ImageError(f"ELF segment {i} ({kind} {h[kind]:#x}+{h['memsz']:#x}) runs past the end "
                                  f"of the {elf.bits}-bit address space")
         loaded.append((i, h["paddr"], h["vaddr"], h["memsz"]))
-        segments.append(Segment(h["paddr"], data[h["offset"]:h["offset"] + h["filesz"]], h["memsz"]))
+        segments.append(ImageSegment(h["paddr"], data[h["offset"]:h["offset"] + h["filesz"]], h["memsz"]))
     if not segments:
         raise ImageError("ELF has no loadable segments")
     by_address = sorted(loaded, key=lambda s: s[1])

@@ -21,7 +21,6 @@ from dataclasses import dataclass, replace
 from typing import Callable, TextIO
 
 import numpy as np
-from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR,
                      UC_HOOK_MEM_INVALID, UC_MEM_FETCH_PROT, UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_PROT, UC_MODE_64, Uc, UcError)
 from unicorn import x86_const as X
@@ -33,7 +32,7 @@ from ..arch.models import LM, MODELS
 from ..arch.registers import SEGMENT_REGISTERS
 from ..arch.segments import Segment
 from ..decode.decoder import Instruction, decode
-from ..decode.length import instruction_length
+from ..decode.length import instruction_length, instruction_text
 from ..decode.prefixes import is_prefix
 from ..decode.table import (ALWAYS_ARMED_OPCODES, INTERRUPT_WINDOW_OPCODES, INTERRUPT_WINDOW_ROWS, OUT_OPCODES,
                             PORT_OUT_ROWS)
@@ -1081,16 +1080,12 @@ class Core:
 
     # -- tracing (the one per-instruction callback, on request) ----------------------------
     def _add_trace(self, out: TextIO) -> int:
-        disassemblers = {bits: Cs(CS_ARCH_X86, mode) for bits, mode in
-                         ((16, CS_MODE_16), (32, CS_MODE_32), (64, CS_MODE_64))}
-
         def on_code(uc: Uc, address: int, size: int, _data) -> None:
             try:
                 code = self.linear.read(address, size) if size < 16 else b""
             except (GuestFault, UnbackedMemory):
                 code = b""
-            text = next((f"{i.mnemonic} {i.op_str}".strip() for i in
-                         disassemblers[self.cpu.code_bits()].disasm(code, address)), "(undecodable)")
+            text = instruction_text(code, self.cpu.code_bits(), address)
             out.write(f"{address:#018x}  {code.hex():<30} {text}\n")
 
         return self.uc.hook_add(UC_HOOK_CODE, on_code)

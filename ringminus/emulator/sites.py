@@ -52,10 +52,10 @@ import ctypes
 import re
 from typing import Callable
 
-from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_EDGE_GENERATED, UC_PROT_EXEC, Uc
 from unicorn.x86_const import UC_X86_REG_RIP
 
+from ..decode.length import disassembler
 from ..decode.prefixes import MAX_INSTRUCTION_LENGTH, is_prefix
 from . import ucinternals
 
@@ -74,8 +74,6 @@ DECODE_LIMIT = 128
 # flagged instructions right after a hooked one (a HLT after a HLT) — gets one hook from its
 # first site to the end of its page, so that the blocks that follow it there need none.
 RUNS_PER_BLOCK = 4
-_DISASSEMBLERS = {bits: Cs(CS_ARCH_X86, mode) for bits, mode in
-                  ((16, CS_MODE_16), (32, CS_MODE_32), (64, CS_MODE_64))}
 
 Piece = tuple[int, int, bytes]      # a block's part in one page: linear, physical, bytes
 
@@ -100,7 +98,7 @@ def _instruction_starts(code: bytes, bits: int, count: int | None) -> list[tuple
     capstone does not decode the block as Unicorn did (``count`` instructions, when known,
     filling the block exactly)."""
     starts, at = [], 0
-    for _address, length, _mnemonic, _operands in _DISASSEMBLERS[bits].disasm_lite(code, 0):
+    for _address, length, _mnemonic, _operands in disassembler(bits).disasm_lite(code, 0):
         starts.append((at, length))
         at += length
     if at != len(code) or count is not None and count != len(starts):

@@ -28,7 +28,7 @@ HFLAGS = 216
 HFLAGS2 = 220
 HF2_GIF = 1 << 0
 HF2_NMI_MASK = 1 << 2        # NMIs blocked; QEMU's IRET clears it, so the guest's IRET ends the block
-SEGMENTS = 224               # ES, CS, SS, DS, FS, GS; then LDTR, TR, GDTR, IDTR
+SEGS = 224                   # segs[]: ES, CS, SS, DS, FS, GS; then LDTR, TR, GDTR, IDTR
 SEGMENT_STRIDE = 24          # u32 selector, pad, u64 base, u32 limit, u32 flags
 SEGMENT_SLOT = {"es": 0, "cs": 1, "ss": 2, "ds": 3, "fs": 4, "gs": 5, "ldtr": 6, "tr": 7}
 CR = 464                     # cr[0..4], u64 each
@@ -211,7 +211,7 @@ class Context:
 
     def segment_slot(self, slot: int) -> SegmentCache:
         """Slot 0-5 ES..GS, 6 LDTR, 7 TR, 8 GDTR, 9 IDTR (base and limit only)."""
-        offset = SEGMENTS + SEGMENT_STRIDE * slot
+        offset = SEGS + SEGMENT_STRIDE * slot
         selector, base, limit, flags = struct.unpack_from("<I4xQII", self.view, offset)
         return SegmentCache(selector & 0xFFFF, base, limit, flags)
 
@@ -219,7 +219,7 @@ class Context:
         self.put_segment_slot(SEGMENT_SLOT[name], cache)
 
     def put_segment_slot(self, slot: int, cache: SegmentCache) -> None:
-        offset = SEGMENTS + SEGMENT_STRIDE * slot
+        offset = SEGS + SEGMENT_STRIDE * slot
         struct.pack_into("<I4xQII", self.view, offset, cache.selector & 0xFFFF,
                          cache.base & 0xFFFFFFFFFFFFFFFF, cache.limit & 0xFFFFFFFF,
                          cache.flags & 0xFFFFFFFF)
@@ -338,7 +338,7 @@ def verify() -> None:
     checks = [
         ("RIP", ctx.u64(EIP), 0x1234_5678_9ABC),
         ("CR3", ctx.u64(CR + 3 * 8), 0x5000),
-        ("GDTR", struct.unpack_from("<QI", ctx.view, SEGMENTS + SEGMENT_STRIDE * 8 + 8), (0x1122_3344, 0x77)),
+        ("GDTR", struct.unpack_from("<QI", ctx.view, SEGS + SEGMENT_STRIDE * 8 + 8), (0x1122_3344, 0x77)),
         ("the FS segment cache", ctx.segment("fs").base, 0xAB_CDEF_0000),
         ("EFER", ctx.u64(EFER) & 1, 1),
         ("RAX", ctx.u64(GPRS), uc.reg_read(X.UC_X86_REG_RAX)),

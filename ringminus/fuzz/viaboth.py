@@ -54,7 +54,7 @@ from ..emulator.boot import (DEFAULT_LOAD, IDT_BASE, PAGE_TABLES, SEL_CODE32, SE
                              SEL_CODE64_USER, TSS_BASE, BootState)
 from ..arch.control import MSR_EFER
 from ..harness import inguest, runner
-from ..harness.vectors import BITS, Outcome, Vector, parse_vector
+from ..harness.vectors import BITS, Outcome, TestVector, parse_vector
 from ..intercepts.controls import LAST_INTERCEPT_BIT, msrpm_bit
 from ..arch.exitcodes import ExitCode
 from ..intercepts.profiles import PROFILES
@@ -370,7 +370,7 @@ def random_table(seed: int) -> dict:
     return table
 
 
-def random_vector(seed: int) -> Vector:
+def random_vector(seed: int) -> TestVector:
     """The seed's vector, parsed (and so checked) as a vector file's would be."""
     return parse_vector(random_table(seed), "viaboth", 0)
 
@@ -392,7 +392,7 @@ def toml(table: dict) -> str:
 
 # -- the two L1s ----------------------------------------------------------------------------------
 
-def run_host(vector: Vector, hsave_pa: int | None = None):
+def run_host(vector: TestVector, hsave_pa: int | None = None):
     """The host-side L1 (``hsave_pa``: VM_HSAVE_PA as the in-guest L1 sets it); the machine too."""
     machine, _ = runner.prepare(vector, vector.profile)
     if hsave_pa is not None:
@@ -400,7 +400,7 @@ def run_host(vector: Vector, hsave_pa: int | None = None):
     return runner.observe(machine, machine.run(max_instructions=BUDGET, timeout=TIMEOUT)), machine
 
 
-def run_guest(vector: Vector) -> Outcome | None:
+def run_guest(vector: TestVector) -> Outcome | None:
     """The in-guest L1's outcome; None when this L1 cannot run the vector (a SKIP)."""
     try:
         return inguest.run_in_guest(vector, vector.profile, BUDGET, TIMEOUT)
@@ -412,14 +412,14 @@ def _limit(outcome: Outcome) -> bool:
     return outcome.kind == "stop" and outcome.fields.get("reason") == "limit"
 
 
-def _touches_l1(vector: Vector, machine) -> bool:
+def _touches_l1(vector: TestVector, machine) -> bool:
     layout = inguest.Layout(machine.memory.ram_size)
     if machine.read_memory(layout.base, inguest.L1_REGION).strip(b"\0"):
         return True
     return any(layout.base <= v < layout.base + inguest.L1_REGION for v in vector.regs.values())
 
 
-def _rewrote_code_it_ran(vector: Vector) -> bool:
+def _rewrote_code_it_ran(vector: TestVector) -> bool:
     """The host-side L2, run again with a trace, stored into a page it executed."""
     machine, _ = runner.prepare(vector, vector.profile)
     trace = io.StringIO()
@@ -430,7 +430,7 @@ def _rewrote_code_it_ran(vector: Vector) -> bool:
     return any(machine.read_memory(page, 0x1000) != fresh.read_memory(page, 0x1000) for page in pages if page < ram)
 
 
-def expected_difference(vector: Vector, host: Outcome, guest: Outcome, machine) -> str | None:
+def expected_difference(vector: TestVector, host: Outcome, guest: Outcome, machine) -> str | None:
     """Why the two outcomes may differ (the module docstring's list), or None."""
     hsave = inguest.Layout(machine.memory.ram_size).hsave
     again, rerun = run_host(vector, hsave)

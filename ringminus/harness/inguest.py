@@ -52,7 +52,7 @@ from ..intercepts.vmcb import (GUEST_INSTRUCTION_COUNT_MASK, MSR_VM_HSAVE_PA, VM
 from ..svm.instructions import VMLOAD_MSRS
 from .runner import (EXCEPTION_EVENTS, MAX_INSTRUCTIONS, TIMEOUT, NotRunnable, Setup, assemble_text,
                      l2_outcome, setup, vmexit_outcome)
-from .vectors import Outcome, Vector
+from .vectors import Outcome, TestVector
 
 PAGE = 0x1000
 L1_REGION = 1 << 20                       # at the top of RAM, out of every vector's way
@@ -363,7 +363,7 @@ def generate_l1(prepared: Setup) -> GeneratedL1:
     return GeneratedL1(layout, layout.code + len(l1_code) - 1, start, wanted, leave)
 
 
-def run_in_guest(vector: Vector, profile: str, max_instructions: int = MAX_INSTRUCTIONS,
+def run_in_guest(vector: TestVector, profile: str, max_instructions: int = MAX_INSTRUCTIONS,
                  timeout: float = TIMEOUT) -> Outcome:
     prepared = setup(vector, profile)
     return generate_l1(prepared).run(prepared.machine, max_instructions, timeout)

@@ -1,6 +1,6 @@
 """Run one vector as an L2 guest under a profile and compare what happened with its outcome.
 
-Defaults (README "Vector files"): code at 0x7C00 (real) or 0x100000 (protected, long), the
+Defaults (README "TestVector files"): code at 0x7C00 (real) or 0x100000 (protected, long), the
 foundation's boot state for every register the vector does not set, a breakpoint right after
 the code (reaching it = the code completed), and in protected mode 32-bit identity paging
 (4 KiB pages, user + writable) when ``memory.not_present`` is non-empty.
@@ -19,7 +19,7 @@ from ..machine import Machine
 from ..emulator.boot import DEFAULT_LOAD, BootState
 from ..intercepts.controls import InterceptControls
 from ..arch.exitcodes import ExitCode
-from .vectors import Outcome, Vector, assemble_text  # noqa: F401 (inguest assembles with it)
+from .vectors import Outcome, TestVector, assemble_text  # noqa: F401 (inguest assembles with it)
 
 PAGING32_DIRECTORY = 0x20000           # protected mode: PD, then one page table per 4 MiB
 SPLIT_TABLES = 0x40000                 # long mode: 4 KiB tables that replace split 2 MiB pages
@@ -33,7 +33,7 @@ MODE_REGISTERS = frozenset({"cr0", "cr4", "efer"})
 
 @dataclass(frozen=True)
 class Result:
-    vector: Vector
+    vector: TestVector
     profile: str
     status: str                  # "PASS", "FAIL", "SKIP"
     expected: Outcome | None
@@ -112,34 +112,23 @@ def _unmap_long(machine: Machine, not_present) -> None:
             mem.write_u(slot, 8, mem.read_u(slot, 8) & ~PTE_PRESENT)
 
 
-def controls_for(vector: Vector) -> InterceptControls:
+def controls_for(vector: TestVector) -> InterceptControls:
     """What L1 intercepts for ``vector``: its intercepts, exception vectors, IOPM and MSRPM,
     and always VMRUN, which every L1 intercepts (VMRUN refuses a VMCB without it, APM §15.5.1)."""
-    controls = InterceptControls()
-    controls.set(ExitCode.VMRUN, *vector.intercepts)
-    controls.intercept_exception(*vector.exceptions)
-    if vector.iopm:
-        controls.set(ExitCode.IOIO)
-    for low, high in vector.iopm:
-        controls.set_ports(low, high)
-    if vector.msrpm:
-        controls.set(ExitCode.MSR)
-    for msr, read, write in vector.msrpm:
-        controls.set_msr(msr, read, write)
-    return controls
+    return InterceptControls.of((ExitCode.VMRUN, *vector.intercepts), vector.exceptions, vector.iopm, vector.msrpm)
 
 
 @dataclass(frozen=True)
 class Setup:
     """A vector's L2 on a fresh machine: its state, memory and breakpoint, but no L1 yet."""
-    vector: Vector
+    vector: TestVector
     machine: Machine
     address: int                 # where the code starts
     end: int                     # right after the code: reaching it means the code completed
     controls: InterceptControls
 
 
-def setup(vector: Vector, profile: str) -> Setup:
+def setup(vector: TestVector, profile: str) -> Setup:
     state = BootState(vector.mode)
     address = DEFAULT_LOAD[state]
     code = vector.code                   # parsing assembled an ``asm`` vector for this address
@@ -163,7 +152,7 @@ def setup(vector: Vector, profile: str) -> Setup:
     return Setup(vector, machine, address, end, controls_for(vector))
 
 
-def prepare(vector: Vector, profile: str) -> tuple[Machine, int]:
+def prepare(vector: TestVector, profile: str) -> tuple[Machine, int]:
     """The vector's L2 entered with ringminus as L1 (host side)."""
     prepared = setup(vector, profile)
     prepared.machine.enter_guest(prepared.controls, profile)
@@ -201,12 +190,12 @@ def observe(machine: Machine, result) -> Outcome:
     return l2_outcome(result)
 
 
-def run_host(vector: Vector, profile: str) -> Outcome:
+def run_host(vector: TestVector, profile: str) -> Outcome:
     machine, _ = prepare(vector, profile)
     return observe(machine, machine.run(max_instructions=MAX_INSTRUCTIONS, timeout=TIMEOUT))
 
 
-def run_guest(vector: Vector, profile: str) -> Outcome:
+def run_guest(vector: TestVector, profile: str) -> Outcome:
     from .inguest import run_in_guest       # inguest builds on this module
     return run_in_guest(vector, profile)
 
@@ -259,7 +248,7 @@ def _shown(got: Outcome, expected: Outcome) -> Outcome:
     return got
 
 
-def run_vector(vector: Vector, profile: str | None = None, via: str = "host") -> Result:
+def run_vector(vector: TestVector, profile: str | None = None, via: str = "host") -> Result:
     if via not in VIAS:
         raise ValueError(f"via must be one of {', '.join(VIAS)}, not {via!r}")
     profile = profile or vector.profile

@@ -1,4 +1,4 @@
-"""Vector files: TOML with one or more ``[[vector]]`` tables (format in README.md).
+"""TestVector files: TOML with one or more ``[[vector]]`` tables (format in README.md).
 
 Parsing checks every key against a declarative schema (VECTOR_FIELDS and the tables below
 it: key -> what it must hold), then the few rules that tie keys together (RULES), and
@@ -66,7 +66,8 @@ def _show(value) -> str:
 
 
 @dataclass(frozen=True)
-class Vector:
+class TestVector:
+    __test__ = False                # a test vector, not a pytest test class
     name: str
     source: str
     mode: str
@@ -416,7 +417,7 @@ def _code(values: dict, where: str) -> bytes:
     return code
 
 
-def parse_vector(value, source: str, index: int) -> Vector:
+def parse_vector(value, source: str, index: int) -> TestVector:
     where = Where(f"{source}: vector {index + 1}")
     if isinstance(value, dict) and "name" in value:
         where = Where(f"{source}: {_apply(line, value['name'], where.at('name'))}")
@@ -424,14 +425,14 @@ def parse_vector(value, source: str, index: int) -> Vector:
     for message, broken in RULES:
         if broken(values):
             raise where.error(message)
-    return Vector(values["name"], source, values["mode"], values["cpl"], values["profile"],
+    return TestVector(values["name"], source, values["mode"], values["cpl"], values["profile"],
                   _code(values, where.vector), values["asm"], values["intercepts"], values["exceptions"],
                   values["iopm"], tuple((m["msr"], m["read"], m["write"]) for m in values["msrpm"]),
                   values["regs"], values["memory"]["not_present"],
                   tuple((b["address"], b["hex"]) for b in values["memory"]["bytes"]), values["expect"])
 
 
-def load_vectors(path: Path) -> list[Vector]:
+def load_vectors(path: Path) -> list[TestVector]:
     try:
         document = tomllib.loads(path.read_bytes().decode("utf-8"))
     except OSError as e:
@@ -456,7 +457,7 @@ def load_vectors(path: Path) -> list[Vector]:
     return vectors
 
 
-def collect(paths: list[str]) -> list[Vector]:
+def collect(paths: list[str]) -> list[TestVector]:
     """Every vector in the files named, and in the *.toml files of the directories named."""
     vectors = []
     for name in paths:

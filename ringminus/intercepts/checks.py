@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Callable
 from ..arch.control import CR0_PE, CR4_DE, CR4_PCE, CR4_TSD, CR4_UMIP, DR6_BD, DR7_GD, EFER_SVME, cr_write_refused
 from ..emulator.ports import io_permitted
 from ..emulator.segmentation import linear_address
-from ..arch.exceptions import GuestFault, Vector
+from ..arch.exceptions import GuestFault, Vector, gp, ud
 
 if TYPE_CHECKING:
     from ..decode.decoder import Instruction
@@ -17,34 +17,21 @@ VALID_CRS = frozenset({0, 2, 3, 4, 8})
 MAX_PMC = 5
 
 
-def _ud() -> GuestFault:
-    return GuestFault(Vector.UD)
-
-
-def _gp() -> GuestFault:
-    return GuestFault(Vector.GP, 0)
-
-
-def gpr(guest: "Guest", number: int, size: int = 8) -> int:
-    from ..decode.decoder import GPR64
-    return guest.cpu[GPR64[number]] & ((1 << (8 * size)) - 1)
-
-
 def cr_access(insn: "Instruction", guest: "Guest") -> None:
     """MOV CR: #UD for a CR that does not exist; with the profile's F.1 choice, the value
     checks of a CR write too (reserved bits, PG without PE, NW without CD)."""
     if insn.reg not in VALID_CRS:
-        raise _ud()
+        raise ud()
     if insn.row.name != "mov_to_cr" or not guest.profile.cr_value_checks_before_intercept:
         return
-    value = gpr(guest, insn.rm, 8 if insn.bits == 64 else 4)
+    value = guest.register(insn.rm, 8 if insn.bits == 64 else 4)
     if cr_write_refused(insn.reg, value, guest.cpu["cr0"], guest.cpu["cr4"], guest.cpu["efer"]):
-        raise _gp()
+        raise gp()
 
 
 def _dr_common(insn: "Instruction", guest: "Guest") -> None:
     if insn.reg > 7 or (insn.reg in (4, 5) and guest.cpu["cr4"] & CR4_DE):
-        raise _ud()
+        raise ud()
     if guest.cpu["dr7"] & DR7_GD:
         guest.cpu["dr6"] = (guest.cpu["dr6"] & ~0xF) | DR6_BD
         raise GuestFault(Vector.DB)
@@ -56,24 +43,24 @@ def dr_read(insn: "Instruction", guest: "Guest") -> None:
 
 def dr_write(insn: "Instruction", guest: "Guest") -> None:
     _dr_common(insn, guest)
-    if insn.reg in (4, 5, 6, 7) and insn.bits == 64 and gpr(guest, insn.rm) >> 32:
-        raise _gp()
+    if insn.reg in (4, 5, 6, 7) and insn.bits == 64 and guest.register(insn.rm, 8) >> 32:
+        raise gp()
 
 
 def umip(insn: "Instruction", guest: "Guest") -> None:
     """F.2: UMIP's #GP before the intercept (APM, QEMU); KVM raises it in execute."""
     if guest.profile.umip_before_intercept and guest.cpu["cr4"] & CR4_UMIP and guest.cpu.cpl > 0:
-        raise _gp()
+        raise gp()
 
 
 def rdtsc(insn: "Instruction", guest: "Guest") -> None:
     if guest.cpu["cr4"] & CR4_TSD and guest.cpu.cpl > 0:
-        raise _gp()
+        raise gp()
 
 
 def rdpmc(insn: "Instruction", guest: "Guest") -> None:
     if (not guest.cpu["cr4"] & CR4_PCE and guest.cpu.cpl > 0) or guest.cpu["ecx"] > MAX_PMC:
-        raise _gp()
+        raise gp()
 
 
 def rdpru(insn: "Instruction", guest: "Guest") -> None:
@@ -82,7 +69,7 @@ def rdpru(insn: "Instruction", guest: "Guest") -> None:
 
 def svme(insn: "Instruction", guest: "Guest") -> None:
     if not guest.cpu["efer"] & EFER_SVME:
-        raise _ud()
+        raise ud()
 
 
 def svme_or_skinit(insn: "Instruction", guest: "Guest") -> None:
@@ -97,19 +84,19 @@ def svme_rax(insn: "Instruction", guest: "Guest") -> None:
     rax = guest.cpu["rax"] if insn.address_size == 8 else guest.cpu["rax"] & 0xFFFF_FFFF
     if guest.profile.svm_rax_gp_before_svme_ud:
         if rax >> 48:
-            raise _gp()
+            raise gp()
         svme(insn, guest)
     else:
         svme(insn, guest)
         if rax >> 48:
-            raise _gp()
+            raise gp()
 
 
 def vmmcall(insn: "Instruction", guest: "Guest") -> None:
     """F.5: KVM's emulator marks VMMCALL Prot (#UD in real and VM86 mode before the
     intercept); the APM intercepts it in any mode; QEMU needs EFER.SVME first."""
     if guest.profile.vmmcall_prot and (not guest.cpu["cr0"] & CR0_PE or guest.cpu.vm86):
-        raise _ud()
+        raise ud()
     if guest.profile.vmmcall_needs_svme:
         svme(insn, guest)
 
@@ -118,7 +105,7 @@ def monitor(insn: "Instruction", guest: "Guest") -> None:
     """MONITOR/MWAIT privilege (F.4: #GP in KVM and the APM profile, #UD in QEMU at CPL>0)
     and, for the APM profile, MONITOR's DS:rAX operand checks before its intercept."""
     if guest.cpu.cpl > 0:
-        raise _ud() if guest.profile.monitor_mwait_ud_at_cpl3 else _gp()
+        raise ud() if guest.profile.monitor_mwait_ud_at_cpl3 else gp()
     if insn.row.name == "monitor" and guest.profile.monitor_checks_operand:
         segment = insn.prefixes.segment or "ds"
         address = linear_address(guest.cpu, segment, guest.cpu["rax"], 1, False, insn.address_size)
@@ -129,7 +116,7 @@ def io(insn: "Instruction", guest: "Guest") -> None:
     """IN/OUT/INS/OUTS: only the VM86/IOPL/TSS-bitmap #GP precedes the intercept (§A.5)."""
     port = insn.immediate if insn.immediate is not None else guest.cpu["dx"]
     if not io_permitted(guest.cpu.capture(), guest.linear, port, insn.operand_size if insn.operand_size < 8 else 4):
-        raise _gp()
+        raise gp()
 
 
 CHECKS: dict[str, Callable[["Instruction", "Guest"], None]] = {

@@ -86,3 +86,26 @@ class InterceptControls:
             return False
         bit = msrpm_bit(msr & 0xFFFF_FFFF, write)
         return True if bit is None else bool(self.msrpm[bit // 8] >> (bit % 8) & 1)
+
+    @classmethod
+    def of(cls, codes=(), exceptions=(), ports=(), msrs=()) -> "InterceptControls":
+        """Controls as a user states them (the CLI's options, a vector file's keys): exit
+        codes (or "all"), exception vectors, I/O port ranges (``(first, last)``: IOIO
+        intercepted, those ports set in the IOPM) and MSR permissions (``(msr, read,
+        write)``: MSR intercepted, those bits set in the MSRPM)."""
+        controls = cls()
+        for code in codes:
+            if code == "all":
+                controls.set_all()
+            else:
+                controls.set(code)
+        controls.intercept_exception(*exceptions)
+        if ports:
+            controls.set(ExitCode.IOIO)
+        for first, last in ports:
+            controls.set_ports(first, last)
+        if msrs:
+            controls.set(ExitCode.MSR)
+        for msr, read, write in msrs:
+            controls.set_msr(msr, read, write)
+        return controls

@@ -33,11 +33,6 @@ class Exit:
 Builder = Callable[["Instruction", "Guest"], "Exit | None"]
 
 
-def _gpr(guest: "Guest", number: int) -> int:
-    from ..decode.decoder import GPR64
-    return guest.cpu[GPR64[number]]
-
-
 def fixed(insn, guest) -> Exit | None:
     code = insn.row.intercept.code
     return Exit(code) if code in guest.controls else None
@@ -68,7 +63,7 @@ def cr_write(insn, guest) -> Exit | None:
     if insn.reg != 0:
         code = E.CR0_WRITE + insn.reg
         return Exit(code, info1) if code in guest.controls else None
-    new = _gpr(guest, insn.rm)
+    new = guest.register(insn.rm, 8)
     return _cr0_write(guest, bool((guest.cpu["cr0"] ^ new) & ~SELECTIVE_CR0_IGNORED & 0xFFFF_FFFF), info1)
 
 

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Callable
 
 from unicorn import x86_const as X
 
-from ..decode.decoder import GPR64, Instruction
+from ..arch.registers import GPRS_BY_NUMBER
+from ..decode.decoder import Instruction
 from ..emulator.delivery import Event, EventKind
 from ..emulator.memory import UnbackedMemory
 from ..emulator.plugins import OnExit
@@ -77,7 +78,8 @@ class Guest:
 
     # -- operands ------------------------------------------------------------------------------
     def register(self, number: int, size: int) -> int:
-        return self.cpu[GPR64[number]] & ((1 << (8 * size)) - 1)
+        """General-purpose register ``number`` (encoding order), its low ``size`` bytes."""
+        return self.cpu[GPRS_BY_NUMBER[number]] & ((1 << (8 * size)) - 1)
 
     def effective_address(self, insn: Instruction) -> int:
         m = insn.memory

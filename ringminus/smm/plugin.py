@@ -13,7 +13,7 @@ from ..emulator.plugins import Part, Source
 from ..emulator.result import Section
 from .chipset import Chipset
 from .smram import Smram
-from .world import SmmState, enter_smm, leave_smm
+from .world import GuestModeHook, SmmState, enter_smm, leave_smm
 
 if TYPE_CHECKING:
     from ..decode.decoder import Instruction
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 def install(machine: "Machine", chipset: str, apm_smi: bool) -> None:
     machine.smm = SmmState()
+    machine.smm_guest_mode_hooks = ()        # add_guest_mode_hook
+    machine.smm_codecs = {}                  # (64-bit map, profile) -> MapCodec (world.codec_for)
     machine.smram = Smram(machine.memory)
     machine.chipset = Chipset(chipset, machine.smram, machine.ports, lambda: raise_smi(machine), apm_smi)
     machine.add_event_source(Source(
@@ -39,6 +41,11 @@ def install(machine: "Machine", chipset: str, apm_smi: bool) -> None:
     machine.add_snapshot_part(Part(100, "views", _take_views, _put_views_part))
     machine.add_result_section(lambda stop: Section(
         "smm", machine.smm.as_dict(machine.smram.state, machine.init_pending)))
+
+
+def add_guest_mode_hook(machine: "Machine", hook: GuestModeHook) -> None:
+    """What the feature that runs guests does when an SMI arrives in guest mode and RSM returns."""
+    machine.smm_guest_mode_hooks += (hook,)
 
 
 def raise_smi(machine: "Machine") -> None:

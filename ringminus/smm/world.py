@@ -12,19 +12,18 @@ import functools
 import struct
 from collections import namedtuple
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from ..emulator.cpu import STATE_NAMES, ArchState, At
 from ..arch.control import CR0_EM, CR0_PE, CR0_PG, CR0_TS, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_VM, RuleSet
 from ..binlayout import STRUCT_CODES
 from ..emulator.ucinternals import HF2_NMI_MASK, HF_CPL_MASK, HF_INHIBIT_IRQ
-from ..arch.registers import GPRS_BY_NUMBER
+from ..arch.registers import GPRS_BY_NUMBER, SEGMENTS_BY_NUMBER
 from ..arch.segments import FLAG_DB, FLAG_L, descriptor_flags, flags_dpl, flags_from_32, segment_flags_32
-from ..emulator.memory import UnbackedMemory
+from ..emulator.memory import MissingMemory, UnbackedMemory
 from ..emulator.paging import pae_pdpte_problem
 from ..emulator.ports import IoAccess
-from ..svm import world as svm_world
-from ..svm.cpuid import max_physical_bits
+from ..arch.models import max_physical_bits
 from . import layouts as L
 
 if TYPE_CHECKING:
@@ -34,11 +33,19 @@ SMM_DR7 = 0x400
 SMM_SEGMENT_FLAGS = descriptor_flags(0x3, granularity=1)        # data R/W accessed, G, P, S
 SMM_DATA_SEGMENT = (0, 0, 0xFFFF_FFFF, SMM_SEGMENT_FLAGS)          # selector, base, limit, flags
 GPR_NAMES_32 = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
-SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
 
 
 class InvalidSavedState(Exception):
     """RSM found a state the profile refuses; the machine shuts down with this reason."""
+
+
+class GuestModeHook(NamedTuple):
+    """What the feature that runs guests (SVM) does at SMM's world switches (§C.7): the map
+    fields an SMI taken in guest mode writes (FED8h, FEE0h…), leaving guest mode for SMM, and
+    RSM's return to it (MissingMemory when the guest's structures are gone: RSM shuts down)."""
+    entry_fields: Callable[["Machine"], dict[str, int]]
+    suspend: Callable[["Machine"], None]
+    resume: Callable[["Machine", int], None]          # (machine, the VMCB address FEE0h held)
 
 
 @dataclass
@@ -63,7 +70,7 @@ class SmmState:
 # attributes in the map's encoding (ATTRIBUTES), or is filled per SMI (everything else:
 # SMBASE, the revision, the restart fields; zero unless given).
 
-SEGMENT_RECORDS = (*SEGMENTS, "ldtr", "tr")
+SEGMENT_RECORDS = (*SEGMENTS_BY_NUMBER, "ldtr", "tr")
 PLAN = {
     id(L.SMRAM_STATE_64): {
         **{f"{seg}.{part}": f"{seg}.{part}" for seg in SEGMENT_RECORDS for part in ("selector", "limit", "base")},
@@ -192,14 +199,13 @@ class MapCodec:
     # its own (compiled in __init__).
 
 
-_CODECS: dict[tuple[bool, str], MapCodec] = {}
-
-
-def codec_for(layout_is_64: bool, profile) -> MapCodec:
-    key = (layout_is_64, profile.name)
-    if key not in _CODECS:
-        _CODECS[key] = MapCodec(L.layout_for(layout_is_64), profile)
-    return _CODECS[key]
+def codec_for(machine: "Machine", layout_is_64: bool) -> MapCodec:
+    """The map codec for the machine's profile (compiled once per machine and profile)."""
+    key = (layout_is_64, machine.profile.name)
+    codec = machine.smm_codecs.get(key)
+    if codec is None:
+        codec = machine.smm_codecs[key] = MapCodec(L.layout_for(layout_is_64), machine.profile)
+    return codec
 
 
 IO_RESTART_64 = ("io_restart_rip", "io_restart_rcx", "io_restart_rsi", "io_restart_rdi")
@@ -240,7 +246,8 @@ def _extras(machine: "Machine", codec: MapCodec) -> dict[str, int]:
             if is_64:
                 extras["io_restart_dword"] = trap_dword(io)
     if codec.layout is L.SMRAM_STATE_64:
-        extras.update(svm_world.smm_fields(machine))
+        for hook in machine.smm_guest_mode_hooks:
+            extras.update(hook.entry_fields(machine))
     return extras
 
 
@@ -248,7 +255,7 @@ def enter_smm(machine: "Machine", state: ArchState | None = None) -> None:
     """Take an SMI now, at an instruction boundary (§C.2).  ``state``: the registers there,
     if the caller has just captured them (the context copy behind them still current)."""
     cpu, smm, profile = machine.cpu, machine.smm, machine.profile
-    codec = codec_for(machine.long_mode_capable, profile)
+    codec = codec_for(machine, machine.long_mode_capable)
     address = smm.smbase + L.SAVE_AREA
     if state is None:
         state = cpu.capture()
@@ -260,7 +267,8 @@ def enter_smm(machine: "Machine", state: ArchState | None = None) -> None:
     except UnbackedMemory:
         machine.request_stop_shutdown(f"SMI: no memory for the state-save map at {address:#x}")
         return
-    svm_world.suspend_for_smm(machine)
+    for hook in machine.smm_guest_mode_hooks:
+        hook.suspend(machine)
     smm.inside_nmi = state.nmi_blocked      # an SMI inside an NMI handler keeps NMIs blocked after RSM
     rip = state[At.rip]
     entry = state                           # §C.2 steps 5-11, on the captured registers
@@ -302,7 +310,7 @@ def leave_smm(machine: "Machine", current: ArchState | None = None) -> None:
     ``current``: the registers at the RSM, if the caller has just captured them."""
     cpu, smm, profile = machine.cpu, machine.smm, machine.profile
     is_64 = machine.long_mode_capable
-    codec = codec_for(is_64, profile)
+    codec = codec_for(machine, is_64)
     area = codec.unpack(machine.memory.read(smm.smbase + L.SAVE_AREA, L.SAVE_AREA_SIZE))
     unblock_nmi = not smm.inside_nmi
     smm.in_smm = smm.inside_nmi = False
@@ -333,8 +341,9 @@ def leave_smm(machine: "Machine", current: ArchState | None = None) -> None:
     cpu.load(state, context_is_current=True)
     if codec.returns_to_guest_mode and area.svm_guest & 1:     # the SMI came in guest mode: back to L2
         try:
-            svm_world.resume_after_rsm(machine, area.svm_guest_vmcb)
-        except (svm_world.VmcbMemoryError, UnbackedMemory) as missing:     # KVM: the map fails, RSM fails
+            for hook in machine.smm_guest_mode_hooks:
+                hook.resume(machine, area.svm_guest_vmcb)
+        except MissingMemory as missing:     # KVM: the map fails, RSM fails
             machine.request_stop_shutdown(f"RSM: guest-mode state: {missing}")
             return
     machine.events.append({"kind": "rsm", "instructions": machine.instructions_if_exact, "rip": state[At.rip],
@@ -353,7 +362,7 @@ def _validate(machine: "Machine", state: ArchState, area, is_64: bool) -> None:
             if problem:
                 raise InvalidSavedState(f"CR3 {state[At.cr3]:#x}: {problem}")
     if profile.rsm_apm_checks:
-        if area.revision != revision(machine, codec_for(is_64, profile).layout):
+        if area.revision != revision(machine, codec_for(machine, is_64).layout):
             raise InvalidSavedState(f"revision identifier modified ({area.revision:#x})")
         cs_flags = state[At.cs_flags]
         if is_64 and efer & EFER_LME and cr0 & CR0_PG and cs_flags & FLAG_L and cs_flags & FLAG_DB:

@@ -59,6 +59,3 @@ def advertises_svm(model_name: str) -> bool:
     return bool(MODELS[model_name].ext_ecx & SVM)
 
 
-def max_physical_bits(model_name: str) -> int:
-    """MAXPHYADDR: Fn8000_0008 EAX[7:0], or 36 without that leaf (PAE)."""
-    return MODELS[model_name].address_bits & 0xFF or 36

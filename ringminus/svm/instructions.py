@@ -21,10 +21,10 @@ from ..emulator.cpu import At
 from ..arch.control import CR0_PE
 from ..arch.registers import GPRS
 from ..arch.segments import FLAG_DB, FLAG_G, FLAG_P, FLAG_S, Segment
-from ..arch.exceptions import GuestFault, Vector
+from ..arch.exceptions import GuestFault, Vector, gp
 from ..intercepts.vmcb import SAVE_AREA_OFFSET, SAVE_AREA_SIZE, VM_CR_R_INIT, VMCB_SAVE, read_segment
 from ..arch.segments import vmcb_attrib_from_flags
-from .cpuid import max_physical_bits
+from ..arch.models import max_physical_bits
 from .world import vmrun
 
 if TYPE_CHECKING:
@@ -46,17 +46,13 @@ SKINIT_SEGMENTS = {"es": RESET_DATA_SEGMENT, "ds": RESET_DATA_SEGMENT, "fs": RES
                    "gs": RESET_DATA_SEGMENT, "cs": SKINIT_CODE, "ss": SKINIT_STACK, **RESET_SYSTEM_SEGMENTS}
 
 
-def _gp() -> GuestFault:
-    return GuestFault(Vector.GP, 0)
-
-
 def vmcb_address(machine: "Machine", insn: "Instruction", rax: int | None = None) -> int:
     """rAX (read now, unless the caller holds it) as a VMCB address (GuestFault: #GP(0))."""
     address = machine.cpu["rax"] if rax is None else rax
     if insn.address_size != 8:
         address &= 0xFFFF_FFFF
     if address >> max_physical_bits(machine.cpu_model) or address & ~PAGE_MASK:
-        raise _gp()
+        raise gp()
     return address
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from ..arch.control import CR0_PG, EFER_LMA, EFER_LME, EFER_NXE, EFER_SCE, EFER_SVME, MSR_EFER
-from ..arch.exceptions import GuestFault, Vector
+from ..arch.exceptions import gp
 from ..intercepts.vmcb import MSR_VM_CR, MSR_VM_HSAVE_PA, VM_CR_LOCK, VM_CR_SVMDIS
-from .cpuid import advertises_svm, max_physical_bits
+from .cpuid import advertises_svm
+from ..arch.models import max_physical_bits
 from ..arch.models import LM, MODELS, NX, SVM, SYSCALL
 
 if TYPE_CHECKING:
@@ -34,35 +35,31 @@ def efer_supported(model_name: str) -> int:
     return sum(bits for feature, word, bits in _EFER_FEATURES if getattr(model, word) & feature)
 
 
-def _gp() -> GuestFault:
-    return GuestFault(Vector.GP, 0)
-
-
 def _write_efer(machine: "Machine", value: int) -> None:
     cpu = machine.cpu
     current = cpu["efer"]
     if value & ~efer_supported(machine.cpu_model):
-        raise _gp()
+        raise gp()
     if cpu["cr0"] & CR0_PG and (value ^ current) & EFER_LME:
-        raise _gp()
+        raise gp()
     if value & EFER_SVME and machine.svm.vm_cr & VM_CR_SVMDIS:
-        raise _gp()
+        raise gp()
     cpu["efer"] = value & ~EFER_LMA | current & EFER_LMA
 
 
 def _write_hsave(machine: "Machine", value: int) -> None:
     if value & 0xFFF or value >> max_physical_bits(machine.cpu_model):
-        raise _gp()
+        raise gp()
     machine.svm.hsave_pa = value
 
 
 def _write_vm_cr(machine: "Machine", value: int) -> None:
     svm = machine.svm
     if value & ~VM_CR_BITS:
-        raise _gp()
+        raise gp()
     changeable = VM_CR_BITS & ~(VM_CR_LOCK | VM_CR_SVMDIS) if svm.vm_cr & VM_CR_SVMDIS else VM_CR_BITS
     if value & VM_CR_SVMDIS and machine.cpu["efer"] & EFER_SVME:
-        raise _gp()
+        raise gp()
     svm.vm_cr = svm.vm_cr & ~changeable | value & changeable
 
 
@@ -82,12 +79,12 @@ def emulates(machine: "Machine", msr: int) -> bool:
 def read(machine: "Machine", msr: int) -> int:
     """RDMSR of an emulated MSR (GuestFault on #GP)."""
     if machine.cpu.cpl:
-        raise _gp()
+        raise gp()
     return EMULATED[msr][0](machine)
 
 
 def write(machine: "Machine", msr: int, value: int) -> None:
     """WRMSR of an emulated MSR (GuestFault on #GP)."""
     if machine.cpu.cpl:
-        raise _gp()
+        raise gp()
     EMULATED[msr][1](machine, value)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 def install(machine: "Machine") -> None:
     machine.svm = SvmState()
+    machine.svm_caches = world.Caches()
     machine.add_stat_keys("vmruns")
     for row in EXECUTE:
         machine.add_executor(row, lambda insn: _execute(machine, insn))

@@ -41,13 +41,13 @@ from ..intercepts.vmcb import (EVENT_VALID, GUEST_INTERRUPT_MASK, INTERCEPT_WORD
                                SAVE_AREA_OFFSET, V_INTR_MASKING, V_TPR_MASK, VMCB_CONTROL, VMCB_SAVE, EventInfo,
                                EventType, TlbControl, VmrunCandidate, first_failure)
 from ..arch.segments import flags_from_vmcb_attrib, vmcb_attrib_from_flags
-from .cpuid import max_physical_bits
+from ..arch.models import max_physical_bits
 
 if TYPE_CHECKING:
     from ..machine import Machine
 
 VMEXIT_INVALID = -1
-SEGMENTS = ("es", "cs", "ss", "ds")                 # VMRUN loads, #VMEXIT saves and reloads these
+VMRUN_SEGMENTS = ("es", "cs", "ss", "ds")           # VMRUN loads, #VMEXIT saves and reloads these
 TABLES = ("gdtr", "idtr")
 # Registers VMRUN loads from the VMCB and #VMEXIT writes back (with the segments, tables, CPL).
 GUEST_REGISTERS = ("efer", "cr0", "cr2", "cr3", "cr4", "dr6", "dr7", "rflags", "rip", "rsp", "rax")
@@ -68,7 +68,7 @@ class VmcbMemoryError(MissingMemory):
 
 def _codec_rows() -> list[tuple[str, int, str, str]]:
     rows = []
-    for name in SEGMENTS:
+    for name in VMRUN_SEGMENTS:
         selector, base, limit, flags = (getattr(At, f"{name}_{part}") for part in ("selector", "base", "limit", "flags"))
         rows += [(f"{name}.selector", selector, f"s[{selector}] & 0xFFFF", f"s[{selector}] = {{v}}"),
                  (f"{name}.attrib", flags, f"_attrib(s[{flags}])", f"s[{flags}] = _flags({{v}})"),
@@ -196,7 +196,6 @@ def _permission_map(machine: "Machine", base: int, size: int) -> np.ndarray:
 
 
 _MAP_INTERCEPTS = 1 << ExitCode.IOIO | 1 << ExitCode.MSR
-_VECTOR_CONTROLS: dict[int, InterceptControls] = {}
 
 
 def intercept_controls(machine: "Machine", control: dict[str, int]) -> InterceptControls:
@@ -204,9 +203,10 @@ def intercept_controls(machine: "Machine", control: dict[str, int]) -> Intercept
     when its intercept is set."""
     vector = control["intercepts"]
     if not vector & _MAP_INTERCEPTS:                # the same vector, the same controls (read-only)
-        if vector not in _VECTOR_CONTROLS:
-            _VECTOR_CONTROLS[vector] = InterceptControls(vector)
-        return _VECTOR_CONTROLS[vector]
+        cache = machine.svm_caches.controls
+        if vector not in cache:
+            cache[vector] = InterceptControls(vector)
+        return cache[vector]
     controls = InterceptControls(vector)
     if ExitCode.IOIO in controls:
         controls.iopm = _permission_map(machine, control["iopm_base_pa"], IOPM_BYTES)
@@ -224,15 +224,21 @@ _CHECKED_CONTROLS = operator.itemgetter("intercepts", "guest_asid", "eventinj", 
 def _consistency(machine: "Machine", save: tuple, control: dict[str, int]) -> str | None:
     """VMRUN's consistency checks (§B.5), remembered per input: a guest hypervisor's loop
     VMRUNs the same VMCB state over and over."""
-    key = (machine.cpu_model, _CHECKED_FIELDS(save), _CHECKED_CONTROLS(control))
-    if key not in _CONSISTENCY:
-        if len(_CONSISTENCY) > 4096:
-            _CONSISTENCY.clear()
-        _CONSISTENCY[key] = first_failure(_candidate(machine, save, control))
-    return _CONSISTENCY[key]
+    key = (_CHECKED_FIELDS(save), _CHECKED_CONTROLS(control))
+    cache = machine.svm_caches.consistency
+    if key not in cache:
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = first_failure(_candidate(machine, save, control))
+    return cache[key]
 
 
-_CONSISTENCY: dict[tuple, str | None] = {}
+class Caches:
+    """What a machine's world switches remember (per machine: its CPU model is fixed)."""
+
+    def __init__(self):
+        self.controls: dict[int, InterceptControls] = {}       # intercept vector -> controls
+        self.consistency: dict[tuple, str | None] = {}         # checked fields -> VMRUN's verdict
 
 
 def _candidate(machine: "Machine", save: tuple, control: dict[str, int]) -> VmrunCandidate:

@@ -4,7 +4,7 @@ import pytest
 from ringminus import Machine, StopReason
 from ringminus.emulator.boot import TSS_BASE
 
-from .conftest import LOAD, asm, run_guest
+from ..helpers import LOAD, asm, run_guest
 
 
 @pytest.mark.parametrize("boot", ["real", "protected", "long"])

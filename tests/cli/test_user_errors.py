@@ -7,16 +7,10 @@ import struct
 import pytest
 
 from ringminus import Machine, StopReason
-from ringminus.cli import host_memory, main
+from ringminus.cli import host_memory
 from ringminus.fuzz import inputs
 
-from .conftest import run_guest
-
-
-def run_cli(capsys, *args):
-    status = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return status, out, err
+from ..helpers import run_cli, run_guest
 
 
 def assert_usage_error(status, out, err, *words):

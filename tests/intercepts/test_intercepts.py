@@ -8,15 +8,11 @@ from ringminus.intercepts import ExitCode, InterceptControls, exit_name, parse_e
 from ringminus.intercepts.controls import msrpm_bit
 from ringminus.intercepts.profiles import PROFILES
 
-from .conftest import LOAD, asm
+from ..helpers import asm, boot_guest
 
 
 def guest(source, boot="long", cpl=0, setup=None, profile="kvm", on_exit="stop", **controls_args):
-    machine = Machine()
-    bits = {"real": 16, "protected": 32, "long": 64}[boot]
-    code = bytes.fromhex(source[4:]) if source.startswith("hex:") else asm(source, bits, LOAD[boot])
-    machine.write_memory(LOAD[boot], code)
-    machine.boot(boot, LOAD[boot], cpl)
+    machine = boot_guest(bytes.fromhex(source[4:]) if source.startswith("hex:") else source, boot, cpl)
     controls = InterceptControls()
     controls.set(*controls_args.get("codes", ()))
     for port in controls_args.get("ports", ()):

@@ -10,7 +10,7 @@ from ringminus.hypercalls import BUILTIN_RESULTS, KVM_ENOSYS, KvmHypercall
 from ringminus.intercepts import ExitCode, InterceptControls
 from ringminus.intercepts.profiles import PROFILES
 
-from .conftest import BITS, LOAD, asm
+from ..helpers import BITS, LOAD, asm, boot_guest
 
 VMMCALL = ".byte 0x0f, 0x01, 0xd9"          # spelled as bytes: not every keystone knows them
 VMCALL = ".byte 0x0f, 0x01, 0xc1"
@@ -21,10 +21,7 @@ DATA = 0x9000                               # results the guests store, in every
 
 
 def machine_for(source, boot="long", cpl=0, profile="kvm", regs=None, ranges=(), handler=None):
-    machine = Machine(profile=profile)
-    address = LOAD[boot]
-    machine.write_memory(address, asm(source, BITS[boot], address))
-    machine.boot(boot, address, cpl)
+    machine = boot_guest(source, boot, cpl, profile=profile)
     for name, value in (regs or {}).items():
         machine[name] = value
     for base, count, action in ranges:

@@ -8,17 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ringminus.cli import main
+from ..helpers import asm, run_cli
 
-from .conftest import asm
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def run_cli(*args, capsys):
-    status = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return status, out, err
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def write(tmp_path, name, data):
@@ -28,14 +20,14 @@ def write(tmp_path, name, data):
 
 
 def test_hello_example_summary(capsys):
-    status, out, _ = run_cli("run", EXAMPLES / "hello.bin", capsys=capsys)
+    status, out, _ = run_cli(capsys, "run", EXAMPLES / "hello.bin")
     assert status == 0
     assert "Hello from ringminus!" in out and "stop: hlt" in out and "rbx=0x0000000052494e47" in out
 
 
 def test_json_schema(tmp_path, capsys):
     image = write(tmp_path, "g.bin", asm("mov al, 0x41; out 0xe9, al; mov ebx, 0x1234; mov al, 3; out 0xf4, al", 32, 0x100000))
-    status, out, _ = run_cli("run", image, "--boot", "protected", "--json", "--max-insns", "100", capsys=capsys)
+    status, out, _ = run_cli(capsys, "run", image, "--boot", "protected", "--json", "--max-insns", "100")
     doc = json.loads(out)
     assert status == 7                                       # 2 * 3 + 1
     assert doc["stop"] == {"reason": "exit", "rip": 0x100000 + 13, "value": 3}
@@ -54,13 +46,13 @@ def test_json_schema(tmp_path, capsys):
 
 def test_plain_run_may_not_count(tmp_path, capsys):
     image = write(tmp_path, "g.bin", asm("hlt", 16))
-    _, out, _ = run_cli("run", image, "--json", capsys=capsys)
+    _, out, _ = run_cli(capsys, "run", image, "--json")
     assert json.loads(out)["instructions"] is None
 
 
 def test_limit_is_exact(tmp_path, capsys):
     image = write(tmp_path, "loop.bin", asm("mov ecx, 1000000; l: inc eax; dec ecx; jnz l; hlt", 16, 0x7C00))
-    status, out, _ = run_cli("run", image, "--max-insns", "1001", "--json", capsys=capsys)
+    status, out, _ = run_cli(capsys, "run", image, "--max-insns", "1001", "--json")
     doc = json.loads(out)
     assert status == 10 and doc["stop"]["reason"] == "limit"
     assert doc["instructions"] == 1001
@@ -69,15 +61,15 @@ def test_limit_is_exact(tmp_path, capsys):
 
 def test_timeout(tmp_path, capsys):
     image = write(tmp_path, "spin.bin", asm("l: jmp l", 16, 0x7C00))
-    status, out, _ = run_cli("run", image, "--timeout", "0.2", "--json", capsys=capsys)
+    status, out, _ = run_cli(capsys, "run", image, "--timeout", "0.2", "--json")
     assert status == 12 and json.loads(out)["stop"]["reason"] == "timeout"
 
 
 def test_set_blob_and_debugcon_port(tmp_path, capsys):
     image = write(tmp_path, "g.bin", asm("mov al, [0x9000]; mov dx, 0x402; out dx, al; hlt", 16, 0x7C00))
     blob = write(tmp_path, "data.bin", b"Z")
-    status, out, _ = run_cli("run", image, "--blob", f"{blob}@0x9000", "--set", "rbx=0x77", "--set", "ESI=5",
-                             "--debugcon-port", "0x402", "--json", capsys=capsys)
+    status, out, _ = run_cli(capsys, "run", image, "--blob", f"{blob}@0x9000", "--set", "rbx=0x77", "--set", "ESI=5",
+                             "--debugcon-port", "0x402", "--json")
     doc = json.loads(out)
     assert status == 0 and doc["console"] == "Z"
     assert doc["regs"]["rbx"] == 0x77 and doc["regs"]["rsi"] == 5
@@ -87,7 +79,7 @@ def test_set_blob_and_debugcon_port(tmp_path, capsys):
 def test_set_segment_register_in_real_mode(tmp_path, capsys):
     image = write(tmp_path, "g.bin", asm("mov al, [0]; out 0xe9, al; hlt", 16, 0x7C00))
     blob = write(tmp_path, "d.bin", b"Q")
-    _, out, _ = run_cli("run", image, "--blob", f"{blob}@0x20000", "--set", "ds=0x2000", "--json", capsys=capsys)
+    _, out, _ = run_cli(capsys, "run", image, "--blob", f"{blob}@0x20000", "--set", "ds=0x2000", "--json")
     doc = json.loads(out)
     assert doc["console"] == "Q" and doc["regs"]["ds"]["base"] == 0x20000
 
@@ -111,7 +103,7 @@ def elf(bits, code, address, machine=None):
 def test_elf_images(tmp_path, capsys, bits, boot):
     code = asm("mov al, 0x45; out 0xe9, al; mov ebx, [0x300010]; hlt", bits, 0x300000)
     image = write(tmp_path, "g.elf", elf(bits, code, 0x300000))
-    status, out, _ = run_cli("run", image, "--boot", boot, "--json", capsys=capsys)
+    status, out, _ = run_cli(capsys, "run", image, "--boot", boot, "--json")
     doc = json.loads(out)
     assert status == 0 and doc["console"] == "E"
     assert doc["regs"]["rip"] == 0x300000 + len(code)
@@ -119,14 +111,14 @@ def test_elf_images(tmp_path, capsys, bits, boot):
 
 
 def test_bios_example_matches_qemu_reset_state(capsys):
-    status, out, _ = run_cli("run", "--boot", "bios", EXAMPLES / "bios-reset.bin", capsys=capsys)
+    status, out, _ = run_cli(capsys, "run", "--boot", "bios", EXAMPLES / "bios-reset.bin")
     assert status == 2 * 0x21 + 1
     assert out.startswith("edx=00060FB1 cr0=60000010 eflags=00000046 cs-base-ok")
 
 
 def test_trace_prints_each_instruction(tmp_path, capsys):
     image = write(tmp_path, "g.bin", asm("mov ax, 1; add ax, 2; hlt", 16, 0x7C00))
-    status, _, err = run_cli("run", image, "--trace", capsys=capsys)
+    status, _, err = run_cli(capsys, "run", image, "--trace")
     lines = err.strip().splitlines()
     assert status == 0 and len(lines) == 3
     assert "mov ax, 1" in lines[0] and "add ax, 2" in lines[1] and lines[2].endswith("hlt")
@@ -165,7 +157,7 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, argv, message):
     image = write(tmp_path, "big.bin", b"\xf4" * 0x20)
     arm_elf = write(tmp_path, "arm.elf", elf(32, b"\0" * 4, 0x8000, machine=40))
     args = [a.format(image=image, arm_elf=arm_elf) for a in argv]
-    status, out, err = run_cli(*args, capsys=capsys)
+    status, out, err = run_cli(capsys, *args)
     assert status == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("ringminus: ") and message in err
 
@@ -178,7 +170,7 @@ def test_console_script_runs_as_a_module():
 
 def test_a_reader_that_goes_away_ends_the_output_quietly():
     """``ringminus harness … | head -1``: no traceback, the status of a process SIGPIPE ends."""
-    vectors = Path(__file__).parent / "vectors"
+    vectors = Path(__file__).parents[1] / "vectors"
     process = subprocess.Popen([sys.executable, "-m", "ringminus", "harness", str(vectors)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process.stdout.readline()

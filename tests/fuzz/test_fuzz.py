@@ -56,7 +56,7 @@ def test_a_failing_campaign_prints_fail_and_replay_lines(monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert status == 1
     assert "FAIL smram seed=3 isolation: SMRAM byte at 0xa0003 seen outside SMM" in out
-    assert "FAIL smram seed=5 exception: KeyError: 'missing' (raised at tests/test_fuzz.py:" \
+    assert "FAIL smram seed=5 exception: KeyError: 'missing' (raised at tests/fuzz/test_fuzz.py:" \
         in "\n".join(out)
     assert "  replay: ringminus fuzz smram --replay 3" in out
     assert "  replay: ringminus fuzz smram --replay 5" in out

@@ -8,7 +8,7 @@ import pytest
 
 from ringminus import Machine, StopReason
 
-ORACLE = Path(__file__).parent / "oracle"
+ORACLE = Path(__file__).parents[1] / "oracle"
 RUNS = [  # (image, chipset, cpu model, fixture)
     *((f"smm-{mode}.bin", chipset, "qemu64", f"smm-x86_64-{chipset}-{mode}.txt")
       for mode in (16, 32, 64) for chipset in ("q35", "pc")),

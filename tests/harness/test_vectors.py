@@ -7,7 +7,7 @@ import pytest
 from ringminus.harness import collect, run_vector
 from ringminus.intercepts.profiles import PROFILES
 
-VECTORS = collect([str(Path(__file__).parent / "vectors")])
+VECTORS = collect([str(Path(__file__).parents[1] / "vectors")])
 
 
 def test_vector_names_are_unique():

@@ -15,21 +15,19 @@ import sys
 
 import pytest
 
-from ringminus import Machine, StopReason
+from ringminus import StopReason
 from ringminus.cli import main
-from ringminus.smm import layouts as L
 
-from .l1 import (CLGI, CPUID, DATA, GREGS, GPR_NUMBER, HLT, HSAVE, INIT, INTR, INVLPGA, INVLPGA_EXIT,
-                 IOIO, L1_CODE, L2_CODE, L2_DATA, L2_STACK, LOG, MSR, NMI, RESULTS, RSM, SAVE_RAX, SAVE_RIP,
+from ..helpers import SMM_ENTRY, SMRAM_BASE, add_smram, asm, boot_guest, smram_field
+from ..l1 import (CLGI, CPUID, DATA, GREGS, GPR_NUMBER, HLT, HSAVE, INIT, INTR, INVLPGA, INVLPGA_EXIT,
+                 IOIO, L1_CODE, L2_CODE, L2_DATA, L2_STACK, LOG, MSR, NMI, RESULTS, SAVE_RAX, SAVE_RIP,
                  SHUTDOWN, SKINIT, SKINIT_EXIT, SMI, STGI, VINTR, VMCB, VMCB2, VMEXIT_INVALID, VMLOAD,
-                 VMMCALL, VMRUN, VMRUN_EXIT, VMSAVE, Exit, GuestHypervisor, addresses, asm, clear_intercept,
+                 VMMCALL, VMRUN, VMRUN_EXIT, VMSAVE, Exit, GuestHypervisor, addresses, clear_intercept,
                  exit_codes, gate64, new_vmcb, read_vmcb, set_msr, set_port)
 
 IDT = 0x4000                    # L1's IDT (the long boot state's; 256 not-present gates)
 L1_HANDLERS = 0x180000          # L1 interrupt/exception handlers
 L2_HANDLERS = L2_CODE + 0x800
-SMRAM_BASE = 0x30000
-SMM_ENTRY = SMRAM_BASE + 0x8000
 EFER, VM_HSAVE_PA = 0xC000_0080, 0xC001_0117
 V_IRQ, V_INTR_MASKING = 1 << 8, 1 << 24
 EVENT_VALID, EVENT_EV = 1 << 31, 1 << 11
@@ -44,13 +42,8 @@ def event(vector: int, kind: int, error_code: int | None = None) -> int:
     return value
 
 
-def smram_field(machine, field, size=8):
-    return int.from_bytes(machine.read_view(machine.smm.smbase + L.offset_of(L.SMRAM_STATE_64, field), size), "little")
-
-
 def with_smram(machine):
-    machine.smram.add_range(SMRAM_BASE, 0x10000)
-    machine.load_smram(SMM_ENTRY, RSM)
+    add_smram(machine)
     machine.break_at(SMM_ENTRY)
     return machine
 
@@ -68,10 +61,7 @@ def l1_gate(machine, vector, source):
 
 def plain_l1(source, profile="kvm", **machine_args):
     """An L1 program that is not the l1.py loop: 64-bit CPL 0 at L1_CODE."""
-    machine = Machine(profile=profile, **machine_args)
-    machine.write_memory(L1_CODE, asm(source, 64, L1_CODE))
-    machine.boot("long", L1_CODE)
-    return machine
+    return boot_guest(source, "long", address=L1_CODE, profile=profile, **machine_args)
 
 
 def qword(machine, address):

@@ -21,8 +21,8 @@ from ringminus.emulator.sites import RANGE_BUDGET
 from ringminus.intercepts import InterceptControls
 from ringminus.arch.exitcodes import ExitCode
 
-from . import l1
-from .conftest import asm
+from .. import l1
+from ..helpers import asm, boot_guest
 
 TEXT = 0x100000
 BSS = 0x200000
@@ -72,9 +72,7 @@ def exits(result) -> list[dict]:
 
 
 def flat_guest(image: bytes, *codes: ExitCode, on_exit: str = "skip") -> Machine:
-    machine = Machine()
-    machine.write_memory(TEXT, image)
-    machine.boot("long", TEXT)
+    machine = boot_guest(image, "long", address=TEXT)
     machine.enter_guest(controls(*codes), on_exit=on_exit)
     return machine
 

@@ -11,16 +11,16 @@ from ringminus.emulator.boot import TSS_BASE
 from ringminus.intercepts.controls import EXCEPTION_BASE
 from ringminus.intercepts.profiles import PROFILES
 
-from .l1 import CPUID, HLT, L2_CODE, GuestHypervisor, asm
+from ..helpers import asm, boot_guest
+from ..l1 import CPUID, HLT, L2_CODE, GuestHypervisor
 
 CODE = 0x100000
 EFER = 0xC000_0080
 
 
 def run_l1(source: str, profile: str = "kvm", cpu_model: str = "qemu64"):
-    machine = Machine(profile=profile, cpu_model=cpu_model)
-    machine.write_memory(CODE, asm(source, 64 if cpu_model == "qemu64" else 32, CODE))
-    machine.boot("long" if cpu_model == "qemu64" else "protected", CODE)
+    machine = boot_guest(source, "long" if cpu_model == "qemu64" else "protected", address=CODE, profile=profile,
+                         cpu_model=cpu_model)
     return machine, machine.run(timeout=30)
 
 

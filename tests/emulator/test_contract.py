@@ -18,10 +18,8 @@ from ringminus.intercepts.controls import InterceptControls
 from ringminus.arch.exitcodes import ExitCode
 from ringminus.smm import layouts as L
 
-from .conftest import asm
+from ..helpers import RSM, SMM_ENTRY, SMRAM_BASE, add_smram, asm, set_smram_field
 
-SMRAM_BASE = 0x30000
-RSM = bytes.fromhex("0faa")
 
 
 def cli(*args, timeout=60):
@@ -31,19 +29,13 @@ def cli(*args, timeout=60):
 
 def smm_machine(cpu_model, profile, code_bits=16):
     """An SMI taken from real mode (the handler is RSM), stopped at the handler's entry."""
-    machine = Machine(cpu_model=cpu_model, profile=profile)
-    machine.smram.add_range(SMRAM_BASE, 0x10000)
-    machine.load_smram(SMRAM_BASE + L.ENTRY_OFFSET, RSM)
+    machine = add_smram(Machine(cpu_model=cpu_model, profile=profile))
     machine.write_memory(0x7C00, b"\xf4")
     machine.boot("real", 0x7C00)
-    machine.break_at(SMRAM_BASE + L.ENTRY_OFFSET)
+    machine.break_at(SMM_ENTRY)
     machine.raise_smi()
     assert machine.run().stop.reason is StopReason.BREAKPOINT
     return machine
-
-
-def put(machine, layout, field, value, size):
-    machine.memory.write(machine.smm.smbase + L.offset_of(layout, field), value.to_bytes(size, "little"))
 
 
 # -- A: ringminus's own page walk through memory nothing backs ---------------------------------
@@ -89,7 +81,7 @@ def test_b_io_restart_fields_of_the_32bit_map_take_the_low_half(tmp_path):
 def test_c_rsm_into_pae_with_pdptes_outside_ram_shuts_down(profile):
     machine = smm_machine("qemu32", profile)
     for field, value in (("cr0", 0x8000_0011), ("cr4", 0x20), ("cr3", 0x8785_D000)):
-        put(machine, L.SMRAM_STATE_32, field, value, 4)
+        set_smram_field(machine, field, value, 4, L.SMRAM_STATE_32)
     result = machine.run(max_instructions=100)
     assert result.stop.reason is StopReason.SHUTDOWN
     assert "PDPTEs at 0x8785d000 are not in memory" in result.stop.detail
@@ -99,7 +91,7 @@ def test_c_rsm_into_pae_with_reserved_pdpte_bits_shuts_down():
     machine = smm_machine("qemu32", "kvm")
     machine.write_memory(0x9000, (0x5000 | 1 | 2).to_bytes(8, "little"))    # RW is reserved in a PDPTE
     for field, value in (("cr0", 0x8000_0011), ("cr4", 0x20), ("cr3", 0x9000)):
-        put(machine, L.SMRAM_STATE_32, field, value, 4)
+        set_smram_field(machine, field, value, 4, L.SMRAM_STATE_32)
     result = machine.run(max_instructions=100)
     assert result.stop.reason is StopReason.SHUTDOWN and "reserved bits" in result.stop.detail
 
@@ -109,7 +101,7 @@ def test_c_qemu_profile_walks_and_triple_faults():
     # delivery faults the same way: shutdown.
     machine = smm_machine("qemu32", "qemu")
     for field, value in (("cr0", 0x8000_0011), ("cr4", 0x20), ("cr3", 0x8785_D000)):
-        put(machine, L.SMRAM_STATE_32, field, value, 4)
+        set_smram_field(machine, field, value, 4, L.SMRAM_STATE_32)
     result = machine.run(max_instructions=100)
     assert result.stop.reason is StopReason.SHUTDOWN and "triple fault" in result.stop.detail
 
@@ -118,8 +110,8 @@ def test_c_qemu_profile_walks_and_triple_faults():
 @pytest.mark.parametrize("profile", ["kvm", "apm", "qemu"])
 def test_d_rsm_to_guest_mode_with_vmcb_beyond_ram_shuts_down(profile):
     machine = smm_machine("qemu64", profile)
-    put(machine, L.SMRAM_STATE_64, "svm_guest", 1, 8)
-    put(machine, L.SMRAM_STATE_64, "svm_guest_vmcb", 0x7_0000_0000, 8)
+    set_smram_field(machine, "svm_guest", 1)
+    set_smram_field(machine, "svm_guest_vmcb", 0x7_0000_0000)
     result = machine.run(max_instructions=100)
     if profile == "qemu":       # QEMU's RSM never reads FED8h/FEE0h: the host state comes back
         assert result.stop.reason is StopReason.HLT and result.svm["guest_mode"] is False
@@ -286,7 +278,7 @@ def test_qemu_profile_rsm_reads_control_fields_as_32_bits():
     machine.smram.add_range(SMRAM_BASE, 0x10000)
     machine.load_smram(SMRAM_BASE + L.SAVE_AREA + L.offset_of(L.SMRAM_STATE_64, "cr0") - L.SAVE_AREA + 4,
                        b"\x67\x30\xea\x85")
-    machine.load_smram(SMRAM_BASE + L.ENTRY_OFFSET, RSM)
+    machine.load_smram(SMM_ENTRY, RSM)
     machine.write_memory(0x7C00, asm("nop; hlt", 16, 0x7C00))
     machine.boot("real", 0x7C00)
     machine.raise_smi()
@@ -301,7 +293,7 @@ def test_qemu_profile_rsm_ignores_a_stale_guest_mode_flag():
     machine.smram.add_range(SMRAM_BASE, 0x10000)
     for field, value in (("svm_guest", 1), ("svm_guest_vmcb", 0x7_0000_0000)):
         machine.load_smram(machine.smm.smbase + L.offset_of(L.SMRAM_STATE_64, field), value.to_bytes(8, "little"))
-    machine.load_smram(SMRAM_BASE + L.ENTRY_OFFSET, RSM)
+    machine.load_smram(SMM_ENTRY, RSM)
     machine.write_memory(0x7C00, asm("nop; hlt", 16, 0x7C00))
     machine.boot("real", 0x7C00)
     machine.raise_smi()

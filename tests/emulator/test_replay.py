@@ -13,7 +13,7 @@ from ringminus.fuzz import load
 from ringminus.intercepts import InterceptControls
 from ringminus.arch.exitcodes import ExitCode
 
-from .conftest import asm
+from ..helpers import add_smram, asm
 
 ENTRY = 0x7C00
 IVT_HANDLER = 0x600
@@ -148,8 +148,7 @@ def test_smram_views_and_swaps_replay():
     # SMIs from OUT 0xB2 into a handler in private SMRAM: each RSM hides the range again, and
     # the next SMI maps it; a snapshot between them must map (and count) the same way.
     machine = Machine(memory_size=2 << 20, apm_smi=True)
-    machine.smram.add_range(0x30000, 0x10000)
-    machine.load_smram(0x38000, asm("inc dword ptr cs:[0x7000]; rsm", 16, 0x8000))
+    add_smram(machine, asm("inc dword ptr cs:[0x7000]; rsm", 16, 0x8000))
     machine.write_memory(ENTRY, asm("again: out 0xb2, al; mov ax, [0x1234]; inc cx; jmp again", 16, ENTRY))
     machine.boot("real", ENTRY)
     machine.run(max_instructions=7)

@@ -4,7 +4,7 @@ from ringminus import StopReason
 from ringminus.emulator.boot import IDT_BASE, RING0_STACK_TOP
 from ringminus.arch.segments import SYS_INT_GATE, SYS_TRAP_GATE, pack_gate
 
-from .conftest import asm, run_guest
+from ..helpers import asm, run_guest
 
 HANDLER = 0x200000
 

@@ -6,7 +6,7 @@ from ringminus.emulator import ucinternals
 from ringminus.emulator.boot import IDT_BASE
 from ringminus.arch.segments import SYS_TRAP_GATE, pack_gate
 
-from .conftest import asm
+from ..helpers import asm, boot_guest
 
 PROGRAM = """
     mov eax, 1
@@ -25,9 +25,7 @@ HANDLERS = 0x200000
 
 
 def machine_for_program():
-    machine = Machine()
-    machine.write_memory(0x100000, asm(PROGRAM, 32, 0x100000))
-    machine.boot("protected", 0x100000)          # boot first: it installs the (empty) IDT
+    machine = boot_guest(PROGRAM, "protected")   # boot first: it installs the (empty) IDT
     machine.write_memory(HANDLERS, asm("add dword ptr [esp], 2; iretd", 32, HANDLERS))        # #DE: skip div
     machine.write_memory(HANDLERS + 0x10, asm("inc esi; iretd", 32, HANDLERS + 0x10))           # INT 0x40
     machine.write_memory(IDT_BASE, pack_gate(HANDLERS, 0x08, SYS_TRAP_GATE))

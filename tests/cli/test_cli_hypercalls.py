@@ -7,9 +7,7 @@ import uuid
 
 import pytest
 
-from ringminus.cli import main
-
-from .conftest import asm
+from ..helpers import asm, guest_image, run_cli
 
 VMMCALL = ".byte 0x0f, 0x01, 0xd9"
 VMCALL = ".byte 0x0f, 0x01, 0xc1"
@@ -29,16 +27,8 @@ PROGRAM = f"""
 FORWARD_AT = CODE + len(asm(PROGRAM.split("hlt")[0].rsplit(VMMCALL, 1)[0], 64, CODE))
 
 
-def run_cli(capsys, *args):
-    status = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
 def image(tmp_path, source=PROGRAM, bits=64):
-    path = tmp_path / "guest.bin"
-    path.write_bytes(asm(source, bits, CODE))
-    return path
+    return guest_image(tmp_path, source, bits, CODE)
 
 
 def handler_module(tmp_path, body):

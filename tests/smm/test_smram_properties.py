@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from ringminus import Machine, StopReason
 from ringminus.smm.smram import D_CLS, D_LCK, D_OPEN, G_SMRAME
-from tests.conftest import asm
+from ..helpers import asm
 
 MEMORY = 4 << 20
 ASEG = (0xA0000, 0x20000)

@@ -7,38 +7,25 @@ import struct
 import pytest
 
 from ringminus import Machine, StopReason
-from ringminus.cli import main
 from ringminus.smm import layouts as L
 
-from .conftest import asm
+from ..helpers import RSM, SMM_ENTRY, add_smram, asm, run_cli, set_smram_field, smram_field
 
 CODE = 0x401000
-SMRAM_BASE = 0x30000
-RSM = bytes.fromhex("0faa")
 S64 = {"rax": 0x1111, "rsp": 0x8000, "rflags": 0x246, "cr0": 0x8005_0033, "cr4": 0x6A0, "efer": 0xD01,
        "dr6": 0xFFFF_0FF0, "dr7": 0x400}
 
 
 def s64_machine(profile="kvm", handler=RSM, code="mov ebx, 0x77; hlt"):
     """The S64 baseline: 64-bit CPL0 at 0x401000, SMRAM private at 0x30000-0x3FFFF."""
-    machine = Machine(profile=profile)
-    machine.smram.add_range(SMRAM_BASE, 0x10000)
-    machine.load_smram(SMRAM_BASE + L.ENTRY_OFFSET, handler)
+    machine = add_smram(Machine(profile=profile), handler)
     machine.write_memory(CODE, asm(code, 64, CODE))
     machine.boot("long", CODE)
     for name, value in S64.items():
         machine[name] = value
     machine.cpu.set_table_register("idtr", 0x6000, 0xFFF)
-    machine.break_at(SMRAM_BASE + L.ENTRY_OFFSET)
+    machine.break_at(SMM_ENTRY)
     return machine
-
-
-def saved(machine, field, size=8):
-    return int.from_bytes(machine.read_view(machine.smm.smbase + L.offset_of(L.SMRAM_STATE_64, field), size), "little")
-
-
-def put(machine, field, value, size=8):
-    machine.memory.write(machine.smm.smbase + L.offset_of(L.SMRAM_STATE_64, field), value.to_bytes(size, "little"))
 
 
 def test_smi_entry_state_kvm():                                            # §E.3 #65
@@ -58,10 +45,10 @@ def test_smi_entry_state_kvm():                                            # §E
     assert regs["rax"] == 0x1111 and regs["rsp"] == 0x8000
     assert result.smm["entries"] == 1
     # The save map, written into SMRAM.
-    assert saved(machine, "revision", 4) == L.REVISION_64 and saved(machine, "smbase", 4) == 0x30000
-    assert saved(machine, "rip") == CODE and saved(machine, "rflags") == 0x246
-    assert saved(machine, "cr0") == 0x8005_0033 and saved(machine, "cr4") == 0x6A0 and saved(machine, "efer") == 0xD01
-    assert saved(machine, "cs.attributes", 2) == 0xA09B and saved(machine, "idtr_base") == 0x6000
+    assert smram_field(machine, "revision", 4) == L.REVISION_64 and smram_field(machine, "smbase", 4) == 0x30000
+    assert smram_field(machine, "rip") == CODE and smram_field(machine, "rflags") == 0x246
+    assert smram_field(machine, "cr0") == 0x8005_0033 and smram_field(machine, "cr4") == 0x6A0 and smram_field(machine, "efer") == 0xD01
+    assert smram_field(machine, "cs.attributes", 2) == 0xA09B and smram_field(machine, "idtr_base") == 0x6000
 
 
 def test_qemu_profile_keeps_idtr():
@@ -87,8 +74,8 @@ def test_rsm_to_long_mode_with_pcide():                                   # §E.
     machine = s64_machine()
     machine.raise_smi()
     machine.run()
-    put(machine, "cr4", 0x2_06A0)
-    put(machine, "cr3", machine["cr3"] | 5)
+    set_smram_field(machine, "cr4", 0x2_06A0)
+    set_smram_field(machine, "cr3", machine["cr3"] | 5)
     result = machine.run()
     assert result.stop.reason is StopReason.HLT
     assert result.regs["cr3"] & 0xFFF == 5 and result.regs["cr4"] & (1 << 17)
@@ -99,7 +86,7 @@ def test_rsm_rejects_nw_without_cd(profile, expect_shutdown):              # §E
     machine = s64_machine(profile)
     machine.raise_smi()
     machine.run()
-    put(machine, "cr0", 0xA005_0033)
+    set_smram_field(machine, "cr0", 0xA005_0033)
     result = machine.run()
     if expect_shutdown:
         assert result.stop.reason is StopReason.SHUTDOWN and "CR0.NW set with CR0.CD clear" in result.stop.detail
@@ -112,7 +99,7 @@ def test_rsm_rejects_long_mode_without_pae():                             # §E.
     machine = s64_machine()
     machine.raise_smi()
     machine.run()
-    put(machine, "cr4", 0)
+    set_smram_field(machine, "cr4", 0)
     result = machine.run()
     assert result.stop.reason is StopReason.SHUTDOWN and "PAE" in result.stop.detail
 
@@ -123,8 +110,8 @@ def test_modified_revision_id_per_profile():                              # §E.
         machine = s64_machine(profile)
         machine.raise_smi()
         machine.run()
-        put(machine, "revision", 0, 4)
-        put(machine, "smbase", 0x50000, 4)
+        set_smram_field(machine, "revision", 0, 4)
+        set_smram_field(machine, "smbase", 0x50000, 4)
         result = machine.run()
         outcomes[profile] = (result.stop.reason, result.smm["smbase"])
     assert outcomes["kvm"] == (StopReason.HLT, 0x50000)        # ignored, SMBASE reloaded
@@ -138,7 +125,7 @@ def test_smbase_relocation_takes_effect_at_the_next_smi():
     machine.load_smram(0x58000, RSM)
     machine.raise_smi()
     machine.run()
-    put(machine, "smbase", 0x50000, 4)
+    set_smram_field(machine, "smbase", 0x50000, 4)
     machine.break_at(0x58000)
     machine.at_instruction(1, Machine.raise_smi)
     result = machine.run()
@@ -176,8 +163,7 @@ def test_rsm_outside_smm_is_ud():
 
 def test_smi_at_is_exact_and_auto_halted_cpus_take_pending_events():
     machine = Machine()
-    machine.smram.add_range(SMRAM_BASE, 0x10000)
-    machine.load_smram(0x38000, asm("inc byte ptr [0x9000]; rsm", 16))
+    add_smram(machine, asm("inc byte ptr [0x9000]; rsm", 16))
     machine.write_memory(0x7C00, asm("inc edi; inc edi; inc edi; hlt; mov ebx, 1; hlt", 16, 0x7C00))
     machine.boot("real", 0x7C00)
     machine.at_instruction(2, Machine.raise_smi)
@@ -191,8 +177,7 @@ def test_smi_at_is_exact_and_auto_halted_cpus_take_pending_events():
 
 def test_32_bit_map_for_qemu32():
     machine = Machine(cpu_model="qemu32")
-    machine.smram.add_range(SMRAM_BASE, 0x10000)
-    machine.load_smram(0x38000, RSM)
+    add_smram(machine, RSM)
     machine.write_memory(0x100000, asm("mov eax, 0x1234; hlt", 32, 0x100000))
     machine.boot("protected", 0x100000)
     machine.raise_smi()
@@ -227,8 +212,7 @@ def test_apm_port_smi_needs_the_chipset_enable():
     enable = "mov dx, 0xcf8; mov eax, 0x80000b58; out dx, eax; mov dx, 0xcff; mov al, 2; out dx, al; "
     for source, smis in (("mov al, 1; out 0xb2, al; hlt", 0), (enable + "mov al, 1; out 0xb2, al; hlt", 1)):
         machine = Machine(chipset="pc")
-        machine.smram.add_range(SMRAM_BASE, 0x10000)
-        machine.load_smram(0x38000, RSM)
+        add_smram(machine, RSM)
         machine.write_memory(0x100000, asm(source, 32, 0x100000))
         machine.boot("protected", 0x100000)
         result = machine.run()
@@ -240,10 +224,10 @@ def test_cli_smm_options_and_json(tmp_path, capsys):
     image.write_bytes(asm("mov al, 1; out 0xb2, al; mov ebx, 2; hlt", 16, 0x7C00))
     handler = tmp_path / "h.bin"
     handler.write_bytes(asm("mov byte ptr [0x9000], 0x77; rsm", 16))
-    status = main(["run", str(image), "--smram", "0x50000:0x10000", "--smbase", "0x50000",
-                   "--smram-load", f"{handler}@0x58000", "--apm-smi", "--json", "--dump", "0x58000:4",
-                   "--dump", "0x9000:1"])
-    doc = json.loads(capsys.readouterr().out)
+    status, out, _ = run_cli(capsys, "run", image, "--smram", "0x50000:0x10000", "--smbase", "0x50000",
+                             "--smram-load", f"{handler}@0x58000", "--apm-smi", "--json", "--dump", "0x58000:4",
+                             "--dump", "0x9000:1")
+    doc = json.loads(out)
     assert status == 0 and doc["regs"]["rbx"] == 2
     assert doc["smm"] == {"smm": False, "pending": False, "inside_nmi": False, "latched_init": False,
                           "smbase": 0x50000, "entries": 1, "smram": "closed"}
@@ -265,17 +249,14 @@ def test_cli_smm_errors(tmp_path, capsys, args, message):
     image.write_bytes(b"\xf4")
     handler = tmp_path / "h.bin"
     handler.write_bytes(RSM)
-    status = main(["run", str(image), *[a.format(h=handler) for a in args]])
-    err = capsys.readouterr().err
+    status, _, err = run_cli(capsys, "run", image, *[a.format(h=handler) for a in args])
     assert status == 2 and err.count("\n") == 1 and message in err
 
 
 def real_mode_machine(handler, main="nop; nop; nop; nop; hlt", profile="kvm"):
     """Real-mode code at 0x7C00, an NMI handler at 0:0x8000 (IVT vector 2) that records the IP
     it interrupted in [0x9002] and counts in [0x9000], and an SMI handler in SMRAM."""
-    machine = Machine(profile=profile)
-    machine.smram.add_range(SMRAM_BASE, 0x10000)
-    machine.load_smram(0x38000, asm(handler, 16, 0x8000) if isinstance(handler, str) else handler)
+    machine = add_smram(Machine(profile=profile), asm(handler, 16, 0x8000) if isinstance(handler, str) else handler)
     machine.write_memory(0x7C00, asm(main, 16, 0x7C00))
     machine.write_memory(0x8000, asm("inc byte ptr [0x9000]; push bp; mov bp, sp; mov ax, [bp + 2]; "
                                      "mov [0x9002], ax; pop bp; iret", 16, 0x8000))
@@ -374,8 +355,7 @@ def test_snapshot_restore_reproduces_the_run_bit_for_bit():
         jnz l
         hlt"""
     machine = Machine()
-    machine.smram.add_range(SMRAM_BASE, 0x10000)
-    machine.load_smram(0x38000, asm("inc dword ptr [0x9100]; rsm", 16))
+    add_smram(machine, asm("inc dword ptr [0x9100]; rsm", 16))
     machine.write_memory(0x7C00, asm(source, 16, 0x7C00))
     machine.boot("real", 0x7C00)
     for index in (150, 500, 900):
@@ -403,8 +383,7 @@ def test_io_instruction_restart_in_the_apm_profile():
                "mov byte ptr [eax], 0xff; done: rsm")
     for profile, smis in (("apm", 2), ("kvm", 1)):
         machine = Machine(profile=profile, apm_smi=True)
-        machine.smram.add_range(SMRAM_BASE, 0x10000)
-        machine.load_smram(0x38000, asm(handler.replace("rsm", "nop"), 16, 0x8000)[:-1] + RSM)
+        add_smram(machine, asm(handler.replace("rsm", "nop"), 16, 0x8000)[:-1] + RSM)
         machine.write_memory(0x7C00, asm("mov ecx, 0x11; mov al, 1; out 0xb2, al; inc ebx; hlt", 16, 0x7C00))
         machine.boot("real", 0x7C00)
         result = machine.run()
@@ -424,8 +403,7 @@ def test_an_smi_raised_by_outs_is_taken_right_after_it():
             ("outsb", 1, 0x7C0D, (0x7C0C, 3, 0x500), 0xB2 << 16 | 1 << 4 | 0b110),
             ("rep outsb", 3, 0x7C0C, (0x7C0C, 1, 0x502), 0xB2 << 16 | 1 << 4 | 0b1110)):    # the 3rd iteration
         machine = Machine(profile="apm", apm_smi=True)
-        machine.smram.add_range(SMRAM_BASE, 0x10000)
-        machine.load_smram(0x38000, asm("inc byte ptr [0x9000]", 16, 0x8000) + RSM)
+        add_smram(machine, asm("inc byte ptr [0x9000]", 16, 0x8000) + RSM)
         machine.write_memory(0x7C00, asm(f"mov ecx, 3; mov si, 0x500; mov dx, 0xb2; {code}; inc ebx; hlt",
                                          16, 0x7C00))
         machine.boot("real", 0x7C00)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from ringminus.cli import main
 from ringminus.harness import collect, run_vector, runner
 from ringminus.harness.inguest import L1_DONE, generate_l1
 from ringminus.harness.vectors import Outcome, parse_vector
@@ -17,7 +16,9 @@ from ringminus.arch.exitcodes import ExitCode
 from ringminus.intercepts.profiles import PROFILES
 from ringminus.intercepts.vmcb import VMCB_SIZE, intercept_vector, vmcb_view
 
-VECTORS_DIR = Path(__file__).parent / "vectors"
+from ..helpers import run_cli, vectors_file
+
+VECTORS_DIR = Path(__file__).parents[1] / "vectors"
 VECTORS = collect([str(VECTORS_DIR)])
 
 CPUID_EXIT = """
@@ -77,18 +78,6 @@ expect = { completes = true }
 
 def vectors_in(text):
     return [parse_vector(table, "test", i) for i, table in enumerate(tomllib.loads(text)["vector"])]
-
-
-def run_cli(capsys, *args):
-    status = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def vectors_file(tmp_path, text):
-    path = tmp_path / "v.toml"
-    path.write_text(text)
-    return path
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))

@@ -6,7 +6,7 @@ import pytest
 from ringminus import Machine, StopReason
 from ringminus.emulator.boot import GDT_BASE, GUEST_STACK_TOP, IDT_BASE
 
-from .conftest import asm, run_guest
+from ..helpers import asm, run_guest
 
 RESET_JUMP = bytes.fromhex("e90d00")   # at 0xFFF0: jmp near 0x0000 (rel16 0x000d)
 

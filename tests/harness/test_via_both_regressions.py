@@ -5,10 +5,11 @@ import tomllib
 
 import pytest
 
-from ringminus.cli import main
 from ringminus.harness import run_vector
 from ringminus.harness.vectors import parse_vector
 from ringminus.arch.exitcodes import ExitCode
+
+from ..helpers import run_cli, vectors_file
 
 
 def vector(text: str):
@@ -73,10 +74,9 @@ def test_a_state_vmrun_refuses_is_a_skip_naming_the_check(tmp_path, capsys):
     assert result.status == "SKIP"
     assert result.note == ("via guest: VMRUN refuses the L2's state: EFER.LME and CR0.PG set with "
                            "CR4.PAE clear (APM §15.5.1)")
-    path = tmp_path / "v.toml"
-    path.write_text(REFUSED_STATE)
-    assert main(["harness", str(path), "--via", "both"]) == 0
-    out = capsys.readouterr().out.splitlines()
+    status, out, _ = run_cli(capsys, "harness", vectors_file(tmp_path, REFUSED_STATE), "--via", "both")
+    assert status == 0
+    out = out.splitlines()
     assert out[0].startswith("SKIP long-mode-without-pae [kvm, via both]: via guest: VMRUN refuses")
     assert out[-1] == "0 passed, 0 failed, 1 skipped"
 

@@ -3,25 +3,11 @@ import json
 
 import pytest
 
-from ringminus.cli import main
-
-from .conftest import asm
-
-
-def run_cli(capsys, *args):
-    status = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def image(tmp_path, source, bits=64, address=0x100000):
-    path = tmp_path / "guest.bin"
-    path.write_bytes(asm(source, bits, address))
-    return path
+from ..helpers import guest_image, run_cli, vectors_file
 
 
 def test_guest_stops_at_an_intercept_with_the_exit_record(tmp_path, capsys):
-    path = image(tmp_path, "mov dx, 0x5000; in al, dx; hlt")
+    path = guest_image(tmp_path, "mov dx, 0x5000; in al, dx; hlt")
     status, out, _ = run_cli(capsys, "run", path, "--boot", "long", "--guest", "--iopm", "0x5000", "--json")
     doc = json.loads(out)
     assert status == 16 and doc["stop"]["reason"] == "vmexit"
@@ -33,7 +19,7 @@ def test_guest_stops_at_an_intercept_with_the_exit_record(tmp_path, capsys):
 
 
 def test_guest_skip_lists_every_exit(tmp_path, capsys):
-    path = image(tmp_path, "mov ecx, 0x10; rdmsr; wrmsr; cpuid; hlt")
+    path = guest_image(tmp_path, "mov ecx, 0x10; rdmsr; wrmsr; cpuid; hlt")
     status, out, _ = run_cli(capsys, "run", path, "--boot", "long", "--guest", "--msrpm", "0x10:w",
                              "--intercept", "cpuid", "--on-exit", "skip", "--json")
     doc = json.loads(out)
@@ -42,7 +28,7 @@ def test_guest_skip_lists_every_exit(tmp_path, capsys):
 
 
 def test_profile_changes_the_exit_information(tmp_path, capsys):
-    path = image(tmp_path, "mov rax, cr0; mov cr0, rax")
+    path = guest_image(tmp_path, "mov rax, cr0; mov cr0, rax")
     exits = {}
     for profile in ("kvm", "apm"):
         _, out, _ = run_cli(capsys, "run", path, "--boot", "long", "--guest", "--intercept", "write_cr0",
@@ -52,7 +38,7 @@ def test_profile_changes_the_exit_information(tmp_path, capsys):
 
 
 def test_exception_intercept_by_vector(tmp_path, capsys):
-    path = image(tmp_path, "ud2")
+    path = guest_image(tmp_path, "ud2")
     _, out, _ = run_cli(capsys, "run", path, "--boot", "long", "--guest", "--intercept-exception", "6", "--json")
     assert json.loads(out)["vmexit"]["name"] == "excp6"
 
@@ -68,7 +54,7 @@ def test_exception_intercept_by_vector(tmp_path, capsys):
     (["--guest", "--on-exit", "ignore"], "invalid choice"),
 ])
 def test_bad_guest_options(tmp_path, capsys, args, message):
-    status, out, err = run_cli(capsys, "run", image(tmp_path, "hlt"), "--boot", "long", *args)
+    status, out, err = run_cli(capsys, "run", guest_image(tmp_path, "hlt"), "--boot", "long", *args)
     assert status == 2 and out == "" and err.count("\n") == 1 and message in err
 
 
@@ -82,16 +68,10 @@ intercepts = ["cpuid"]
 """
 
 
-def write_vectors(tmp_path, text):
-    path = tmp_path / "v.toml"
-    path.write_text(text)
-    return path
-
-
 def test_harness_pass_fail_and_summary(tmp_path, capsys):
     good = VECTOR.format(name="good", expect='expect = { vmexit = "cpuid", next_rip = "+2" }')
     bad = VECTOR.format(name="bad", expect='expect = { vmexit = "hlt" }')
-    status, out, _ = run_cli(capsys, "harness", write_vectors(tmp_path, good + bad))
+    status, out, _ = run_cli(capsys, "harness", vectors_file(tmp_path, good + bad))
     lines = out.strip().splitlines()
     assert status == 1
     assert lines[0] == "PASS good [kvm]" and lines[1].startswith("FAIL bad [kvm]: expected vmexit")
@@ -100,7 +80,7 @@ def test_harness_pass_fail_and_summary(tmp_path, capsys):
 
 def test_harness_profiles_and_json(tmp_path, capsys):
     text = VECTOR.format(name="per-profile", expect='[vector.expect.apm]\nvmexit = "cpuid"')
-    path = write_vectors(tmp_path, text)
+    path = vectors_file(tmp_path, text)
     status, out, _ = run_cli(capsys, "harness", path)
     assert status == 0 and out.strip().splitlines()[-1] == "0 passed, 0 failed, 1 skipped"
     status, out, _ = run_cli(capsys, "harness", path, "--profile", "apm", "--json")
@@ -120,7 +100,7 @@ def test_harness_profiles_and_json(tmp_path, capsys):
     ("title = 'no vectors'\n", "unknown key"),
 ])
 def test_harness_rejects_malformed_files_in_one_line(tmp_path, capsys, text, message):
-    status, out, err = run_cli(capsys, "harness", write_vectors(tmp_path, text))
+    status, out, err = run_cli(capsys, "harness", vectors_file(tmp_path, text))
     assert status == 2 and err.count("\n") == 1 and message in err, err
 
 
