@@ -3,6 +3,7 @@ the intercepts, SVM, SMM and the hypercall conduit, each through its ``install``
 public methods that belong to them."""
 from __future__ import annotations
 
+from .decode.table import EXECUTED_ROWS
 from .emulator.machine import DEFAULT_MEMORY, Core
 from .emulator.plugins import OnExit
 from .emulator.ports import DEBUGCON_PORT
@@ -13,6 +14,14 @@ from .intercepts.profiles import DEFAULT_PROFILE, profile as profile_named
 from .smm import plugin as smm_feature
 from .smm.world import GuestModeHook
 from .svm import plugin as svm, world as svm_world
+
+
+FEATURES = (intercepts, svm, smm_feature, hypercalls)
+
+# Every decode-table row Unicorn cannot run has exactly one feature that executes it.
+_executed = [row for feature in FEATURES for row in getattr(feature, "EXECUTES", ())]
+if sorted(_executed) != sorted(EXECUTED_ROWS):
+    raise ImportError(f"rows without an executor, or executed twice: {sorted(set(_executed) ^ EXECUTED_ROWS)}")
 
 
 class Machine(Core):

@@ -32,6 +32,7 @@ class Flag(IntFlag):
     MEM_ONLY = 1 << 6    # the ModRM operand must be memory (#UD for a register)
     SRC_MEM = 1 << 7     # reads its r/m operand (before stage 3)
     DST_MEM = 1 << 8     # writes its r/m operand (at write-back, after execution)
+    EXEC = 1 << 9        # Unicorn cannot run it (#UD there): a feature's executor does
 
 
 PRE, POST, MEM = Stage.PRE_EXCEPT, Stage.POST_EXCEPT, Stage.POST_MEMACCESS
@@ -79,8 +80,8 @@ def I(code: E, stage: Stage = POST, exit: str = "fixed") -> Intercept:  # noqa: 
     return Intercept(code, stage, exit)
 
 
-P, PU, PR, NA, ST, MV, MO, SM, DM = (Flag.PRIV, Flag.PRIV_UD, Flag.PROT, Flag.NO_ACCESS, Flag.STRING,
-                                     Flag.MOV, Flag.MEM_ONLY, Flag.SRC_MEM, Flag.DST_MEM)
+P, PU, PR, NA, ST, MV, MO, SM, DM, EX = (Flag.PRIV, Flag.PRIV_UD, Flag.PROT, Flag.NO_ACCESS, Flag.STRING,
+                                         Flag.MOV, Flag.MEM_ONLY, Flag.SRC_MEM, Flag.DST_MEM, Flag.EXEC)
 OF = bytes.fromhex
 
 # name            opcode        ModRM   flags              check          intercept (code, stage, exit)
@@ -105,21 +106,21 @@ ROWS = (
     Row("pushf",       OF("9c"),   None, Flag.NONE, None, I(E.PUSHF, PRE)),
     Row("popf",        OF("9d"),   None, Flag.NONE, None, I(E.POPF, PRE)),
     Row("cpuid",       OF("0fa2"), None, Flag.NONE, None, I(E.CPUID, PRE)),
-    Row("rsm",         OF("0faa"), None, Flag.NONE, None, I(E.RSM, PRE)),
+    Row("rsm",         OF("0faa"), None, EX, None, I(E.RSM, PRE)),
     Row("iret",        OF("cf"),   None, Flag.NONE, None, I(E.IRET, PRE)),
     Row("int_n",       OF("cd"),   None, Flag.NONE, None, I(E.SWINT, PRE, "swint"), immediate=1),
     Row("invd",        OF("0f08"), None, P, None, I(E.INVD)),
     Row("pause",       OF("90"),   None, Flag.NONE, None, I(E.PAUSE, PRE), prefix=0xF3),
     Row("hlt",         OF("f4"),   None, P, None, I(E.HLT, POST, "hlt")),
     Row("invlpg",      OF("0f01"), "/7", P | MO | NA, None, I(E.INVLPG, POST, "invlpg"), operand_size=1),
-    Row("invlpga",     OF("0f01"), 0xDF, PR | P, "svme", I(E.INVLPGA)),
-    Row("vmrun",       OF("0f01"), 0xD8, PR | P, "svme_rax", I(E.VMRUN)),
-    Row("vmmcall",     OF("0f01"), 0xD9, Flag.NONE, "vmmcall", I(E.VMMCALL)),
-    Row("vmload",      OF("0f01"), 0xDA, PR | P, "svme_rax", I(E.VMLOAD)),
-    Row("vmsave",      OF("0f01"), 0xDB, PR | P, "svme_rax", I(E.VMSAVE)),
-    Row("stgi",        OF("0f01"), 0xDC, PR | P, "svme_or_skinit", I(E.STGI)),
-    Row("clgi",        OF("0f01"), 0xDD, PR | P, "svme", I(E.CLGI)),
-    Row("skinit",      OF("0f01"), 0xDE, PR | P, "svme_or_skinit", I(E.SKINIT)),
+    Row("invlpga",     OF("0f01"), 0xDF, PR | P | EX, "svme", I(E.INVLPGA)),
+    Row("vmrun",       OF("0f01"), 0xD8, PR | P | EX, "svme_rax", I(E.VMRUN)),
+    Row("vmmcall",     OF("0f01"), 0xD9, EX, "vmmcall", I(E.VMMCALL)),
+    Row("vmload",      OF("0f01"), 0xDA, PR | P | EX, "svme_rax", I(E.VMLOAD)),
+    Row("vmsave",      OF("0f01"), 0xDB, PR | P | EX, "svme_rax", I(E.VMSAVE)),
+    Row("stgi",        OF("0f01"), 0xDC, PR | P | EX, "svme_or_skinit", I(E.STGI)),
+    Row("clgi",        OF("0f01"), 0xDD, PR | P | EX, "svme", I(E.CLGI)),
+    Row("skinit",      OF("0f01"), 0xDE, PR | P | EX, "svme_or_skinit", I(E.SKINIT)),
     Row("rdtscp",      OF("0f01"), 0xF9, Flag.NONE, "rdtsc", I(E.RDTSCP)),
     Row("icebp",       OF("f1"),   None, Flag.NONE, None, I(E.ICEBP, PRE)),
     Row("wbinvd",      OF("0f09"), None, P, None, I(E.WBINVD)),
@@ -150,7 +151,7 @@ ROWS = (
     # Intel's hypercall instruction: no SVM intercept, #UD on AMD.  Outside guest mode the
     # profile decides whether KVM's emulation applies (hypercalls/conduit.py, semantics.md
     # §D.2); KVM's Priv flag belongs to that emulation, so it is not a flag here.
-    Row("vmcall",      OF("0f01"), 0xC1, Flag.NONE, None, None),
+    Row("vmcall",      OF("0f01"), 0xC1, EX, None, None),
     # No intercept: STI can end an interrupt hold (RFLAGS.IF), so it is run alone while an
     # interrupt waits (POPF and IRET, which also can, have rows above).
     Row("sti",         OF("fb"),   None, Flag.NONE, None, None),
@@ -161,6 +162,9 @@ ROWS = (
 ROWS_BY_OPCODE: dict[bytes, tuple[Row, ...]] = {}
 for _row in ROWS:
     ROWS_BY_OPCODE[_row.opcode] = ROWS_BY_OPCODE.get(_row.opcode, ()) + (_row,)
+
+
+EXECUTED_ROWS = frozenset(row.name for row in ROWS if row.flags & Flag.EXEC)
 
 
 @functools.lru_cache(maxsize=256)

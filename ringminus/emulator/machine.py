@@ -111,8 +111,7 @@ class _Watchdog(threading.Thread):
 @dataclass(frozen=True, slots=True)
 class _Trap:
     """What a hook saw before it stopped the slice."""
-    kind: str                   # "exception", "invalid", "port", "memory", "exit", "fault", "step",
-                                # "breakpoint", "resume", "miss"
+    kind: str                   # a key of Core._AFTER_TRAP: what the run loop does next
     vector: int = 0
     error_code: int = 0
     software: bool = False
@@ -924,65 +923,84 @@ class Core:
         self._armed_spaces.clear()
 
     def _after_slice(self, error: UcError | None, budget: int, started: int, deadline: float | None) -> None:
+        """Act on why the slice ended: the trap a hook recorded (``_AFTER_TRAP``), else an
+        error from Unicorn, else a limit, a stop, a timeout, a HLT — or nothing ringminus
+        knows (``ended``).  ``started``: instructions the slice began (0 when uncounted)."""
         trap = self._trap
-        if trap is not None and trap.flags_in_cc_src:
-            self._rflags_from_cc_src()
-        if trap is not None and trap.kind == "miss":
-            self.retire(started - 1)
-            trap.handler(trap.address)
-        elif trap is not None and trap.kind == "memory":
-            self.retire(started - 1)
-            self._stop = Stop(StopReason.MEMORY, self.cpu.rip, trap.address, trap.detail)
-        elif error is not None:
+        if trap is not None:
+            if trap.flags_in_cc_src:
+                self._rflags_from_cc_src()
+            if error is None or trap.kind in ("miss", "memory"):
+                self._AFTER_TRAP[trap.kind](self, trap, started)
+                return
+        if error is not None:
             self.retire(started - 1)
             self._stop = Stop(StopReason.UNSUPPORTED, self.cpu.rip, detail=f"Unicorn: {error}")
-        elif trap is None:
-            if budget and started > budget:
-                self.retire(budget)                        # a limit or an event is due
-            elif self._stop is not None:                    # a device stopped an unarmed OUT
-                self.retire(started - 1)
-            elif self._interrupt_requested:                 # the next step stops the run
-                self.retire(started - 1)
-            elif deadline is not None and time.monotonic() >= deadline:
-                self.retire(started - 1)
-                self._stop = Stop(StopReason.TIMEOUT, self.cpu.rip)
-            elif self._follows_hlt():
-                self.retire(started)                       # HLT retired; the CPU is halted
-                self.halted = True
-            else:
-                self.retire(started - 1)
-                self._stop = Stop(StopReason.ENDED, self.cpu.rip, detail="Unicorn ended the slice for no reason "
-                                  "ringminus knows (no HLT before RIP): an emu_stop() from outside?")
-        elif trap.kind == "exception":
-            self._on_exception_trap(trap, started)
-        elif trap.kind == "invalid":
+        elif budget and started > budget:
+            self.retire(budget)                        # a limit or an event is due
+        elif self._stop is not None or self._interrupt_requested:     # the next step stops the run
             self.retire(started - 1)
-            self._on_invalid_trap()
-        elif trap.kind == "port":
+        elif deadline is not None and time.monotonic() >= deadline:
             self.retire(started - 1)
-            self._emulate_out(trap.outcome, trap.port, self.cpu.capture())
-        elif trap.kind == "msr":
+            self._stop = Stop(StopReason.TIMEOUT, self.cpu.rip)
+        elif self._follows_hlt():
+            self.retire(started)                       # HLT retired; the CPU is halted
+            self.halted = True
+        else:
             self.retire(started - 1)
-            self._emulate_msr(trap.outcome)
-        elif trap.kind == "step":
-            self.retire(started - 1)
-            self._stepping_over = trap.address
-            if trap.detail == "paging":
-                self._forget_armed_spaces()     # even a reload of the same CR3 flushes the TLB
-                self.linear.flush()
-        elif trap.kind == "resume":
-            self.retire(started)               # a hook finished the instruction; the loop acts
-        elif trap.kind == "breakpoint":
-            self.retire(started - 1)
-            self._stop = Stop(StopReason.BREAKPOINT, self.cpu.rip)
-            self._resuming_at_breakpoint = trap.address     # the next run passes it
-        elif trap.kind == "exit":
-            self.retire(started - 1)
-            self.gate.take_exit(trap.outcome)
-        elif trap.kind == "fault":
-            self.retire(started - 1)
-            fault = trap.outcome
-            self.deliver(Event(fault.vector, EventKind.EXCEPTION, self.cpu.rip, fault.error_code, fault.cr2))
+            self._stop = Stop(StopReason.ENDED, self.cpu.rip, detail="Unicorn ended the slice for no reason "
+                              "ringminus knows (no HLT before RIP): an emu_stop() from outside?")
+
+    # What the run loop does after each kind of trap.  All but "exception" and "resume" stopped
+    # before the trapping instruction completed: the slice retired one fewer than it began.
+    def _after_miss(self, trap: _Trap, started: int) -> None:
+        self.retire(started - 1)
+        trap.handler(trap.address)                  # map the view: the instruction runs again
+
+    def _after_memory(self, trap: _Trap, started: int) -> None:
+        self.retire(started - 1)
+        self._stop = Stop(StopReason.MEMORY, self.cpu.rip, trap.address, trap.detail)
+
+    def _after_invalid(self, trap: _Trap, started: int) -> None:
+        self.retire(started - 1)
+        self._on_invalid_trap()
+
+    def _after_port(self, trap: _Trap, started: int) -> None:
+        self.retire(started - 1)
+        self._emulate_out(trap.outcome, trap.port, self.cpu.capture())
+
+    def _after_msr(self, trap: _Trap, started: int) -> None:
+        self.retire(started - 1)
+        self._emulate_msr(trap.outcome)
+
+    def _after_step(self, trap: _Trap, started: int) -> None:
+        self.retire(started - 1)
+        self._stepping_over = trap.address
+        if trap.detail == "paging":
+            self._forget_armed_spaces()     # even a reload of the same CR3 flushes the TLB
+            self.linear.flush()
+
+    def _after_resume(self, trap: _Trap, started: int) -> None:
+        self.retire(started)                # a hook finished the instruction; the loop acts
+
+    def _after_breakpoint(self, trap: _Trap, started: int) -> None:
+        self.retire(started - 1)
+        self._stop = Stop(StopReason.BREAKPOINT, self.cpu.rip)
+        self._resuming_at_breakpoint = trap.address     # the next run passes it
+
+    def _after_exit(self, trap: _Trap, started: int) -> None:
+        self.retire(started - 1)
+        self.gate.take_exit(trap.outcome)
+
+    def _after_fault(self, trap: _Trap, started: int) -> None:
+        self.retire(started - 1)
+        fault = trap.outcome
+        self.deliver(Event(fault.vector, EventKind.EXCEPTION, self.cpu.rip, fault.error_code, fault.cr2))
+
+    _AFTER_TRAP = {"exception": lambda self, trap, started: self._on_exception_trap(trap, started),
+                   "invalid": _after_invalid, "port": _after_port, "memory": _after_memory, "exit": _after_exit,
+                   "fault": _after_fault, "step": _after_step, "breakpoint": _after_breakpoint,
+                   "resume": _after_resume, "miss": _after_miss, "msr": _after_msr}
 
     def _follows_hlt(self) -> bool:
         """Unicorn ends a slice after HLT without a hook: only a HLT byte just before RIP

@@ -17,11 +17,14 @@ if TYPE_CHECKING:
     from ..machine import Machine
 
 
+EXECUTES = tuple(sorted(CONDUITS))       # the decode-table rows this feature executes
+
+
 def install(machine: "Machine") -> None:
     machine.hypercalls = HypercallFilter(lambda: machine.has_run)     # fixed once the machine has run
     machine.pending_hypercall = None         # forwarded, awaiting resume()
     machine.add_stat_keys("hypercalls")
-    for row in CONDUITS:
+    for row in EXECUTES:
         machine.add_executor(row, lambda insn: _conduit(machine, insn))
     machine.add_run_hook(lambda: setattr(machine, "pending_hypercall", None))   # not completed: it runs again
     machine.add_resume_handler(lambda ret: _resume(machine, ret))

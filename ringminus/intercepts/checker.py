@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..decode.table import Flag, Stage
+from ..decode.table import ROWS, Flag, Stage
 from ..arch.control import CR0_PE
 from ..arch.exceptions import GuestFault, Vector
 from .checks import CHECKS
@@ -122,3 +122,14 @@ def check(insn: "Instruction", guest: "Guest") -> VmExit | Fault | Complete | No
     except GuestFault as fault:
         return Fault(fault.vector, fault.error_code, fault.cr2)
     return None
+
+
+def _verify_table() -> None:
+    """Every check and exit builder a decode-table row names exists (at import, not mid-run)."""
+    missing = ({row.check for row in ROWS if row.check} - set(CHECKS)) | \
+        ({row.intercept.exit for row in ROWS if row.intercept} - set(BUILDERS))
+    if missing:
+        raise ImportError(f"decode-table rows name checks or exit builders that do not exist: {sorted(missing)}")
+
+
+_verify_table()

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from ..machine import Machine
 
 
+EXECUTES = ("rsm",)                     # the decode-table rows this feature executes
+
+
 def install(machine: "Machine", chipset: str, apm_smi: bool) -> None:
     machine.smm = SmmState()
     machine.smm_guest_mode_hooks = ()        # add_guest_mode_hook

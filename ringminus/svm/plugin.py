@@ -29,14 +29,16 @@ if TYPE_CHECKING:
     from ..machine import Machine
 
 
+EXECUTES = tuple(EXECUTE)                # the decode-table rows this feature executes
+
+
 def install(machine: "Machine") -> None:
     machine.svm = SvmState()
     machine.svm_caches = world.Caches()
     machine.add_stat_keys("vmruns")
-    for row in EXECUTE:
-        machine.add_executor(row, lambda insn: _execute(machine, insn))
-    machine.add_executor("vmrun", lambda insn: _execute(machine, insn),
-                         in_hook=lambda insn, state: _vmrun_in_hook(machine, insn, state))
+    for row in EXECUTES:
+        machine.add_executor(row, lambda insn: _execute(machine, insn), in_hook=(
+            lambda insn, state: _vmrun_in_hook(machine, insn, state)) if row == "vmrun" else None)
     machine.add_event_hold(lambda: not machine.svm.gif)
     machine.add_event_source(Source(50, "virtual interrupt", lambda m: bool(m.svm.int_ctl & V_IRQ),
                                     lambda m: bool(m.svm.int_ctl & V_IRQ) and _virtual_interrupt_ready(m),
