@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "in-guest hypervisor that VMRUNs each vector (guest), or both, failing "
                               "every vector where the two disagree")
     run.add_argument("--trace", action="store_true", help="print every executed instruction to stderr")
-    # Listed for --help only: main() hands ``fuzz …`` to the fuzz runner before parsing.
+    # Listed for --help only: the entry point (entry.py) hands ``fuzz …`` to the fuzz runner.
     commands.add_parser("fuzz", add_help=False,
                         help="run the self-fuzzing campaigns: fuzz CAMPAIGN|all [--seed S] [--runs N] "
                              "[--seconds T] [--replay S] (see ringminus fuzz --help)")
@@ -590,19 +590,20 @@ def cmd_harness(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_fuzz(argv: list[str]) -> int:
-    """``ringminus fuzz …``: the fuzz runner parses its own options (ringminus/fuzz/runner.py)."""
-    from .fuzz.runner import main as fuzz_main      # lazily: the campaigns import all of ringminus
-    return fuzz_main(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
+    """``ringminus run …`` and ``ringminus harness …`` (``fuzz`` is the entry point's: entry.py)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    return guarded(lambda: _run_command(build_parser().parse_args(argv)))
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    return cmd_harness(args) if args.command == "harness" else cmd_run(args)
+
+
+def guarded(command: Callable[[], int]) -> int:
+    """Run a command: a user's error is one line on stderr and exit status 2."""
     try:
-        if argv[:1] == ["fuzz"]:
-            return cmd_fuzz(argv[1:])
-        args = build_parser().parse_args(argv)
-        return cmd_harness(args) if args.command == "harness" else cmd_run(args)
+        return command()
     except (UsageError, UnicornLayoutError) as e:
         print(f"ringminus: {one_line(e)}", file=sys.stderr)
         return USAGE_ERROR_STATUS

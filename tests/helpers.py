@@ -5,7 +5,7 @@ from __future__ import annotations
 from keystone import KS_ARCH_X86, KS_MODE_16, KS_MODE_32, KS_MODE_64, Ks
 
 from ringminus import Machine
-from ringminus.cli import main
+from ringminus.entry import main
 from ringminus.smm import layouts as L
 
 LOAD = {"real": 0x7C00, "protected": 0x100000, "long": 0x100000}     # default load address per boot state

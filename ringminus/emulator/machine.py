@@ -10,6 +10,7 @@ resumes.
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import math
@@ -41,8 +42,12 @@ from . import ucinternals
 from .cpu import ArchState, At, Cpu
 from .delivery import Delivered, Delivery, Event, EventKind, Unsupported
 from .loader import Image, bios_windows, check_bios
+from .clock import VirtualClock
+from .irq import InterruptLine
 from .memory import ROM, MissingMemory, PhysicalMemory, UnbackedMemory
+from .mmio import MmioBus, MmioDevice, MmioRegion
 from .paging import LinearMemory
+from .pci import PciBus
 from .plugins import Executor, Gate, HookExecutor, Msr, OnExit, Part, Source
 from .ports import DEBUGCON_PORT, EXIT_PORT, DebugConsole, ExitDevice, IoAccess, PortBus, io_permitted
 from .result import RunResult, Section, Stop, StopReason
@@ -148,6 +153,10 @@ class Core:
         self.console = DebugConsole()
         self.ports.register(debugcon_port, self.console)
         self.ports.register(EXIT_PORT, ExitDevice(lambda value: self.request_stop(StopReason.EXIT, value)))
+        self.pci = PciBus(self.ports)
+        self.mmio = MmioBus(self.uc, lambda: self._stop is not None or self._boundary_work(), self._stop_after_mmio)
+        self.clock = VirtualClock(self)
+        self._posted: collections.deque[Callable[["Core"], None]] = collections.deque()
         self.nmi_pending = False
         self.init_pending = False               # an INIT held (in SMM, GIF = 0, …) until it can be taken
         self.interrupts: set[int] = set()       # INTR vectors raised and not yet taken
@@ -408,6 +417,42 @@ class Core:
     def _arm_interrupt_window(self) -> None:
         if not INTERRUPT_WINDOW_OPCODES <= self.sites.opcodes:
             self.sites.set_opcodes(self.sites.opcodes | INTERRUPT_WINDOW_OPCODES)
+
+    # -- devices ---------------------------------------------------------------------------------
+    def add_mmio(self, base: int, size: int, device: MmioDevice, name: str = "") -> MmioRegion:
+        """Map ``device`` (``read(offset, size)``, ``write(offset, size, value)``) at physical
+        ``base``..``base + size`` (whole pages, outside RAM and other regions)."""
+        for start, end in self.memory.backed_ranges():
+            if base < end and start < base + size:
+                raise ValueError(f"MMIO region {base:#x}+{size:#x} overlaps memory at {start:#x}-{end:#x}")
+        return self.mmio.add(base, size, device, name)
+
+    def interrupt_line(self, name: str, vector: int | None = None) -> InterruptLine:
+        """A new interrupt line; with ``vector``, each rising edge raises that INTR vector
+        (until a platform's interrupt controller takes the line over with ``connect``)."""
+        line = InterruptLine(name)
+        if vector is not None:
+            if not 0 <= vector <= 0xFF:
+                raise ValueError(f"interrupt vector {vector:#x} is not 0-255")
+            line.connect(lambda level: self.raise_intr(vector) if level else None)
+        return line
+
+    def post(self, request: Callable[["Core"], None]) -> None:
+        """Run ``request(machine)`` at the next instruction boundary.  Safe from any thread (a
+        device's worker, a GUI): the running slice ends soon after."""
+        self._posted.append(request)
+        self.uc.emu_stop()
+        if self._running:
+            threading.Thread(target=self._stop_until_posted_seen, daemon=True).start()
+
+    def _stop_until_posted_seen(self) -> None:
+        while self._posted and self._running:
+            self.uc.emu_stop()
+            time.sleep(0.01)
+
+    def _stop_after_mmio(self) -> None:
+        ctx = self.cpu.context.snapshot()
+        self._trap_and_stop(_Trap("mmio", flags_in_cc_src=self._flags_in_cc_src(ctx)))
 
     def arm_opcodes(self, opcodes: frozenset[bytes]) -> None:
         """Flag more opcodes for code sites (a guest's intercepts, say)."""
@@ -855,6 +900,8 @@ class Core:
             self._interrupt_requested = False
             self._stop = Stop(StopReason.INTERRUPTED, self.cpu.rip)
             return
+        while self._posted:
+            self._posted.popleft()(self)
         self._fire_due_events()
         if self._stop is not None:
             return
@@ -885,6 +932,7 @@ class Core:
             self._stop = Stop(StopReason.TIMEOUT, self.cpu.rip)
             return
         self._trap = None
+        self.mmio.slice_starts()
         self._switch_in_hooks = not counting and not self._tracing and (
             self.gate is None or self.gate.on_exit is OnExit.L1)
         error = None
@@ -938,7 +986,7 @@ class Core:
             self._stop = Stop(StopReason.UNSUPPORTED, self.cpu.rip, detail=f"Unicorn: {error}")
         elif budget and started > budget:
             self.retire(budget)                        # a limit or an event is due
-        elif self._stop is not None or self._interrupt_requested:     # the next step stops the run
+        elif self._stop is not None or self._interrupt_requested or self._posted:   # the next step acts
             self.retire(started - 1)
         elif deadline is not None and time.monotonic() >= deadline:
             self.retire(started - 1)
@@ -980,6 +1028,25 @@ class Core:
             self._forget_armed_spaces()     # even a reload of the same CR3 flushes the TLB
             self.linear.flush()
 
+    def _after_mmio(self, trap: _Trap, started: int) -> None:
+        """An MMIO access left a stop or an event: Unicorn restarted its instruction, which
+        now runs alone with the device's part already done (mmio.py), and retires."""
+        self.retire(started - 1)
+        rip = self.cpu.rip
+        self._resuming_at_breakpoint = (self.cpu.segment("cs").base + rip) & MASK_64
+        self.mmio.completing(True)
+        try:
+            self._trap = None
+            error = None
+            try:
+                self.uc.emu_start(rip, 0, count=1)
+            except UcError as e:
+                error = e
+            self.stats["slices"] += 1
+            self._after_slice(error, 1, ucinternals.emu_counter(self.uc), None)
+        finally:
+            self.mmio.completing(False)
+
     def _after_resume(self, trap: _Trap, started: int) -> None:
         self.retire(started)                # a hook finished the instruction; the loop acts
 
@@ -1000,7 +1067,7 @@ class Core:
     _AFTER_TRAP = {"exception": lambda self, trap, started: self._on_exception_trap(trap, started),
                    "invalid": _after_invalid, "port": _after_port, "memory": _after_memory, "exit": _after_exit,
                    "fault": _after_fault, "step": _after_step, "breakpoint": _after_breakpoint,
-                   "resume": _after_resume, "miss": _after_miss, "msr": _after_msr}
+                   "resume": _after_resume, "miss": _after_miss, "msr": _after_msr, "mmio": _after_mmio}
 
     def _follows_hlt(self) -> bool:
         """Unicorn ends a slice after HLT without a hook: only a HLT byte just before RIP

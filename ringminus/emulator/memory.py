@@ -87,6 +87,10 @@ class PhysicalMemory:
             self.uc.mem_map(base, len(data), perms)
             self.uc.mem_write(base, data.tobytes())
 
+    def backed_ranges(self) -> list[tuple[int, int]]:
+        """(start, end) of RAM and of every overlay: what an MMIO region may not cover."""
+        return [(0, self.ram_size), *((o.base, o.base + len(o.data)) for o in self.overlays)]
+
     def add_overlay(self, name: str, base: int, data: np.ndarray, perms: int = RW, over_ram: bool = True) -> Overlay:
         """Show ``data`` at ``base`` instead of whatever RAM is there (``over_ram=False``: the
         caller has unmapped that RAM already)."""

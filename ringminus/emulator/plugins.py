@@ -94,9 +94,13 @@ class Msr(NamedTuple):
 # What a feature may use of the core (in the spirit of KVM's x86_emulate_ops).  Everything
 # else on the machine is the core's own business.
 SERVICES = (
-    "cpu", "memory", "linear", "uc",                       # CPU state; physical and linear memory
-    "deliver", "retire", "request_stop", "stop", "record_event", "events", "stats",
-    "instructions", "instructions_if_exact", "halted", "halt",
-    "reset_cpu", "forget_tlb", "forget_translations", "instruction_length_at", "decode_at",
-    "continue_in_hook", "gate", "profile", "cpu_model", "long_mode_capable", "tsc",
+    "cpu", "memory", "linear", "uc", "tsc",                # CPU state; physical and linear memory
+    "cpu_model", "long_mode_capable", "profile",           # what the machine is
+    "deliver", "raise_intr", "interrupts", "nmi_pending", "init_pending", "intercepted",   # events
+    "retire", "instructions", "instructions_if_exact", "halted",
+    "request_stop", "request_stop_shutdown", "stop", "stop_at", "restamp_stop",            # stopping
+    "record_event", "events", "stats", "has_run",          # the log and the counters
+    "reset_cpu", "forget_tlb", "forget_translations", "arm_opcodes",
+    "instruction_length_at", "decode_at", "continue_in_hook", "gate", "io_access",
+    "ports", "pci", "mmio", "clock",                       # the buses and the clock
 )

@@ -141,6 +141,7 @@ CORE_PARTS = (
     Part(50, "events", _take_events, _put_events),
     Part(60, "count", _take_count, _put_count),
     Part(70, "stats", _take_stats, _put_stats),
+    Part(75, "pci", lambda machine: machine.pci.state(), lambda machine, state: machine.pci.restore(state)),
     Part(90, "arming", _take_arming, _put_arming),
 )
 

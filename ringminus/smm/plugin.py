@@ -29,7 +29,7 @@ def install(machine: "Machine", chipset: str, apm_smi: bool) -> None:
     machine.smm_guest_mode_hooks = ()        # add_guest_mode_hook
     machine.smm_codecs = {}                  # (64-bit map, profile) -> MapCodec (world.codec_for)
     machine.smram = Smram(machine.memory)
-    machine.chipset = Chipset(chipset, machine.smram, machine.ports, lambda: raise_smi(machine), apm_smi)
+    machine.chipset = Chipset(chipset, machine.smram, machine.ports, machine.pci, lambda: raise_smi(machine), apm_smi)
     machine.add_event_source(Source(
         20, "smi", _smi_pending, _smi_pending, ExitCode.SMI, _take_smi, _consume_smi,
         lambda m: int(m.profile.smi_exitinfo), take_in_hook=_take_smi_in_hook))          # F.8
@@ -164,16 +164,13 @@ def _put_views(smram, register: int, in_smm: bool, hidden: tuple[bool, ...]) -> 
 
 
 def _take_chipset(machine: "Machine") -> tuple:
-    chipset = machine.chipset
-    return (chipset.address, chipset.apm_status, chipset.smi_enable,
-            {where: bytes(function.config) for where, function in chipset.functions.items()})
+    return machine.chipset.apm_status, machine.chipset.smi_enable
 
 
 def _put_chipset(machine: "Machine", state: tuple) -> None:
+    """After the PCI bus's part (the configuration spaces)."""
     chipset = machine.chipset
-    chipset.address, chipset.apm_status, chipset.smi_enable, configs = state
-    for where, config in configs.items():
-        chipset.functions[where].config[:] = config
+    chipset.apm_status, chipset.smi_enable = state
     lpc = getattr(chipset, "lpc", None)
     if lpc is not None:                     # PMBASE decides where SMI_EN's ports are: re-derive
         lpc.on_write(next(iter(lpc.writable)))

@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from ringminus import cli
+from ringminus import cli, entry
 from ringminus import fuzz
 from ringminus.fuzz import CAMPAIGNS, CampaignMissing, Finding, runner
 
@@ -21,7 +21,7 @@ def test_campaign_finds_nothing(campaign, capsys):
         fuzz.load(campaign)
     except CampaignMissing as missing:
         pytest.skip(str(missing))
-    status = cli.main(["fuzz", campaign, "--seed", "1", "--seconds", CI_SECONDS])
+    status = entry.main(["fuzz", campaign, "--seed", "1", "--seconds", CI_SECONDS])
     out = capsys.readouterr().out
     summary = SUMMARY.search(out)
     assert summary, out
@@ -52,7 +52,7 @@ def test_a_failing_campaign_prints_fail_and_replay_lines(monkeypatch, capsys):
         if seed == 5:
             {}["missing"]                                   # an escaped exception
     monkeypatch.setattr(runner, "load", lambda name: _fake(one_run))
-    status = cli.main(["fuzz", "smram", "--seed", "2", "--runs", "5"])
+    status = entry.main(["fuzz", "smram", "--seed", "2", "--runs", "5"])
     out = capsys.readouterr().out.splitlines()
     assert status == 1
     assert "FAIL smram seed=3 isolation: SMRAM byte at 0xa0003 seen outside SMM" in out

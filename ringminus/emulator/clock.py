@@ -1,0 +1,52 @@
+"""The virtual clock: the time devices see, and timers that fire at instruction boundaries.
+
+Deterministic by default: time is the count of instructions retired at a nominal rate of
+NOMINAL_HZ (one instruction, one nanosecond), so a run and its replay from a snapshot see the
+same times and their timers fire at the same instructions.  ``host_time=True`` reads the host's
+monotonic clock instead for ``now_ns`` (timers still fire by instruction count, converted at
+the nominal rate: they are the run's events).  Timers are the machine's instruction-indexed
+events (``Core.at_instruction``), so runs with one armed count instructions exactly.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .machine import Core
+
+NOMINAL_HZ = 1_000_000_000
+
+
+class Timer:
+    def __init__(self, callback: Callable[[], None]):
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _fire(self, _machine) -> None:
+        if not self.cancelled:
+            self.callback()
+
+
+class VirtualClock:
+    def __init__(self, machine: "Core", host_time: bool = False):
+        self._machine = machine
+        self.host_time = host_time
+        self._host_start = time.monotonic_ns()
+
+    def now_ns(self) -> int:
+        if self.host_time:
+            return time.monotonic_ns() - self._host_start
+        return self._machine.instructions * 1_000_000_000 // NOMINAL_HZ
+
+    def add_timer(self, after_ns: int, callback: Callable[[], None]) -> Timer:
+        """``callback()`` at the first instruction boundary ``after_ns`` (virtual) from now."""
+        if after_ns < 0:
+            raise ValueError(f"a timer cannot fire in the past ({after_ns} ns)")
+        timer = Timer(callback)
+        instructions = -(-after_ns * NOMINAL_HZ // 1_000_000_000)            # rounded up
+        self._machine.at_instruction(self._machine.instructions + instructions, timer._fire)
+        return timer
