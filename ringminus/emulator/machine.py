@@ -1166,11 +1166,11 @@ class Core:
     # -- tracing (the one per-instruction callback, on request) ----------------------------
     def _add_trace(self, out: TextIO) -> int:
         def on_code(uc: Uc, address: int, size: int, _data) -> None:
-            try:
-                code = self.linear.read(address, size) if size < 16 else b""
-            except (GuestFault, UnbackedMemory):
-                code = b""
+            # Unicorn gives no size (0xF1F1F1F1) for what it cannot run (VMRUN, RSM…): decode it.
+            code = self.linear.fetch(address, size if size < 16 else 15) or b""
             text = instruction_text(code, self.cpu.code_bits(), address)
+            if size >= 16 and text != "(undecodable)":
+                code = code[:instruction_length(code, self.cpu.code_bits()) or len(code)]
             out.write(f"{address:#018x}  {code.hex():<30} {text}\n")
 
         return self.uc.hook_add(UC_HOOK_CODE, on_code)

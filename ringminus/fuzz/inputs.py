@@ -27,6 +27,7 @@ import datetime
 import io
 import json
 import random
+import re
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ HLT, NOP = b"\xf4", b"\x90"
 HUGE = "0x" + "f" * 5000              # a number Python will not print in decimal (4300-digit limit)
 BIOS_SIZE = 0x10000
 
+TRACE_LINE = re.compile(r"0x[0-9a-f]{16}  ")            # --trace: address, bytes, instruction
 
 @dataclass
 class Case:
@@ -561,6 +563,8 @@ def check(case: Case, status, out: str, err: str) -> None:
             fail(f"printed {marker!r}", f"printed {marker}")
     if status == USAGE_ERROR_STATUS:
         lines = err.splitlines()
+        if "--trace" in case.argv:       # the trace goes to stderr too: the error is what follows it
+            lines = [line for line in lines if not TRACE_LINE.match(line)]
         if len(lines) != 1 or not err.endswith("\n") or not lines[0].startswith("ringminus: "):
             fail(f"usage error is not one 'ringminus: …' line on stderr: {err[:200]!r}", "usage error not one line")
         if out:
