@@ -675,13 +675,15 @@ class Core:
         taken right here (an SMI), or end the slice when the run must stop or the run loop has
         an event to deliver.  ``state``: the registers after the instruction, if the hook
         still holds them current."""
-        if self._stop is None and self.gate is None and not self.events_held():
+        pending = self._boundary_work()
+        if pending and self._stop is None and self.gate is None and not self.events_held():
             for source in self._sources:
                 if source.ready(self):
                     if source.take_in_hook is not None:
                         source.take_in_hook(self, state)
+                        pending = self._boundary_work()
                     break
-        if self._stop is not None or self.halted or self._boundary_work() \
+        if self._stop is not None or self.halted or pending \
                 or not self._rearm_if_address_space_changed(only_if_cheap=True):
             self._trap_and_stop(_Trap("resume"))
 
