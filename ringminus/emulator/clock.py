@@ -1,4 +1,5 @@
-"""The virtual clock: the time devices see, and timers that fire at instruction boundaries.
+"""The virtual clock: the time devices see, and timers that fire at instruction boundaries;
+and the time-stamp counter the guest reads.
 
 Deterministic by default: time is the count of instructions retired at a nominal rate of
 NOMINAL_HZ (one instruction, one nanosecond), so a run and its replay from a snapshot see the
@@ -12,7 +13,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable
 
+from unicorn import x86_const as X
+
 if TYPE_CHECKING:
+    from .cpu import Cpu
     from .machine import Core
 
 NOMINAL_HZ = 1_000_000_000
@@ -50,3 +54,26 @@ class VirtualClock:
         instructions = -(-after_ns * NOMINAL_HZ // 1_000_000_000)            # rounded up
         self._machine.at_instruction(self._machine.instructions + instructions, timer._fire)
         return timer
+
+
+class VirtualTsc:
+    """RDTSC/RDTSCP read a deterministic time-stamp counter: it advances by a fixed step per
+    read, so a run and its replay from a snapshot read the same values.  A guest run by the
+    guest's own hypervisor reads it plus the VMCB's TSC_OFFSET (APM Table B-1, offset 0x050)."""
+    STEP = 1000
+
+    def __init__(self, cpu: "Cpu"):
+        self.cpu = cpu
+        self.value = 0
+        self.offset = 0
+
+    def rdtsc(self) -> int:
+        self.value += self.STEP
+        seen = (self.value + self.offset) & 0xFFFF_FFFF_FFFF_FFFF
+        self.cpu.fast.write(X.UC_X86_REG_RAX, seen & 0xFFFF_FFFF)
+        self.cpu.fast.write(X.UC_X86_REG_RDX, seen >> 32)
+        return 1                                  # the native instruction is skipped
+
+    def rdtscp(self) -> int:
+        self.cpu.fast.write(X.UC_X86_REG_RCX, 0)  # TSC_AUX
+        return self.rdtsc()

@@ -42,15 +42,15 @@ from . import ucinternals
 from .cpu import ArchState, At, Cpu
 from .delivery import Delivered, Delivery, Event, EventKind, Unsupported
 from .loader import Image, bios_windows, check_bios
-from .clock import VirtualClock
+from .clock import VirtualClock, VirtualTsc
 from .irq import InterruptLine
 from .memory import ROM, MissingMemory, PhysicalMemory, UnbackedMemory
 from .mmio import MmioBus, MmioDevice, MmioRegion
 from .paging import LinearMemory
 from .pci import PciBus
-from .plugins import Executor, Gate, HookExecutor, Msr, OnExit, Part, Source
+from .plugins import Gate, Msr, OnExit, Registry
 from .ports import DEBUGCON_PORT, EXIT_PORT, DebugConsole, ExitDevice, IoAccess, PortBus, io_permitted
-from .result import RunResult, Section, Stop, StopReason
+from .result import RunResult, Stop, StopReason
 from .sites import CodeSites
 from .snapshot import CORE_PARTS, Snapshot, restore as restore_snapshot, take as take_snapshot
 
@@ -62,29 +62,6 @@ STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "port_rea
              "unclaimed_port_reads", "unclaimed_port_writes")
 ICEBP, INT3, INTO, HLT = 0xF1, 0xCC, 0xCE, 0xF4
 MSR_ROWS = frozenset({"rdmsr", "wrmsr"})
-
-
-class VirtualTsc:
-    """RDTSC/RDTSCP read a deterministic time-stamp counter: it advances by a fixed step per
-    read, so a run and its replay from a snapshot read the same values.  A guest run by the
-    guest's own hypervisor reads it plus the VMCB's TSC_OFFSET (APM Table B-1, offset 0x050)."""
-    STEP = 1000
-
-    def __init__(self, cpu: Cpu):
-        self.cpu = cpu
-        self.value = 0
-        self.offset = 0
-
-    def rdtsc(self) -> int:
-        self.value += self.STEP
-        seen = (self.value + self.offset) & 0xFFFF_FFFF_FFFF_FFFF
-        self.cpu.fast.write(X.UC_X86_REG_RAX, seen & 0xFFFF_FFFF)
-        self.cpu.fast.write(X.UC_X86_REG_RDX, seen >> 32)
-        return 1                                  # the native instruction is skipped
-
-    def rdtscp(self) -> int:
-        self.cpu.fast.write(X.UC_X86_REG_RCX, 0)  # TSC_AUX
-        return self.rdtsc()
 
 
 class _Watchdog(threading.Thread):
@@ -129,7 +106,7 @@ class _Trap:
     handler: object = None      # "miss": the handler that maps the address
 
 
-class Core:
+class Core(Registry):
     """The machine without features (ringminus.Machine is this with SMM, SVM, the intercepts
     and the hypercall conduit plugged in)."""
     _running_machines: "weakref.WeakSet[Core]" = weakref.WeakSet()   # for interrupt_all (Ctrl-C)
@@ -193,88 +170,14 @@ class Core:
         self._address_space: tuple | None = None
         self._armed_epoch = -1                      # paging_epoch when the last run ended
         self._armed_spaces: dict[tuple, int] = {}  # address space -> how many sites are armed there
-        # -- what features attach (plugins.py) --
-        self._executors: dict[str, Executor] = {}
-        self._hook_executors: dict[str, HookExecutor] = {}
-        self._sources: tuple[Source, ...] = boundary.CORE_SOURCES
-        self._pending_checks = tuple(source.pending for source in self._sources)
-        self._holds: tuple[Callable[[], bool], ...] = ()        # every event stays pending while one holds
-        self._init_holds: tuple[Callable[[], bool], ...] = ()   # INIT stays pending while one holds
-        self._msrs: tuple[Msr, ...] = ()
-        self._miss_handlers: tuple = ()
-        self._parts: tuple[Part, ...] = CORE_PARTS
-        self._sections: tuple[Callable[[Stop], Section], ...] = ()
-        self._reset_hooks: tuple[Callable[[], None], ...] = ()
-        self._run_hooks: tuple[Callable[[], None], ...] = ()
-        self._resume_handlers: tuple[Callable[[int | None], bool], ...] = ()
-        self._stat_keys = STAT_KEYS
-        self._reported_stats: tuple[tuple[str, Callable[[], object]], ...] = ()
-        self._cpuid: Callable[[], dict] = dict
-        self.intr_unmasked: Callable[[], bool] = self._intr_unmasked
+        Registry.__init__(self, boundary.CORE_SOURCES, CORE_PARTS, STAT_KEYS)     # what features attach
+        self.intr_unmasked = self._intr_unmasked
         self.delivery.intercept = self._intercept_event
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
         self.uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         self.uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
         self.uc.hook_add(UC_HOOK_MEM_INVALID, self._on_bad_memory)
-
-    # -- what features attach (plugins.py) -------------------------------------------------
-    def add_executor(self, row: str, execute: Executor, in_hook: HookExecutor | None = None) -> None:
-        """``execute(insn)`` runs decode-table row ``row`` when Unicorn cannot (after the
-        guest-mode gate); ``in_hook(insn, state)``, if given, may run it inside the hook (True:
-        done, the slice goes on)."""
-        self._executors[row] = execute
-        if in_hook is not None:
-            self._hook_executors[row] = in_hook
-
-    def add_event_source(self, source: Source) -> None:
-        self._sources = tuple(sorted((*self._sources, source), key=lambda s: s.priority))
-        self._pending_checks = tuple(source.pending for source in self._sources)
-
-    def add_event_hold(self, holds: Callable[[], bool], init_only: bool = False) -> None:
-        """While ``holds()``, every event (or only INIT) stays pending."""
-        if init_only:
-            self._init_holds += (holds,)
-        else:
-            self._holds += (holds,)
-
-    def add_msr(self, msr: Msr) -> None:
-        self._msrs += (msr,)
-
-    def add_miss_handler(self, hidden_at: Callable[[int], bool], reveal: Callable[[int], None]) -> None:
-        """An access Unicorn finds unmapped at an address ``hidden_at`` claims: ``reveal`` maps
-        it and the instruction runs again (SMRAM's views)."""
-        self._miss_handlers += ((hidden_at, reveal),)
-
-    def add_snapshot_part(self, part: Part) -> None:
-        self._parts = tuple(sorted((*self._parts, part), key=lambda p: p.order))
-
-    def add_result_section(self, section: Callable[[Stop], Section]) -> None:
-        self._sections += (section,)
-
-    def add_reset_hook(self, reset: Callable[[], None]) -> None:
-        """Called by INIT and ``boot`` before the CPU is reset."""
-        self._reset_hooks += (reset,)
-
-    def add_run_hook(self, starting: Callable[[], None]) -> None:
-        """Called as each ``run()`` starts."""
-        self._run_hooks += (starting,)
-
-    def add_resume_handler(self, resume: Callable[[int | None], bool]) -> None:
-        """``resume(ret)`` completes what the last stop left pending (True if it did)."""
-        self._resume_handlers += (resume,)
-
-    def add_stat_keys(self, *keys: str) -> None:
-        """Counters a feature keeps in ``stats`` (reported as 0 until counted)."""
-        self._stat_keys += keys
-
-    def add_reported_stat(self, name: str, value: Callable[[], object]) -> None:
-        """A statistic a feature keeps itself, read when a result is made."""
-        self._reported_stats += ((name, value),)
-
-    def set_cpuid(self, table: Callable[[], dict]) -> None:
-        """``table()``: CPUID leaf -> (EAX, EBX, ECX, EDX), asked at each CPUID."""
-        self._cpuid = table
 
     # -- setting up ------------------------------------------------------------------------
     def boot(self, state: boot_states.BootState | str, entry: int = 0, cpl: int = 0) -> None:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .cpu import ArchState
     from .delivery import Event
     from .machine import Core
+    from .result import Section, Stop
 
 
 class Source(NamedTuple):
@@ -89,6 +90,87 @@ class Msr(NamedTuple):
     handles: Callable[[int], bool]
     read: Callable[[int], int]
     write: Callable[[int, int], None]
+
+
+class Registry:
+    """The tables a machine dispatches through, and the ``add_…`` methods features fill them
+    with (``Core`` is one; the core's own entries come first)."""
+
+    def __init__(self, sources: tuple[Source, ...], parts: tuple[Part, ...], stat_keys: tuple[str, ...]):
+        self._executors: dict[str, Executor] = {}
+        self._hook_executors: dict[str, HookExecutor] = {}
+        self._sources = sources
+        self._pending_checks = tuple(source.pending for source in sources)
+        self._holds: tuple[Callable[[], bool], ...] = ()        # every event stays pending while one holds
+        self._init_holds: tuple[Callable[[], bool], ...] = ()   # INIT stays pending while one holds
+        self._msrs: tuple[Msr, ...] = ()
+        self._miss_handlers: tuple[tuple[Callable[[int], bool], Callable[[int], None]], ...] = ()
+        self._parts = parts
+        self._sections: tuple[Callable[["Stop"], "Section"], ...] = ()
+        self._reset_hooks: tuple[Callable[[], None], ...] = ()
+        self._run_hooks: tuple[Callable[[], None], ...] = ()
+        self._resume_handlers: tuple[Callable[[int | None], bool], ...] = ()
+        self._stat_keys = stat_keys
+        self._reported_stats: tuple[tuple[str, Callable[[], object]], ...] = ()
+        self._cpuid: Callable[[], dict] = dict
+        self.intr_unmasked: Callable[[], bool] = lambda: True
+
+    def add_executor(self, row: str, execute: Executor, in_hook: HookExecutor | None = None) -> None:
+        """``execute(insn)`` runs decode-table row ``row`` when Unicorn cannot (after the
+        guest-mode gate); ``in_hook(insn, state)``, if given, may run it inside the hook (True:
+        done, the slice goes on)."""
+        self._executors[row] = execute
+        if in_hook is not None:
+            self._hook_executors[row] = in_hook
+
+    def add_event_source(self, source: Source) -> None:
+        self._sources = tuple(sorted((*self._sources, source), key=lambda s: s.priority))
+        self._pending_checks = tuple(source.pending for source in self._sources)
+
+    def add_event_hold(self, holds: Callable[[], bool], init_only: bool = False) -> None:
+        """While ``holds()``, every event (or only INIT) stays pending."""
+        if init_only:
+            self._init_holds += (holds,)
+        else:
+            self._holds += (holds,)
+
+    def add_msr(self, msr: Msr) -> None:
+        self._msrs += (msr,)
+
+    def add_miss_handler(self, hidden_at: Callable[[int], bool], reveal: Callable[[int], None]) -> None:
+        """An access Unicorn finds unmapped at an address ``hidden_at`` claims: ``reveal`` maps
+        it and the instruction runs again (SMRAM's views)."""
+        self._miss_handlers += ((hidden_at, reveal),)
+
+    def add_snapshot_part(self, part: Part) -> None:
+        self._parts = tuple(sorted((*self._parts, part), key=lambda p: p.order))
+
+    def add_result_section(self, section: Callable[[Stop], Section]) -> None:
+        self._sections += (section,)
+
+    def add_reset_hook(self, reset: Callable[[], None]) -> None:
+        """Called by INIT and ``boot`` before the CPU is reset."""
+        self._reset_hooks += (reset,)
+
+    def add_run_hook(self, starting: Callable[[], None]) -> None:
+        """Called as each ``run()`` starts."""
+        self._run_hooks += (starting,)
+
+    def add_resume_handler(self, resume: Callable[[int | None], bool]) -> None:
+        """``resume(ret)`` completes what the last stop left pending (True if it did)."""
+        self._resume_handlers += (resume,)
+
+    def add_stat_keys(self, *keys: str) -> None:
+        """Counters a feature keeps in ``stats`` (reported as 0 until counted)."""
+        self._stat_keys += keys
+
+    def add_reported_stat(self, name: str, value: Callable[[], object]) -> None:
+        """A statistic a feature keeps itself, read when a result is made."""
+        self._reported_stats += ((name, value),)
+
+    def set_cpuid(self, table: Callable[[], dict]) -> None:
+        """``table()``: CPUID leaf -> (EAX, EBX, ECX, EDX), asked at each CPUID."""
+        self._cpuid = table
 
 
 # What a feature may use of the core (in the spirit of KVM's x86_emulate_ops).  Everything
