@@ -67,7 +67,9 @@ def _package_graph() -> dict[str, set[str]]:
     graph = defaultdict(set)
     for name, path in _modules():
         for target, names in _runtime_imports(name, path):
-            targets = [target] if target != "ringminus" else [f"ringminus.{n}" for n in names]
+            targets = [target] if target != "ringminus" else [
+                f"ringminus.{n}" if (PACKAGE / n).is_dir() or (PACKAGE / f"{n}.py").exists() else "ringminus"
+                for n in names]
             for module in targets:
                 if _top(module) != _top(name):
                     graph[_top(name)].add(_top(module))
