@@ -45,7 +45,7 @@ class Machine(Core):
         stops at each exit; skip: it goes on after the intercepted instruction), or the guest
         plays it (l1: exits are #VMEXITs into the guest's hypervisor, as after its VMRUN).
         ``profile`` (default: the machine's) also becomes the machine's profile."""
-        l1_exit = (lambda exit_, state: svm_world.vmexit_to_l1(self, exit_, state)) \
+        l1_exit = (lambda exit_, hook: svm_world.vmexit_to_l1(self, exit_, hook)) \
             if OnExit(on_exit) is OnExit.L1 else None
         intercepts.enter_guest(self, controls, profile, on_exit, l1_exit)
 

@@ -48,7 +48,7 @@ from .memory import ROM, MissingMemory, PhysicalMemory, UnbackedMemory
 from .mmio import MmioBus, MmioDevice, MmioRegion
 from .paging import LinearMemory
 from .pci import PciBus
-from .plugins import Gate, Msr, OnExit, Registry
+from .plugins import Gate, HookContext, Msr, OnExit, Registry
 from .ports import DEBUGCON_PORT, EXIT_PORT, DebugConsole, ExitDevice, IoAccess, PortBus, io_permitted
 from .result import RunResult, Stop, StopReason
 from .sites import CodeSites
@@ -564,26 +564,26 @@ class Core(Registry):
 
     def _on_invalid_opcode(self, uc: Uc, _data) -> bool:
         if self._switch_in_hooks and self._hook_executors:     # RSM, VMRUN: a world switch right here
-            state = self.cpu.capture()
-            insn = self.decode_at(state)
+            hook = HookContext(self.cpu.capture())
+            insn = self.decode_at(hook.state)
             execute = self._hook_executors.get(insn.row.name) if insn is not None else None
-            if execute is not None and execute(insn, state):
+            if execute is not None and execute(insn, hook):
                 return True
         self._repair_flags_at_fault(self.cpu.context.snapshot())
         self._trap_and_stop(_Trap("invalid"))
         return True
 
-    def continue_in_hook(self, state: ArchState | None = None) -> None:
+    def continue_in_hook(self, hook: HookContext | None = None) -> None:
         """After a hook executed the instruction itself: take a pending event that can be
         taken right here (an SMI), or end the slice when the run must stop or the run loop has
-        an event to deliver.  ``state``: the registers after the instruction, if the hook
+        an event to deliver.  ``hook``: the registers after the instruction, if the hook
         still holds them current."""
         pending = self._boundary_work()
         if pending and self._stop is None and self.gate is None and not self.events_held():
             for source in self._sources:
                 if source.ready(self):
                     if source.take_in_hook is not None:
-                        source.take_in_hook(self, state)
+                        source.take_in_hook(self, hook)
                         pending = self._boundary_work()
                     break
         if self._stop is not None or self.halted or pending \
@@ -658,7 +658,7 @@ class Core(Registry):
                 return
             name = insn.row.name
             execute = self._hook_executors.get(name) if self._switch_in_hooks else None
-            if execute is not None and execute(insn, self.cpu.capture(context_is_current=True)):
+            if execute is not None and execute(insn, HookContext(self.cpu.capture(context_is_current=True))):
                 return
             if name in MSR_ROWS and self._kept_msr(ctx.u64(ucinternals.GPRS + 8) & 0xFFFF_FFFF) is not None:
                 self._trap_and_stop(_Trap("msr", address=address, outcome=insn))
@@ -679,7 +679,8 @@ class Core(Registry):
         if not self.ports.is_precise(port):
             return
         if self._switch_in_hooks:
-            self.continue_in_hook(self._emulate_out(insn, port, self.cpu.capture(context_is_current=True)))
+            after = self._emulate_out(insn, port, self.cpu.capture(context_is_current=True))
+            self.continue_in_hook(HookContext(after) if after is not None else None)
         else:
             self._trap_and_stop(_Trap("port", address=address, port=port, outcome=insn))
 
@@ -719,7 +720,7 @@ class Core(Registry):
             gate.take_exit(outcome)                # moves RIP past it; Unicorn honours the write
         elif gate.on_exit is OnExit.L1 and self._switch_in_hooks:
             current = self.cpu.version == version             # the hook's context copy
-            gate.take_exit(outcome, self.cpu.capture(context_is_current=current))   # #VMEXIT, here
+            gate.take_exit(outcome, HookContext(self.cpu.capture(context_is_current=current)))   # #VMEXIT, here
             self.continue_in_hook()
         else:
             self._trap_and_stop(_Trap("exit", outcome=outcome))

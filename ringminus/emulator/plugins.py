@@ -42,9 +42,22 @@ class Source(NamedTuple):
     # An instruction can unmask it (STI, POPF, IRET): while it is pending, those run alone so
     # the run loop looks again right after them.
     window: bool = False
-    # Taken inside a hook that just finished an instruction (no slice end), if it can be:
-    # returns False when the run loop must take it instead.
-    take_in_hook: Callable[["Core", "ArchState | None"], bool] | None = None
+    # Taken inside a hook that just finished an instruction (no slice end): with the hook's
+    # registers, when it still holds them current.
+    take_in_hook: Callable[["Core", "HookContext | None"], None] | None = None
+
+
+class HookContext:
+    """Inside a Unicorn hook that runs an instruction itself (a world switch with no slice
+    end): the registers there, captured once from Unicorn's context copy, which stays the
+    CPU's current copy — so whoever loads new registers needs no second copy
+    (``Cpu.load(context_is_current=True)``).  World switches (SMI entry, RSM, VMRUN,
+    #VMEXIT) take one, or None from the run loop: then they capture afresh.  The hook goes
+    on with ``Core.continue_in_hook``."""
+    __slots__ = ("state",)
+
+    def __init__(self, state: "ArchState"):
+        self.state = state
 
 
 class Part(NamedTuple):
@@ -73,7 +86,7 @@ class Gate(Protocol):
 
     def check(self, insn: "Instruction") -> Any: ...        # None, a VmExit or a Fault
 
-    def take_exit(self, exit_: Any, state: "ArchState | None" = None) -> bool: ...
+    def take_exit(self, exit_: Any, hook: HookContext | None = None) -> bool: ...
 
     def event_exit(self, event: "Event", during: "Event | None") -> Any: ...
 
@@ -81,7 +94,7 @@ class Gate(Protocol):
 
 
 Executor = Callable[["Instruction"], None]
-HookExecutor = Callable[["Instruction", "ArchState"], bool]
+HookExecutor = Callable[["Instruction", HookContext], bool]
 
 
 class Msr(NamedTuple):

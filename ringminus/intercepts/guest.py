@@ -23,7 +23,7 @@ from .profiles import DEFAULT_PROFILE, profile as profile_named
 from .vmcb import V_IRQ, EventType, encode_event
 
 if TYPE_CHECKING:
-    from ..emulator.cpu import ArchState
+    from ..emulator.plugins import HookContext
     from ..emulator.machine import Core as Machine
 
 # The EXITINTINFO type of each kind of event (APM Figure 15-1): INT1/INT3/INTO count as
@@ -45,7 +45,7 @@ def exit_int_info(event: Event | None) -> int:
 class Guest:
     def __init__(self, machine: "Machine", controls: InterceptControls, profile: str = DEFAULT_PROFILE,
                  on_exit: OnExit | str = OnExit.STOP, pre_except_exits: dict | None = None,
-                 l1_exit: Callable[[VmExit, "ArchState | None"], None] | None = None):
+                 l1_exit: Callable[[VmExit, "HookContext | None"], None] | None = None):
         try:
             on_exit = OnExit(on_exit)
         except ValueError:
@@ -163,13 +163,13 @@ class Guest:
     def event_source_exit(self, exit_code: int, info1: int, rip: int) -> VmExit:
         return VmExit(exit_code, info1, rip=rip)
 
-    def take_exit(self, exit_: VmExit, state: "ArchState | None" = None) -> bool:
-        """L1 takes ``exit_``: a guest hypervisor by a #VMEXIT (``state``: L2's registers, if
-        just captured); the caller as L1 by a stop at the intercepted instruction, or
-        (on_exit skip) by going on after it.  True when the run must stop."""
+    def take_exit(self, exit_: VmExit, hook: "HookContext | None" = None) -> bool:
+        """L1 takes ``exit_``: a guest hypervisor by a #VMEXIT (inside a ``hook``, or from the
+        run loop); the caller as L1 by a stop at the intercepted instruction, or (on_exit
+        skip) by going on after it.  True when the run must stop."""
         machine = self.machine
         if self.on_exit is OnExit.L1:          # the #VMEXIT records (and counts) it
-            self.l1_exit(exit_, state)
+            self.l1_exit(exit_, hook)
             return machine.stop is not None
         if self.on_exit is OnExit.SKIP:
             record_exit(machine, exit_)

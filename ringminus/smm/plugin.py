@@ -17,7 +17,7 @@ from .world import GuestModeHook, SmmState, enter_smm, leave_smm
 
 if TYPE_CHECKING:
     from ..decode.decoder import Instruction
-    from ..emulator.cpu import ArchState
+    from ..emulator.plugins import HookContext
     from ..machine import Machine
 
 
@@ -34,7 +34,7 @@ def install(machine: "Machine", chipset: str, apm_smi: bool) -> None:
         20, "smi", _smi_pending, _smi_pending, ExitCode.SMI, _take_smi, _consume_smi,
         lambda m: int(m.profile.smi_exitinfo), take_in_hook=_take_smi_in_hook))          # F.8
     machine.add_event_hold(lambda: machine.smm.in_smm, init_only=True)     # INIT waits for RSM
-    machine.add_executor("rsm", lambda insn: _rsm(machine, insn), in_hook=lambda insn, state: _rsm_in_hook(machine, state))
+    machine.add_executor("rsm", lambda insn: _rsm(machine, insn), in_hook=lambda insn, hook: _rsm_in_hook(machine, hook))
     machine.add_miss_handler(machine.smram.hidden_at, machine.smram.reveal)
     machine.add_reported_stat("smram_swaps", lambda: machine.smram.swaps)
     machine.add_snapshot_part(Part(11, "smram", _take_smram, _put_smram,
@@ -73,26 +73,26 @@ def _consume_smi(machine: "Machine") -> None:
     machine.smm.pending = False
 
 
-def _take_smi_in_hook(machine: "Machine", state: "ArchState | None") -> None:
+def _take_smi_in_hook(machine: "Machine", hook: "HookContext | None") -> None:
     machine.smm.pending = False
-    enter_smm(machine, state)
+    enter_smm(machine, hook)
 
 
-def _rsm(machine: "Machine", insn: "Instruction", state: "ArchState | None" = None) -> None:
-    """RSM (``state``: the registers at it, if the caller has them)."""
+def _rsm(machine: "Machine", insn: "Instruction") -> None:
+    """RSM, from the run loop."""
     if not machine.smm.in_smm:
         machine.deliver(Event(Vector.UD, EventKind.EXCEPTION, insn.address))
         return
     machine.retire(1)
-    leave_smm(machine, state)
+    leave_smm(machine)
 
 
-def _rsm_in_hook(machine: "Machine", state: "ArchState") -> bool:
+def _rsm_in_hook(machine: "Machine", hook: "HookContext") -> bool:
     """RSM inside the #UD hook, as SMM handlers end: the world switch without a slice end."""
     if not machine.smm.in_smm:
         return False
     machine.retire(1)
-    leave_smm(machine, state)
+    leave_smm(machine, hook)
     machine.continue_in_hook()
     return True
 

@@ -22,6 +22,7 @@ from ..arch.registers import GPRS_BY_NUMBER, SEGMENTS_BY_NUMBER
 from ..arch.segments import FLAG_DB, FLAG_L, descriptor_flags, flags_dpl, flags_from_32, segment_flags_32
 from ..emulator.memory import MissingMemory, UnbackedMemory
 from ..emulator.paging import pae_pdpte_problem
+from ..emulator.plugins import HookContext
 from ..emulator.ports import IoAccess
 from ..arch.models import max_physical_bits
 from . import layouts as L
@@ -251,14 +252,13 @@ def _extras(machine: "Machine", codec: MapCodec) -> dict[str, int]:
     return extras
 
 
-def enter_smm(machine: "Machine", state: ArchState | None = None) -> None:
-    """Take an SMI now, at an instruction boundary (§C.2).  ``state``: the registers there,
-    if the caller has just captured them (the context copy behind them still current)."""
+def enter_smm(machine: "Machine", hook: HookContext | None = None) -> None:
+    """Take an SMI now, at an instruction boundary (§C.2), from the run loop or inside a
+    ``hook`` (emulator/plugins.HookContext)."""
     cpu, smm, profile = machine.cpu, machine.smm, machine.profile
     codec = codec_for(machine, machine.long_mode_capable)
     address = smm.smbase + L.SAVE_AREA
-    if state is None:
-        state = cpu.capture()
+    state = hook.state if hook is not None else cpu.capture()
     machine.smram.set_smm(True, touching=(smm.smbase + L.ENTRY_OFFSET, smm.smbase + L.SAVE_AREA + L.SAVE_AREA_SIZE))
     smm.in_smm = True
     try:
@@ -304,10 +304,10 @@ def _control_checks(cr0: int, cr3: int, cr4: int, efer: int, dr6: int, dr7: int,
         raise InvalidSavedState(f"{refused} (CR0 {cr0:#x}, CR3 {cr3:#x}, CR4 {cr4:#x}, EFER {efer:#x})")
 
 
-def leave_smm(machine: "Machine", current: ArchState | None = None) -> None:
+def leave_smm(machine: "Machine", hook: HookContext | None = None) -> None:
     """RSM inside SMM (§C.6): restore the saved state, or shut down.  NMIs are unblocked
     (unless the SMI came inside an NMI handler) and SMM is left before any check can fail.
-    ``current``: the registers at the RSM, if the caller has just captured them."""
+    From the run loop, or inside a ``hook`` (emulator/plugins.HookContext)."""
     cpu, smm, profile = machine.cpu, machine.smm, machine.profile
     is_64 = machine.long_mode_capable
     codec = codec_for(machine, is_64)
@@ -315,7 +315,7 @@ def leave_smm(machine: "Machine", current: ArchState | None = None) -> None:
     unblock_nmi = not smm.inside_nmi
     smm.in_smm = smm.inside_nmi = False
     machine.smram.set_smm(False)
-    state = codec.restore(current if current is not None else cpu.capture(rflags=False), area)
+    state = codec.restore(hook.state if hook is not None else cpu.capture(rflags=False), area)
     try:
         _validate(machine, state, area, is_64)
     except InvalidSavedState as why:

@@ -25,7 +25,7 @@ from .state import SvmState
 
 if TYPE_CHECKING:
     from ..decode.decoder import Instruction
-    from ..emulator.cpu import ArchState
+    from ..emulator.plugins import HookContext
     from ..machine import Machine
 
 
@@ -38,7 +38,7 @@ def install(machine: "Machine") -> None:
     machine.add_stat_keys("vmruns")
     for row in EXECUTES:
         machine.add_executor(row, lambda insn: _execute(machine, insn), in_hook=(
-            lambda insn, state: _vmrun_in_hook(machine, insn, state)) if row == "vmrun" else None)
+            lambda insn, hook: _vmrun_in_hook(machine, insn, hook)) if row == "vmrun" else None)
     machine.add_event_hold(lambda: not machine.svm.gif)
     machine.add_event_source(Source(50, "virtual interrupt", lambda m: bool(m.svm.int_ctl & V_IRQ),
                                     lambda m: bool(m.svm.int_ctl & V_IRQ) and _virtual_interrupt_ready(m),
@@ -96,18 +96,19 @@ def _execute(machine: "Machine", insn: "Instruction") -> None:
         machine.stats["vmruns"] += 1
 
 
-def _vmrun_in_hook(machine: "Machine", insn: "Instruction", state: "ArchState") -> bool:
+def _vmrun_in_hook(machine: "Machine", insn: "Instruction", hook: "HookContext") -> bool:
     """VMRUN from L1 inside a hook (its code site, once a VMCB asked for VMRUN's intercept,
     else the #UD hook), when nothing faults: the world switch without ending the slice — a
     guest hypervisor's loop.  False: the run loop must look at it."""
     # Only when none of its #UD/#GP checks can fire (then their order does not matter):
     # protected mode, not VM86, CPL 0, EFER.SVME; rAX is checked by vmcb_address.
+    state = hook.state
     if machine.gate is not None or state.cpl or not state.protected or state[At.rflags] & RFLAGS_VM \
             or not state[At.efer] & EFER_SVME:
         return False
     try:
         vmcb = vmcb_address(machine, insn, state[At.rax])
-        rip = world.vmrun(machine, vmcb, insn.next_rip, state)
+        rip = world.vmrun(machine, vmcb, insn.next_rip, hook)
     except (GuestFault, MissingMemory):
         return False                       # the run loop executes it again and reports it
     machine.retire(1)

@@ -30,7 +30,7 @@ from ..emulator.cpu import ArchState, At
 from ..arch.control import CR0_PE, RFLAGS_IF, RFLAGS_VM
 from ..emulator.delivery import Event, EventKind
 from ..emulator.memory import MissingMemory, UnbackedMemory
-from ..emulator.plugins import OnExit
+from ..emulator.plugins import HookContext, OnExit
 from ..emulator.result import StopReason
 from ..intercepts.checker import VmExit
 from ..intercepts.guest import record_exit
@@ -254,15 +254,14 @@ def _candidate(machine: "Machine", save: tuple, control: dict[str, int]) -> Vmru
 
 # -- VMRUN ----------------------------------------------------------------------------------------
 
-def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, host: ArchState | None = None) -> int:
+def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, hook: HookContext | None = None) -> int:
     """VMRUN with rAX = ``vmcb_pa`` (already checked: page-aligned, inside the physical
-    address width) from L1 at CPL 0; L1 resumes at ``next_rip`` after the #VMEXIT.  ``host``:
-    the registers at the VMRUN, if the caller has just captured them (the context copy
-    behind them still current).  Returns the RIP the CPU goes on at."""
+    address width) from L1 at CPL 0; L1 resumes at ``next_rip`` after the #VMEXIT.  From
+    the run loop, or inside a ``hook`` (emulator/plugins.HookContext).  Returns the RIP the
+    CPU goes on at."""
     cpu, svm = machine.cpu, machine.svm
-    current = host is not None
-    if host is None:
-        host = cpu.capture()
+    current = hook is not None
+    host = hook.state if hook is not None else cpu.capture()
     host[At.rip] = next_rip
     svm.host = tuple(host)
     if machine.profile.host_save_in_memory:
@@ -292,7 +291,7 @@ def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, host: ArchState | Non
     svm.vmcb_pa, svm.asid, svm.gif = vmcb_pa, control["guest_asid"], True
     svm.int_ctl, svm.v_intr_vector = int_ctl, control["v_intr_vector"]
     machine.tsc.offset = control["tsc_offset"]
-    enter_guest(machine, controls, on_exit=OnExit.L1, l1_exit=lambda exit_, state: vmexit_to_l1(machine, exit_, state))
+    enter_guest(machine, controls, on_exit=OnExit.L1, l1_exit=lambda exit_, hook: vmexit_to_l1(machine, exit_, hook))
     if control["eventinj"] & EVENT_VALID:
         _inject(machine, control["eventinj"], guest[At.rip])
         return machine.cpu.rip
@@ -355,15 +354,14 @@ def _inject(machine: "Machine", eventinj: int, rip: int) -> None:
 
 # -- #VMEXIT --------------------------------------------------------------------------------------
 
-def vmexit(machine: "Machine", exit_: VmExit, guest: ArchState | None = None) -> int:
-    """Leave L2 for L1 with ``exit_`` (§B.6).  ``guest``: the L2 registers at the exit, if the
-    caller has just captured them (the context copy behind them still current).  Returns
-    the RIP L1 goes on at."""
+def vmexit(machine: "Machine", exit_: VmExit, hook: HookContext | None = None) -> int:
+    """Leave L2 for L1 with ``exit_`` (§B.6), from the run loop or inside a ``hook``
+    (emulator/plugins.HookContext: L2's registers at the exit).  Returns the RIP L1 goes on
+    at."""
     cpu, svm = machine.cpu, machine.svm
     vmcb_pa = svm.vmcb_pa
-    current = guest is not None
-    if guest is None:
-        guest = cpu.capture()
+    current = hook is not None
+    guest = hook.state if hook is not None else cpu.capture()
     guest[At.rip] = exit_.rip
     _write_back(machine, vmcb_pa, exit_, guest)
     host = guest                                    # the guest's registers are in the VMCB now
@@ -386,11 +384,11 @@ def vmexit(machine: "Machine", exit_: VmExit, guest: ArchState | None = None) ->
     return host[At.rip]
 
 
-def vmexit_to_l1(machine: "Machine", exit_: VmExit, state: ArchState | None = None) -> None:
+def vmexit_to_l1(machine: "Machine", exit_: VmExit, hook: HookContext | None = None) -> None:
     """L1 (the guest's own hypervisor) takes ``exit_``: the #VMEXIT, RIP set through the API
     (inside a hook — an OUT's #GP intercepted, say — Unicorn must leave L2's block)."""
     try:
-        machine.cpu.rip = vmexit(machine, exit_, state)
+        machine.cpu.rip = vmexit(machine, exit_, hook)
     except VmcbMemoryError as missing:
         machine.request_stop(StopReason.MEMORY, detail=f"#VMEXIT: {missing}")
 
@@ -432,4 +430,4 @@ def resume_after_rsm(machine: "Machine", vmcb_pa: int) -> None:
     svm.v_intr_masking = bool(svm.int_ctl & V_INTR_MASKING)
     machine.tsc.offset = control["tsc_offset"]
     enter_guest(machine, intercept_controls(machine, control), on_exit=OnExit.L1,
-                l1_exit=lambda exit_, state: vmexit_to_l1(machine, exit_, state))
+                l1_exit=lambda exit_, hook: vmexit_to_l1(machine, exit_, hook))
