@@ -14,7 +14,7 @@ intercepts' last exit; a forwarded hypercall).  What they hold, and why each is 
 * SMM and SVM state; the guest run by the guest's own hypervisor (a copy: its MONITOR state
   changes as it runs), or, for a guest the caller entered, only its MONITOR state — the
   guest itself and its intercepts belong to the caller;
-* pending events (NMI, INTR vectors, the halt), the instruction-indexed events still
+* pending events (NMI, INIT, INTR vectors, the halt), the instruction-indexed events still
   scheduled with their callbacks and the order number the next one gets, the event log, a
   forwarded hypercall awaiting ``resume``, the exit ``skip_instruction`` would skip, the
   breakpoint the machine stopped at (the next run passes it);
@@ -22,8 +22,8 @@ intercepts' last exit; a forwarded hypercall).  What they hold, and why each is 
 * every counter ``result().stats`` reports — the machine's, the port bus's, the unclaimed
   ports, SMRAM swaps — restored, not added to: a replay counts from the snapshot's values,
   so it reports what the first run reported;
-* the chipset's registers (PCI configuration, the PCI address latch, APM status, ICH9's
-  SMI_EN and PMBASE, whose I/O ports it re-registers);
+* the PCI bus: the address latch and every function's configuration space (BARs are placed
+  again from it); the chipset's APM status and ICH9's SMI_EN, whose ports follow PMBASE;
 * the run loop's arming state: an instruction being stepped over (a code site run alone in
   a one-instruction slice), the opcodes flagged for code sites (the interrupt-window ones
   are added by the first ``raise_intr``, and the adding reads translated code, which may

@@ -1,0 +1,30 @@
+"""The core alone (emulator.Core, no feature plugged in) is a working machine: it runs,
+reports, delivers its own events and takes snapshots; what features add is absent, not
+broken."""
+import pytest
+
+from ringminus import Machine
+from ringminus.emulator import Core, StopReason
+
+from ..helpers import asm
+
+
+def test_the_core_runs_without_features():
+    core = Core(memory_size=2 << 20)
+    core.write_memory(0x7C00, asm("mov al, 0x48; out 0xe9, al; int 0x80; hlt", 16, 0x7C00))
+    core.write_memory(0x80 * 4, (0x7E00).to_bytes(2, "little") + b"\0\0")       # IVT 0x80 -> 0:7E00
+    core.write_memory(0x7E00, asm("inc bx; iret", 16, 0x7E00))
+    core.boot("real", 0x7C00)
+    snap = core.snapshot()
+    result = core.run()
+    assert result.stop.reason is StopReason.HLT and result.console == "H" and result.regs["rbx"] & 0xFFFF == 1
+    assert set(result.as_dict()) == {"stop", "regs", "console", "instructions", "stats", "events"}
+    core.restore(snap)
+    assert core.run().as_dict() == result.as_dict()
+
+
+def test_the_core_rejects_a_snapshot_from_a_machine_with_other_features():
+    machine = Machine(memory_size=2 << 20)
+    core = Core(memory_size=2 << 20)
+    with pytest.raises(ValueError, match="features"):
+        core.restore(machine.snapshot())
