@@ -1,5 +1,5 @@
 """What a feature attaches to the core (the machine knows no feature: SMM, SVM, the intercepts
-and the hypercall conduit plug in here, through ``Core.plug``).
+and the hypercall conduit plug in here, through the ``add_…`` methods of ``Registry``).
 
 A feature's ``install(machine)`` registers, each optional:
 
@@ -14,7 +14,7 @@ A feature's ``install(machine)`` registers, each optional:
 * **memory-miss handlers** (an access to a hidden view maps it: SMRAM).
 
 The dispatch is dictionary lookups and tuples built once, as cheap as the if-chains it
-replaces.  ``Services`` lists what a feature may use of the core.
+replaces.  ``SERVICES`` lists what a feature may use of the core.
 """
 from __future__ import annotations
 
@@ -79,16 +79,20 @@ class OnExit(Enum):
 
 class Gate(Protocol):
     """The guest-mode gate: while a guest runs as L2, what its L1 intercepts, and how L1
-    takes an exit (intercepts.gate implements it)."""
+    takes an exit (intercepts.guest.Guest implements it)."""
     on_exit: OnExit
 
     def intercepts(self, exit_code: int) -> bool: ...
 
-    def check(self, insn: "Instruction") -> Any: ...        # None, a VmExit or a Fault
+    def check(self, insn: "Instruction") -> Any: ...        # None, an exit, or a GuestFault
 
-    def take_exit(self, exit_: Any, hook: HookContext | None = None) -> bool: ...
+    def take_exit(self, exit_: Any, hook: HookContext | None = None) -> bool: ...   # True: the run stops
 
-    def event_exit(self, event: "Event", during: "Event | None") -> Any: ...
+    def record_exit(self, exit_: Any) -> None: ...           # an exit the caller-L1 handled already
+
+    def event_exit(self, event: "Event", during: "Event | None") -> Any: ...     # an exception intercept
+
+    def event_source_exit(self, exit_code: int, info1: int, rip: int) -> Any: ...   # INTR, NMI, SMI…
 
     def shutdown_exit(self, rip: int) -> Any: ...
 
