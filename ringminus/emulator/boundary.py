@@ -62,21 +62,25 @@ CORE_SOURCES = (
 
 
 def take_pending_event(machine: "Core") -> bool:
-    """Take the first ready source, or its #VMEXIT.  False when the run must stop."""
-    if machine.events_held():
-        return True
-    for source in machine._sources:
-        if source.ready(machine):
-            if machine.intercepted(source.exit_code):
-                machine.halted = False
-                gate = machine.gate
-                exit_ = gate.event_source_exit(source.exit_code, source.exit_info1(machine), machine.cpu.rip)
-                if gate.on_exit is OnExit.SKIP:     # the caller, as L1, handled the event:
-                    source.consume(machine)         # no instruction to skip, RIP stays
-                    gate.record_exit(exit_)
-                else:
-                    gate.take_exit(exit_)
-            else:
-                source.take(machine)
+    """Take the first ready source, or its #VMEXIT.  False when the run must stop.  An event
+    the caller, as L1, handled (on_exit skip) leaves the CPU where it was: the sources are
+    looked at again at the same boundary, so where a run is cut never decides what is taken
+    (each such exit consumes its event: the loop ends)."""
+    while not machine.events_held():
+        source = next((source for source in machine._sources if source.ready(machine)), None)
+        if source is None:
+            break
+        if not machine.intercepted(source.exit_code):
+            source.take(machine)
+            break
+        machine.halted = False
+        gate = machine.gate
+        exit_ = gate.event_source_exit(source.exit_code, source.exit_info1(machine), machine.cpu.rip)
+        if gate.on_exit is not OnExit.SKIP:
+            gate.take_exit(exit_)
+            break
+        source.consume(machine)                 # the caller, as L1, handled the event:
+        gate.record_exit(exit_)                 # no instruction to skip, RIP stays
+        if machine.stop is not None:
             break
     return machine.stop is None

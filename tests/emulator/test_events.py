@@ -1,12 +1,15 @@
 """Exact instruction counting, instruction-indexed events, HLT and the internals self-check."""
 import io
 
+import pytest
+
 from ringminus import Machine, StopReason
 from ringminus.emulator import ucinternals
 from ringminus.emulator.boot import IDT_BASE
 from ringminus.arch.segments import SYS_TRAP_GATE, pack_gate
+from ringminus.intercepts import ExitCode, InterceptControls
 
-from ..helpers import asm, boot_guest
+from ..helpers import add_smram, asm, boot_guest
 
 PROGRAM = """
     mov eax, 1
@@ -117,3 +120,22 @@ def test_cr2_survives_the_end_of_a_run_with_paging():
     machine.write_memory(0x100000, asm("mov rax, 0x1234; mov cr2, rax; hlt", 64, 0x100000))
     machine.boot("long", 0x100000)
     assert machine.run().regs["cr2"] == 0x1234
+
+
+@pytest.mark.parametrize("pieces", [(100,), (5, 95), (3, 4, 93)])
+def test_after_a_skipped_event_exit_the_next_pending_event_is_taken_at_the_same_boundary(pieces):
+    # INIT (intercepted; the caller as L1 skips it) and an SMI arrive together: the SMI is
+    # taken at that boundary, however the run is cut.
+    machine = add_smram(boot_guest("l: inc ax; jmp l"))
+    controls = InterceptControls()
+    controls.set(ExitCode.INIT)
+    machine.enter_guest(controls, on_exit="skip")
+
+    def init_and_smi(m):
+        m.raise_init()
+        m.raise_smi()
+    machine.at_instruction(5, init_and_smi)
+    for piece in pieces:
+        result = machine.run(max_instructions=piece)
+    kinds = [(e["kind"], e.get("name"), e.get("instructions")) for e in result.events]
+    assert kinds[:2] == [("vmexit", "init", None), ("smi", None, 5)]
