@@ -2,14 +2,16 @@
 Unicorns set up outside the timed region, best-of-N, the command line, and the JSON file.
 
 Run a benchmark as ``python benchmarks/X.py``: its directory is then first on ``sys.path``, so
-``import common`` finds this module, which puts the repository root there for ``ringminus``.
+``import common`` finds this module, which puts the repository root there for ``ringminus``
+(or the tree ``RINGMINUS_TREE`` names: compare.py measures another commit with these scripts).
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, os.environ.get("RINGMINUS_TREE") or str(Path(__file__).resolve().parents[1]))
 
 import unicorn  # noqa: E402
 from keystone import KS_ARCH_X86, KS_MODE_16, KS_MODE_32, KS_MODE_64, Ks  # noqa: E402
