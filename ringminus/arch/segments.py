@@ -127,6 +127,16 @@ def flags_from_32(word: int, shifted: bool) -> int:
     return (word & ATTRIBUTES_MASK) << 8 if shifted else word & FLAGS_MASK
 
 
+# The two conversions above as expressions over a variable, for generated code (the SMRAM map
+# codecs inline them: a call per segment would cost microseconds per world switch).
+def segment_flags_32_expression(flags: str, shifted: bool) -> str:
+    return f"({flags} >> 8) & {ATTRIBUTES_MASK:#x}" if shifted else f"{flags} & {FLAGS_MASK:#x}"
+
+
+def flags_from_32_expression(word: str, shifted: bool) -> str:
+    return f"({word} & {ATTRIBUTES_MASK:#x}) << 8" if shifted else f"{word} & {FLAGS_MASK:#x}"
+
+
 def vmcb_attrib_from_flags(flags: int) -> int:
     """The VMCB 12-bit attrib of a descriptor-cache flags word (limit 19:16 dropped)."""
     return (flags >> 8) & 0x0FF | (flags >> 12) & 0xF00

@@ -126,6 +126,10 @@ class Cpu:
             state[At.efer] |= EFER_SVME
         return state
 
+    def fill_rflags(self, state: "ArchState") -> None:
+        """RFLAGS into a state captured with ``rflags=False``."""
+        state[At.rflags] = self.fast.read(X.UC_X86_REG_RFLAGS)
+
     def load(self, state: "ArchState", context_is_current: bool = False) -> None:
         """Make ``state`` the CPU's, mode, CPL and NMI blocking included: one context round
         trip for what the register API cannot set, the C API for what QEMU must react to

@@ -564,8 +564,8 @@ class Core(Registry):
 
     def _on_invalid_opcode(self, uc: Uc, _data) -> bool:
         if self._switch_in_hooks and self._hook_executors:     # RSM, VMRUN: a world switch right here
-            hook = HookContext(self.cpu.capture())
-            insn = self.decode_at(hook.state)
+            hook = HookContext(self.cpu.capture(rflags=False), self.cpu)     # RFLAGS if asked
+            insn = self.decode_at(hook.state_without_rflags)
             execute = self._hook_executors.get(insn.row.name) if insn is not None else None
             if execute is not None and execute(insn, hook):
                 return True

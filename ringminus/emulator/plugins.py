@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from ..decode.decoder import Instruction
-    from .cpu import ArchState
+    from .cpu import ArchState, Cpu
     from .delivery import Event
     from .machine import Core
     from .result import Section, Stop
@@ -53,11 +53,24 @@ class HookContext:
     CPU's current copy — so whoever loads new registers needs no second copy
     (``Cpu.load(context_is_current=True)``).  World switches (SMI entry, RSM, VMRUN,
     #VMEXIT) take one, or None from the run loop: then they capture afresh.  The hook goes
-    on with ``Core.continue_in_hook``."""
-    __slots__ = ("state",)
+    on with ``Core.continue_in_hook``.  Given ``cpu``, RFLAGS is read on first use of
+    ``state`` only (a call into QEMU's lazy flags: RSM, which replaces it, never asks)."""
+    __slots__ = ("_state", "_cpu")
 
-    def __init__(self, state: "ArchState"):
-        self.state = state
+    def __init__(self, state: "ArchState", cpu: "Cpu | None" = None):
+        self._state, self._cpu = state, cpu
+
+    @property
+    def state(self) -> "ArchState":
+        if self._cpu is not None:
+            self._cpu.fill_rflags(self._state)
+            self._cpu = None
+        return self._state
+
+    @property
+    def state_without_rflags(self) -> "ArchState":
+        """The registers, RFLAGS as captured (0 when ``cpu`` was given): for RSM."""
+        return self._state
 
 
 class Part(NamedTuple):

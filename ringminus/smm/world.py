@@ -8,7 +8,6 @@ an invalid state ends in shutdown with the reason recorded.
 """
 from __future__ import annotations
 
-import functools
 import struct
 from collections import namedtuple
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from ..arch.control import CR0_EM, CR0_PE, CR0_PG, CR0_TS, CR4_PAE, EFER_LMA, EF
 from ..binlayout import STRUCT_CODES
 from ..emulator.ucinternals import HF2_NMI_MASK, HF_CPL_MASK, HF_INHIBIT_IRQ
 from ..arch.registers import GPRS_BY_NUMBER, SEGMENTS_BY_NUMBER
-from ..arch.segments import FLAG_DB, FLAG_L, descriptor_flags, flags_dpl, flags_from_32, segment_flags_32
+from ..arch.segments import (FLAG_DB, FLAG_L, descriptor_flags, flags_dpl, flags_from_32_expression,
+                             segment_flags_32_expression)
 from ..emulator.memory import MissingMemory, UnbackedMemory
 from ..emulator.paging import pae_pdpte_problem
 from ..emulator.plugins import HookContext
@@ -126,7 +126,7 @@ class MapCodec:
         narrow = " & 0xFFFFFFFF" if layout is L.SMRAM_STATE_32 else ""    # 64-bit registers into u4 fields
         # pack(s, **extras): each map field from register s[i], or an extra (0 unless given)
         # (segment attributes through arch.segments, the one home of their encodings)
-        encode = "_encode(s[{}])"
+        encode = segment_flags_32_expression("s[{}]", shifted)
         # Extras are masked to their field's width: a 32-bit map's I/O-restart fields take
         # the low halves of 64-bit registers.
         width_masks = [hex((1 << 8 * (stop - start)) - 1) for start, stop in self.spans]
@@ -134,7 +134,7 @@ class MapCodec:
                       encode.format(STATE_NAMES.index(attributes[name])) if name in attributes else
                       f"{name.replace('.', '_')} & {mask}" for name, mask in zip(self.names, width_masks)]
         # restore(s, a): each register from map field a[k], or kept from s
-        decode = "_decode(a[{}])"
+        decode = flags_from_32_expression("a[{}]", shifted)
         sources = {STATE_NAMES.index(register): f"a[{at}]" for at, name in enumerate(self.names)
                    for register in [plan.get(name)] if register}
         sources.update({STATE_NAMES.index(register): decode.format(at) for at, name in enumerate(self.names)
@@ -152,9 +152,7 @@ class MapCodec:
         # are nothing but subscripts.
         self.source = (f"def pack(s, *, {extras}):\n    s = s[:]\n    return _pack({', '.join(fields_out)})\n"
                        f"def restore(s, a):\n    s, a = s[:], a[:]\n    return _ArchState(({', '.join(registers_in)},))\n")
-        namespace = {"_pack": self.struct.pack, "_ArchState": ArchState,
-                     "_encode": functools.partial(segment_flags_32, shifted=shifted),
-                     "_decode": functools.partial(flags_from_32, shifted=shifted)}
+        namespace = {"_pack": self.struct.pack, "_ArchState": ArchState}
         exec(compile(self.source, f"<MapCodec {layout is L.SMRAM_STATE_64 and 64 or 32}-bit {profile.name}>", "exec"),
              namespace)
         self._pack, self.restore = namespace["pack"], namespace["restore"]
@@ -315,7 +313,7 @@ def leave_smm(machine: "Machine", hook: HookContext | None = None) -> None:
     unblock_nmi = not smm.inside_nmi
     smm.in_smm = smm.inside_nmi = False
     machine.smram.set_smm(False)
-    state = codec.restore(hook.state if hook is not None else cpu.capture(rflags=False), area)
+    state = codec.restore(hook.state_without_rflags if hook is not None else cpu.capture(rflags=False), area)
     try:
         _validate(machine, state, area, is_64)
     except InvalidSavedState as why:
