@@ -495,6 +495,9 @@ class Core(Registry):
         """Deliver an event through the IVT/IDT now (wakes a halted CPU).  ``injected``:
         VMRUN's EVENTINJ, which L1's exception intercepts do not see."""
         self.halted = False
+        # The breakpoint a run started at is passed once; an event leaves it, and coming back
+        # is a new arrival (a faulting instruction there never fires its code hook).
+        self._resuming_at_breakpoint = None
         self._events_this_run += 1
         record = {"kind": event.kind.value, "vector": event.vector, "rip": event.instruction_rip
                   if event.instruction_rip is not None else event.return_rip}

@@ -29,16 +29,18 @@ def install(machine: "Machine") -> None:
 
 
 def enter_guest(machine: "Machine", controls: InterceptControls, profile: str | None = None,
-                on_exit: OnExit | str = OnExit.STOP, l1_exit=None) -> None:
+                on_exit: OnExit | str = OnExit.STOP, l1_exit=None, arm: bool = True) -> None:
     """Run the guest as L2 under ``controls``: the caller plays L1 (``on_exit`` stop or skip),
     or the guest's own VMRUN does (l1, with ``l1_exit`` its #VMEXIT).  Only the intercepts
     that are set are armed (sites stay armed afterwards: an armed site only costs a callback
-    where it runs).  ``profile`` (default: the machine's) also becomes the machine's profile."""
+    where it runs).  ``profile`` (default: the machine's) also becomes the machine's profile.
+    ``arm=False``: the sites are armed already (a snapshot being restored)."""
     if profile is not None:
         machine.profile = profile_named(profile)
     name = machine.profile.name
     machine.gate = Guest(machine, controls, name, on_exit, machine.checker_caches.setdefault(name, {}), l1_exit)
-    machine.arm_opcodes(site_opcodes(controls.vector))
+    if arm:
+        machine.arm_opcodes(site_opcodes(controls.vector))
 
 
 def leave_guest(machine: "Machine") -> None:

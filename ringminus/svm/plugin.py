@@ -146,15 +146,19 @@ def _consume_virtual_interrupt(machine: "Machine") -> None:
 
 
 def _take_svm(machine: "Machine") -> tuple:
+    """SVM's state; the guest the guest's own hypervisor runs (its controls: it is built again
+    for the machine restored, which need not be this one); MONITOR's arming."""
     guest = machine.gate
-    own = copy.copy(guest) if machine.svm.guest_mode and guest is not None else None
+    own = guest.controls if machine.svm.guest_mode and guest is not None else None
     return copy.copy(machine.svm), own, guest.monitor_armed if guest is not None else False
 
 
 def _put_svm(machine: "Machine", state: tuple) -> None:
     svm, own, monitor_armed = state
     machine.svm = copy.copy(svm)
-    if own is not None or machine.gate is not None and machine.gate.on_exit is OnExit.L1:
-        machine.gate = copy.copy(own)      # a guest the caller entered stays the caller's
+    if own is not None:
+        world.run_as_l2(machine, own, arm=False)
+    elif machine.gate is not None and machine.gate.on_exit is OnExit.L1:
+        machine.gate = None                # (a guest the caller entered stays the caller's)
     if machine.gate is not None:
         machine.gate.monitor_armed = monitor_armed

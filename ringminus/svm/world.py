@@ -291,7 +291,7 @@ def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, hook: HookContext | N
     svm.vmcb_pa, svm.asid, svm.gif = vmcb_pa, control["guest_asid"], True
     svm.int_ctl, svm.v_intr_vector = int_ctl, control["v_intr_vector"]
     machine.tsc.offset = control["tsc_offset"]
-    enter_guest(machine, controls, on_exit=OnExit.L1, l1_exit=lambda exit_, hook: vmexit_to_l1(machine, exit_, hook))
+    run_as_l2(machine, controls)
     if control["eventinj"] & EVENT_VALID:
         _inject(machine, control["eventinj"], guest[At.rip])
         return machine.cpu.rip
@@ -384,6 +384,13 @@ def vmexit(machine: "Machine", exit_: VmExit, hook: HookContext | None = None) -
     return host[At.rip]
 
 
+def run_as_l2(machine: "Machine", controls: InterceptControls, arm: bool = True) -> None:
+    """The guest runs as L2 under ``controls``, its exits #VMEXITs into this machine's L1
+    (``arm=False``: its sites are armed already — a snapshot being restored)."""
+    enter_guest(machine, controls, on_exit=OnExit.L1, l1_exit=lambda exit_, hook: vmexit_to_l1(machine, exit_, hook),
+                arm=arm)
+
+
 def vmexit_to_l1(machine: "Machine", exit_: VmExit, hook: HookContext | None = None) -> None:
     """L1 (the guest's own hypervisor) takes ``exit_``: the #VMEXIT, RIP set through the API
     (inside a hook — an OUT's #GP intercepted, say — Unicorn must leave L2's block)."""
@@ -429,5 +436,4 @@ def resume_after_rsm(machine: "Machine", vmcb_pa: int) -> None:
     svm.int_ctl, svm.v_intr_vector = control["int_ctl"], control["v_intr_vector"]
     svm.v_intr_masking = bool(svm.int_ctl & V_INTR_MASKING)
     machine.tsc.offset = control["tsc_offset"]
-    enter_guest(machine, intercept_controls(machine, control), on_exit=OnExit.L1,
-                l1_exit=lambda exit_, hook: vmexit_to_l1(machine, exit_, hook))
+    run_as_l2(machine, intercept_controls(machine, control))

@@ -232,8 +232,9 @@ def test_an_invalid_opcode_frame_holds_the_flags_before_it(between, pieces):
 # Seeds that found a class once: 0 (flags at a fault), 59 (a run starting at a breakpoint),
 # 114 and 2004 (SMRAM views and swaps), 10151 (re-arming after restore), 10372 (flags at a
 # memory stop), 70660 (flags at an invalid opcode), 80372 and 81464 (an SMI raised by OUTS),
-# 3002302 (an SMI pending when a skipped INIT exit consumed its event).
-@pytest.mark.parametrize("seed", [0, 3, 59, 114, 2004, 10151, 10372, 70660, 80372, 81464, 3002302])
+# 3002302 (an SMI pending when a skipped INIT exit consumed its event), 3102854 (a guest-mode
+# snapshot restored into another machine), 3103452 (a breakpoint on a faulting instruction).
+@pytest.mark.parametrize("seed", [0, 3, 59, 114, 2004, 10151, 10372, 70660, 80372, 81464, 3002302, 3102854, 3103452])
 def test_replay_campaign_seeds(seed):
     load("replay").one_run(seed)
 
