@@ -456,8 +456,7 @@ class Run:
         self.expected_slots: dict[int, tuple[int | None, Step]] = {}
         for number, steps in enumerate(self.outside):
             stop_at = self.simulate(steps, in_smm=False)
-            result = machine.run(max_instructions=BUDGET, timeout=RUN_TIMEOUT)
-            check_run(machine, result)
+            result = _bounded_run(machine)
             if self._ended(result, stop_at, f"outside phase {number}"):
                 return
             if number == len(self.outside) - 1:
@@ -470,8 +469,7 @@ class Run:
             model.forget(self.save_area[0], L.SAVE_AREA_SIZE, in_smm=True)   # the SMI wrote its map
             self.compare(f"after outside phase {number} (in SMM)", in_smm=True)
             stop_at = self.simulate(self.smm, in_smm=True)
-            result = machine.run(max_instructions=BUDGET, timeout=RUN_TIMEOUT)
-            check_run(machine, result)
+            result = _bounded_run(machine)
             if self._ended(result, stop_at, "the SMM phase"):
                 return
             self._expect_breakpoint(result, "the return from RSM", in_smm=False)
@@ -512,9 +510,27 @@ class Run:
         return True
 
 
+class HostStalled(Exception):
+    """A run of a few hundred instructions met its wall-clock timeout: the host stalled (it
+    was suspended, say).  Nothing to compare: the seed is inconclusive."""
+
+
+def _bounded_run(machine: Machine):
+    before = (machine.instructions, len(machine.events))
+    result = machine.run(max_instructions=BUDGET, timeout=RUN_TIMEOUT)
+    if result.stop.reason is StopReason.TIMEOUT and result.instructions is not None \
+            and result.instructions - before[0] + len(result.event_log) - before[1] <= BUDGET:
+        raise HostStalled(f"timeout at rip {result.stop.rip:#x} before the run's bound")
+    check_run(machine, result, before=before, budget=BUDGET)
+    return result
+
+
 def one_run(seed: int) -> None:
     run = Run(seed)
     run.build()
-    run.run()
+    try:
+        run.run()
+    except HostStalled:
+        return
     if run.deferred is not None:
         raise run.deferred
