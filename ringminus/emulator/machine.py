@@ -171,7 +171,7 @@ class Core(Registry):
         self._armed_epoch = -1                      # paging_epoch when the last run ended
         self._armed_spaces: dict[tuple, int] = {}  # address space -> how many sites are armed there
         Registry.__init__(self, boundary.CORE_SOURCES, CORE_PARTS, STAT_KEYS)     # what features attach
-        self.intr_unmasked = self._intr_unmasked
+        self.intr_unmasked: Callable[[], bool] = self._intr_unmasked     # SVM: set_intr_unmasked
         self.delivery.intercept = self._intercept_event
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
@@ -344,14 +344,7 @@ class Core(Registry):
         """Run ``request(machine)`` at the next instruction boundary.  Safe from any thread (a
         device's worker, a GUI): the running slice ends soon after."""
         self._posted.append(request)
-        self.uc.emu_stop()
-        if self._running:
-            threading.Thread(target=self._stop_until_posted_seen, daemon=True).start()
-
-    def _stop_until_posted_seen(self) -> None:
-        while self._posted and self._running:
-            self.uc.emu_stop()
-            time.sleep(0.01)
+        self._stop_from_outside(lambda: bool(self._posted))
 
     def _stop_after_mmio(self) -> None:
         ctx = self.cpu.context.snapshot()
@@ -475,9 +468,7 @@ class Core(Registry):
         Unicorn runs with the GIL released, so a signal handler never runs during a tight
         guest loop, but a thread that waits for the signal can call this (the CLI does)."""
         self._interrupt_requested = True
-        self.uc.emu_stop()
-        if self._running:          # a stop that falls between two slices is lost: repeat it
-            threading.Thread(target=self._stop_until_seen, daemon=True).start()
+        self._stop_from_outside(lambda: self._interrupt_requested)
 
     @classmethod
     def interrupt_all(cls) -> None:
@@ -486,8 +477,16 @@ class Core(Registry):
         for machine in list(cls._running_machines):
             machine.interrupt()
 
-    def _stop_until_seen(self) -> None:
-        while self._interrupt_requested and self._running:
+    def _stop_from_outside(self, unseen: Callable[[], bool]) -> None:
+        """End the running slice for a request made from another thread.  A stop that falls
+        between two slices is lost: a helper thread repeats it while the run goes on and the
+        loop has not seen the request (``unseen()``)."""
+        self.uc.emu_stop()
+        if self._running:
+            threading.Thread(target=self._repeat_stop, args=(unseen,), daemon=True).start()
+
+    def _repeat_stop(self, unseen: Callable[[], bool]) -> None:
+        while unseen() and self._running:
             self.uc.emu_stop()
             time.sleep(0.01)
 

@@ -143,7 +143,6 @@ class Registry:
         self._stat_keys = stat_keys
         self._reported_stats: tuple[tuple[str, Callable[[], object]], ...] = ()
         self._cpuid: Callable[[], dict] = dict
-        self.intr_unmasked: Callable[[], bool] = lambda: True
 
     def add_executor(self, row: str, execute: Executor, in_hook: HookExecutor | None = None) -> None:
         """``execute(insn)`` runs decode-table row ``row`` when Unicorn cannot (after the

@@ -32,7 +32,7 @@ def install(machine: "Machine", chipset: str, apm_smi: bool) -> None:
     machine.chipset = Chipset(chipset, machine.smram, machine.ports, machine.pci, lambda: raise_smi(machine), apm_smi)
     machine.add_event_source(Source(
         20, "smi", _smi_pending, _smi_pending, ExitCode.SMI, _take_smi, _consume_smi,
-        lambda m: int(m.profile.smi_exitinfo), take_in_hook=_take_smi_in_hook))          # F.8
+        lambda m: int(m.profile.smi_exitinfo), take_in_hook=_take_smi))          # F.8
     machine.add_event_hold(lambda: machine.smm.in_smm, init_only=True)     # INIT waits for RSM
     machine.add_executor("rsm", lambda insn: _rsm(machine, insn), in_hook=lambda insn, hook: _rsm_in_hook(machine, hook))
     machine.add_miss_handler(machine.smram.hidden_at, machine.smram.reveal)
@@ -64,18 +64,14 @@ def _smi_pending(machine: "Machine") -> bool:
     return machine.smm.pending and not machine.smm.in_smm
 
 
-def _take_smi(machine: "Machine") -> None:
+def _take_smi(machine: "Machine", hook: "HookContext | None" = None) -> None:
+    """From the run loop, or inside a ``hook`` that just finished an instruction."""
     machine.smm.pending = False
-    enter_smm(machine)                      # an SMI also ends a halt
+    enter_smm(machine, hook)                # an SMI also ends a halt
 
 
 def _consume_smi(machine: "Machine") -> None:
     machine.smm.pending = False
-
-
-def _take_smi_in_hook(machine: "Machine", hook: "HookContext | None") -> None:
-    machine.smm.pending = False
-    enter_smm(machine, hook)
 
 
 def _rsm(machine: "Machine", insn: "Instruction") -> None:
