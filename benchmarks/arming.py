@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     results["bss_stack"] = {**bss, "exits_per_s": rate, "bare_exits_per_s": bare_rate,
                             "bare_watched_exits_per_s": watched_rate, "ratio": rate / bare_rate,
                             "watched_write_callbacks": extra["write_callbacks"]}
-    print(f"\nstack in a 12 MiB .bss: L2 loop, a CPUID exit (skipped) and 4 stack writes per iteration")
+    print("\nstack in a 12 MiB .bss: L2 loop, a CPUID exit (skipped) and 4 stack writes per iteration")
     print(f"  ringminus:                               {rate:>10,.0f} exits/s  ({bss['code_hooks']} code hooks, "
           f"{bss['write_hooks']} write hooks, {bss['blocks_searched']} blocks searched)")
     print(f"  bare Unicorn, one hook skipping CPUID:   {bare_rate:>10,.0f} exits/s")
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     fires = 100_000
     blocks = 20_000
     rows = []
-    print(f"\nbare Unicorn hook list: K idle one-address code hooks")
+    print("\nbare Unicorn hook list: K idle one-address code hooks")
     print(f"  {'K':>6} {'us per hook call':>17} {'us per block translated':>24}")
     for idle in HOOK_COUNTS:
         fire_s, _ = best(lambda: fire_cost(idle, fires), args.repeat)

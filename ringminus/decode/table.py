@@ -165,6 +165,16 @@ for _row in ROWS:
 
 
 EXECUTED_ROWS = frozenset(row.name for row in ROWS if row.flags & Flag.EXEC)
+ROWS_BY_NAME = {row.name: row for row in ROWS}
+
+
+def fixed_encoding(name: str) -> bytes | None:
+    """Every byte of row ``name`` written without prefixes, when nothing in it varies (no
+    mandatory prefix, ModRM absent or exact, no immediate): RSM, VMRUN, VMMCALL…"""
+    row = ROWS_BY_NAME[name]
+    if row.prefix is not None or row.immediate or (row.modrm is not None and not isinstance(row.modrm, int)):
+        return None
+    return row.opcode + (bytes([row.modrm]) if row.modrm is not None else b"")
 
 
 @functools.lru_cache(maxsize=256)

@@ -48,7 +48,7 @@ from .memory import ROM, MissingMemory, PhysicalMemory, UnbackedMemory
 from .mmio import MmioBus, MmioDevice, MmioRegion
 from .paging import LinearMemory
 from .pci import PciBus
-from .plugins import Gate, HookContext, Msr, OnExit, Registry
+from .plugins import Gate, HookContext, Msr, OnExit, Registry, Source
 from .ports import DEBUGCON_PORT, EXIT_PORT, DebugConsole, ExitDevice, IoAccess, PortBus, io_permitted
 from .result import RunResult, Stop, StopReason
 from .sites import CodeSites
@@ -567,7 +567,7 @@ class Core(Registry):
     def _on_invalid_opcode(self, uc: Uc, _data) -> bool:
         if self._switch_in_hooks and self._hook_executors:     # RSM, VMRUN: a world switch right here
             hook = HookContext(self.cpu.capture(rflags=False), self.cpu)     # RFLAGS if asked
-            insn = self.decode_at(hook.state_without_rflags)
+            insn = self._hook_instruction(hook.state_without_rflags)
             execute = self._hook_executors.get(insn.row.name) if insn is not None else None
             if execute is not None and execute(insn, hook):
                 return True
@@ -575,29 +575,46 @@ class Core(Registry):
         self._trap_and_stop(_Trap("invalid"))
         return True
 
+    def _hook_instruction(self, state: ArchState) -> Instruction | None:
+        """The instruction at CS:RIP of ``state`` if a hook executor may run it.  The #UD hook
+        fires for every opcode Unicorn lacks: when the executors' rows have fixed bytes, only
+        those bytes (unprefixed) are fetched and decoded; anything else goes to the run loop."""
+        encodings = self._hook_encodings
+        if encodings is None:
+            return self.decode_at(state)
+        rip = state[At.rip]
+        code = self.linear.fetch(state[At.cs_base] + rip, self._hook_encoding_length, state[At.cr0], state[At.cr3])
+        if code is None:
+            return None
+        for encoding in encodings:
+            if code.startswith(encoding):
+                return self._decode(encoding, ucinternals.code_bits(state[At.hflags]), rip)
+        return None
+
     def continue_in_hook(self, hook: HookContext | None = None) -> None:
         """After a hook executed the instruction itself: take a pending event that can be
         taken right here (an SMI), or end the slice when the run must stop or the run loop has
         an event to deliver.  ``hook``: the registers after the instruction, if the hook
         still holds them current."""
-        pending = self._boundary_work()
-        if pending and self._stop is None and self.gate is None and not self.events_held():
-            for source in self._sources:
-                if source.ready(self):
-                    if source.take_in_hook is not None:
-                        source.take_in_hook(self, hook)
-                        pending = self._boundary_work()
-                    break
-        if self._stop is not None or self.halted or pending \
+        pending = self._first_pending()
+        if (pending is not None and pending.take_in_hook is not None and self._stop is None and self.gate is None
+                and not self.events_held() and pending.ready(self)):
+            pending.take_in_hook(self, hook)
+            pending = self._first_pending()
+        if self._stop is not None or self.halted or pending is not None \
                 or not self._rearm_if_address_space_changed(only_if_cheap=True):
             self._trap_and_stop(_Trap("resume"))
 
+    def _first_pending(self) -> Source | None:
+        """The first event source with an event pending (the run loop must look at it before
+        the next instruction), in priority order."""
+        for source in self._sources:
+            if source.pending(self):
+                return source
+        return None
+
     def _boundary_work(self) -> bool:
-        """Something the run loop must look at before the next instruction: a pending event."""
-        for pending in self._pending_checks:
-            if pending(self):
-                return True
-        return False
+        return self._first_pending() is not None
 
     def _on_bad_memory(self, uc: Uc, access: int, address: int, size: int, value: int, _data) -> bool:
         # A data access that ends the slice: Unicorn restores the state again after this hook,

@@ -13,7 +13,8 @@ from typing import Callable
 import numpy as np
 from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, Uc
 
-from .ucinternals import FastAccess
+from ..arch.control import CR0_PG
+from .ucinternals import CR, Context, FastAccess
 
 PAGE = 0x1000
 ROM = UC_PROT_READ | UC_PROT_EXEC
@@ -58,6 +59,7 @@ class PhysicalMemory:
             raise ValueError(f"memory size must be a positive multiple of 4 KiB, not {ram_size:#x}")
         self.uc = uc
         self.fast = FastAccess(uc)
+        self._context = Context(uc)
         self.ram = page_aligned_array(ram_size)
         self.overlays: list[Overlay] = []
         # Ranges left unmapped until touched because their view changed (smram.py), and the
@@ -106,7 +108,7 @@ class PhysicalMemory:
     def remove_overlay(self, overlay: Overlay, restore_ram: bool = True) -> None:
         """Stop showing ``overlay``; the RAM beneath shows again unless ``restore_ram`` is
         False (the range then stays unmapped)."""
-        self.uc.mem_unmap(overlay.base, len(overlay.data))
+        self.physically(self.uc.mem_unmap, overlay.base, len(overlay.data))
         self.overlays.remove(overlay)
         if restore_ram:
             self.map_ram(overlay.base, len(overlay.data))
@@ -114,7 +116,7 @@ class PhysicalMemory:
     def unmap_ram(self, base: int, size: int) -> None:
         start, end = max(base, 0), min(base + size, self.ram_size)
         if start < end:
-            self.uc.mem_unmap(start, end - start)
+            self.physically(self.uc.mem_unmap, start, end - start)
             self._set_ram_shows(start, end, False)
 
     def map_ram(self, base: int, size: int) -> None:
@@ -170,8 +172,35 @@ class PhysicalMemory:
             raise ValueError(f"{len(data)} bytes at {address:#x} do not fit in "
                              f"{self.ram_size >> 20} MiB of guest RAM")
         self.ram[address:address + len(data)] = np.frombuffer(data, dtype=np.uint8)
-        # Bytes written behind Unicorn's back must not run stale translations (unicorn.md §4).
-        self.uc.ctl_remove_cache(address, address + max(len(data), 1))
+        self.forget_code(address, len(data))
+
+    def forget_code(self, address: int, size: int) -> None:
+        """Drop the translations of [address, address + size): bytes written behind Unicorn's
+        back must not run stale code (unicorn.md §4)."""
+        if self.physically(self.uc.ctl_remove_cache, address, address + max(size, 1)):
+            self.fast.flush_tlb()         # the lookup's identity entry for ``address``
+
+    def physically(self, call: Callable, address: int, *args) -> bool:
+        """``call(address, *args)``, a Unicorn call given a physical address that it looks up
+        as a linear one through the CPU's page tables (uc_invalidate_tb, behind unmapping and
+        ctl_remove_cache): with the guest's paging on, that walk sets Accessed bits in its
+        tables, can leave a #PF in flight and drops the wrong translations.  The call runs
+        with paging off, where linear is physical, and the CPU's state comes back as it was.
+        True when paging was on: the lookup then left an identity TLB entry for ``address``
+        (an unmap flushes its range's pages, which drop it; other callers flush)."""
+        ctx = self._context.snapshot()
+        cr0 = ctx.u64(CR)
+        if not cr0 & CR0_PG:
+            call(address, *args)
+            return False
+        ctx.put_u64(CR, cr0 & ~CR0_PG)
+        ctx.commit()
+        try:
+            call(address, *args)
+        finally:
+            ctx.put_u64(CR, cr0)
+            ctx.commit()
+        return True
 
     def read_u(self, address: int, size: int) -> int:
         return int.from_bytes(self.read(address, size), "little")

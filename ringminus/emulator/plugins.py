@@ -21,6 +21,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
+from ..decode.table import fixed_encoding
+
 if TYPE_CHECKING:
     from ..decode.decoder import Instruction
     from .cpu import ArchState, Cpu
@@ -129,8 +131,9 @@ class Registry:
     def __init__(self, sources: tuple[Source, ...], parts: tuple[Part, ...], stat_keys: tuple[str, ...]):
         self._executors: dict[str, Executor] = {}
         self._hook_executors: dict[str, HookExecutor] = {}
+        self._hook_encodings: tuple[bytes, ...] | None = ()    # None: some hook row has no fixed bytes
+        self._hook_encoding_length = 0                          # the longest of them
         self._sources = sources
-        self._pending_checks = tuple(source.pending for source in sources)
         self._holds: tuple[Callable[[], bool], ...] = ()        # every event stays pending while one holds
         self._init_holds: tuple[Callable[[], bool], ...] = ()   # INIT stays pending while one holds
         self._msrs: tuple[Msr, ...] = ()
@@ -151,10 +154,13 @@ class Registry:
         self._executors[row] = execute
         if in_hook is not None:
             self._hook_executors[row] = in_hook
+            encoding = fixed_encoding(row)
+            self._hook_encodings = None if encoding is None or self._hook_encodings is None \
+                else (*self._hook_encodings, encoding)
+            self._hook_encoding_length = max(self._hook_encoding_length, len(encoding or b""))
 
     def add_event_source(self, source: Source) -> None:
         self._sources = tuple(sorted((*self._sources, source), key=lambda s: s.priority))
-        self._pending_checks = tuple(source.pending for source in self._sources)
 
     def add_event_hold(self, holds: Callable[[], bool], init_only: bool = False) -> None:
         """While ``holds()``, every event (or only INIT) stays pending."""

@@ -50,9 +50,8 @@ from ..arch.exitcodes import ExitCode
 from ..intercepts.vmcb import (GUEST_INSTRUCTION_COUNT_MASK, MSR_VM_HSAVE_PA, VMCB_SIZE, new_vmcb,
                                set_intercept_vector, vmcb_view, write_segment)
 from ..svm.instructions import VMLOAD_MSRS
-from .runner import (EXCEPTION_EVENTS, MAX_INSTRUCTIONS, TIMEOUT, NotRunnable, Setup, assemble_text,
-                     l2_outcome, setup, vmexit_outcome)
-from .vectors import Outcome, TestVector
+from .runner import EXCEPTION_EVENTS, MAX_INSTRUCTIONS, TIMEOUT, NotRunnable, Setup, l2_outcome, setup, vmexit_outcome
+from .vectors import Outcome, TestVector, assemble_text
 
 PAGE = 0x1000
 L1_REGION = 1 << 20                       # at the top of RAM, out of every vector's way

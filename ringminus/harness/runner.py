@@ -19,7 +19,7 @@ from ..machine import Machine
 from ..emulator.boot import DEFAULT_LOAD, BootState
 from ..intercepts.controls import InterceptControls
 from ..arch.exitcodes import ExitCode
-from .vectors import Outcome, TestVector, assemble_text  # noqa: F401 (inguest assembles with it)
+from .vectors import Outcome, TestVector
 
 PAGING32_DIRECTORY = 0x20000           # protected mode: PD, then one page table per 4 MiB
 SPLIT_TABLES = 0x40000                 # long mode: 4 KiB tables that replace split 2 MiB pages

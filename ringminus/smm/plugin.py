@@ -135,11 +135,7 @@ def _take_views(machine: "Machine") -> tuple:
 
 def _put_views_part(machine: "Machine", state: tuple) -> None:
     register, hidden, swaps = state
-    # Mapping and unmapping makes Unicorn look addresses up through the guest's page tables;
-    # where they map nothing it leaves a #PF in flight and CR2 clobbered: keep the CPU as put.
-    cpu = machine.uc.context_save()
     _put_views(machine.smram, register, machine.smm.in_smm, hidden)
-    machine.uc.context_restore(cpu)
     machine.smram.swaps = swaps
 
 

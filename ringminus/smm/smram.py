@@ -84,7 +84,7 @@ class Smram:
         offset = address - smram.base
         smram.data[offset:offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
         if smram.overlay is not None:
-            self.memory.uc.ctl_remove_cache(address, address + max(len(data), 1))
+            self.memory.forget_code(address, len(data))
 
     # -- the control register ----------------------------------------------------------------
     @property

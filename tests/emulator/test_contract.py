@@ -2,7 +2,6 @@
 exception), every slice end is classified honestly, --max-insns bounds every run, and Ctrl-C
 (or Machine.interrupt from any thread) ends a run with reason ``interrupted``."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -1,12 +1,13 @@
 """The core alone (emulator.Core, no feature plugged in) is a working machine: it runs,
 reports, delivers its own events and takes snapshots; what features add is absent, not
 broken."""
+import numpy as np
 import pytest
 
 from ringminus import Machine
 from ringminus.emulator import Core, StopReason
 
-from ..helpers import asm
+from ..helpers import asm, boot_guest
 
 
 def test_the_core_runs_without_features():
@@ -28,3 +29,12 @@ def test_the_core_rejects_a_snapshot_from_a_machine_with_other_features():
     core = Core(memory_size=2 << 20)
     with pytest.raises(ValueError, match="features"):
         core.restore(machine.snapshot())
+
+
+def test_python_writes_leave_the_guests_page_tables_alone():
+    # Dropping stale translations after a write makes Unicorn look the physical address up
+    # as a linear one through the guest's page tables, setting their Accessed bits.
+    machine = boot_guest("hlt", "long")
+    before = machine.memory.ram.copy()
+    machine.write_memory(0x3000000, b"\x90")            # its page directory entry: not accessed
+    assert np.flatnonzero(machine.memory.ram != before).tolist() == [0x3000000]

@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from ringminus import cli, entry
+from ringminus import entry
 from ringminus import fuzz
 from ringminus.fuzz import CAMPAIGNS, CampaignMissing, Finding, runner
 

@@ -9,7 +9,7 @@ import pytest
 from ringminus import Machine, StopReason
 from ringminus.smm import layouts as L
 
-from ..helpers import RSM, SMM_ENTRY, add_smram, asm, run_cli, set_smram_field, smram_field
+from ..helpers import RSM, SMM_ENTRY, add_smram, asm, boot_guest, run_cli, set_smram_field, smram_field
 
 CODE = 0x401000
 S64 = {"rax": 0x1111, "rsp": 0x8000, "rflags": 0x246, "cr0": 0x8005_0033, "cr4": 0x6A0, "efer": 0xD01,
@@ -490,3 +490,19 @@ def test_an_smm_access_to_the_a_segment_swaps_it_in():
     assert machine.read_memory(0x9000, 2) == b"\x34\x12"                   # SMRAM, read in SMM
     assert result.regs["rdx"] & 0xFFFF == 0x5678                            # RAM, read after RSM
     assert result.stats["smram_swaps"] >= 1
+
+
+def test_view_changes_and_restores_leave_the_guests_page_tables_alone():
+    # Unicorn looks up a range it unmaps through the CPU's page tables, as if its physical
+    # address were linear, and that walk sets Accessed bits (fuzz replay seed 3200857: a
+    # restore changed the guest's page tables).  Nothing the guest did touched them here.
+    machine = boot_guest("hlt", "long")
+    machine.smram.add_range(0x6000000, 0x10000)         # beyond RAM: an overlay, unmapped alone
+    machine.smram.set_state("open")
+    machine.read_memory(0x6000000, 1)                   # maps SMRAM's view
+    before, snapshot = machine.read_memory(0, machine.memory.ram_size), machine.snapshot()
+    machine.smram.set_state("closed")                   # unmaps it
+    assert machine.read_memory(0, machine.memory.ram_size) == before
+    machine.restore(snapshot)                           # maps it, and unmaps it on the way
+    assert machine.read_memory(0, machine.memory.ram_size) == before
+    assert machine.cpu["cr0"] >> 31 and machine.cpu["cr2"] == 0
