@@ -29,6 +29,7 @@ from .hypercalls import HypercallAction, HypercallFilterError, HypercallHandlerE
 from .intercepts.controls import LAST_INTERCEPT_BIT, InterceptControls, msrpm_bit
 from .arch.exitcodes import parse_exit
 from .intercepts.profiles import DEFAULT_PROFILE, PROFILES
+from .platform import MACHINES
 from .sigint import calling_on_sigint
 
 SIZE_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -321,8 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=parse_timeout, metavar="SECONDS", help="stop after SECONDS of wall time")
     run.add_argument("--cpu", choices=sorted(MODELS), default="qemu64",
                      help="CPU model: qemu64 (long mode, 64-bit SMM map) or qemu32 (32-bit map)")
-    run.add_argument("--chipset", choices=("q35", "pc"), default="q35",
-                     help="host bridge, SMRAM register and SMI enables as QEMU's machine (default q35)")
+    run.add_argument("--machine", choices=MACHINES,
+                     help="none: the bare machine (default, with q35's SMRAM register and SMI enables); "
+                          "pc or q35: QEMU's board (default for --boot bios: q35)")
+    run.add_argument("--chipset", choices=("q35", "pc"), help="the same as --machine (kept for scripts)")
     run.add_argument("--smram", type=parse_range, action="append", default=[], metavar="BASE:SIZE",
                      help="a further private SMRAM range (the A-segment is always one)")
     run.add_argument("--smram-state", choices=("open", "closed", "locked"),
@@ -425,10 +428,17 @@ def load_plan(args: argparse.Namespace, state: BootState, data: bytes):
     return image
 
 
+def machine_kind(args: argparse.Namespace) -> str:
+    """--machine, or --chipset (its alias), or the default for the boot state."""
+    if args.machine and args.chipset and args.machine != args.chipset:
+        raise UsageError(f"--chipset {args.chipset} contradicts --machine {args.machine} (--chipset is its alias)")
+    return args.machine or args.chipset or ("q35" if args.boot == BootState.BIOS.value else "none")
+
+
 def new_machine(args: argparse.Namespace) -> Machine:
     try:
         return Machine(memory_size=args.mem, debugcon_port=args.debugcon_port, cpu_model=args.cpu,
-                       chipset=args.chipset, profile=args.profile, apm_smi=args.apm_smi)
+                       profile=args.profile, apm_smi=args.apm_smi, machine=machine_kind(args))
     except MemoryError:
         raise UsageError(f"--mem: this host cannot give the guest {args.mem >> 20} MiB of RAM now") from None
     except ValueError as e:             # the options' values are checked: a port two devices claim

@@ -11,12 +11,13 @@ from .hypercalls import plugin as hypercalls
 from .intercepts import plugin as intercepts
 from .intercepts.controls import InterceptControls
 from .intercepts.profiles import DEFAULT_PROFILE, profile as profile_named
+from .platform import boards
 from .smm import plugin as smm_feature
 from .smm.world import GuestModeHook
 from .svm import plugin as svm, world as svm_world
 
 
-FEATURES = (intercepts, svm, smm_feature, hypercalls)
+FEATURES = (intercepts, svm, smm_feature, hypercalls)         # then the platform (boards)
 
 # Every decode-table row Unicorn cannot run has exactly one feature that executes it.
 _executed = [row for feature in FEATURES for row in getattr(feature, "EXECUTES", ())]
@@ -27,16 +28,28 @@ if sorted(_executed) != sorted(EXECUTED_ROWS):
 class Machine(Core):
     def __init__(self, memory_size: int = DEFAULT_MEMORY, cpu_model: str = "qemu64",
                  debugcon_port: int = DEBUGCON_PORT, exact_instructions: bool = False,
-                 chipset: str = "q35", profile: str = DEFAULT_PROFILE, apm_smi: bool = False):
+                 chipset: str = "q35", profile: str = DEFAULT_PROFILE, apm_smi: bool = False,
+                 machine: str = "none"):
+        """``machine``: ``none`` (the bare machine, with ``chipset``'s SMRAM control and APM
+        port), or QEMU's ``pc`` or ``q35`` board (platform/)."""
         super().__init__(memory_size, cpu_model, debugcon_port, exact_instructions)
         self.profile = profile_named(profile)    # the named choices where KVM, the APM and QEMU differ
         intercepts.install(self)
         svm.install(self)
-        smm_feature.install(self, chipset, apm_smi)
+        smm_feature.install(self)
         # An SMI in guest mode: SVM fills FED8h/FEE0h, leaves guest mode, and RSM returns to it.
         smm_feature.add_guest_mode_hook(self, GuestModeHook(svm_world.smm_fields, svm_world.suspend_for_smm,
                                                             svm_world.resume_after_rsm))
         hypercalls.install(self)
+        boards.install(self, machine, chipset, apm_smi)
+
+    def load_bios(self, data: bytes) -> None:
+        """Map a ``-bios`` image as QEMU does (read-only, ending at 4 GiB and, through PAM on
+        a board, at 1 MiB)."""
+        if self.board is None:
+            super().load_bios(data)
+        else:
+            self.board.load_bios(data)
 
     # -- running as L2 (intercepts/) --------------------------------------------------------
     def enter_guest(self, controls: InterceptControls, profile: str | None = None,

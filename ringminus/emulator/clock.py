@@ -3,7 +3,9 @@ and the time-stamp counter the guest reads.
 
 Deterministic by default: time is the count of instructions retired at a nominal rate of
 NOMINAL_HZ (one instruction, one nanosecond), so a run and its replay from a snapshot see the
-same times and their timers fire at the same instructions.  ``host_time=True`` reads the host's
+same times and their timers fire at the same instructions.  Time moves inside a slice only
+when instructions are counted (Unicorn counts only then): a machine whose devices read the
+clock (the pc and q35 boards) counts every run.  ``host_time=True`` reads the host's
 monotonic clock instead for ``now_ns`` (timers still fire by instruction count, converted at
 the nominal rate: they are the run's events).  Timers are the machine's instruction-indexed
 events (``Core.at_instruction``), so runs with one armed count instructions exactly.
@@ -44,7 +46,7 @@ class VirtualClock:
     def now_ns(self) -> int:
         if self.host_time:
             return time.monotonic_ns() - self._host_start
-        return self._machine.instructions * 1_000_000_000 // NOMINAL_HZ
+        return self._machine.instructions_now() * 1_000_000_000 // NOMINAL_HZ
 
     def add_timer(self, after_ns: int, callback: Callable[[], None]) -> Timer:
         """``callback()`` at the first instruction boundary ``after_ns`` (virtual) from now."""
@@ -52,7 +54,7 @@ class VirtualClock:
             raise ValueError(f"a timer cannot fire in the past ({after_ns} ns)")
         timer = Timer(callback)
         instructions = -(-after_ns * NOMINAL_HZ // 1_000_000_000)            # rounded up
-        self._machine.at_instruction(self._machine.instructions + instructions, timer._fire)
+        self._machine.at_instruction(self._machine.instructions_now() + instructions, timer._fire)
         return timer
 
 

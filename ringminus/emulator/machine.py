@@ -146,6 +146,7 @@ class Core(Registry):
         self.exact_instructions = exact_instructions
         self.instructions = 0
         self._instructions_exact = True
+        self._slice_counted = False             # a counted slice is running (instructions_now)
         self.halted = False
         self.stats: Counter = Counter()
         self._scheduled: list[tuple[int, int, Callable[["Core"], None]]] = []
@@ -255,6 +256,13 @@ class Core(Registry):
         """qemu64 has long mode (and so the 64-bit state-save map); qemu32 does not."""
         return bool(MODELS[self.cpu_model].ext_edx & LM)
 
+    def instructions_now(self) -> int:
+        """Instructions retired before the one running now: inside a hook of a counted slice
+        (a device reading the clock), Unicorn's count so far; otherwise ``instructions``."""
+        if self._slice_counted:
+            return self.instructions + ucinternals.emu_counter(self.uc) - 1
+        return self.instructions
+
     @property
     def instructions_if_exact(self) -> int | None:
         return self.instructions if self._instructions_exact else None
@@ -329,6 +337,10 @@ class Core(Registry):
             if base < end and start < base + size:
                 raise ValueError(f"MMIO region {base:#x}+{size:#x} overlaps memory at {start:#x}-{end:#x}")
         return self.mmio.add(base, size, device, name)
+
+    def remove_mmio(self, region: MmioRegion) -> None:
+        """Unmap a region ``add_mmio`` made (a BAR or window the guest moved or disabled)."""
+        self.mmio.remove(region, lambda base, size: self.memory.physically(self.uc.mem_unmap, base, size))
 
     def interrupt_line(self, name: str, vector: int | None = None) -> InterruptLine:
         """A new interrupt line; with ``vector``, each rising edge raises that INTR vector
@@ -439,6 +451,8 @@ class Core(Registry):
         from the machine's creation).  If the CPU halts first, the event is delivered to the
         halted CPU.  Runs with a pending event count instructions exactly."""
         heapq.heappush(self._scheduled, (index, next(self._sequence), callback))
+        if self._slice_counted and self._trap is None:
+            self._trap_and_stop(_Trap("resume"))    # from a device's hook: the slice's count is too long
 
     def break_at(self, address: int) -> None:
         """Stop with reason ``breakpoint`` before the instruction at linear ``address`` runs."""
@@ -861,10 +875,12 @@ class Core(Registry):
         self._switch_in_hooks = not counting and not self._tracing and (
             self.gate is None or self.gate.on_exit is OnExit.L1)
         error = None
+        self._slice_counted = counting
         try:
             self.uc.emu_start(self.cpu.rip, 0, count=budget)
         except UcError as e:
             error = e
+        self._slice_counted = False
         self.stats["slices"] += 1
         started = ucinternals.emu_counter(self.uc) if counting else 0
         if shadow_step and self._stepping_over is None:

@@ -107,7 +107,10 @@ class PhysicalMemory:
 
     def remove_overlay(self, overlay: Overlay, restore_ram: bool = True) -> None:
         """Stop showing ``overlay``; the RAM beneath shows again unless ``restore_ram`` is
-        False (the range then stays unmapped)."""
+        False (the range then stays unmapped).  A read-only overlay lives in a copy Unicorn
+        owns (``_map``), which Python's writes reach: its bytes go back into ``data`` first."""
+        if not overlay.perms & UC_PROT_WRITE:
+            overlay.data[:] = np.frombuffer(bytes(self.uc.mem_read(overlay.base, len(overlay.data))), np.uint8)
         self.physically(self.uc.mem_unmap, overlay.base, len(overlay.data))
         self.overlays.remove(overlay)
         if restore_ram:

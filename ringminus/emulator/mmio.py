@@ -57,6 +57,11 @@ class MmioBus:
         self.regions.append(region)
         return region
 
+    def remove(self, region: MmioRegion, unmap: Callable[[int, int], None]) -> None:
+        """Stop decoding ``region``; ``unmap(base, size)`` takes it out of Unicorn."""
+        self.regions.remove(region)
+        unmap(region.base, region.size)
+
     def slice_starts(self) -> None:
         self._reads.clear()
 

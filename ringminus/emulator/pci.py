@@ -114,19 +114,34 @@ class PciBus:
         if port == CONFIG_ADDRESS and size == 4:
             self.address = value & 0x80FF_FFFC
 
-    def _target(self) -> tuple[PciFunction | None, int]:
+    def read_config(self, bus: int, device: int, function: int, offset: int, size: int) -> int:
+        """A configuration read (all ones where no function answers): mechanism #1 and a
+        platform's memory-mapped window (MMCONFIG) both come here."""
+        target = self.functions.get((bus, device, function))
+        if target is None or offset + size > 0x100:
+            return (1 << (8 * size)) - 1
+        return target.read(offset, size)
+
+    def write_config(self, bus: int, device: int, function: int, offset: int, size: int, value: int) -> None:
+        target = self.functions.get((bus, device, function))
+        if target is not None and offset + size <= 0x100:
+            target.write(offset, size, value)
+
+    def _latched(self) -> tuple[int, int, int, int] | None:
+        """(bus, device, function, register) CONFIG_ADDRESS names, if enabled."""
         if not self.address & 0x8000_0000:
-            return None, 0
-        where = (self.address >> 16) & 0xFF, (self.address >> 11) & 0x1F, (self.address >> 8) & 7
-        return self.functions.get(where), self.address & 0xFC
+            return None
+        return (self.address >> 16) & 0xFF, (self.address >> 11) & 0x1F, (self.address >> 8) & 7, self.address & 0xFC
 
     def _read_data(self, port: int, size: int) -> int:
-        target, offset = self._target()
-        if target is None:
+        latched = self._latched()
+        if latched is None:
             return (1 << (8 * size)) - 1
-        return target.read(offset + (port - CONFIG_DATA), size)
+        bus, device, function, register = latched
+        return self.read_config(bus, device, function, register + (port - CONFIG_DATA), size)
 
     def _write_data(self, port: int, size: int, value: int) -> None:
-        target, offset = self._target()
-        if target is not None:
-            target.write(offset + (port - CONFIG_DATA), size, value)
+        latched = self._latched()
+        if latched is not None:
+            bus, device, function, register = latched
+            self.write_config(bus, device, function, register + (port - CONFIG_DATA), size, value)

@@ -214,10 +214,10 @@ SERVICES = (
     "cpu", "memory", "linear", "uc", "tsc",                # CPU state; physical and linear memory
     "cpu_model", "long_mode_capable", "profile",           # what the machine is
     "deliver", "raise_intr", "interrupts", "nmi_pending", "init_pending", "intercepted",   # events
-    "retire", "instructions", "instructions_if_exact", "halted",
+    "retire", "instructions", "instructions_now", "instructions_if_exact", "exact_instructions", "halted",
     "request_stop", "request_stop_shutdown", "stop", "stop_at", "restamp_stop",            # stopping
     "record_event", "events", "stats", "has_run",          # the log and the counters
     "reset_cpu", "forget_tlb", "forget_translations", "arm_opcodes",
     "instruction_length_at", "decode_at", "continue_in_hook", "gate", "io_access",
-    "ports", "pci", "mmio", "clock",                       # the buses and the clock
+    "ports", "pci", "mmio", "remove_mmio", "interrupt_line", "clock",    # the buses and the clock
 )

@@ -1,6 +1,7 @@
 """SMM as a feature of the machine: the SMI (an event source between INIT and NMI), RSM (an
-executor, in the hook when it can), SMRAM's private views (a memory-miss handler) and the
-chipset's SMRAM control, SMI enables and APM port; SMM's parts of snapshots and results."""
+executor, in the hook when it can) and SMRAM's private views (a memory-miss handler); SMM's
+parts of snapshots and results.  The chipset that opens SMRAM and raises SMIs is the
+platform's (platform/chipset.py)."""
 from __future__ import annotations
 
 import copy
@@ -11,7 +12,6 @@ from ..arch.exitcodes import ExitCode
 from ..emulator.delivery import Event, EventKind
 from ..emulator.plugins import Part, Source
 from ..emulator.result import Section
-from .chipset import Chipset
 from .smram import Smram
 from .world import GuestModeHook, SmmState, enter_smm, leave_smm
 
@@ -24,12 +24,11 @@ if TYPE_CHECKING:
 EXECUTES = ("rsm",)                     # the decode-table rows this feature executes
 
 
-def install(machine: "Machine", chipset: str, apm_smi: bool) -> None:
+def install(machine: "Machine") -> None:
     machine.smm = SmmState()
     machine.smm_guest_mode_hooks = ()        # add_guest_mode_hook
     machine.smm_codecs = {}                  # (64-bit map, profile) -> MapCodec (world.codec_for)
     machine.smram = Smram(machine.memory)
-    machine.chipset = Chipset(chipset, machine.smram, machine.ports, machine.pci, lambda: raise_smi(machine), apm_smi)
     machine.add_event_source(Source(
         20, "smi", _smi_pending, _smi_pending, ExitCode.SMI, _take_smi, _consume_smi,
         lambda m: int(m.profile.smi_exitinfo), take_in_hook=_take_smi))          # F.8
@@ -40,7 +39,6 @@ def install(machine: "Machine", chipset: str, apm_smi: bool) -> None:
     machine.add_snapshot_part(Part(11, "smram", _take_smram, _put_smram,
                                    shape=lambda m: tuple((r.base, r.size) for r in m.smram.ranges)))
     machine.add_snapshot_part(Part(20, "smm", lambda m: copy.copy(m.smm), lambda m, smm: setattr(m, "smm", copy.copy(smm))))
-    machine.add_snapshot_part(Part(80, "chipset", _take_chipset, _put_chipset))
     machine.add_snapshot_part(Part(100, "views", _take_views, _put_views_part))
     machine.add_result_section(lambda stop: Section(
         "smm", machine.smm.as_dict(machine.smram.state, machine.init_pending)))
@@ -153,16 +151,3 @@ def _put_views(smram, register: int, in_smm: bool, hidden: tuple[bool, ...]) -> 
     for smram_range, was_hidden in zip(smram.ranges, hidden):
         if not was_hidden:
             smram.reveal(smram_range.base)
-
-
-def _take_chipset(machine: "Machine") -> tuple:
-    return machine.chipset.apm_status, machine.chipset.smi_enable
-
-
-def _put_chipset(machine: "Machine", state: tuple) -> None:
-    """After the PCI bus's part (the configuration spaces)."""
-    chipset = machine.chipset
-    chipset.apm_status, chipset.smi_enable = state
-    lpc = getattr(chipset, "lpc", None)
-    if lpc is not None:                     # PMBASE decides where SMI_EN's ports are: re-derive
-        lpc.on_write(next(iter(lpc.writable)))

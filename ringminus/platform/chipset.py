@@ -9,7 +9,7 @@ from typing import Callable
 
 from ..emulator.pci import PciBus, PciFunction
 from ..emulator.ports import PortBus
-from .smram import Smram
+from ..smm.smram import Smram
 
 APM_CNT, APM_STS = 0xB2, 0xB3
 ACPI_ENABLE, ACPI_DISABLE = 0x02, 0x03      # APM commands ICH9 handles itself (no SMI)
