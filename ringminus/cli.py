@@ -326,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="none: the bare machine (default, with q35's SMRAM register and SMI enables); "
                           "pc or q35: QEMU's board (default for --boot bios: q35)")
     run.add_argument("--chipset", choices=("q35", "pc"), help="the same as --machine (kept for scripts)")
+    run.add_argument("--option-rom", metavar="FILE",
+                     help=f"the option ROM a pc/q35 machine hands SeaBIOS as QEMU does (default {KVMVAPIC})")
     run.add_argument("--smram", type=parse_range, action="append", default=[], metavar="BASE:SIZE",
                      help="a further private SMRAM range (the A-segment is always one)")
     run.add_argument("--smram-state", choices=("open", "closed", "locked"),
@@ -428,6 +430,22 @@ def load_plan(args: argparse.Namespace, state: BootState, data: bytes):
     return image
 
 
+KVMVAPIC = "/usr/share/qemu/kvmvapic.bin"      # Debian's qemu-system-data
+
+
+def add_option_rom(machine: Machine, path: str | None) -> None:
+    """QEMU gives SeaBIOS its kvmvapic.bin option ROM (fw_cfg genroms/): so does a board."""
+    if machine.board is None:
+        if path is not None:
+            raise UsageError("--option-rom needs --machine pc or q35")
+        return
+    if path is None and not os.path.exists(KVMVAPIC):
+        print(f"ringminus: no {KVMVAPIC} (Debian's qemu-system-data): the machine has no option ROM, "
+              "unlike QEMU's", file=sys.stderr)
+        return
+    machine.board.add_option_rom("kvmvapic.bin", read_file(path or KVMVAPIC))
+
+
 def machine_kind(args: argparse.Namespace) -> str:
     """--machine, or --chipset (its alias), or the default for the boot state."""
     if args.machine and args.chipset and args.machine != args.chipset:
@@ -442,7 +460,8 @@ def new_machine(args: argparse.Namespace) -> Machine:
     except MemoryError:
         raise UsageError(f"--mem: this host cannot give the guest {args.mem >> 20} MiB of RAM now") from None
     except ValueError as e:             # the options' values are checked: a port two devices claim
-        raise UsageError(f"--debugcon-port {args.debugcon_port:#x}: {one_line(e)}") from None
+        raise UsageError(f"--debugcon-port {args.debugcon_port:#x}, --machine {machine_kind(args)}, "
+                         f"--mem {args.mem >> 20}M: {one_line(e)}") from None
 
 
 def prepare(args: argparse.Namespace) -> Machine:
@@ -458,6 +477,7 @@ def prepare(args: argparse.Namespace) -> Machine:
                              f"({SYSTEM_AREA.start:#x}-{SYSTEM_AREA.stop - 1:#x}), which the boot writes")
     smram_loads = [(f"--smram-load {path}@{address:#x}", address, read_file(path)) for path, address in args.smram_load]
     machine = new_machine(args)
+    add_option_rom(machine, args.option_rom)
     if state is BootState.LONG and not machine.long_mode_capable:
         raise UsageError(f"--cpu {args.cpu} has no long mode")
     for base, size in args.smram:

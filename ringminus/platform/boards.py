@@ -17,6 +17,7 @@ from ..emulator.plugins import Part
 from ..smm import plugin as smm
 from . import MACHINES
 from .chipset import Chipset
+from .fwcfg import FwCfg, add_option_rom, add_qemu_x86_contents, qemu_ram_split
 from .mmconfig import MmConfig
 from .pam import Pam
 from .pm import PmRegisters
@@ -126,6 +127,14 @@ class Board:
         self.bridge.on_write = self._bridge_written
         self.mmconfig = MmConfig(machine) if kind == "q35" else None
         self.pm = PmRegisters(machine, kind, chipset)
+        self.fw_cfg = FwCfg(machine.memory)
+        self.fw_cfg.register_ports(machine.ports)
+        ram = machine.memory.ram_size
+        below, above = qemu_ram_split(ram, kind)
+        if above:
+            raise ValueError(f"the {kind} machine puts RAM above {below >> 20} MiB at 4 GiB, which ringminus "
+                             f"does not model yet: give it at most {below >> 20} MiB")
+        self.smi_features = add_qemu_x86_contents(self.fw_cfg, ram, below, above, cpus=1, board=kind)
         machine.ports.register(0x92, read=self._read_port92, write=self._write_port92)
         self.port92 = 0
         machine.add_snapshot_part(Part(85, "board", self._take, self._put))
@@ -146,6 +155,10 @@ class Board:
         self.machine.memory.add_overlay("pc.bios", FOUR_GIB - len(data), rom, ROM, over_ram=False)
         self.pam.set_isa_bios(data)
 
+    def add_option_rom(self, name: str, data: bytes) -> None:
+        """An option ROM SeaBIOS runs from fw_cfg (QEMU's ``genroms/<name>``: kvmvapic.bin)."""
+        add_option_rom(self.fw_cfg, name, data)
+
     # -- port 0x92 (A20 and fast reset: QEMU hw/i386/port92.c) ----------------------------------
     def _read_port92(self, port: int, size: int) -> int:
         return self.port92
@@ -157,11 +170,15 @@ class Board:
 
     # -- snapshots ------------------------------------------------------------------------------
     def _take(self, machine: "Machine") -> tuple:
-        return self.port92, self.pm.state()
+        smi = self.smi_features.state() if self.smi_features else None
+        return self.port92, self.pm.state(), self.fw_cfg.state(), smi
 
     def _put(self, machine: "Machine", state: tuple) -> None:
         """After the PCI bus's part: the windows follow the restored registers."""
-        self.port92, pm = state
+        self.port92, pm, fw_cfg, smi = state
+        self.fw_cfg.restore(fw_cfg)
+        if smi is not None:
+            self.smi_features.restore(smi)
         pam = PAM_REGISTERS[self.kind]
         self.pam.rebuild(self.bridge.config[pam:pam + 7])
         if self.mmconfig is not None:
