@@ -37,14 +37,33 @@ def _take_nmi(machine: "Core") -> None:
     machine.cpu.nmi_blocked = True
 
 
+def intr_pending(machine: "Core") -> bool:
+    """The INTR pin: a vector ``raise_intr`` queued, or an interrupt controller's output."""
+    if machine.interrupts:
+        return True
+    for controller in machine.interrupt_controllers:
+        if controller.intr_pending():
+            return True
+    return False
+
+
+def _acknowledge(machine: "Core") -> int | None:
+    """The CPU's interrupt acknowledge: the queue's highest vector first, else the vector the
+    first asserting controller gives (None: it had nothing after all, a spurious INTR)."""
+    if machine.interrupts:
+        vector = max(machine.interrupts)
+        machine.interrupts.discard(vector)
+        return vector
+    for controller in machine.interrupt_controllers:
+        if controller.intr_pending():
+            return controller.acknowledge()
+    return None
+
+
 def _take_intr(machine: "Core") -> None:
-    vector = max(machine.interrupts)        # the highest vector first
-    machine.interrupts.discard(vector)
-    machine.deliver(Event(vector, EventKind.EXTERNAL, machine.cpu.rip))
-
-
-def _consume_intr(machine: "Core") -> None:
-    machine.interrupts.discard(max(machine.interrupts))
+    vector = _acknowledge(machine)
+    if vector is not None:
+        machine.deliver(Event(vector, EventKind.EXTERNAL, machine.cpu.rip))
 
 
 def _no_longer_pending(name: str):
@@ -56,8 +75,8 @@ CORE_SOURCES = (
            ExitCode.INIT, lambda m: m.reset_cpu(), _no_longer_pending("init_pending")),
     Source(30, "nmi", lambda m: m.nmi_pending, lambda m: m.nmi_pending and not m.cpu.nmi_blocked, ExitCode.NMI,
            _take_nmi, _no_longer_pending("nmi_pending"), window=True),
-    Source(40, "intr", lambda m: bool(m.interrupts), lambda m: bool(m.interrupts) and intr_ready(m), ExitCode.INTR,
-           _take_intr, _consume_intr, window=True),
+    Source(40, "intr", intr_pending, lambda m: intr_pending(m) and intr_ready(m), ExitCode.INTR,
+           _take_intr, _acknowledge, window=True),
 )
 
 

@@ -4,7 +4,7 @@ level into an interrupt.  Until a platform supplies a controller, ``Core.interru
 connects a line straight to ``raise_intr(vector)`` on each rising edge."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 
 class InterruptLine:
@@ -33,3 +33,15 @@ class InterruptLine:
         """An edge: up, then down."""
         self.set(True)
         self.set(False)
+
+
+class InterruptController(Protocol):
+    """What drives the CPU's INTR pin (``Core.add_interrupt_controller``): a PIC, or a local
+    APIC in front of one.  ``intr_pending()`` is the pin now (masks, priorities and the
+    controller's own state applied); ``acknowledge()`` is the INTA cycle: the vector, which
+    the controller then counts as in service (None: nothing after all — the CPU takes no
+    interrupt).  A controller whose output rises calls ``Core.interrupt_raised()``."""
+
+    def intr_pending(self) -> bool: ...
+
+    def acknowledge(self) -> int | None: ...

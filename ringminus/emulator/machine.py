@@ -43,7 +43,7 @@ from .cpu import ArchState, At, Cpu
 from .delivery import Delivered, Delivery, Event, EventKind, Unsupported
 from .loader import Image, bios_windows, check_bios
 from .clock import VirtualClock, VirtualTsc
-from .irq import InterruptLine
+from .irq import InterruptController, InterruptLine
 from .memory import ROM, MissingMemory, PhysicalMemory, UnbackedMemory
 from .mmio import MmioBus, MmioDevice, MmioRegion
 from .paging import LinearMemory
@@ -137,6 +137,7 @@ class Core(Registry):
         self.nmi_pending = False
         self.init_pending = False               # an INIT held (in SMM, GIF = 0, …) until it can be taken
         self.interrupts: set[int] = set()       # INTR vectors raised and not yet taken
+        self.interrupt_controllers: tuple[InterruptController, ...] = ()   # a platform's (add_interrupt_controller)
         self._io_access: IoAccess | Callable[[], IoAccess] | None = None     # see io_access
         self.uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         self.tsc = VirtualTsc(self.cpu)
@@ -324,6 +325,15 @@ class Core(Registry):
 
     def request_stop_shutdown(self, reason: str) -> None:
         self.request_stop(StopReason.SHUTDOWN, detail=reason)
+
+    def add_interrupt_controller(self, controller: "InterruptController") -> None:
+        """A platform's interrupt controller drives INTR: ``intr_pending()`` is its output,
+        ``acknowledge()`` the vector it gives when the CPU takes the interrupt."""
+        self.interrupt_controllers += (controller,)
+
+    def interrupt_raised(self) -> None:
+        """A controller's output rose: make sure the CPU looks when it can take it."""
+        self._arm_interrupt_window()
 
     def _arm_interrupt_window(self) -> None:
         if not INTERRUPT_WINDOW_OPCODES <= self.sites.opcodes:
@@ -650,6 +660,9 @@ class Core(Registry):
         """CPUID answers from the table a feature gives (svm/cpuid.py), not Unicorn's Haswell."""
         read, write = self.cpu.fast.read, self.cpu.fast.write
         values = self._cpuid().get(read(X.UC_X86_REG_EAX) & 0xFFFF_FFFF, (0, 0, 0, 0))
+        if isinstance(values, dict):                # a leaf with subleaves, by ECX
+            subleaf = read(X.UC_X86_REG_RCX) & 0xFFFF_FFFF
+            values = values.get(subleaf, values.get(None, (0, 0, 0, 0)))
         for register, value in zip((X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX), values):
             write(register, value)
         return 1                                  # the native CPUID is skipped

@@ -204,8 +204,15 @@ class Registry:
         self._reported_stats += ((name, value),)
 
     def set_cpuid(self, table: Callable[[], dict]) -> None:
-        """``table()``: CPUID leaf -> (EAX, EBX, ECX, EDX), asked at each CPUID."""
+        """``table()``: CPUID leaf -> (EAX, EBX, ECX, EDX), or -> {subleaf (ECX): (…), None:
+        (…) for the others}, asked at each CPUID."""
         self._cpuid = table
+
+    def extend_cpuid(self, change: Callable[[dict], dict]) -> None:
+        """What a later feature adds to the table (a platform: its local APIC, the hypervisor
+        leaves): ``change(table)`` returns the table the guest sees."""
+        table = self._cpuid
+        self._cpuid = lambda: change(table())
 
 
 # What a feature may use of the core (in the spirit of KVM's x86_emulate_ops).  Everything
@@ -219,5 +226,5 @@ SERVICES = (
     "record_event", "events", "stats", "has_run",          # the log and the counters
     "reset_cpu", "forget_tlb", "forget_translations", "arm_opcodes",
     "instruction_length_at", "decode_at", "continue_in_hook", "gate", "io_access",
-    "ports", "pci", "mmio", "remove_mmio", "interrupt_line", "clock",    # the buses and the clock
+    "ports", "pci", "mmio", "remove_mmio", "interrupt_line", "interrupt_raised", "clock",    # buses, clock
 )

@@ -92,6 +92,22 @@ def identify(function: PciFunction, spec: Function) -> None:
         function.add_bar(index, size, io)
 
 
+APIC, HYPERVISOR = 1 << 9, 1 << 31           # Fn0000_0001 EDX (and AMD's Fn8000_0001 EDX), ECX
+HYPERVISOR_LEAVES = {0x4000_0000: (0x4000_0001, *struct.unpack("<3I", b"TCGTCGTCGTCG")), 0x4000_0001: (0, 0, 0, 0)}
+
+
+def with_apic_under_tcg(table: dict) -> dict:
+    """CPUID on a board as QEMU 7.2 TCG answers it: a local APIC, and QEMU's hypervisor bit
+    and leaves ("TCGTCGTCGTCG")."""
+    table = {**table, **HYPERVISOR_LEAVES}
+    eax, ebx, ecx, edx = table[1]
+    table[1] = (eax, ebx, ecx | HYPERVISOR, edx | APIC)
+    if 0x8000_0001 in table and table[0x8000_0001][0]:         # AMD repeats the APIC bit
+        eax, ebx, ecx, edx = table[0x8000_0001]
+        table[0x8000_0001] = (eax, ebx, ecx, edx | APIC)
+    return table
+
+
 def install(machine: "Machine", kind: str, chipset: str, apm_smi: bool) -> None:
     """Build machine ``kind`` (``chipset``: the bare machine's SMM chipset, q35 or pc)."""
     if kind not in MACHINES:
@@ -137,6 +153,7 @@ class Board:
         self.smi_features = add_qemu_x86_contents(self.fw_cfg, ram, below, above, cpus=1, board=kind)
         machine.ports.register(0x92, read=self._read_port92, write=self._write_port92)
         self.port92 = 0
+        machine.extend_cpuid(with_apic_under_tcg)
         machine.add_snapshot_part(Part(85, "board", self._take, self._put))
 
     # -- the host bridge's registers -----------------------------------------------------------

@@ -24,6 +24,11 @@ SVM_ASIDS = 16
 LEAF_SVM = 0x8000_000A
 
 
+# QEMU's AMD cache descriptions (cpu.c: L1 64 KiB 2-way, L2 512 KiB 16-way, L3 none).
+AMD_CACHES = {0x8000_0005: (0x01FF01FF, 0x01FF01FF, 0x40020140, 0x40020140),
+              0x8000_0006: (0, 0x42004200, 0x02008140, 0x00808140)}
+
+
 def _vendor_registers(vendor: bytes) -> tuple[int, int, int]:
     """EBX, EDX, ECX spell the vendor in that order."""
     ebx, edx, ecx = struct.unpack("<3I", vendor)
@@ -35,7 +40,7 @@ def svm_features(profile: Profile) -> int:
 
 
 def cpuid_table(model: CpuModel, profile: Profile) -> dict[int, tuple[int, int, int, int]]:
-    """leaf -> (EAX, EBX, ECX, EDX).  No leaf here has subleaves."""
+    """leaf -> (EAX, EBX, ECX, EDX), or {subleaf: (…)} for leaf 0xB."""
     ebx, ecx, edx = _vendor_registers(model.vendor)
     table = {0: (model.level, ebx, ecx, edx),
              1: (model.signature, 8 << 8, model.ecx, model.edx),      # CLFLUSH size 8 qwords
@@ -47,6 +52,10 @@ def cpuid_table(model: CpuModel, profile: Profile) -> dict[int, tuple[int, int, 
     brand = struct.unpack("<12I", BRAND.ljust(48, b"\0"))
     for i in range(3):
         table[0x8000_0002 + i] = brand[4 * i:4 * i + 4]
+    if model.level >= 0xB:                  # topology: one thread of one core, APIC ID 0
+        table[0xB] = {0: (0, 1, 0x100, 0), 1: (0, 1, 0x201, 0), None: (0, 0, 0, 0)}
+    if amd and model.xlevel >= 0x8000_0006:
+        table.update(AMD_CACHES)
     if model.address_bits:
         table[0x8000_0008] = (model.address_bits, 0, 0, 0)
     if model.ext_ecx & SVM:

@@ -18,16 +18,18 @@ RUNS = [  # (image, chipset, cpu model, fixture)
 ]
 
 
-def run_image(image: bytes, chipset: str, cpu: str, profile: str = "qemu"):
-    machine = Machine(chipset=chipset, cpu_model=cpu, profile=profile)
+def run_image(image: bytes, chipset: str, cpu: str, profile: str = "qemu", board: bool = False):
+    """On the bare machine with ``chipset``'s SMM pieces, or (``board``) on QEMU's whole board."""
+    machine = Machine(chipset=chipset, cpu_model=cpu, profile=profile, machine=chipset if board else "none")
     machine.load_bios(image)
     machine.boot("bios")
     return machine, machine.run(timeout=30)
 
 
+@pytest.mark.parametrize("board", [False, True], ids=["bare", "board"])
 @pytest.mark.parametrize("image,chipset,cpu,fixture", RUNS, ids=[r[3] for r in RUNS])
-def test_console_matches_qemu(image, chipset, cpu, fixture):
-    _, result = run_image((ORACLE / "images" / image).read_bytes(), chipset, cpu)
+def test_console_matches_qemu(image, chipset, cpu, fixture, board):
+    _, result = run_image((ORACLE / "images" / image).read_bytes(), chipset, cpu, board=board)
     expected = (ORACLE / "qemu" / fixture).read_text()
     assert result.stop.reason is StopReason.EXIT and result.stop.value == 0
     assert result.console == expected
