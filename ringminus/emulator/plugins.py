@@ -208,7 +208,7 @@ class Registry:
         (…) for the others}, asked at each CPUID."""
         self._cpuid = table
 
-    def extend_cpuid(self, change: Callable[[dict], dict]) -> None:
+    def add_cpuid_change(self, change: Callable[[dict], dict]) -> None:
         """What a later feature adds to the table (a platform: its local APIC, the hypervisor
         leaves): ``change(table)`` returns the table the guest sees."""
         table = self._cpuid

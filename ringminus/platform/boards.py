@@ -153,7 +153,7 @@ class Board:
         self.smi_features = add_qemu_x86_contents(self.fw_cfg, ram, below, above, cpus=1, board=kind)
         machine.ports.register(0x92, read=self._read_port92, write=self._write_port92)
         self.port92 = 0
-        machine.extend_cpuid(with_apic_under_tcg)
+        machine.add_cpuid_change(with_apic_under_tcg)
         machine.add_snapshot_part(Part(85, "board", self._take, self._put))
 
     # -- the host bridge's registers -----------------------------------------------------------
