@@ -478,6 +478,8 @@ def prepare(args: argparse.Namespace) -> Machine:
     smram_loads = [(f"--smram-load {path}@{address:#x}", address, read_file(path)) for path, address in args.smram_load]
     machine = new_machine(args)
     add_option_rom(machine, args.option_rom)
+    if machine.board is not None and not args.json:              # the serial console, live
+        machine.board.uart.on_output = lambda data: (sys.stdout.write(data.decode("latin-1")), sys.stdout.flush())
     if state is BootState.LONG and not machine.long_mode_capable:
         raise UsageError(f"--cpu {args.cpu} has no long mode")
     for base, size in args.smram:

@@ -7,8 +7,9 @@ same times and their timers fire at the same instructions.  Time moves inside a 
 when instructions are counted (Unicorn counts only then): a machine whose devices read the
 clock (the pc and q35 boards) counts every run.  ``host_time=True`` reads the host's
 monotonic clock instead for ``now_ns`` (timers still fire by instruction count, converted at
-the nominal rate: they are the run's events).  Timers are the machine's instruction-indexed
-events (``Core.at_instruction``), so runs with one armed count instructions exactly.
+the nominal rate: they are the run's events).  Timers are the machine's timed events
+(``Core.at_time``), so runs with one armed count instructions exactly; while the CPU is
+halted the clock moves on to the next timer (QEMU's clock runs while a CPU idles).
 """
 from __future__ import annotations
 
@@ -46,15 +47,15 @@ class VirtualClock:
     def now_ns(self) -> int:
         if self.host_time:
             return time.monotonic_ns() - self._host_start
-        return self._machine.instructions_now() * 1_000_000_000 // NOMINAL_HZ
+        return self._machine.time_ns() * 1_000_000_000 // NOMINAL_HZ
 
     def add_timer(self, after_ns: int, callback: Callable[[], None]) -> Timer:
         """``callback()`` at the first instruction boundary ``after_ns`` (virtual) from now."""
         if after_ns < 0:
             raise ValueError(f"a timer cannot fire in the past ({after_ns} ns)")
         timer = Timer(callback)
-        instructions = -(-after_ns * NOMINAL_HZ // 1_000_000_000)            # rounded up
-        self._machine.at_instruction(self._machine.instructions_now() + instructions, timer._fire)
+        ticks = -(-after_ns * NOMINAL_HZ // 1_000_000_000)            # rounded up
+        self._machine.at_time(self._machine.time_ns() + ticks, timer._fire)
         return timer
 
 

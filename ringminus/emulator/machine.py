@@ -131,7 +131,9 @@ class Core(Registry):
         self.ports.register(debugcon_port, self.console)
         self.ports.register(EXIT_PORT, ExitDevice(lambda value: self.request_stop(StopReason.EXIT, value)))
         self.pci = PciBus(self.ports)
-        self.mmio = MmioBus(self.uc, lambda: self._stop is not None or self._boundary_work(), self._stop_after_mmio)
+        self._slice_recount = False             # an MMIO access scheduled an event (_recount_slice)
+        self.mmio = MmioBus(self.uc, lambda: self._stop is not None or self._slice_recount or self._boundary_work(),
+                            self._stop_after_mmio)
         self.clock = VirtualClock(self)
         self._posted: collections.deque[Callable[["Core"], None]] = collections.deque()
         self.nmi_pending = False
@@ -150,7 +152,9 @@ class Core(Registry):
         self._slice_counted = False             # a counted slice is running (instructions_now)
         self.halted = False
         self.stats: Counter = Counter()
-        self._scheduled: list[tuple[int, int, Callable[["Core"], None]]] = []
+        self._scheduled: list[tuple[int, int, Callable[["Core"], None]]] = []     # by instruction count
+        self._timers: list[tuple[int, int, Callable[["Core"], None]]] = []        # by virtual time (ns)
+        self.idle_ns = 0                        # virtual time the CPU spent halted
         self._running = False
         self._interrupt_requested = False       # interrupt(): any thread may set it
         self._events_this_run = 0               # deliveries and exits: bounded by max_instructions too
@@ -461,8 +465,28 @@ class Core(Registry):
         from the machine's creation).  If the CPU halts first, the event is delivered to the
         halted CPU.  Runs with a pending event count instructions exactly."""
         heapq.heappush(self._scheduled, (index, next(self._sequence), callback))
+        self._recount_slice()
+
+    def at_time(self, due_ns: int, callback: Callable[["Core"], None]) -> None:
+        """Call ``callback(machine)`` once the clock (``clock.now_ns``) reaches ``due_ns``: at an
+        instruction boundary, or — the CPU halted — after the time it waits (the clock moves
+        on while the CPU is halted; the instruction count does not)."""
+        heapq.heappush(self._timers, (due_ns, next(self._sequence), callback))
+        self._recount_slice()
+
+    def time_ns(self) -> int:
+        """Virtual time: one nanosecond per instruction retired, plus the time spent halted."""
+        return self.instructions_now() + self.idle_ns
+
+    def _recount_slice(self) -> None:
+        """An event was scheduled from a device's hook: the running slice's count may be too
+        long, so it ends after this instruction (inside an MMIO access, the bus ends it:
+        its way completes the instruction exactly once)."""
         if self._slice_counted and self._trap is None:
-            self._trap_and_stop(_Trap("resume"))    # from a device's hook: the slice's count is too long
+            if self.mmio.in_access:
+                self._slice_recount = True
+            else:
+                self._trap_and_stop(_Trap("resume"))
 
     def break_at(self, address: int) -> None:
         """Stop with reason ``breakpoint`` before the instruction at linear ``address`` runs."""
@@ -784,7 +808,7 @@ class Core(Registry):
             raise ValueError(f"timeout must be a finite number of seconds > 0, not {timeout!r}")
         limit = None if max_instructions is None else self.instructions + max_instructions
         deadline = None if timeout is None else time.monotonic() + timeout
-        counting = self.exact_instructions or limit is not None or bool(self._scheduled)
+        counting = self.exact_instructions or limit is not None or bool(self._scheduled) or bool(self._timers)
         if not counting:
             self._instructions_exact = False
         trace_hook = self._add_trace(trace) if trace else None
@@ -845,6 +869,32 @@ class Core(Registry):
         while self._scheduled and self._scheduled[0][0] <= self.instructions and self._stop is None:
             _, _, callback = heapq.heappop(self._scheduled)
             callback(self)
+        while self._timers and self._timers[0][0] <= self.time_ns() and self._stop is None:
+            _, _, callback = heapq.heappop(self._timers)
+            callback(self)
+
+    def _next_event_index(self) -> int | None:
+        """The instruction count at which the next scheduled event or timer is due."""
+        due = [self._scheduled[0][0]] if self._scheduled else []
+        if self._timers:
+            due.append(self._timers[0][0] - self.idle_ns)      # time moves one ns per instruction
+        return min(due) if due else None
+
+    def _wait_while_halted(self) -> bool:
+        """The halted CPU waits for its next event: a timer after the time until it is due,
+        else an instruction-indexed event at once.  False: nothing will ever come.  With
+        interrupts masked (CLI; HLT) a device's timer cannot wake it: the run ends there."""
+        timer = self._timers[0][0] if self._timers and self.intr_unmasked() else None
+        index = self._scheduled[0][0] if self._scheduled else None
+        if timer is not None and (index is None or timer <= index + self.idle_ns):
+            self.idle_ns = max(self.idle_ns, timer - self.instructions)
+            _, _, callback = heapq.heappop(self._timers)
+        elif index is not None:
+            _, _, callback = heapq.heappop(self._scheduled)
+        else:
+            return False
+        callback(self)
+        return True
 
     def _step(self, limit: int | None, max_instructions: int | None, deadline: float | None,
               counting: bool) -> None:
@@ -860,9 +910,10 @@ class Core(Registry):
         if not boundary.take_pending_event(self):
             return
         if self.halted:
-            if self._scheduled:              # fast-forward: the halted CPU takes the next event
-                _, _, callback = heapq.heappop(self._scheduled)
-                callback(self)
+            if limit is not None and self._events_this_run > max_instructions:
+                self._stop = Stop(StopReason.LIMIT, self.cpu.rip)      # a halted loop of timer wake-ups
+            elif self._wait_while_halted():
+                self._events_this_run += 1
             else:
                 self._stop = Stop(StopReason.HLT, self.cpu.rip)
             return
@@ -878,7 +929,7 @@ class Core(Registry):
         else:
             self._rearm_if_address_space_changed()
             if counting:                            # Unicorn counts only with a count
-                targets = [t for t in (limit, self._scheduled[0][0] if self._scheduled else None) if t is not None]
+                targets = [t for t in (limit, self._next_event_index()) if t is not None]
                 budget = min(targets) - self.instructions if targets else UNBOUNDED_COUNT
         if deadline is not None and time.monotonic() >= deadline:
             self._stop = Stop(StopReason.TIMEOUT, self.cpu.rip)
@@ -888,7 +939,7 @@ class Core(Registry):
         self._switch_in_hooks = not counting and not self._tracing and (
             self.gate is None or self.gate.on_exit is OnExit.L1)
         error = None
-        self._slice_counted = counting
+        self._slice_counted, self._slice_recount = counting, False
         try:
             self.uc.emu_start(self.cpu.rip, 0, count=budget)
         except UcError as e:

@@ -42,6 +42,7 @@ class MmioBus:
         self._replaying: tuple[int, int, int] | None = None     # the write already delivered, while completing
         self.stopping_write: tuple[int, int, int] | None = None
         self.stats = {"mmio_reads": 0, "mmio_writes": 0}
+        self.in_access = False                  # a device's read or write is running
 
     def add(self, base: int, size: int, device: MmioDevice, name: str = "") -> MmioRegion:
         if base & 0xFFF or size & 0xFFF or size <= 0:
@@ -71,7 +72,11 @@ class MmioBus:
             if self._replaying is not None and key in self._reads:
                 return self._reads.pop(key)             # the value this instruction read before
             self.stats["mmio_reads"] += 1
-            value = region.device.read(offset, size) & ((1 << (8 * size)) - 1)
+            self.in_access = True
+            try:
+                value = region.device.read(offset, size) & ((1 << (8 * size)) - 1)
+            finally:
+                self.in_access = False
             self._reads[key] = value
             if self._replaying is None and self._wants_stop():
                 self.stopping_write = None
@@ -86,7 +91,11 @@ class MmioBus:
                 self._replaying = None                  # delivered already, before the stop
                 return
             self.stats["mmio_writes"] += 1
-            region.device.write(offset, size, value)
+            self.in_access = True
+            try:
+                region.device.write(offset, size, value)
+            finally:
+                self.in_access = False
             if self._replaying is None and self._wants_stop():
                 self.stopping_write = access
                 self._stop_after_access()

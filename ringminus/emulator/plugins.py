@@ -220,7 +220,8 @@ class Registry:
 SERVICES = (
     "cpu", "memory", "linear", "uc", "tsc",                # CPU state; physical and linear memory
     "cpu_model", "long_mode_capable", "profile",           # what the machine is
-    "deliver", "raise_intr", "interrupts", "nmi_pending", "init_pending", "intercepted",   # events
+    "deliver", "raise_intr", "raise_nmi", "raise_init", "interrupts", "nmi_pending", "init_pending",   # events
+    "intercepted",
     "retire", "instructions", "instructions_now", "instructions_if_exact", "exact_instructions", "halted",
     "request_stop", "request_stop_shutdown", "stop", "stop_at", "restamp_stop",            # stopping
     "record_event", "events", "stats", "has_run",          # the log and the counters

@@ -86,14 +86,16 @@ def _take_events(machine: "Machine") -> tuple:
     following = next(machine._sequence)     # the order number the next scheduled event gets
     machine._sequence = itertools.count(following)
     return (machine.nmi_pending, machine.init_pending, frozenset(machine.interrupts), machine.halted,
-            tuple(machine._scheduled), following, tuple(machine.events), machine._resuming_at_breakpoint)
+            tuple(machine._scheduled), tuple(machine._timers), machine.idle_ns, following, tuple(machine.events),
+            machine._resuming_at_breakpoint)
 
 
 def _put_events(machine: "Machine", state: tuple) -> None:
-    (machine.nmi_pending, machine.init_pending, interrupts, machine.halted, scheduled, following, events,
-     machine._resuming_at_breakpoint) = state
+    (machine.nmi_pending, machine.init_pending, interrupts, machine.halted, scheduled, timers, machine.idle_ns,
+     following, events, machine._resuming_at_breakpoint) = state
     machine.interrupts = set(interrupts)
     machine._scheduled = list(scheduled)    # a heap stays a heap
+    machine._timers = list(timers)
     machine._sequence = itertools.count(following)
     machine.events = list(events)
 

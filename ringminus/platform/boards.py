@@ -13,14 +13,23 @@ import numpy as np
 from ..emulator.loader import FOUR_GIB, check_bios
 from ..emulator.memory import ROM
 from ..emulator.pci import PciFunction
-from ..emulator.plugins import Part
+from ..emulator.plugins import Msr, Part
+from ..emulator.result import Section
 from ..smm import plugin as smm
 from . import MACHINES
 from .chipset import Chipset
+from .cmos import PORTS as CMOS_PORTS, Cmos
 from .fwcfg import FwCfg, add_option_rom, add_qemu_x86_contents, qemu_ram_split
+from .hpet import PC_INTCAP, Q35_INTCAP, Hpet
+from .i8042 import I8042
+from .ioapic import IoApic
+from .lapic import LocalApic
 from .mmconfig import MmConfig
 from .pam import Pam
+from .pic import Pic8259Pair
+from .pit import Pit8254
 from .pm import PmRegisters
+from .uart import Uart16550
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -92,6 +101,7 @@ def identify(function: PciFunction, spec: Function) -> None:
         function.add_bar(index, size, io)
 
 
+APIC_BASE_MSR = 0x1B
 APIC, HYPERVISOR = 1 << 9, 1 << 31           # Fn0000_0001 EDX (and AMD's Fn8000_0001 EDX), ECX
 HYPERVISOR_LEAVES = {0x4000_0000: (0x4000_0001, *struct.unpack("<3I", b"TCGTCGTCGTCG")), 0x4000_0001: (0, 0, 0, 0)}
 
@@ -153,6 +163,7 @@ class Board:
         self.smi_features = add_qemu_x86_contents(self.fw_cfg, ram, below, above, cpus=1, board=kind)
         machine.ports.register(0x92, read=self._read_port92, write=self._write_port92)
         self.port92 = 0
+        self._add_legacy_devices(below, above)
         machine.add_cpuid_change(with_apic_under_tcg)
         machine.add_snapshot_part(Part(85, "board", self._take, self._put))
 
@@ -172,6 +183,46 @@ class Board:
         self.machine.memory.add_overlay("pc.bios", FOUR_GIB - len(data), rom, ROM, over_ram=False)
         self.pam.set_isa_bios(data)
 
+    def _add_legacy_devices(self, below: int, above: int) -> None:
+        """The interrupt controllers and timers both boards have, wired as QEMU wires its GSIs:
+        ISA IRQ n reaches the 8259 pair's input n and the IOAPIC's pin n (IRQ 0: pin 2); the
+        8259 pair sits behind the local APIC's LINT0, which drives the CPU's INTR.  The 8254
+        counts from reset as QEMU's does; the HPET takes IRQ 0 and 8 in legacy mode."""
+        machine = self.machine
+        self.pic = Pic8259Pair().register(machine.ports)
+        self.lapic = LocalApic(machine, pic=self.pic)
+        machine.add_msr(Msr(lambda msr: msr == APIC_BASE_MSR, lambda msr: self.lapic.read_msr(),
+                            lambda msr, value: self.lapic.write_msr(value)))
+        self.ioapic = IoApic(self.lapic, pic=self.pic, clock=machine.clock)
+        self.ioapic.register(machine)
+        self.pit_irq_enabled = True
+        self.pit = Pit8254(machine.clock, irq0=self._pit_irq0, irq0_at_reset=True).register(machine.ports)
+        self.hpet = Hpet(machine.clock, irq=self.gsi, intcap=Q35_INTCAP if self.kind == "q35" else PC_INTCAP,
+                         pit_enabled=lambda level: setattr(self, "pit_irq_enabled", bool(level)))
+        self.hpet.register(machine)
+        self.cmos = Cmos(machine.clock, machine.memory.ram_size, below, above, irq=self._isa_line("rtc", 8))
+        machine.ports.register(CMOS_PORTS, self.cmos)
+        self.uart = Uart16550(irq=self._isa_line("com1", 4), clock=machine.clock).register(machine.ports)
+        machine.add_result_section(lambda stop: Section("serial", self.uart.output.decode("latin-1")))
+        self.i8042 = I8042(irq1=self._isa_line("keyboard", 1), irq12=self._isa_line("mouse", 12),
+                           reset_request=lambda: machine.request_stop_shutdown("reset through the i8042 (0xFE)"))
+        self.i8042.register(machine.ports)
+
+    def gsi(self, gsi: int, level: bool) -> None:
+        """A global system interrupt line's level (QEMU's gsi_handler)."""
+        if gsi < 16:
+            self.pic.set_irq(gsi, level)
+        self.ioapic.set_irq(2 if gsi == 0 else gsi, level)
+
+    def _pit_irq0(self, level: bool) -> None:
+        if self.pit_irq_enabled:            # HPET legacy mode disconnects the 8254
+            self.gsi(0, level)
+
+    def _isa_line(self, name: str, irq: int):
+        line = self.machine.interrupt_line(name)
+        line.connect(lambda level: self.gsi(irq, level))
+        return line
+
     def add_option_rom(self, name: str, data: bytes) -> None:
         """An option ROM SeaBIOS runs from fw_cfg (QEMU's ``genroms/<name>``: kvmvapic.bin)."""
         add_option_rom(self.fw_cfg, name, data)
@@ -188,11 +239,15 @@ class Board:
     # -- snapshots ------------------------------------------------------------------------------
     def _take(self, machine: "Machine") -> tuple:
         smi = self.smi_features.state() if self.smi_features else None
-        return self.port92, self.pm.state(), self.fw_cfg.state(), smi
+        return (self.port92, self.pm.state(), self.fw_cfg.state(), smi, self.pit_irq_enabled,
+                tuple(device.state() for device in self._devices()))
 
     def _put(self, machine: "Machine", state: tuple) -> None:
-        """After the PCI bus's part: the windows follow the restored registers."""
-        self.port92, pm, fw_cfg, smi = state
+        """After the PCI bus's part and the clock's (the count): the windows follow the
+        restored registers, the timers are armed again."""
+        self.port92, pm, fw_cfg, smi, self.pit_irq_enabled, devices = state
+        for device, device_state in zip(self._devices(), devices):
+            device.restore(device_state)
         self.fw_cfg.restore(fw_cfg)
         if smi is not None:
             self.smi_features.restore(smi)
@@ -201,6 +256,12 @@ class Board:
         if self.mmconfig is not None:
             self.mmconfig.place(struct.unpack_from("<Q", self.bridge.config, PCIEXBAR)[0])
         self.pm.restore(pm)
+
+
+    def _devices(self) -> tuple:
+        """The devices with state of their own, in restore order: the interrupt sources, then
+        the controllers (their inputs' levels are put back first)."""
+        return self.pit, self.hpet, self.cmos, self.uart, self.i8042, self.ioapic, self.pic, self.lapic
 
 
 def _take_chipset(machine: "Machine") -> tuple:

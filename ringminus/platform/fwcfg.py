@@ -443,15 +443,15 @@ SYSTEM_STATES = bytes([0x80, 0x00, 0x00, 0x81, 0x82, 0x80])     # S3 on, S4 on w
 
 
 def add_qemu_x86_contents(fw: FwCfg, ram_size: int, below_4g: int, above_4g: int, cpus: int = 1,
-                          board: str = "q35", ht_hole: bool = True) -> SmiFeatures | None:
+                          board: str = "q35", ht_hole: bool = True, nographic: bool = True) -> SmiFeatures | None:
     """What QEMU 7.2 puts in fw_cfg for ``-machine <board> -nodefaults -m N`` with ``cpus``
     vCPUs (plain topology: APIC IDs 0..cpus-1) and no -kernel, ACPI, SMBIOS and option
-    ROMs aside.  Returns q35's SMI feature negotiation (its state is the LPC bridge's)."""
+    ROMs aside; ``nographic`` as with ``-nographic`` (ringminus has no display).  Returns q35's SMI feature negotiation (its state is the LPC bridge's)."""
     if board not in ("pc", "q35"):
         raise ValueError(f"board must be 'pc' or 'q35', not {board!r}")
     items = {                       # fw_cfg_common_realize, then fw_cfg_arch_create
         UUID: bytes(16),
-        NOGRAPHIC: struct.pack("<H", 0),
+        NOGRAPHIC: struct.pack("<H", nographic),     # -nographic: SeaBIOS then adds etc/sercon-port
         BOOT_MENU: struct.pack("<H", 0),
         NB_CPUS: struct.pack("<H", cpus),
         MAX_CPUS: struct.pack("<H", cpus),           # apic_id_limit

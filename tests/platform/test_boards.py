@@ -105,7 +105,7 @@ def test_q35_mmconfig_window_follows_pciexbar():
     assert regs["rcx"] == 0x2918_8086                          # 00:1f.0 through the window
     assert regs["rdi"] == 0x1100_1AF4                          # AHCI's subsystem
     machine.pci.write_config(0, 0, 0, 0x60, 4, 0xB000_0000)   # disabled: the window goes
-    assert machine.mmio.regions == []
+    assert "pcie-mmcfg" not in [region.name for region in machine.mmio.regions]
 
 
 @pytest.mark.parametrize("kind, function, enable", [("pc", (1, 3), (0x80, 0x01)), ("q35", (0x1F, 0), (0x44, 0x80))])
@@ -138,9 +138,10 @@ def test_a_snapshot_restores_pam_and_mmconfig():
     machine.pci.write_config(0, 0, 0, 0x90, 1, 0x30)
     machine.pci.write_config(0, 0, 0, 0x60, 4, 0xB000_0001)
     machine.write_memory(0xF0000, b"\x99")
-    assert machine.read_memory(0xF0000, 1) == b"\x99" and machine.mmio.regions
+    windows = lambda: [region.name for region in machine.mmio.regions if region.name == "pcie-mmcfg"]   # noqa: E731
+    assert machine.read_memory(0xF0000, 1) == b"\x99" and windows()
     machine.restore(snapshot)
-    assert machine.read_memory(0xF0000, 1) == BIOS[0x30000:0x30001] and not machine.mmio.regions
+    assert machine.read_memory(0xF0000, 1) == BIOS[0x30000:0x30001] and not windows()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -189,7 +189,7 @@ def test_qemu_x86_contents(board):
     fw, _ = device()
     smi = F.add_qemu_x86_contents(fw, 128 << 20, 128 << 20, 0, cpus=1, board=board)
     assert (smi is not None) == (board == "q35")
-    expect = {F.UUID: bytes(16), F.RAM_SIZE: struct.pack("<Q", 0x8000000), F.NOGRAPHIC: b"\0\0",
+    expect = {F.UUID: bytes(16), F.RAM_SIZE: struct.pack("<Q", 0x8000000), F.NOGRAPHIC: b"\1\0",
               F.NB_CPUS: b"\1\0", F.NUMA: bytes(16), F.BOOT_MENU: b"\0\0", F.MAX_CPUS: b"\1\0",
               F.ACPI_TABLES: b"", F.IRQ0_OVERRIDE: b"\1\0\0\0"}
     for key, data in expect.items():
