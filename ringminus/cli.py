@@ -320,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="port of the debug console (default 0xe9)")
     run.add_argument("--max-insns", type=parse_count, metavar="N", help="stop after N instructions (reason limit)")
     run.add_argument("--timeout", type=parse_timeout, metavar="SECONDS", help="stop after SECONDS of wall time")
+    run.add_argument("--until-console", metavar="TEXT",
+                     help="stop (reason output) once TEXT appears on the debug console or a board's serial port")
     run.add_argument("--cpu", choices=sorted(MODELS), default="qemu64",
                      help="CPU model: qemu64 (long mode, 64-bit SMM map) or qemu32 (32-bit map)")
     run.add_argument("--machine", choices=MACHINES,
@@ -479,7 +481,9 @@ def prepare(args: argparse.Namespace) -> Machine:
     machine = new_machine(args)
     add_option_rom(machine, args.option_rom)
     if machine.board is not None and not args.json:              # the serial console, live
-        machine.board.uart.on_output = lambda data: (sys.stdout.write(data.decode("latin-1")), sys.stdout.flush())
+        machine.board.uart.on_output = lambda data: (sys.stdout.write(data.decode("latin-1")), sys.stdout.flush(),
+                                                     machine.output_written())
+    machine.stop_on_output(args.until_console.encode("latin-1") if args.until_console else None)
     if state is BootState.LONG and not machine.long_mode_capable:
         raise UsageError(f"--cpu {args.cpu} has no long mode")
     for base, size in args.smram:

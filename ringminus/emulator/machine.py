@@ -127,7 +127,9 @@ class Core(Registry):
         self.linear = LinearMemory(self.cpu, self.memory)
         self.delivery = Delivery(self.cpu, self.linear)
         self.ports = PortBus()
-        self.console = DebugConsole()
+        self.console = DebugConsole(on_output=self.output_written)
+        self._output_sources: tuple[tuple[str, Callable[[], bytes]], ...] = (("debug console", lambda: self.console.output),)
+        self._awaited_output: bytes | None = None      # stop_on_output
         self.ports.register(debugcon_port, self.console)
         self.ports.register(EXIT_PORT, ExitDevice(lambda value: self.request_stop(StopReason.EXIT, value)))
         self.pci = PciBus(self.ports)
@@ -509,6 +511,26 @@ class Core(Registry):
         """End the run after the current instruction (devices and user handlers call this)."""
         if self._stop is None:
             self._stop = Stop(reason, self.cpu.rip, value, detail)
+
+    def stop_on_output(self, text: bytes | None) -> None:
+        """End a run with reason ``output`` once ``text`` appears in what the guest wrote to
+        an output device (the debug console; a board's serial port), None: never."""
+        self._awaited_output = text or None
+
+    def add_output_source(self, name: str, output: Callable[[], bytes]) -> None:
+        """An output device ``stop_on_output`` watches (it calls ``output_written``)."""
+        self._output_sources += ((name, output),)
+
+    def output_written(self) -> None:
+        """An output device wrote: stop if the awaited text is there now."""
+        text = self._awaited_output
+        if text is None or self._stop is not None:
+            return
+        for name, output in self._output_sources:
+            data = output()
+            if data.find(text, max(0, len(data) - len(text) - 256)) >= 0:
+                self.request_stop(StopReason.OUTPUT, detail=f"{text.decode('latin-1')!r} on the {name}")
+                return
 
     def interrupt(self) -> None:
         """End the current run — or the next one, if none is running — with reason

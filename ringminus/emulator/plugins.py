@@ -223,7 +223,7 @@ SERVICES = (
     "deliver", "raise_intr", "raise_nmi", "raise_init", "interrupts", "nmi_pending", "init_pending",   # events
     "intercepted",
     "retire", "instructions", "instructions_now", "instructions_if_exact", "exact_instructions", "halted",
-    "request_stop", "request_stop_shutdown", "stop", "stop_at", "restamp_stop",            # stopping
+    "request_stop", "request_stop_shutdown", "stop", "stop_at", "restamp_stop", "output_written",   # stopping
     "record_event", "events", "stats", "has_run",          # the log and the counters
     "reset_cpu", "forget_tlb", "forget_translations", "arm_opcodes",
     "instruction_length_at", "decode_at", "continue_in_hook", "gate", "io_access",

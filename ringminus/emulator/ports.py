@@ -54,14 +54,17 @@ class DebugConsole:
     """Bytes written are the run's console output; reads return 0xE9 as Bochs/QEMU do."""
     precise = False
 
-    def __init__(self):
+    def __init__(self, on_output: Callable[[], None] | None = None):
         self.output = bytearray()
+        self.on_output = on_output
 
     def read(self, port: int, size: int) -> int:
         return 0xE9
 
     def write(self, port: int, size: int, value: int) -> None:
         self.output += (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        if self.on_output is not None:
+            self.on_output()
 
 
 class ExitDevice:

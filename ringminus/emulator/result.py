@@ -22,6 +22,7 @@ class StopReason(Enum):
     INTERRUPTED = "interrupted"  # Machine.interrupt() (Ctrl-C at the CLI)
     ENDED = "ended"              # emulation ended for a reason ringminus did not decide (detail says
                                  # what was seen: an emu_stop() from outside, say)
+    OUTPUT = "output"            # the text Machine.stop_on_output() waits for was written (--until-console)
 
 
 # CLI exit status per stop reason.  ``exit`` maps to 2*value+1 as QEMU's isa-debug-exit does
@@ -38,6 +39,7 @@ EXIT_STATUS = {
     StopReason.BREAKPOINT: 18,
     StopReason.HYPERCALL: 20,
     StopReason.ENDED: 22,
+    StopReason.OUTPUT: 24,
     StopReason.INTERRUPTED: 130,     # as a shell reports a process SIGINT ended
 }
 USAGE_ERROR_STATUS = 2

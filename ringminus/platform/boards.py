@@ -16,7 +16,7 @@ from ..emulator.pci import PciFunction
 from ..emulator.plugins import Msr, Part
 from ..emulator.result import Section
 from ..smm import plugin as smm
-from . import MACHINES
+from . import MACHINES, ahci, ide
 from .chipset import Chipset
 from .cmos import PORTS as CMOS_PORTS, Cmos
 from .fwcfg import FwCfg, add_option_rom, add_qemu_x86_contents, qemu_ram_split
@@ -29,6 +29,7 @@ from .pam import Pam
 from .pic import Pic8259Pair
 from .pit import Pit8254
 from .pm import PmRegisters
+from .tables import recorded
 from .uart import Uart16550
 
 if TYPE_CHECKING:
@@ -161,9 +162,16 @@ class Board:
             raise ValueError(f"the {kind} machine puts RAM above {below >> 20} MiB at 4 GiB, which ringminus "
                              f"does not model yet: give it at most {below >> 20} MiB")
         self.smi_features = add_qemu_x86_contents(self.fw_cfg, ram, below, above, cpus=1, board=kind)
+        for name, contents in recorded(kind, ram).items():        # QEMU's ACPI and SMBIOS tables
+            self.fw_cfg.add_file(name, contents)
         machine.ports.register(0x92, read=self._read_port92, write=self._write_port92)
         self.port92 = 0
         self._add_legacy_devices(below, above)
+        if kind == "q35":           # six empty SATA ports (INTx not routed yet: no port raises one)
+            self.disks = ahci.plug(machine, self.functions[(0, 0x1F, 2)])
+        else:                       # two empty IDE channels on IRQ 14 and 15
+            self.disks = ide.plug(machine, self.functions[(0, 1, 1)],
+                                  irqs=(lambda level: self.gsi(14, level), lambda level: self.gsi(15, level)))
         machine.add_cpuid_change(with_apic_under_tcg)
         machine.add_snapshot_part(Part(85, "board", self._take, self._put))
 
@@ -203,6 +211,8 @@ class Board:
         self.cmos = Cmos(machine.clock, machine.memory.ram_size, below, above, irq=self._isa_line("rtc", 8))
         machine.ports.register(CMOS_PORTS, self.cmos)
         self.uart = Uart16550(irq=self._isa_line("com1", 4), clock=machine.clock).register(machine.ports)
+        self.uart.on_output = lambda data: machine.output_written()
+        machine.add_output_source("serial port", lambda: self.uart.output)
         machine.add_result_section(lambda stop: Section("serial", self.uart.output.decode("latin-1")))
         self.i8042 = I8042(irq1=self._isa_line("keyboard", 1), irq12=self._isa_line("mouse", 12),
                            reset_request=lambda: machine.request_stop_shutdown("reset through the i8042 (0xFE)"))
@@ -261,7 +271,7 @@ class Board:
     def _devices(self) -> tuple:
         """The devices with state of their own, in restore order: the interrupt sources, then
         the controllers (their inputs' levels are put back first)."""
-        return self.pit, self.hpet, self.cmos, self.uart, self.i8042, self.ioapic, self.pic, self.lapic
+        return self.pit, self.hpet, self.cmos, self.uart, self.i8042, self.disks, self.ioapic, self.pic, self.lapic
 
 
 def _take_chipset(machine: "Machine") -> tuple:
