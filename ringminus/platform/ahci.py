@@ -249,7 +249,7 @@ def plug(machine, function, irq: Callable[[bool], None] | None = None) -> Ahci:
     """Attach an Ahci to ICH9's 00:1f.2 ``function`` (after boards.identify): re-declares BAR4
     (I/O, 32 bytes) and BAR5 (MMIO, 4 KiB) with map callbacks that follow the guest's
     placement.  ``irq(level)``: the function's INTx line."""
-    ahci = Ahci(irq=irq, write_memory=machine.write_memory)
+    ahci = Ahci(irq=irq, write_memory=machine.memory.write)      # a DMA write, as the CPU would see it
     mapped: dict[str, object] = {}
 
     def map_abar(address: int | None) -> None:
