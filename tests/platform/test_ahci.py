@@ -85,9 +85,14 @@ def test_idp():
     assert a.idp_read(0x14, 4) == 0xC0141F05
 
 
+class FakeMemory(list):
+    def write(self, address, data):
+        self.append((address, data))
+
+
 class FakeMachine:
     def __init__(self):
-        self.regions, self.memory = {}, []
+        self.regions, self.memory = {}, FakeMemory()
         from ringminus.emulator.ports import PortBus
         self.ports = PortBus()
 
@@ -97,9 +102,6 @@ class FakeMachine:
 
     def remove_mmio(self, region):
         del self.regions[region]
-
-    def write_memory(self, address, data):
-        self.memory.append((address, data))
 
 
 def test_plug_maps_bars():
