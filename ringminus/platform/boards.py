@@ -107,15 +107,17 @@ APIC, HYPERVISOR = 1 << 9, 1 << 31           # Fn0000_0001 EDX (and AMD's Fn8000
 HYPERVISOR_LEAVES = {0x4000_0000: (0x4000_0001, *struct.unpack("<3I", b"TCGTCGTCGTCG")), 0x4000_0001: (0, 0, 0, 0)}
 
 
-def with_apic_under_tcg(table: dict) -> dict:
-    """CPUID on a board as QEMU 7.2 TCG answers it: a local APIC, and QEMU's hypervisor bit
-    and leaves ("TCGTCGTCGTCG")."""
+def under_tcg(table: dict, apic: bool) -> dict:
+    """CPUID on a board as QEMU 7.2 TCG answers it: QEMU's hypervisor bit and leaves
+    ("TCGTCGTCGTCG"), and the APIC bit while the local APIC is enabled in its MSR (QEMU clears
+    it when the guest disables the APIC)."""
     table = {**table, **HYPERVISOR_LEAVES}
+    present = APIC if apic else 0
     eax, ebx, ecx, edx = table[1]
-    table[1] = (eax, ebx, ecx | HYPERVISOR, edx | APIC)
+    table[1] = (eax, ebx, ecx | HYPERVISOR, edx | present)
     if 0x8000_0001 in table and table[0x8000_0001][0]:         # AMD repeats the APIC bit
         eax, ebx, ecx, edx = table[0x8000_0001]
-        table[0x8000_0001] = (eax, ebx, ecx, edx | APIC)
+        table[0x8000_0001] = (eax, ebx, ecx, edx | present)
     return table
 
 
@@ -172,7 +174,7 @@ class Board:
         else:                       # two empty IDE channels on IRQ 14 and 15
             self.disks = ide.plug(machine, self.functions[(0, 1, 1)],
                                   irqs=(lambda level: self.gsi(14, level), lambda level: self.gsi(15, level)))
-        machine.add_cpuid_change(with_apic_under_tcg)
+        machine.add_cpuid_change(lambda table: under_tcg(table, self.lapic.hardware_enabled))
         machine.add_snapshot_part(Part(85, "board", self._take, self._put))
 
     # -- the host bridge's registers -----------------------------------------------------------
@@ -195,7 +197,7 @@ class Board:
         """The interrupt controllers and timers both boards have, wired as QEMU wires its GSIs:
         ISA IRQ n reaches the 8259 pair's input n and the IOAPIC's pin n (IRQ 0: pin 2); the
         8259 pair sits behind the local APIC's LINT0, which drives the CPU's INTR.  The 8254
-        counts from reset as QEMU's does; the HPET takes IRQ 0 and 8 in legacy mode."""
+        counts from reset as QEMU's does."""
         machine = self.machine
         self.pic = Pic8259Pair().register(machine.ports)
         self.lapic = LocalApic(machine, pic=self.pic)
@@ -203,12 +205,14 @@ class Board:
                             lambda msr, value: self.lapic.write_msr(value)))
         self.ioapic = IoApic(self.lapic, pic=self.pic, clock=machine.clock)
         self.ioapic.register(machine)
-        self.pit_irq_enabled = True
-        self.pit = Pit8254(machine.clock, irq0=self._pit_irq0, irq0_at_reset=True).register(machine.ports)
-        self.hpet = Hpet(machine.clock, irq=self.gsi, intcap=Q35_INTCAP if self.kind == "q35" else PC_INTCAP,
-                         pit_enabled=lambda level: setattr(self, "pit_irq_enabled", bool(level)))
+        # The 8254's IRQ 0 and the RTC's IRQ 8 pass through the HPET, which takes both over in
+        # legacy-replacement mode (QEMU's hpet "pit" and "rtc" inputs).
+        self.hpet = Hpet(machine.clock, irq=self.gsi, intcap=Q35_INTCAP if self.kind == "q35" else PC_INTCAP)
         self.hpet.register(machine)
-        self.cmos = Cmos(machine.clock, machine.memory.ram_size, below, above, irq=self._isa_line("rtc", 8))
+        self.pit = Pit8254(machine.clock, irq0=self.hpet.pit_input, irq0_at_reset=True).register(machine.ports)
+        rtc_line = machine.interrupt_line("rtc")
+        rtc_line.connect(self.hpet.rtc_input)
+        self.cmos = Cmos(machine.clock, machine.memory.ram_size, below, above, irq=rtc_line)
         machine.ports.register(CMOS_PORTS, self.cmos)
         self.uart = Uart16550(irq=self._isa_line("com1", 4), clock=machine.clock).register(machine.ports)
         self.uart.on_output = lambda data: machine.output_written()
@@ -223,10 +227,6 @@ class Board:
         if gsi < 16:
             self.pic.set_irq(gsi, level)
         self.ioapic.set_irq(2 if gsi == 0 else gsi, level)
-
-    def _pit_irq0(self, level: bool) -> None:
-        if self.pit_irq_enabled:            # HPET legacy mode disconnects the 8254
-            self.gsi(0, level)
 
     def _isa_line(self, name: str, irq: int):
         line = self.machine.interrupt_line(name)
@@ -249,13 +249,12 @@ class Board:
     # -- snapshots ------------------------------------------------------------------------------
     def _take(self, machine: "Machine") -> tuple:
         smi = self.smi_features.state() if self.smi_features else None
-        return (self.port92, self.pm.state(), self.fw_cfg.state(), smi, self.pit_irq_enabled,
-                tuple(device.state() for device in self._devices()))
+        return self.port92, self.pm.state(), self.fw_cfg.state(), smi, tuple(device.state() for device in self._devices())
 
     def _put(self, machine: "Machine", state: tuple) -> None:
         """After the PCI bus's part and the clock's (the count): the windows follow the
         restored registers, the timers are armed again."""
-        self.port92, pm, fw_cfg, smi, self.pit_irq_enabled, devices = state
+        self.port92, pm, fw_cfg, smi, devices = state
         for device, device_state in zip(self._devices(), devices):
             device.restore(device_state)
         self.fw_cfg.restore(fw_cfg)

@@ -54,3 +54,14 @@ def test_live_qemu_answers_as_recorded(tmp_path):
                     "-monitor", "none", "-chardev", f"file,id=dbg,path={log}",
                     "-device", "isa-debugcon,iobase=0x402,chardev=dbg"], capture_output=True)
     assert log.read_bytes() == (DATA / "cpuid-qemu-7.2.bin").read_bytes()
+
+
+def test_disabling_the_apic_in_its_msr_clears_the_cpuid_bit():
+    # QEMU clears CPUID.1:EDX[9] while IA32_APIC_BASE's global enable is clear.
+    machine = Machine(machine="q35", debugcon_port=0x402)
+    machine.board.lapic.write_msr(0xFEE0_0100)                 # BSP, global enable off
+    machine.load_bios((DATA / "cpuid-probe.bin").read_bytes())
+    machine.boot("bios")
+    machine.run(max_instructions=100_000)
+    leaf1 = list(struct.iter_unpack("<4I", bytes(machine.console.output)))[1]
+    assert not leaf1[3] & (1 << 9) and leaf1[2] & (1 << 31)
