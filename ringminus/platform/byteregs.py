@@ -55,3 +55,22 @@ class ByteRegions:
         offset = port - region.base
         for i in range(size):
             region.write(offset + i, (value >> (8 * i)) & 0xFF)
+
+
+class ByteRegisterDevice:
+    """A port device whose ports are ``ByteRegions`` (``self._io``, built by the subclass,
+    claiming ``PORTS``): the bus calls go through QEMU's access-size rule above."""
+    PORTS: tuple[int, ...] = ()
+    precise = False
+    _io: ByteRegions
+
+    def register(self, ports):
+        """Claim the ports on a PortBus (``machine.ports``); the device itself."""
+        ports.register(self.PORTS, self)
+        return self
+
+    def read(self, port: int, size: int) -> int:
+        return self._io.read(port, size)
+
+    def write(self, port: int, size: int, value: int) -> None:
+        self._io.write(port, size, value)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-from .byteregs import ByteRegion, ByteRegions
+from .byteregs import ByteRegion, ByteRegions, ByteRegisterDevice
 
 MASTER_PORT, SLAVE_PORT = 0x20, 0xA0
 ELCR_PORTS = (0x4D0, 0x4D1)               # master, slave
@@ -201,7 +201,7 @@ OCW2 = (Pic8259._rotate_in_auto_eoi, Pic8259._eoi, Pic8259._no_operation, Pic825
         Pic8259._rotate_in_auto_eoi, Pic8259._eoi, Pic8259._set_priority, Pic8259._rotate_on_specific_eoi)
 
 
-class Pic8259Pair:
+class Pic8259Pair(ByteRegisterDevice):
     """The master and slave 8259 and their ELCRs: a port device for 0x20-0x21, 0xA0-0xA1,
     0x4D0 and 0x4D1 (``register(machine.ports)``), and IRQ inputs 0-15 (``set_irq``,
     ``sink``).  ``int_output(level)`` is called when the master's INT output changes."""
@@ -219,18 +219,6 @@ class Pic8259Pair:
             ByteRegion(SLAVE_PORT, 2, self.slave.read_port, self.slave.write_port),
             ByteRegion(ELCR_PORTS[0], 1, self.master.read_elcr, self.master.write_elcr),
             ByteRegion(ELCR_PORTS[1], 1, self.slave.read_elcr, self.slave.write_elcr)))
-
-    def register(self, ports) -> "Pic8259Pair":
-        """Claim the ports on a PortBus (``machine.ports``)."""
-        ports.register(self.PORTS, self)
-        return self
-
-    # -- the port bus ---------------------------------------------------------------------------
-    def read(self, port: int, size: int) -> int:
-        return self._io.read(port, size)
-
-    def write(self, port: int, size: int, value: int) -> None:
-        self._io.write(port, size, value)
 
     # -- the device side -----------------------------------------------------------------------
     def set_irq(self, irq: int, level: bool) -> None:

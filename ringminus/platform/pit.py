@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..emulator.clock import Timer
-from .byteregs import ByteRegion, ByteRegions
+from .byteregs import ByteRegion, ByteRegions, ByteRegisterDevice
 
 PIT_FREQ = 1_193_182
 NS_PER_SECOND = 1_000_000_000
@@ -159,7 +159,7 @@ class PitChannel:
         return value                                # RW_LSB, or never programmed
 
 
-class Pit8254:
+class Pit8254(ByteRegisterDevice):
     """The three channels, the PC speaker port and channel 0's IRQ: a port device for
     0x40-0x43 and 0x61 (``register(machine.ports)``).  ``clock``: ``now_ns()`` and
     ``add_timer(after_ns, callback)`` (``machine.clock``).  ``irq0(level)``: channel 0's
@@ -184,18 +184,6 @@ class Pit8254:
         self._io = ByteRegions((ByteRegion(PIT_PORT, 4, self._read_pit, self._write_pit),
                                 ByteRegion(SPEAKER_PORT, 1, self._read_speaker, self._write_speaker)))
         self.reset()
-
-    def register(self, ports) -> "Pit8254":
-        """Claim the ports on a PortBus (``machine.ports``)."""
-        ports.register(self.PORTS, self)
-        return self
-
-    # -- the port bus ---------------------------------------------------------------------------
-    def read(self, port: int, size: int) -> int:
-        return self._io.read(port, size)
-
-    def write(self, port: int, size: int, value: int) -> None:
-        self._io.write(port, size, value)
 
     def _read_pit(self, offset: int) -> int:
         offset &= 3
