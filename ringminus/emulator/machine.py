@@ -594,6 +594,21 @@ class Core(Registry):
             self.stats["exceptions_delivered" if event.kind is EventKind.EXCEPTION else "interrupts_delivered"] += 1
 
     # -- Unicorn hooks (they record and stop; the run loop acts) ---------------------------
+    def _fetch_from_stale_tlb(self, address: int) -> bytes | None:
+        """The code at a site that ringminus's walk of the guest's tables does not reach:
+        Unicorn runs it from a TLB entry the tables no longer give.  Where QEMU's TLB lacks it
+        too, its walk failed and left the fetch's #PF pending: the slice stops here and takes
+        it before the instruction, returning to the instruction itself."""
+        code, faulted = self.linear.fetch_as_executed(address, 15)
+        if faulted:
+            ctx = self.cpu.context.snapshot()
+            ctx.put_u64(ucinternals.EXCEPTION_NEXT_EIP, ctx.u64(ucinternals.EIP))
+            ctx.put_i32(ucinternals.EXCEPTION_IS_INT, 0)
+            ctx.commit()
+            self._trap_and_stop(_Trap("refetch"))
+            return None
+        return code
+
     def _trap_and_stop(self, trap: _Trap) -> None:
         self._trap = trap
         self.uc.emu_stop()
@@ -742,7 +757,9 @@ class Core(Registry):
         ctx = self.cpu.context.snapshot()           # one copy serves mode, RIP, CR0 and CR3
         code = self.linear.fetch(address, 15, ctx.u64(ucinternals.CR), ctx.u64(ucinternals.CR + 24))
         if code is None:
-            return                      # Unicorn will report the fetch fault itself
+            code = self._fetch_from_stale_tlb(address)
+            if code is None:
+                return
         bits = ucinternals.code_bits(ctx.u32(ucinternals.HFLAGS))
         insn = self._decode(code, bits, ctx.u64(ucinternals.EIP))
         if insn is not None:
@@ -1055,6 +1072,11 @@ class Core(Registry):
             self._forget_armed_spaces()     # even a reload of the same CR3 flushes the TLB
             self.linear.flush()
 
+    def _after_refetch(self, trap: _Trap, started: int) -> None:
+        """Unicorn did not take the pending #PF: drop its TLB, so the fetch walks afresh."""
+        self.retire(started - 1)
+        self.cpu.fast.flush_tlb()
+
     def _after_mmio(self, trap: _Trap, started: int) -> None:
         """An MMIO access left a stop or an event: Unicorn restarted its instruction, which
         now runs alone with the device's part already done (mmio.py), and retires."""
@@ -1094,7 +1116,8 @@ class Core(Registry):
     _AFTER_TRAP = {"exception": lambda self, trap, started: self._on_exception_trap(trap, started),
                    "invalid": _after_invalid, "port": _after_port, "memory": _after_memory, "exit": _after_exit,
                    "fault": _after_fault, "step": _after_step, "breakpoint": _after_breakpoint,
-                   "resume": _after_resume, "miss": _after_miss, "msr": _after_msr, "mmio": _after_mmio}
+                   "resume": _after_resume, "miss": _after_miss, "msr": _after_msr, "mmio": _after_mmio,
+                   "refetch": _after_refetch}
 
     def _follows_hlt(self) -> bool:
         """Unicorn ends a slice after HLT without a hook: only a HLT byte just before RIP

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from unicorn.x86_const import UC_X86_REG_CR0 as X86_CR0, UC_X86_REG_CR3 as X86_CR3
 
+from . import ucinternals
 from .cpu import Cpu
 from ..arch.control import CR0_PG, CR0_WP, CR4_PAE, CR4_PSE, EFER_LMA, EFER_NXE
 from .memory import PhysicalMemory
@@ -42,6 +43,7 @@ class LinearMemory:
         # a remapped page (a PTE rewritten, even without INVLPG or across a world switch) is
         # walked afresh.  Entries: (frame, leaf address, leaf size, leaf bytes).
         self._code_tlb: dict[tuple[int, int], tuple[int, int, int, bytes]] = {}
+        self._cpu_tlb = ucinternals.FetchTranslator(cpu.uc)
 
     def flush(self) -> None:
         self._code_tlb.clear()
@@ -71,6 +73,22 @@ class LinearMemory:
                 break
             out += chunk
         return out or None
+
+    def fetch_as_executed(self, linear: int, size: int) -> tuple[bytes | None, bool]:
+        """Up to ``size`` instruction bytes at ``linear`` as the CPU fetched them: through
+        QEMU's TLB, which may still hold a translation the guest's tables no longer give
+        (rewritten without INVLPG), where ``fetch`` walks them afresh.  Also whether QEMU had
+        to walk them too and failed: its #PF for this fetch is then pending."""
+        out = b""
+        for page_linear, count in self._chunks(linear, size):
+            physical = self._cpu_tlb(page_linear)
+            if physical is None:
+                return out or None, True
+            chunk = self.phys.read_fast(physical, count)
+            if chunk is None:
+                break
+            out += chunk
+        return out or None, False
 
     def _code_frame(self, cr3: int, linear: int) -> int | None:
         key = (cr3, linear >> 12)

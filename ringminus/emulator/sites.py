@@ -48,11 +48,10 @@ never match stay installed (unicorn 2.1.4, include/tcg/tcg-op.h gen_uc_tracecode
 from __future__ import annotations
 
 import bisect
-import ctypes
 import re
 from typing import Callable
 
-from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_EDGE_GENERATED, UC_PROT_EXEC, Uc
+from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_EDGE_GENERATED, Uc
 from unicorn.x86_const import UC_X86_REG_RIP
 
 from ..decode.length import disassembler
@@ -156,23 +155,6 @@ def _flagged_runs(code: bytes, hits: set[int], possible: list[int], bits: int,
     return flagged, runs, len(flagged) == len(starts)
 
 
-class _FetchTranslator:
-    """Linear to physical for code Unicorn has just translated, through QEMU's own TLB
-    (``uc_vmem_translate``, Unicorn 2.1.4's C API, which its Python binding lacks).  Only
-    for pages just fetched from: on a TLB miss QEMU walks the guest's tables, and a walk
-    that fails leaves its #PF state (CR2 included) behind."""
-
-    def __init__(self, uc: Uc):
-        self._translate = ucinternals.uc_library().uc_vmem_translate
-        self._handle = uc._uch
-        self._physical = ctypes.c_uint64()
-        self._out = ctypes.byref(self._physical)
-
-    def __call__(self, linear: int) -> int | None:
-        status = self._translate(self._handle, ctypes.c_uint64(linear), ctypes.c_int(UC_PROT_EXEC), self._out)
-        return self._physical.value if status == 0 else None
-
-
 class ArmedSites:
     """The armed sites, by linear address.  ``len`` counts the instruction starts armed;
     ``address in`` says whether a code hook covers the address, that is whether Unicorn
@@ -195,7 +177,7 @@ class CodeSites:
         self._uc = uc
         self._callback = callback
         self._read = read
-        self._translate = _FetchTranslator(uc)
+        self._translate = ucinternals.FetchTranslator(uc)     # pages just fetched from: in the TLB
         # What Unicorn has mapped, without mapping anything: a range hidden since a block was
         # translated there holds no translation any more (unmapping dropped it).
         self._read_mapped = ucinternals.FastAccess(uc).read_memory

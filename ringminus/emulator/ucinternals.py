@@ -305,6 +305,24 @@ def add_instruction_hook(uc: Uc, instruction: int, callback) -> object:
     return function
 
 
+class FetchTranslator:
+    """Linear to physical for an instruction fetch, as Unicorn's CPU makes it: through QEMU's
+    softmmu TLB (``uc_vmem_translate``, Unicorn 2.1.4's C API, which its Python binding lacks),
+    so it finds a translation the TLB still holds after the guest's tables changed.  On a TLB
+    miss QEMU walks the tables, and a walk that fails leaves its #PF pending behind (the CPU's
+    exception index, CR2, the error code): taken when the slice next leaves translated code."""
+
+    def __init__(self, uc: Uc):
+        self._translate = uc_library().uc_vmem_translate
+        self._handle = uc._uch
+        self._physical = ctypes.c_uint64()
+        self._out = ctypes.byref(self._physical)
+
+    def __call__(self, linear: int) -> int | None:
+        status = self._translate(self._handle, ctypes.c_uint64(linear), ctypes.c_int(unicorn.UC_PROT_EXEC), self._out)
+        return self._physical.value if status == 0 else None
+
+
 def uc_library():
     from unicorn.unicorn_py3 import unicorn as binding
     return binding.uclib

@@ -48,6 +48,21 @@ def test_a_walk_through_unbacked_memory_reads_not_present(tmp_path):
     assert json.loads(done.stdout)["stop"]["reason"] == "exit"
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_site_the_tables_no_longer_map_is_still_checked(exact):
+    # The guest points PML4[0] beyond RAM (no INVLPG): the CPU runs on from its TLB, and the
+    # MOV CR4 after it, which sets LA57 (not on qemu64), still raises #GP: ringminus reads
+    # the site's code through QEMU's TLB when its own walk finds nothing (fuzz streams
+    # seeds 3138965, 3144994).
+    machine = Machine(memory_size=16 << 20, exact_instructions=exact)
+    machine.write_memory(0x100000, asm("sgdt [0x10000]; mov eax, 0x1000; mov cr4, rax; hlt", 64, 0x100000))
+    machine.boot("long", 0x100000)
+    result = machine.run(max_instructions=50)
+    assert result.events and result.events[0]["vector"] == 13
+    assert result.events[0]["rip"] == 0x100000 + len(asm("sgdt [0x10000]; mov eax, 0x1000", 64, 0x100000))
+    assert not result.regs["cr4"] & 0x1000
+
+
 def test_a_fault_delivery_through_unbacked_tables_is_a_guest_fault():
     # A 32-bit paged guest whose page directory lies beyond RAM: the first fetch faults,
     # and delivering #PF walks through nothing again: a triple fault, as on QEMU.
