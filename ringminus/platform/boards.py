@@ -29,7 +29,7 @@ from .pam import Pam
 from .pic import Pic8259Pair
 from .pit import Pit8254
 from .pm import PmRegisters
-from .tables import recorded
+from .tables import AcpiTables, recordings
 from .uart import Uart16550
 
 if TYPE_CHECKING:
@@ -164,8 +164,8 @@ class Board:
             raise ValueError(f"the {kind} machine puts RAM above {below >> 20} MiB at 4 GiB, which ringminus "
                              f"does not model yet: give it at most {below >> 20} MiB")
         self.smi_features = add_qemu_x86_contents(self.fw_cfg, ram, below, above, cpus=1, board=kind)
-        for name, contents in recorded(kind, ram).items():        # QEMU's ACPI and SMBIOS tables
-            self.fw_cfg.add_file(name, contents)
+        builds = recordings(kind, ram)                              # QEMU's ACPI and SMBIOS tables
+        self.acpi = AcpiTables(self.fw_cfg, builds, self._acpi_state) if builds else None
         machine.ports.register(0x92, read=self._read_port92, write=self._write_port92)
         self.port92 = 0
         self._add_legacy_devices(below, above)
@@ -184,6 +184,11 @@ class Board:
             self.pam.write_registers(self.bridge.config[pam:pam + 7])
         elif self.mmconfig is not None and PCIEXBAR <= offset < PCIEXBAR + 8:
             self.mmconfig.place(struct.unpack_from("<Q", self.bridge.config, PCIEXBAR)[0])
+
+    def _acpi_state(self) -> tuple[int, int | None]:
+        """What QEMU's ACPI build reads of the chipset (tables.built_for)."""
+        mmconfig = self.mmconfig.placed if self.mmconfig is not None else None
+        return self.pm.base or 0, mmconfig[0] if mmconfig is not None else None
 
     # -- BIOS -----------------------------------------------------------------------------------
     def load_bios(self, data: bytes) -> None:
@@ -249,15 +254,19 @@ class Board:
     # -- snapshots ------------------------------------------------------------------------------
     def _take(self, machine: "Machine") -> tuple:
         smi = self.smi_features.state() if self.smi_features else None
-        return self.port92, self.pm.state(), self.fw_cfg.state(), smi, tuple(device.state() for device in self._devices())
+        acpi = self.acpi.state() if self.acpi else None
+        return (self.port92, self.pm.state(), self.fw_cfg.state(), smi, acpi,
+                tuple(device.state() for device in self._devices()))
 
     def _put(self, machine: "Machine", state: tuple) -> None:
         """After the PCI bus's part and the clock's (the count): the windows follow the
         restored registers, the timers are armed again."""
-        self.port92, pm, fw_cfg, smi, devices = state
+        self.port92, pm, fw_cfg, smi, acpi, devices = state
         for device, device_state in zip(self._devices(), devices):
             device.restore(device_state)
         self.fw_cfg.restore(fw_cfg)
+        if acpi is not None:
+            self.acpi.restore(acpi)
         if smi is not None:
             self.smi_features.restore(smi)
         pam = PAM_REGISTERS[self.kind]

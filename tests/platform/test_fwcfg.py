@@ -10,6 +10,7 @@ import pytest
 from ringminus import Machine, StopReason
 from ringminus.emulator.memory import UnbackedMemory
 from ringminus.platform import fwcfg as F
+from ringminus.platform import tables
 from ringminus.platform.fwcfg import FwCfg
 
 from ..helpers import asm
@@ -467,3 +468,63 @@ def test_a_guest_reads_the_signature_and_dmas_the_directory():
     assert raw == fw.contents(F.FILE_DIR)
     assert struct.unpack(">I", raw[:4])[0] == 8
     assert raw[4 + 64 * 3:4 + 64 * 4] == struct.pack(">IHH56s", 40, 0x23, 0, b"etc/e820")
+
+
+# -- QEMU's ACPI tables, built again at the firmware's first select (tables.py) ---------------
+def seabios_setup(machine, pm_base=0x600):
+    """What SeaBIOS programs before it reads the tables: PMBASE (and its enable), and on q35
+    PCIEXBAR at 0xB0000000, 256 MiB, enabled."""
+    if machine.board.kind == "q35":
+        machine.pci.write_config(0, 0x1F, 0, 0x40, 4, pm_base | 1)
+        machine.pci.write_config(0, 0x1F, 0, 0x44, 1, 0x80)
+        machine.pci.write_config(0, 0, 0, 0x60, 4, 0xB000_0001)
+    else:
+        machine.pci.write_config(0, 1, 3, 0x40, 4, pm_base | 1)
+        machine.pci.write_config(0, 1, 3, 0x80, 1, 0x01)
+
+
+@pytest.mark.parametrize("board", ["pc", "q35"])
+def test_the_recordings_say_what_state_they_were_built_in(board):
+    power_on, seabios = tables.recordings(board, 128 << 20)
+    assert tables.built_for(power_on) == (0, None)
+    assert tables.built_for(seabios) == (0x600, 0xB000_0000 if board == "q35" else None)
+    assert ("MCFG" in tables.acpi_tables(seabios["etc/acpi/tables"])) == (board == "q35")
+
+
+@pytest.mark.parametrize("board", ["pc", "q35"])
+@pytest.mark.parametrize("file", ["etc/table-loader", "etc/acpi/rsdp", "etc/acpi/tables"])
+def test_the_first_select_serves_the_tables_built_in_the_chipsets_state(board, file):
+    machine = Machine(machine=board, memory_size=128 << 20)
+    power_on, seabios = tables.recordings(board, 128 << 20)
+    fw = machine.board.fw_cfg
+    assert fw.contents("etc/acpi/tables") == power_on["etc/acpi/tables"]
+    seabios_setup(machine)
+    fw.select(fw.selector(file))
+    assert fw.contents("etc/acpi/tables") == seabios["etc/acpi/tables"] and machine.board.acpi.matched
+    seabios_setup(machine, pm_base=0xB000)             # once only, as acpi_build_update
+    fw.select(fw.selector(file))
+    assert fw.contents("etc/acpi/tables") == seabios["etc/acpi/tables"]
+
+
+def test_a_state_nothing_was_recorded_in_gets_the_power_on_tables():
+    machine = Machine(machine="q35", memory_size=128 << 20)
+    seabios_setup(machine, pm_base=0xB000)
+    fw = machine.board.fw_cfg
+    fw.select(fw.selector("etc/acpi/tables"))
+    assert fw.contents("etc/acpi/tables") == tables.recordings("q35", 128 << 20)[0]["etc/acpi/tables"]
+    assert not machine.board.acpi.matched
+
+
+def test_a_snapshot_before_the_first_select_brings_the_power_on_tables_back():
+    machine = Machine(machine="q35", memory_size=128 << 20)
+    power_on, seabios = tables.recordings("q35", 128 << 20)
+    before = machine.snapshot()
+    seabios_setup(machine)
+    fw = machine.board.fw_cfg
+    fw.select(fw.selector("etc/acpi/rsdp"))
+    after = machine.snapshot()
+    assert fw.contents("etc/acpi/rsdp") == seabios["etc/acpi/rsdp"]
+    machine.restore(before)
+    assert fw.contents("etc/acpi/rsdp") == power_on["etc/acpi/rsdp"] and machine.board.acpi.built is None
+    machine.restore(after)
+    assert fw.contents("etc/acpi/rsdp") == seabios["etc/acpi/rsdp"]

@@ -1,13 +1,19 @@
-"""Debian's SeaBIOS under ringminus's pc and q35 boards against QEMU 7.2 TCG's debug log
-(data/seabios-*-qemu-7.2.log, recorded with the command in ``qemu_log`` below; compared live
-when QEMU is installed).  pc: the whole log, line for line, to "No bootable device.".  q35:
-the same but for the two lines naming the ACPI tables — QEMU rebuilds its tables when the
-firmware first reads them, after PCI setup (acpi_build_update), and ringminus serves them as
-QEMU built them at power-on (platform/tables.py), so the DSDT is 8,148 bytes, not 8,232."""
+"""Debian's SeaBIOS under ringminus's pc and q35 boards against QEMU 7.2 TCG, recorded in
+data/ by tools/capture-seabios.sh (and compared live when QEMU and gdb are installed):
+
+* the debug log, line for line, to "No bootable device." (bios-256k.bin and bios.bin);
+* bios-256k.bin's SMI: where QEMU's ``-d int`` shows it taken, and the state-save map it
+  wrote there, byte for byte;
+* SMRAM once SeaBIOS is done (the A-segment, where it relocated SMBASE, and the default
+  SMBASE's 0x30000-0x3FFFF), byte for byte.  bios.bin is built without SMM: no SMI at all."""
 from __future__ import annotations
 
+import functools
+import gzip
+import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,50 +21,95 @@ import pytest
 from ringminus import Machine, StopReason
 
 DATA = Path(__file__).parent / "data"
-BIOS = Path("/usr/share/seabios/bios-256k.bin")
+TOOL = Path(__file__).parents[2] / "tools" / "capture-seabios.sh"
+SEABIOS = Path("/usr/share/seabios")
 KVMVAPIC = Path("/usr/share/qemu/kvmvapic.bin")           # QEMU gives SeaBIOS this option ROM
 END = b"No bootable device.\n"
-ACPI_LINES = ("table(50434146)=", "ACPI: parse DSDT at")      # q35: QEMU's tables are rebuilt (above)
+SMI_ENTRY, SAVE_MAP = 0x38000, 0x3FE00                     # at the reset SMBASE 0x30000
+ASEG, ASEG_SAVE_MAP = 0xA0000, 0xFE00                      # SMRAM, and its map's offset there
+RUNS = [(kind, image) for image in ("bios-256k", "bios") for kind in ("pc", "q35")]
 
-pytestmark = pytest.mark.skipif(not (BIOS.exists() and KVMVAPIC.exists()),
-                                reason=f"{BIOS} or {KVMVAPIC} is not installed (Debian's seabios, qemu-system-data)")
+pytestmark = pytest.mark.skipif(not (SEABIOS.joinpath("bios-256k.bin").exists() and KVMVAPIC.exists()),
+                                reason=f"SeaBIOS in {SEABIOS} or {KVMVAPIC} is not installed "
+                                       "(Debian's seabios, qemu-system-data)")
 
 
-def ringminus_log(kind: str) -> tuple[str, Machine]:
+@dataclass
+class Booted:
+    log: str
+    serial: str
+    smi_rips: list[int]
+    smbase: int
+    save_map: bytes | None          # what the SMI wrote at the reset SMBASE, read at its handler's entry
+    aseg: bytes                     # the A-segment's SMRAM once SeaBIOS is done
+    low: bytes                      # 0x30000-0x3FFFF then
+
+
+@functools.cache
+def ringminus_boot(kind: str, image: str) -> Booted:
     machine = Machine(machine=kind, memory_size=128 << 20, debugcon_port=0x402)
-    machine.load_bios(BIOS.read_bytes())
+    machine.load_bios((SEABIOS / f"{image}.bin").read_bytes())
     machine.board.add_option_rom("kvmvapic.bin", KVMVAPIC.read_bytes())
     machine.boot("bios")
     machine.stop_on_output(END)
+    machine.break_at(SMI_ENTRY)
     result = machine.run(max_instructions=100_000_000)
+    save_map = None
+    if result.stop.reason is StopReason.BREAKPOINT:
+        save_map = machine.read_memory(SAVE_MAP, 0x200)
+        result = machine.run(max_instructions=100_000_000)
     assert result.stop.reason is StopReason.OUTPUT, result.stop
-    return result.console, machine
+    return Booted(result.console, machine.board.uart.output.decode("latin-1"),
+                  [event["rip"] for event in machine.events if event["kind"] == "smi"], machine.smm.smbase,
+                  save_map, bytes(machine.smram.ranges[0].data), machine.read_memory(0x30000, 0x10000))
 
 
-def qemu_log(kind: str, tmp_path: Path) -> str:
-    log = tmp_path / "debug.log"
-    subprocess.run(["timeout", "10", "qemu-system-x86_64", "-machine", kind, "-accel", "tcg", "-m", "128M", "-smp", "1",
-                    "-bios", str(BIOS), "-nodefaults", "-nographic", "-no-reboot", "-monitor", "none",
-                    "-serial", f"file:{tmp_path / 'serial.txt'}", "-chardev", f"file,id=dbg,path={log}",
-                    "-device", "isa-debugcon,iobase=0x402,chardev=dbg"], capture_output=True)
-    return log.read_text()
+def recorded(kind: str, image: str, suffix: str) -> Path:
+    return DATA / f"seabios-{kind}-{image}-qemu-7.2{suffix}"
 
 
-def comparable(log: str, kind: str) -> list[str]:
-    lines = log[:log.index(END.decode()) + len(END)].splitlines()
-    return [line for line in lines if kind == "pc" or not line.startswith(ACPI_LINES)]
+def up_to_the_end(log: str) -> list[str]:
+    return log[:log.index(END.decode()) + len(END)].splitlines()
+
+
+@pytest.mark.parametrize("kind,image", RUNS)
+def test_seabios_logs_what_it_logs_on_qemu(kind, image):
+    booted = ringminus_boot(kind, image)
+    assert up_to_the_end(booted.log) == up_to_the_end(recorded(kind, image, ".log").read_text())
+    assert "SeaBIOS (version" in booted.serial          # sercon on COM1
+
+
+@pytest.mark.parametrize("kind,image", RUNS)
+def test_seabios_takes_its_smi_where_qemu_does(kind, image):
+    booted = ringminus_boot(kind, image)
+    record = recorded(kind, image, "-smi.txt")
+    if not record.exists():                             # QEMU took none either
+        assert booted.smi_rips == [] and booted.save_map is None
+        return
+    qemu_eip = int(re.search(r"^EIP=([0-9a-f]+)", record.read_text(), re.M).group(1), 16)
+    assert booted.smi_rips == [qemu_eip] and booted.smbase == ASEG     # relocated to the A-segment
 
 
 @pytest.mark.parametrize("kind", ["pc", "q35"])
-def test_seabios_logs_what_it_logs_on_qemu(kind):
-    log, machine = ringminus_log(kind)
-    recorded = (DATA / f"seabios-{kind}-bios-256k-qemu-7.2.log").read_text()
-    assert comparable(log, kind) == comparable(recorded, kind)
-    assert machine.smm.entries == 1 and machine.smm.smbase == 0xA0000      # SeaBIOS relocated SMBASE
-    assert "SeaBIOS (version" in machine.board.uart.output.decode("latin-1")   # sercon on COM1
+def test_seabios_leaves_smram_as_qemu_does(kind):
+    booted = ringminus_boot(kind, "bios-256k")
+    qemu = gzip.decompress(recorded(kind, "bios-256k", "-smram.bin.gz").read_bytes())
+    save_map, aseg, low = qemu[:0x200], qemu[0x200:0x20200], qemu[0x20200:]
+    assert booted.save_map == save_map
+    assert booted.aseg[:ASEG_SAVE_MAP] == aseg[:ASEG_SAVE_MAP]      # beyond: the recording's own SMI
+    assert booted.low == low
 
 
-@pytest.mark.skipif(not shutil.which("qemu-system-x86_64"), reason="qemu-system-x86_64 is not installed")
-@pytest.mark.parametrize("kind", ["pc", "q35"])
-def test_the_recorded_logs_are_what_qemu_logs(kind, tmp_path):
-    assert qemu_log(kind, tmp_path) == (DATA / f"seabios-{kind}-bios-256k-qemu-7.2.log").read_text()
+LIVE = shutil.which("qemu-system-x86_64") and shutil.which("gdb")
+
+
+@pytest.mark.skipif(not LIVE, reason="qemu-system-x86_64 and gdb are not installed (apt-get install qemu-system-x86 gdb)")
+@pytest.mark.parametrize("kind,image", RUNS)
+def test_the_recordings_are_what_qemu_records(kind, image, tmp_path):
+    subprocess.run(["bash", str(TOOL), kind, str(SEABIOS / f"{image}.bin"), str(tmp_path / "now")],
+                   check=True, capture_output=True, timeout=120)
+    for suffix in (".log", "-smi.txt", "-smram.bin.gz"):
+        now, then = tmp_path / f"now{suffix}", recorded(kind, image, suffix)
+        assert now.exists() == then.exists(), suffix
+        if then.exists():
+            assert now.read_bytes() == then.read_bytes(), suffix
