@@ -322,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=parse_timeout, metavar="SECONDS", help="stop after SECONDS of wall time")
     run.add_argument("--until-console", metavar="TEXT",
                      help="stop (reason output) once TEXT appears on the debug console or a board's serial port")
+    run.add_argument("--log-interrupts", action="store_true",
+                     help="list each interrupt a device raises in events (default: count them, stats.device_interrupts)")
     run.add_argument("--cpu", choices=sorted(MODELS), default="qemu64",
                      help="CPU model: qemu64 (long mode, 64-bit SMM map) or qemu32 (32-bit map)")
     run.add_argument("--machine", choices=MACHINES,
@@ -484,6 +486,7 @@ def prepare(args: argparse.Namespace) -> Machine:
         machine.board.uart.on_output = lambda data: (sys.stdout.write(data.decode("latin-1")), sys.stdout.flush(),
                                                      machine.output_written())
     machine.stop_on_output(args.until_console.encode("latin-1") if args.until_console else None)
+    machine.log_device_interrupts = args.log_interrupts
     if state is BootState.LONG and not machine.long_mode_capable:
         raise UsageError(f"--cpu {args.cpu} has no long mode")
     for base, size in args.smram:

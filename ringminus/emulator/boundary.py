@@ -61,9 +61,13 @@ def _acknowledge(machine: "Core") -> int | None:
 
 
 def _take_intr(machine: "Core") -> None:
+    from_device = not machine.interrupts
     vector = _acknowledge(machine)
     if vector is not None:
-        machine.deliver(Event(vector, EventKind.EXTERNAL, machine.cpu.rip))
+        if from_device:
+            machine.stats["device_interrupts"] += 1
+        machine.deliver(Event(vector, EventKind.EXTERNAL, machine.cpu.rip),
+                        logged=not from_device or machine.log_device_interrupts)
 
 
 def _no_longer_pending(name: str):

@@ -50,7 +50,7 @@ from .paging import LinearMemory
 from .pci import PciBus
 from .plugins import Gate, HookContext, Msr, OnExit, Registry, Source
 from .ports import DEBUGCON_PORT, EXIT_PORT, DebugConsole, ExitDevice, IoAccess, PortBus, io_permitted
-from .result import RunResult, Stop, StopReason
+from .result import EventLog, RunResult, Stop, StopReason
 from .sites import CodeSites
 from .snapshot import CORE_PARTS, Snapshot, restore as restore_snapshot, take as take_snapshot
 
@@ -58,8 +58,8 @@ DEFAULT_MEMORY = 64 << 20
 UNBOUNDED_COUNT = 1 << 62
 MASK_64 = 0xFFFF_FFFF_FFFF_FFFF
 ROTATES = frozenset({0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3})     # group 2: /2 RCL, /3 RCR
-STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "port_reads", "port_writes",
-             "unclaimed_port_reads", "unclaimed_port_writes")
+STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "device_interrupts", "port_reads",
+             "port_writes", "unclaimed_port_reads", "unclaimed_port_writes")
 ICEBP, INT3, INTO, HLT = 0xF1, 0xCC, 0xCE, 0xF4
 MSR_ROWS = frozenset({"rdmsr", "wrmsr"})
 
@@ -164,7 +164,10 @@ class Core(Registry):
         self._trap: _Trap | None = None
         self._stop: Stop | None = None
         self.gate: Gate | None = None       # while a guest runs as L2: what its L1 intercepts
-        self.events: list = []              # the event log: events delivered, exits, hypercalls, in order
+        self.events = EventLog()            # the event log: events delivered, exits, hypercalls, in order
+        # Interrupts an interrupt controller delivers (a timer's, every tick) are counted
+        # (stats: device_interrupts), not logged one by one, unless asked.
+        self.log_device_interrupts = False
         self.has_run = False                # set by the first run()
         self._breakpoints: dict[int, int] = {}
         self._resuming_at_breakpoint: int | None = None
@@ -560,9 +563,10 @@ class Core(Registry):
             self.uc.emu_stop()
             time.sleep(0.01)
 
-    def deliver(self, event: Event, injected: bool = False) -> None:
+    def deliver(self, event: Event, injected: bool = False, logged: bool = True) -> None:
         """Deliver an event through the IVT/IDT now (wakes a halted CPU).  ``injected``:
-        VMRUN's EVENTINJ, which L1's exception intercepts do not see."""
+        VMRUN's EVENTINJ, which L1's exception intercepts do not see; ``logged``: recorded in
+        ``events`` (else only counted)."""
         self.halted = False
         # The breakpoint a run started at is passed once; an event leaves it, and coming back
         # is a new arrival (a faulting instruction there never fires its code hook).
@@ -574,7 +578,8 @@ class Core(Registry):
             record["error_code"] = event.error_code
         if event.cr2 is not None:
             record["cr2"] = event.cr2
-        self.events.append(record)
+        if logged:
+            self.events.append(record)
         try:
             delivered = self.delivery.deliver(event, injected)
         except Unsupported as why:
@@ -891,6 +896,7 @@ class Core(Registry):
         stats.update(self.ports.stats)
         stats["unclaimed_ports"] = sorted(self.ports.unclaimed) if self.ports.unclaimed else []
         stats["code_sites"] = len(self.sites.armed)
+        stats["events_unlisted"] = self.events.unlisted
         stats.update((name, value()) for name, value in self._reported_stats)
         stop = self._stop or Stop(StopReason.STOPPED, self.cpu.rip)
         return RunResult(stop, self.cpu.snapshot(), bytes(self.console.output), self.instructions_if_exact,

@@ -67,6 +67,24 @@ class Stop:
         return out
 
 
+class EventLog(list):
+    """The event log: events delivered, exits, hypercalls, in order — bounded.  Past ``limit``
+    records an event is only counted (``unlisted``), so a firmware that runs for hours keeps
+    a log of bounded size; its ``stats`` still count every event."""
+    LIMIT = 100_000
+
+    def __init__(self, records=(), limit: int = LIMIT, unlisted: int = 0):
+        super().__init__(records)
+        self.limit = limit
+        self.unlisted = unlisted
+
+    def append(self, record) -> None:
+        if len(self) < self.limit:
+            super().append(record)
+        else:
+            self.unlisted += 1
+
+
 class Section(NamedTuple):
     """A feature's part of a result: ``value`` as captured at the stop, and how it reads in
     ``as_dict`` and as the attribute of its name (None: as it is)."""

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .plugins import Part
+from .result import EventLog
 
 if TYPE_CHECKING:
     from .machine import Core as Machine
@@ -87,17 +88,17 @@ def _take_events(machine: "Machine") -> tuple:
     machine._sequence = itertools.count(following)
     return (machine.nmi_pending, machine.init_pending, frozenset(machine.interrupts), machine.halted,
             tuple(machine._scheduled), tuple(machine._timers), machine.idle_ns, following, tuple(machine.events),
-            machine._resuming_at_breakpoint)
+            machine.events.unlisted, machine._resuming_at_breakpoint)
 
 
 def _put_events(machine: "Machine", state: tuple) -> None:
     (machine.nmi_pending, machine.init_pending, interrupts, machine.halted, scheduled, timers, machine.idle_ns,
-     following, events, machine._resuming_at_breakpoint) = state
+     following, events, unlisted, machine._resuming_at_breakpoint) = state
     machine.interrupts = set(interrupts)
     machine._scheduled = list(scheduled)    # a heap stays a heap
     machine._timers = list(timers)
     machine._sequence = itertools.count(following)
-    machine.events = list(events)
+    machine.events = EventLog(events, machine.events.limit, unlisted)
 
 
 def _take_count(machine: "Machine") -> tuple:

@@ -181,7 +181,7 @@ def _finish(machine: "Machine", call: Hypercall, next_rip: int, action: str, val
     record = _record(call, action, result)
     if event_index is None:
         machine.events.append(record)
-    else:                       # a new dict: results taken at the stop keep what they saw
+    elif event_index < len(machine.events):     # a new dict: results taken at the stop keep what they saw
         machine.events[event_index] = record
 
 

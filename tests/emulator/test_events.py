@@ -139,3 +139,22 @@ def test_after_a_skipped_event_exit_the_next_pending_event_is_taken_at_the_same_
         result = machine.run(max_instructions=piece)
     kinds = [(e["kind"], e.get("name"), e.get("instructions")) for e in result.events]
     assert kinds[:2] == [("vmexit", "init", None), ("smi", None, 5)]
+
+
+def test_the_event_log_is_bounded_and_counts_the_rest():
+    # A real-mode loop of INT 0x40 (its handler an IRET): every delivery counts in stats, the
+    # log keeps the first ``limit``, and a snapshot keeps the count of the unlisted.
+    machine = Machine()
+    machine.write_memory(0x7C00, asm("mov cx, 50\nl: int 0x40\nloop l\nhlt", 16, 0x7C00))
+    machine.write_memory(0x40 * 4, (0x7E00).to_bytes(2, "little") + bytes(2))
+    machine.write_memory(0x7E00, b"\xcf")                                  # iret
+    machine.boot("real", 0x7C00)
+    machine.events.limit = 20
+    before = machine.snapshot()
+    result = machine.run(max_instructions=1000)
+    assert result.stop.reason is StopReason.HLT
+    assert len(result.events) == 20 and result.stats["events_unlisted"] == 30
+    assert result.stats["interrupts_delivered"] == 50
+    machine.restore(before)
+    again = machine.run(max_instructions=1000)
+    assert again.events == result.events and again.stats["events_unlisted"] == 30

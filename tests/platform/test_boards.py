@@ -2,11 +2,13 @@
 MMCONFIG window, the PM block and port 0x92, driven by guests and through the API."""
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
 
 from ringminus import Machine, StopReason
+from ringminus.arch.segments import SYS_INT_GATE, pack_gate
 
 from ..helpers import asm, run_cli
 
@@ -153,3 +155,46 @@ def test_machine_option_errors_are_one_line(tmp_path, capsys, args, message):
     image.write_bytes(b"\xf4")
     status, _out, err = run_cli(capsys, "run", str(image), *args)
     assert status == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_timer_interrupts_are_counted_not_listed_unless_asked(tmp_path, capsys, listed):
+    # The 8254's IRQ 0 (QEMU's power-on mode 3, about 18.2 Hz) through the unmasked 8259 and
+    # an ExtINT LINT0 (masked at reset, as QEMU 7.2's) to vector 0x20, ten times, each waking
+    # `sti; hlt`.  The image at 1 MiB holds the code, the handler at +0x600, the IDTR at +0x700
+    # and the IDT at +0x800.
+    base = 0x100000
+    code = asm(f"""
+        lidt [{base + 0x700:#x}]
+        mov dword ptr [0xfee00350], 0x700
+        mov al, 0x11
+        out 0x20, al
+        mov al, 0x20
+        out 0x21, al
+        mov al, 4
+        out 0x21, al
+        mov al, 1
+        out 0x21, al
+        mov al, 0xfe
+        out 0x21, al
+        mov ecx, 10
+    wait:
+        sti
+        hlt
+        loop wait
+        cli
+        hlt
+    """, 32, base)
+    image = bytearray(0x800 + 0x21 * 8)
+    image[:len(code)] = code
+    handler = asm("push eax\nmov al, 0x20\nout 0x20, al\npop eax\niretd", 32, base + 0x600)
+    image[0x600:0x600 + len(handler)] = handler
+    image[0x700:0x706] = struct.pack("<HI", 0x21 * 8 - 1, base + 0x800)
+    image[0x800 + 0x20 * 8:] = pack_gate(base + 0x600, 0x08, SYS_INT_GATE)
+    path = tmp_path / "ticks.bin"
+    path.write_bytes(bytes(image))
+    status, out, err = run_cli(capsys, "run", "--machine", "pc", "--boot", "protected", "--json", "--max-insns", 10000, path,
+                               *(["--log-interrupts"] if listed else []))
+    result = json.loads(out)
+    assert result["stop"]["reason"] == "hlt" and result["stats"]["device_interrupts"] == 10
+    assert len([e for e in result["events"] if e["kind"] == "external"]) == (10 if listed else 0)

@@ -364,6 +364,7 @@ def test_a_guest_initialises_the_pair_and_takes_irq1_through_the_ivt():
     machine.clock.add_timer(5000, press)
     machine.write_memory(0x7C00, asm(GUEST, 16, 0x7C00))
     machine.boot("real", 0x7C00)
+    machine.log_device_interrupts = True     # each listed, at its time
     result = machine.run(max_instructions=100_000)
     assert result.stop.reason is StopReason.EXIT and result.stop.value == 0x42
     memory = machine.read_memory(0x500, 4)

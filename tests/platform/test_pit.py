@@ -366,6 +366,7 @@ def test_irq0_in_mode_2_reaches_a_guest_handler_at_qemus_times():
     load_time = len(IVT + PIC_INIT + PIT_INIT) - 1    # the OUT of the high byte: instructions before it
     rises = [load_time + (k * 100 + 1) * NS // FREQ for k in range(1, 8)]
     limit = 450_000
+    machine.log_device_interrupts = True     # each listed, at its time
     result = machine.run(max_instructions=limit)
     assert result.stop.reason is StopReason.LIMIT
     assert pit.channels[0].count_load_time == load_time
