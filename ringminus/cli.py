@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=parse_timeout, metavar="SECONDS", help="stop after SECONDS of wall time")
     run.add_argument("--until-console", metavar="TEXT",
                      help="stop (reason output) once TEXT appears on the debug console or a board's serial port")
+    run.add_argument("--clock", choices=("virtual", "host"), default="virtual",
+                     help="time for devices and RDTSC: virtual (1 ns per instruction retired, "
+                          "deterministic; the default) or host (the host's monotonic clock)")
     run.add_argument("--log-interrupts", action="store_true",
                      help="list each interrupt a device raises in events (default: count them, stats.device_interrupts)")
     run.add_argument("--cpu", choices=sorted(MODELS), default="qemu64",
@@ -460,7 +463,8 @@ def machine_kind(args: argparse.Namespace) -> str:
 def new_machine(args: argparse.Namespace) -> Machine:
     try:
         return Machine(memory_size=args.mem, debugcon_port=args.debugcon_port, cpu_model=args.cpu,
-                       profile=args.profile, apm_smi=args.apm_smi, machine=machine_kind(args))
+                       profile=args.profile, apm_smi=args.apm_smi, machine=machine_kind(args),
+                       clock=args.clock)
     except MemoryError:
         raise UsageError(f"--mem: this host cannot give the guest {args.mem >> 20} MiB of RAM now") from None
     except ValueError as e:             # the options' values are checked: a port two devices claim

@@ -29,10 +29,10 @@ class Machine(Core):
     def __init__(self, memory_size: int = DEFAULT_MEMORY, cpu_model: str = "qemu64",
                  debugcon_port: int = DEBUGCON_PORT, exact_instructions: bool = False,
                  chipset: str = "q35", profile: str = DEFAULT_PROFILE, apm_smi: bool = False,
-                 machine: str = "none"):
+                 machine: str = "none", clock: str = "virtual"):
         """``machine``: ``none`` (the bare machine, with ``chipset``'s SMRAM control and APM
         port), or QEMU's ``pc`` or ``q35`` board (platform/)."""
-        super().__init__(memory_size, cpu_model, debugcon_port, exact_instructions)
+        super().__init__(memory_size, cpu_model, debugcon_port, exact_instructions, clock)
         self.profile = profile_named(profile)    # the named choices where KVM, the APM and QEMU differ
         intercepts.install(self)
         svm.install(self)

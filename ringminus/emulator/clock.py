@@ -3,7 +3,7 @@ and the time-stamp counter the guest reads.
 
 Deterministic by default: time is the count of instructions retired at a nominal rate of
 NOMINAL_HZ (one instruction, one nanosecond), so a run and its replay from a snapshot see the
-same times and their timers fire at the same instructions.  Time moves inside a slice only
+same times and their timers fire at the same instructions.  The time-stamp counter follows it.  Time moves inside a slice only
 when instructions are counted (Unicorn counts only then): a machine whose devices read the
 clock (the pc and q35 boards) counts every run.  ``host_time=True`` reads the host's
 monotonic clock instead for ``now_ns`` (timers still fire by instruction count, converted at
@@ -60,18 +60,23 @@ class VirtualClock:
 
 
 class VirtualTsc:
-    """RDTSC/RDTSCP read a deterministic time-stamp counter: it advances by a fixed step per
-    read, so a run and its replay from a snapshot read the same values.  A guest run by the
-    guest's own hypervisor reads it plus the VMCB's TSC_OFFSET (APM Table B-1, offset 0x050)."""
-    STEP = 1000
+    """RDTSC/RDTSCP read the time-stamp counter: the clock (``now_ns``) at HZ, 1 GHz — one tick
+    per nanosecond, so at the nominal rate one tick per instruction retired, plus the time
+    spent halted; with a host clock, the host's monotonic nanoseconds.  Where a slice's
+    instructions are not counted the virtual clock stands still inside it, so each read is at
+    least one tick past the last: a guest that waits for the counter to move sees it move, and
+    a run and its replay from a snapshot read the same values.  A guest run by the guest's
+    own hypervisor reads it plus the VMCB's TSC_OFFSET (APM Table B-1, offset 0x050)."""
+    HZ = 1_000_000_000
 
-    def __init__(self, cpu: "Cpu"):
+    def __init__(self, cpu: "Cpu", clock: VirtualClock):
         self.cpu = cpu
-        self.value = 0
+        self.clock = clock
+        self.value = -1                           # the last value read, without the offset (none yet)
         self.offset = 0
 
     def rdtsc(self) -> int:
-        self.value += self.STEP
+        self.value = max(self.clock.now_ns() * self.HZ // 1_000_000_000, self.value + 1)
         seen = (self.value + self.offset) & 0xFFFF_FFFF_FFFF_FFFF
         self.cpu.fast.write(X.UC_X86_REG_RAX, seen & 0xFFFF_FFFF)
         self.cpu.fast.write(X.UC_X86_REG_RDX, seen >> 32)

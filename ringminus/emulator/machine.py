@@ -55,6 +55,7 @@ from .sites import CodeSites
 from .snapshot import CORE_PARTS, Snapshot, restore as restore_snapshot, take as take_snapshot
 
 DEFAULT_MEMORY = 64 << 20
+CLOCKS = ("virtual", "host")
 UNBOUNDED_COUNT = 1 << 62
 MASK_64 = 0xFFFF_FFFF_FFFF_FFFF
 ROTATES = frozenset({0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3})     # group 2: /2 RCL, /3 RCR
@@ -112,8 +113,12 @@ class Core(Registry):
     _running_machines: "weakref.WeakSet[Core]" = weakref.WeakSet()   # for interrupt_all (Ctrl-C)
 
     def __init__(self, memory_size: int = DEFAULT_MEMORY, cpu_model: str = "qemu64",
-                 debugcon_port: int = DEBUGCON_PORT, exact_instructions: bool = False):
+                 debugcon_port: int = DEBUGCON_PORT, exact_instructions: bool = False, clock: str = "virtual"):
+        """``clock``: ``virtual`` (time from the instructions retired: deterministic) or
+        ``host`` (the host's monotonic clock, for devices and the TSC; emulator/clock.py)."""
         ucinternals.verify()
+        if clock not in CLOCKS:
+            raise ValueError(f"unknown clock {clock!r} ({' or '.join(CLOCKS)})")
         if cpu_model not in MODELS:
             raise ValueError(f"unknown CPU model {cpu_model!r} ({' or '.join(MODELS)})")
         self.cpu_model = cpu_model
@@ -136,7 +141,7 @@ class Core(Registry):
         self._slice_recount = False             # an MMIO access scheduled an event (_recount_slice)
         self.mmio = MmioBus(self.uc, lambda: self._stop is not None or self._slice_recount or self._boundary_work(),
                             self._stop_after_mmio)
-        self.clock = VirtualClock(self)
+        self.clock = VirtualClock(self, host_time=clock == "host")
         self._posted: collections.deque[Callable[["Core"], None]] = collections.deque()
         self.nmi_pending = False
         self.init_pending = False               # an INIT held (in SMM, GIF = 0, …) until it can be taken
@@ -144,7 +149,7 @@ class Core(Registry):
         self.interrupt_controllers: tuple[InterruptController, ...] = ()   # a platform's (add_interrupt_controller)
         self._io_access: IoAccess | Callable[[], IoAccess] | None = None     # see io_access
         self.uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
-        self.tsc = VirtualTsc(self.cpu)
+        self.tsc = VirtualTsc(self.cpu, self.clock)
         self._tsc_hooks = [ucinternals.add_instruction_hook(self.uc, X.UC_X86_INS_RDTSC, self.tsc.rdtsc),
                            ucinternals.add_instruction_hook(self.uc, X.UC_X86_INS_RDTSCP, self.tsc.rdtscp)]
         self.sites = CodeSites(self.uc, self._on_site, OUT_OPCODES | ALWAYS_ARMED_OPCODES, self.memory.read_fast)

@@ -12,7 +12,7 @@ from ringminus.arch.segments import SYS_INT_GATE, pack_gate
 from ringminus.emulator.boot import IDT_BASE, SEL_CODE32
 from ringminus.emulator.pci import PciFunction
 
-from ..helpers import boot_guest
+from ..helpers import asm, boot_guest
 
 MMIO = 0xFEB0_0000
 CODE = 0x100000
@@ -191,3 +191,52 @@ def test_a_request_posted_from_another_thread_stops_a_tight_loop():
     result = machine.run(timeout=30)
     poster.join()
     assert result.stop.reason is StopReason.STOPPED and result.stop.value == 7
+
+
+TSC_PROBE = """
+    rdtsc
+    mov ebx, eax
+    nop
+    nop
+    nop
+    nop
+    nop
+    rdtsc
+    sub eax, ebx
+    hlt
+"""
+
+
+@pytest.mark.parametrize("exact,delta", [(True, 7), (False, 1)])
+def test_rdtsc_reads_the_virtual_clock(exact, delta):
+    # 1 GHz on a clock of one nanosecond per instruction: counted, the second read is 7 ticks
+    # on (MOV and five NOPs and the first RDTSC retired); uncounted, the clock stands still in
+    # the slice and each read is one tick past the last.
+    machine = Machine(exact_instructions=exact)
+    machine.write_memory(0x100000, asm(TSC_PROBE, 32, 0x100000))
+    machine.boot("protected", 0x100000)
+    result = machine.run(timeout=30)            # no limit: a limit would count the instructions
+    assert result.stop.reason is StopReason.HLT and result.regs["rax"] == delta
+    assert machine.tsc.value == result.regs["rbx"] + delta
+
+
+def test_time_halted_moves_the_tsc_too():
+    # A timer 10 µs out wakes `sti; hlt`: the read after it is at least 10,000 ticks on.
+    machine = Machine(exact_instructions=True)
+    machine.write_memory(0x100000, asm("rdtsc\nmov ebx, eax\nsti\nhlt\nrdtsc\nsub eax, ebx\ncli\nhlt", 32, 0x100000))
+    machine.write_memory(0x100100, asm("iretd", 32, 0x100100))
+    machine.boot("protected", 0x100000)
+    machine.write_memory(IDT_BASE + 0x30 * 8, pack_gate(0x100100, SEL_CODE32, SYS_INT_GATE))
+    machine.clock.add_timer(10_000, lambda: machine.raise_intr(0x30))
+    result = machine.run(max_instructions=100)
+    assert result.stop.reason is StopReason.HLT and result.regs["rax"] >= 10_000
+
+
+def test_the_host_clock_drives_the_tsc():
+    machine = Machine(clock="host")
+    machine.write_memory(0x100000, asm(TSC_PROBE, 32, 0x100000))
+    machine.boot("protected", 0x100000)
+    result = machine.run(max_instructions=100)
+    assert result.stop.reason is StopReason.HLT and 1 <= result.regs["rax"] < 10**9     # nanoseconds, on
+    with pytest.raises(ValueError, match="unknown clock"):
+        Machine(clock="sundial")
