@@ -6,9 +6,14 @@ warm-up of each), and reports the best figure of each engine plus the ratio
 ringminus / bare (target >= 0.9).  Instruction counts are analytic, from the loop shape,
 because an unlimited ``Machine.run()`` does not count instructions.
 
+``--machine pc|q35`` runs ringminus's side on QEMU's board (its devices, timers and all);
+``--clock host`` on the host's clock, which counts no instructions (boards otherwise count
+every instruction, for their virtual clock: about 8x slower).
+
 This is a manual benchmark: timing depends on the host and is never asserted in tests.
 
     python benchmarks/throughput.py [--json FILE] [--iterations N] [--repeat R]
+                                    [--machine none|pc|q35] [--clock virtual|host]
 """
 import sys
 from time import perf_counter
@@ -51,9 +56,9 @@ def run_bare(bits: int, code: bytes) -> float:
     return elapsed
 
 
-def run_ringminus(bits: int, code: bytes) -> float:
+def run_ringminus(bits: int, code: bytes, **machine_args) -> float:
     """Run on a fresh Machine until HLT; return elapsed seconds."""
-    m = booted_machine(code, CODE_BASE, "protected" if bits == 32 else "long")
+    m = booted_machine(code, CODE_BASE, "protected" if bits == 32 else "long", **machine_args)
     t0 = perf_counter()
     r = m.run()
     elapsed = perf_counter() - t0
@@ -65,15 +70,15 @@ def run_ringminus(bits: int, code: bytes) -> float:
 
 
 def measure(name: str, bits: int, template: str, per_iteration: int, fixed: int,
-            iterations: int, repeat: int) -> dict:
+            iterations: int, repeat: int, **machine_args) -> dict:
     code = assemble(template.format(n=iterations), CODE_BASE, bits)
     instructions = per_iteration * iterations + fixed
     run_bare(bits, code)                  # untimed warm-up of each engine
-    run_ringminus(bits, code)
+    run_ringminus(bits, code, **machine_args)
     bare_times, ringminus_times = [], []
     for _ in range(repeat):               # alternate so host drift hits both engines
         bare_times.append(run_bare(bits, code))
-        ringminus_times.append(run_ringminus(bits, code))
+        ringminus_times.append(run_ringminus(bits, code, **machine_args))
     bare = instructions / min(bare_times)
     ringminus = instructions / min(ringminus_times)
     return {"name": name, "instructions": instructions, "bare_insn_per_s": bare,
@@ -84,17 +89,23 @@ def main(argv=None) -> int:
     parser = make_parser(__doc__)
     parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
                         help=f"loop iterations (default {DEFAULT_ITERATIONS:,})")
+    parser.add_argument("--machine", choices=("none", "pc", "q35"), default="none",
+                        help="the machine ringminus's side runs on (default none)")
+    parser.add_argument("--clock", choices=("virtual", "host"), default="virtual",
+                        help="ringminus's clock (default virtual)")
     add_repeat(parser, "engine")
     args = parser.parse_args(argv)
     require_positive(parser, args, "iterations", "repeat")
     if args.iterations >= 2 ** 32:
         parser.error("--iterations must fit in 32 bits (the 32-bit loop counter)")
 
-    banner(f"{args.iterations:,} iterations", f"best of {args.repeat} per engine")
+    banner(f"{args.iterations:,} iterations", f"best of {args.repeat} per engine",
+           f"machine {args.machine}, clock {args.clock}")
     table_header(f"{'loop':<16} {'instructions':>14} {'bare M/s':>10} {'ringminus M/s':>14} {'ratio':>7}")
     results = []
     for name, bits, template, per_iteration, fixed in LOOPS:
-        row = measure(name, bits, template, per_iteration, fixed, args.iterations, args.repeat)
+        row = measure(name, bits, template, per_iteration, fixed, args.iterations, args.repeat,
+                      machine=args.machine, clock=args.clock)
         results.append(row)
         print(f"{name:<16} {row['instructions']:>14,} {row['bare_insn_per_s'] / 1e6:>10.1f} "
               f"{row['ringminus_insn_per_s'] / 1e6:>14.1f} {row['ratio']:>7.3f}", flush=True)
@@ -103,7 +114,8 @@ def main(argv=None) -> int:
         verdict = "met" if row["ratio"] >= TARGET_RATIO else "NOT met"
         print(f"{row['name']}: target ratio >= {TARGET_RATIO}: {verdict}")
 
-    write_json(args.json, {"loops": results, "unicorn": UNICORN_VERSION})
+    write_json(args.json, {"loops": results, "machine": args.machine, "clock": args.clock,
+                           "unicorn": UNICORN_VERSION})
     return 0
 
 

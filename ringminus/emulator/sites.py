@@ -24,10 +24,13 @@ The number of hooks is what arming must keep small.  So:
 * A site sits at the linear address its block was translated at, where the code is mapped
   now; another mapping of the same code is translated, and armed, on its own.
 * One hook covers a run of consecutive flagged instructions, and touching runs share one.
-  A dense block (RUNS_PER_BLOCK), and any block once RANGE_BUDGET hooks exist, gets one hook
-  from its first site to the end of its page; between slices, past the budget, the nearest
-  ranges are merged.  The instructions between sites then reach the hook's callback too,
-  and it passes on only armed starts, so a site still fires only where a flagged one starts.
+  A block with many runs (RUNS_PER_BLOCK) gets one hook from its first site to its last; a
+  run of flagged blocks (a HLT after a HLT), and any block once RANGE_BUDGET hooks exist,
+  one from its first site to the end of its page; between slices, past the budget, the
+  nearest ranges are merged.  The instructions between sites then reach the hook's callback
+  too, and it passes on only armed starts, so a site still fires only where a flagged one
+  starts.  A range never reaches past its block for density alone: the code after it in the
+  page (a firmware's memset beside its port writes) would pay a callback per instruction.
 * ``armed`` tells the run loop whether a hook covers an instruction (Unicorn compiles it in
   differently, machine.py's ``_hooked_at_fault``), so translated code must stay in step with
   the hooks: coverage only grows over the block being translated again, or is followed by
@@ -69,9 +72,9 @@ MERGE_GAP = 256
 # A block longer than this is not decoded (capstone costs µs an instruction): every start that
 # reaches a flagged opcode over prefix bytes is armed instead.
 DECODE_LIMIT = 128
-# A dense block — more runs of flagged instructions than RUNS_PER_BLOCK, or nothing but
-# flagged instructions right after a hooked one (a HLT after a HLT) — gets one hook from its
-# first site to the end of its page, so that the blocks that follow it there need none.
+# A dense block — more runs of flagged instructions than RUNS_PER_BLOCK — gets one hook over
+# its flagged span; nothing but flagged instructions right after a hooked one (a HLT after a
+# HLT) one to the end of its page, so that the blocks that follow it there need none.
 RUNS_PER_BLOCK = 4
 
 Piece = tuple[int, int, bytes]      # a block's part in one page: linear, physical, bytes
@@ -254,9 +257,11 @@ class CodeSites:
         if not new:                                 # all hooked when translated
             return
         end = pc + sum(len(data) for _linear, _physical, data in pieces)    # where translations are dropped
-        if len(runs) > RUNS_PER_BLOCK or every and pc - 1 in self.armed or len(self._hooks) >= RANGE_BUDGET:
+        if every and pc - 1 in self.armed or len(self._hooks) >= RANGE_BUDGET:
             end = ((end - 1) | (PAGE - 1)) + 1
             runs = [[runs[0][0], end - 1 - pc]]
+        elif len(runs) > RUNS_PER_BLOCK:
+            runs = [[runs[0][0], runs[-1][1]]]
         pages = {linear >> 12 for linear, _physical, _data in pieces}
         for first, last in runs:
             self._cover(pc + first, pc + last, pages)

@@ -139,7 +139,9 @@ class Board:
         if machine.memory.ram_size < MINIMUM_MEMORY:
             raise ValueError(f"the {kind} machine needs at least 1 MiB of RAM")
         self.machine, self.kind = machine, kind
-        machine.exact_instructions = True       # devices read the clock: time moves within slices
+        # Devices read the clock: on the virtual clock, time moves within slices only if
+        # instructions are counted (the host clock moves by itself).
+        machine.exact_instructions |= not machine.clock.host_time
         chipset = machine.chipset
         existing = {(0, 0, 0): chipset.bridge, (0, 0x1F, 0): getattr(chipset, "lpc", None),
                     (0, 1, 3): getattr(chipset, "pm", None)}
@@ -217,7 +219,8 @@ class Board:
         self.pit = Pit8254(machine.clock, irq0=self.hpet.pit_input, irq0_at_reset=True).register(machine.ports)
         rtc_line = machine.interrupt_line("rtc")
         rtc_line.connect(self.hpet.rtc_input)
-        self.cmos = Cmos(machine.clock, machine.memory.ram_size, below, above, irq=rtc_line)
+        self.cmos = Cmos(machine.clock, machine.memory.ram_size, below, above, irq=rtc_line,
+                         host_time=machine.clock.host_time)
         machine.ports.register(CMOS_PORTS, self.cmos)
         self.uart = Uart16550(irq=self._isa_line("com1", 4), clock=machine.clock).register(machine.ports)
         self.uart.on_output = lambda data: machine.output_written()

@@ -10,8 +10,8 @@ A swap (unmap, then map) costs 24-39 µs, so the second half waits until the CPU
 range: when the view changes (SMI, RSM, a write to the SMRAM register), a range whose mapping
 now shows the wrong view is only unmapped — *hidden* — and its right view is mapped at the
 first access, by the CPU (an unmapped-memory fault, which the machine answers with
-``reveal`` and a restart of the instruction) or by ringminus itself (PhysicalMemory reveals
-first).  Entering SMM maps at once the range holding SMBASE's entry point and save area,
+``reveal``: a data access then goes on, a fetch runs again) or by ringminus itself
+(PhysicalMemory reveals first).  Entering SMM maps at once the range holding SMBASE's entry point and save area,
 which the CPU is about to touch.  A handler in plain RAM thus pays nothing for an A-segment
 it never touches, and one in SMRAM pays half a swap per SMI and per RSM.  (Protections would
 be cheaper still, but Unicorn does not check them on an access that crosses into the page.)

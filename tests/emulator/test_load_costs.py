@@ -233,13 +233,13 @@ def test_a_guest_hypervisor_that_intercepts_more_later_gets_its_exits():
 
 
 def test_a_fault_inside_a_range_of_sites_holds_the_flags_before_it():
-    # A block with more runs of flagged OUTs than RUNS_PER_BLOCK gets one hook to the end of
-    # its page, which covers the faulting load too: Unicorn compiles a hook call before it,
-    # and the #PF frame must still hold the flags ADD left (ZF and PF), as without sites.
+    # A block with more runs of flagged OUTs than RUNS_PER_BLOCK gets one hook over them,
+    # which covers the faulting load between them too: Unicorn compiles a hook call before
+    # it, and the #PF frame must still hold the flags ADD left (ZF and PF), as without sites.
     outs = "out 0x80, al; nop; " * 6
     machine = Machine(memory_size=4 << 20)
-    machine.write_memory(TEXT, asm(f"xor esi, esi; {outs} add esi, [rsi + 0x77]; mov eax, [rax + 0x77]",
-                                   64, TEXT))
+    machine.write_memory(TEXT, asm(f"xor esi, esi; {outs} add esi, [rsi + 0x77]; mov eax, [rax + 0x77]; "
+                                   "out 0x80, al", 64, TEXT))
     machine.boot("long", TEXT)
     machine.write_memory(IDT_BASE + 14 * 16, pack_gate(0x180000, SEL_CODE64, SYS_INT_GATE, long_mode=True))
     machine.write_memory(0x180000, b"\xf4")

@@ -8,6 +8,7 @@ import pytest
 
 from ringminus import Machine, StopReason
 from ringminus.smm import layouts as L
+from ringminus.smm.smram import D_OPEN, G_SMRAME
 
 from ..helpers import RSM, SMM_ENTRY, add_smram, asm, boot_guest, run_cli, set_smram_field, smram_field
 
@@ -506,3 +507,31 @@ def test_view_changes_and_restores_leave_the_guests_page_tables_alone():
     machine.restore(snapshot)                           # maps it, and unmaps it on the way
     assert machine.read_memory(0, machine.memory.ram_size) == before
     assert machine.cpu["cr0"] >> 31 and machine.cpu["cr2"] == 0
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_data_access_that_reveals_smram_goes_on_inside_its_block(exact):
+    # SMRAM opened behind the guest's back is hidden until touched.  The first touch is a REP
+    # MOVSD after two PUSHes in the same translated block: the view is mapped in the access's
+    # hook and the copy goes on (restarting the instruction instead ran SeaBIOS's SMM setup
+    # from a stale EIP on the host clock, the PUSHes twice: test_seabios's host-clock runs).
+    machine = Machine(exact_instructions=exact)
+    code = """
+        mov esp, 0x7000
+        mov esi, 0x8000
+        push edi
+        push esi
+        mov edi, 0xa0000
+        mov ecx, 4
+        .byte 0xf3, 0xa5
+        pop esi
+        pop edi
+        hlt
+    """
+    machine.write_memory(0x100000, asm(code, 32, 0x100000))
+    machine.write_memory(0x8000, bytes(range(16)))
+    machine.boot("protected", 0x100000)
+    machine.smram.write_register(D_OPEN | G_SMRAME)
+    result = machine.run(timeout=30)
+    assert result.stop.reason is StopReason.HLT and result.regs["rsp"] == 0x7000
+    assert machine.smram.ranges[0].data[:16].tobytes() == bytes(range(16))
