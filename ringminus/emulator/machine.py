@@ -27,7 +27,7 @@ from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INSN_INVAL
                      UC_MEM_WRITE_PROT, UC_MEM_WRITE_UNMAPPED, UC_MODE_64, Uc, UcError)
 from unicorn import x86_const as X
 
-from ..arch.control import RFLAGS_IF, cr_write_refused
+from ..arch.control import CR0_PG, RFLAGS_IF, cr_write_refused
 from ..arch.exceptions import PUSHES_ERROR_CODE, GuestFault, Vector
 from ..arch.exitcodes import ExitCode
 from ..arch.models import LM, MODELS
@@ -839,7 +839,7 @@ class Core(Registry):
             if name == "mov_to_cr" and self._cr_write_refused(insn, ctx):
                 self._trap_and_stop(_Trap("fault", outcome=GuestFault(Vector.GP, 0)))    # Unicorn would take it
                 return
-            changes_space = name == "mov_to_cr" and insn.reg in (0, 3, 4)
+            changes_space = name == "mov_to_cr" and self._changes_address_space(insn, ctx)
             opens_window = name in INTERRUPT_WINDOW_ROWS and boundary.waiting(self)
             if changes_space or opens_window:
                 if self._stepping_over != address:       # run it alone, then look again
@@ -859,6 +859,15 @@ class Core(Registry):
 
     def _kept_msr(self, msr: int) -> Msr | None:
         return next((kept for kept in self._msrs if kept.handles(msr)), None)
+
+    @staticmethod
+    def _changes_address_space(insn: Instruction, ctx) -> bool:
+        """A MOV to CR0 that turns paging on or off, or to CR3 or CR4 with paging on (a switch
+        between real and protected mode alone, as firmware makes thousands, does not)."""
+        cr0 = ctx.u64(ucinternals.CR)
+        if insn.reg == 0:
+            return bool((cr0 ^ ctx.u64(ucinternals.GPRS + 8 * insn.rm)) & CR0_PG)
+        return insn.reg in (3, 4) and bool(cr0 & CR0_PG)
 
     @staticmethod
     def _cr_write_refused(insn: Instruction, ctx) -> bool:

@@ -38,3 +38,25 @@ def test_python_writes_leave_the_guests_page_tables_alone():
     before = machine.memory.ram.copy()
     machine.write_memory(0x3000000, b"\x90")            # its page directory entry: not accessed
     assert np.flatnonzero(machine.memory.ram != before).tolist() == [0x3000000]
+
+
+def test_switches_between_real_and_protected_mode_do_not_end_slices():
+    # A MOV to CR0 that only toggles PE leaves linear addresses as they were (paging stays
+    # off): it runs inside the slice, where one that turns paging on runs alone.
+    machine = Machine(memory_size=4 << 20)
+    machine.write_memory(0x100000, asm("""
+        mov ecx, 100
+    again:
+        mov eax, cr0
+        and eax, 0xfffffffe
+        mov cr0, eax
+        or eax, 1
+        mov cr0, eax
+        dec ecx
+        jnz again
+        hlt
+    """, 32, 0x100000))
+    machine.boot("protected", 0x100000)
+    result = machine.run(timeout=30)
+    assert result.stop.reason is StopReason.HLT and result.regs["cr0"] & 1
+    assert result.stats["slices"] < 10
