@@ -4,8 +4,8 @@ Each engine boots Debian's SeaBIOS (``--bios``, default bios-256k.bin) on the bo
 128 MiB, the debug console on 0x402, and is timed from process start until its debug log
 holds "No bootable device." (QEMU never stops by itself: its log file is polled every
 millisecond and the process killed then; ringminus stops there with --until-console).
-ringminus runs on its virtual clock (deterministic, every instruction counted) and on the
-host's clock (nothing counted, QEMU's way).  Best of ``--repeat`` per engine, alternated.
+ringminus runs on its virtual clock (deterministic: every instruction counted).  Best of
+``--repeat`` per engine, alternated.
 
 This is a manual benchmark: timing depends on the host and is never asserted in tests.
 
@@ -44,14 +44,14 @@ def qemu_seconds(machine: str, bios: Path) -> float:
             process.wait()
 
 
-def ringminus_seconds(machine: str, bios: Path, clock: str) -> float:
+def ringminus_seconds(machine: str, bios: Path) -> float:
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "ringminus", "run", "--machine", machine, "--mem", "128M",
-                           "--boot", "bios", str(bios), "--debugcon-port", "0x402", "--clock", clock,
+                           "--boot", "bios", str(bios), "--debugcon-port", "0x402",
                            "--until-console", END.decode()], capture_output=True, timeout=TIMEOUT)
     elapsed = time.perf_counter() - started
     if END not in done.stdout:
-        raise RuntimeError(f"ringminus ({clock} clock): no {END.decode()!r}: {done.stderr.decode()[-300:]}")
+        raise RuntimeError(f"ringminus: no {END.decode()!r}: {done.stderr.decode()[-300:]}")
     return elapsed
 
 
@@ -65,8 +65,7 @@ def main(argv=None) -> int:
     require_positive(parser, args, "repeat")
     if not args.bios.is_file():
         parser.error(f"--bios {args.bios}: no such file (apt-get install seabios)")
-    engines = {"ringminus, virtual clock": lambda: ringminus_seconds(args.machine, args.bios, "virtual"),
-               "ringminus, host clock": lambda: ringminus_seconds(args.machine, args.bios, "host")}
+    engines = {"ringminus": lambda: ringminus_seconds(args.machine, args.bios)}
     if shutil.which("qemu-system-x86_64"):
         engines = {"QEMU 7.2 TCG": lambda: qemu_seconds(args.machine, args.bios), **engines}
     else:
@@ -78,10 +77,10 @@ def main(argv=None) -> int:
             times[name].append(measure())
     best = {name: min(values) for name, values in times.items()}
     reference = best.get("QEMU 7.2 TCG")
-    table_header(f"{'engine':<26} {'seconds':>8} {'x QEMU':>7}")
+    table_header(f"{'engine':<14} {'seconds':>8} {'x QEMU':>7}")
     for name, seconds in best.items():
         ratio = f"{seconds / reference:>7.1f}" if reference else f"{'-':>7}"
-        print(f"{name:<26} {seconds:>8.2f} {ratio}")
+        print(f"{name:<14} {seconds:>8.2f} {ratio}")
     write_json(args.json, {"machine": args.machine, "bios": str(args.bios), "seconds": best, "all": times})
     return 0
 

@@ -6,9 +6,8 @@ warm-up of each), and reports the best figure of each engine plus the ratio
 ringminus / bare (target >= 0.9).  Instruction counts are analytic, from the loop shape,
 because an unlimited ``Machine.run()`` does not count instructions.
 
-``--machine pc|q35`` runs ringminus's side on QEMU's board (its devices, timers and all);
-``--clock host`` on the host's clock, which counts no instructions (boards otherwise count
-every instruction, for their virtual clock: about 8x slower).
+``--machine pc|q35`` runs ringminus's side on QEMU's board (its devices, timers and all),
+which counts every instruction for its clock (``--clock`` picks the clock devices read).
 
 This is a manual benchmark: timing depends on the host and is never asserted in tests.
 

@@ -3,17 +3,13 @@ and the time-stamp counter the guest reads.
 
 Deterministic by default: time is the count of instructions retired at a nominal rate of
 NOMINAL_HZ (one instruction, one nanosecond), so a run and its replay from a snapshot see the
-same times and their timers fire at the same instructions; the time-stamp counter follows it.
-Time moves inside a slice only when instructions are counted (Unicorn counts only then): a
-machine whose devices read the clock (the pc and q35 boards) counts every run.  Timers are
-the machine's timed events (``Core.at_time``), so runs with one armed count instructions
-exactly; while the CPU is halted the clock moves on to the next timer (QEMU's clock runs
-while a CPU idles).
-
-``host_time=True`` reads the host's monotonic clock instead (plus the time skipped while
-halted): nothing is counted for it, and a timer ends the slice it falls due in from another
-thread (machine.py's ``_HostAlarm``), so guest code runs at Unicorn's full speed and runs are
-not repeatable — QEMU's TCG without -icount.
+same times and their timers fire at the same instructions.  The time-stamp counter follows it.  Time moves inside a slice only
+when instructions are counted (Unicorn counts only then): a machine whose devices read the
+clock (the pc and q35 boards) counts every run.  ``host_time=True`` reads the host's
+monotonic clock instead for ``now_ns`` (timers still fire by instruction count, converted at
+the nominal rate: they are the run's events).  Timers are the machine's timed events
+(``Core.at_time``), so runs with one armed count instructions exactly; while the CPU is
+halted the clock moves on to the next timer (QEMU's clock runs while a CPU idles).
 """
 from __future__ import annotations
 
@@ -50,12 +46,8 @@ class VirtualClock:
 
     def now_ns(self) -> int:
         if self.host_time:
-            return self._machine.time_ns()
+            return time.monotonic_ns() - self._host_start
         return self._machine.time_ns() * 1_000_000_000 // NOMINAL_HZ
-
-    def host_ns(self) -> int:
-        """The host's monotonic nanoseconds since the machine was made."""
-        return time.monotonic_ns() - self._host_start
 
     def add_timer(self, after_ns: int, callback: Callable[[], None]) -> Timer:
         """``callback()`` at the first instruction boundary ``after_ns`` (virtual) from now."""

@@ -92,45 +92,6 @@ class _Watchdog(threading.Thread):
         self.join()
 
 
-class _HostAlarm(threading.Thread):
-    """With the host clock (``Core(clock="host")``): ends the slice the next timer falls due
-    in, as QEMU's TCG without -icount leaves its translated code when a timer expires.  The
-    run loop ``arm``s it before each slice with the timer's due time (host nanoseconds); once
-    that has passed it stops the emulator every millisecond until the run loop arms it again
-    (a stop between two slices is lost) — never while a device's MMIO access runs, where
-    Unicorn answers a stop by running the access again.  ``cancel`` joins the thread, so no
-    stop outlives its run."""
-
-    def __init__(self, machine: "Core"):
-        super().__init__(daemon=True)
-        self._machine, self._due, self._changed, self._done = machine, None, threading.Event(), False
-        self._lock = threading.Lock()           # a ring never outlives the arming it was for
-        self.rang = False                       # it stopped the emulator since it was armed
-
-    def arm(self, due_host_ns: int | None) -> None:
-        with self._lock:
-            self._due, self.rang = due_host_ns, False
-        self._changed.set()
-
-    def run(self) -> None:
-        while not self._done:
-            with self._lock:
-                due = self._due
-                left = None if due is None else (due - self._machine.clock.host_ns()) / 1e9
-                if left is not None and left <= 0:
-                    if not self._machine.mmio.in_access:
-                        self.rang = True
-                        self._machine.uc.emu_stop()
-                    left = 0.001
-            self._changed.wait(left)
-            self._changed.clear()
-
-    def cancel(self) -> None:
-        self._done = True
-        self._changed.set()
-        self.join()
-
-
 @dataclass(frozen=True, slots=True)
 class _Trap:
     """What a hook saw before it stopped the slice."""
@@ -207,7 +168,6 @@ class Core(Registry):
         self._events_this_run = 0               # deliveries and exits: bounded by max_instructions too
         self._sequence = itertools.count()
         self._trap: _Trap | None = None
-        self._alarm: _HostAlarm | None = None      # while a run on the host clock goes on
         self._stop: Stop | None = None
         self.gate: Gate | None = None       # while a guest runs as L2: what its L1 intercepts
         self.events = EventLog()            # the event log: events delivered, exits, hypercalls, in order
@@ -526,10 +486,7 @@ class Core(Registry):
         self._recount_slice()
 
     def time_ns(self) -> int:
-        """The machine's time: one nanosecond per instruction retired (with a host clock, the
-        host's nanoseconds since the machine was made), plus the time spent halted."""
-        if self.clock.host_time:
-            return self.clock.host_ns() + self.idle_ns
+        """Virtual time: one nanosecond per instruction retired, plus the time spent halted."""
         return self.instructions_now() + self.idle_ns
 
     def _recount_slice(self) -> None:
@@ -920,10 +877,7 @@ class Core(Registry):
             raise ValueError(f"timeout must be a finite number of seconds > 0, not {timeout!r}")
         limit = None if max_instructions is None else self.instructions + max_instructions
         deadline = None if timeout is None else time.monotonic() + timeout
-        # Timers on the virtual clock fire at exact instructions; on the host clock a run
-        # counts nothing for them: the alarm ends the slice they fall in (``_HostAlarm``).
-        counting = (self.exact_instructions or limit is not None or bool(self._scheduled)
-                    or bool(self._timers) and not self.clock.host_time)
+        counting = self.exact_instructions or limit is not None or bool(self._scheduled) or bool(self._timers)
         if not counting:
             self._instructions_exact = False
         trace_hook = self._add_trace(trace) if trace else None
@@ -941,9 +895,6 @@ class Core(Registry):
         watchdog = None if timeout is None else _Watchdog(self.uc, timeout)
         if watchdog is not None:
             watchdog.start()
-        self._alarm = _HostAlarm(self) if self.clock.host_time else None
-        if self._alarm is not None:
-            self._alarm.start()
         self._events_this_run, self._running = 0, True
         self._running_machines.add(self)
         try:
@@ -958,9 +909,6 @@ class Core(Registry):
             self._running_machines.discard(self)
             if watchdog is not None:
                 watchdog.cancel()
-            if self._alarm is not None:
-                self._alarm.cancel()
-                self._alarm = None
             if trace_hook is not None:
                 self.uc.hook_del(trace_hook)
             self._tracing = self._switch_in_hooks = False
@@ -998,7 +946,7 @@ class Core(Registry):
     def _next_event_index(self) -> int | None:
         """The instruction count at which the next scheduled event or timer is due."""
         due = [self._scheduled[0][0]] if self._scheduled else []
-        if self._timers and not self.clock.host_time:
+        if self._timers:
             due.append(self._timers[0][0] - self.idle_ns)      # time moves one ns per instruction
         return min(due) if due else None
 
@@ -1008,7 +956,7 @@ class Core(Registry):
         interrupts masked (CLI; HLT) a device's timer cannot wake it: the run ends there."""
         timer = self._timers[0][0] if self._timers and self.intr_unmasked() else None
         index = self._scheduled[0][0] if self._scheduled else None
-        if timer is not None and (index is None or not self.clock.host_time and timer <= index + self.idle_ns):
+        if timer is not None and (index is None or timer <= index + self.idle_ns):
             self.idle_ns += max(0, timer - self.time_ns())
             _, _, callback = heapq.heappop(self._timers)
         elif index is not None:
@@ -1056,8 +1004,6 @@ class Core(Registry):
         if deadline is not None and time.monotonic() >= deadline:
             self._stop = Stop(StopReason.TIMEOUT, self.cpu.rip)
             return
-        if self._alarm is not None:
-            self._alarm.arm(self._timers[0][0] - self.idle_ns if self._timers else None)
         self._trap = None
         self.mmio.slice_starts()
         self._switch_in_hooks = not counting and not self._tracing and (
@@ -1115,8 +1061,7 @@ class Core(Registry):
             self._stop = Stop(StopReason.UNSUPPORTED, self.cpu.rip, detail=f"Unicorn: {error}")
         elif budget and started > budget:
             self.retire(budget)                        # a limit or an event is due
-        elif (self._stop is not None or self._interrupt_requested or self._posted   # the next step acts
-              or self._alarm is not None and self._alarm.rang):
+        elif self._stop is not None or self._interrupt_requested or self._posted:   # the next step acts
             self.retire(started - 1)
         elif deadline is not None and time.monotonic() >= deadline:
             self.retire(started - 1)

@@ -139,9 +139,7 @@ class Board:
         if machine.memory.ram_size < MINIMUM_MEMORY:
             raise ValueError(f"the {kind} machine needs at least 1 MiB of RAM")
         self.machine, self.kind = machine, kind
-        # Devices read the clock: on the virtual clock, time moves within slices only if
-        # instructions are counted (the host clock moves by itself).
-        machine.exact_instructions |= not machine.clock.host_time
+        machine.exact_instructions = True       # devices read the clock: time moves within slices
         chipset = machine.chipset
         existing = {(0, 0, 0): chipset.bridge, (0, 0x1F, 0): getattr(chipset, "lpc", None),
                     (0, 1, 3): getattr(chipset, "pm", None)}

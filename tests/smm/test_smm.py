@@ -513,8 +513,8 @@ def test_view_changes_and_restores_leave_the_guests_page_tables_alone():
 def test_a_data_access_that_reveals_smram_goes_on_inside_its_block(exact):
     # SMRAM opened behind the guest's back is hidden until touched.  The first touch is a REP
     # MOVSD after two PUSHes in the same translated block: the view is mapped in the access's
-    # hook and the copy goes on (restarting the instruction instead ran SeaBIOS's SMM setup
-    # from a stale EIP on the host clock, the PUSHes twice: test_seabios's host-clock runs).
+    # hook and the copy goes on.  (Restarting the instruction instead ran SeaBIOS's SMM setup,
+    # uncounted, from an EIP Unicorn had not synced: the PUSHes twice.)
     machine = Machine(exact_instructions=exact)
     code = """
         mov esp, 0x7000
