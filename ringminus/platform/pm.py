@@ -72,6 +72,8 @@ class PmRegisters:
 
     def read(self, port: int, size: int) -> int:
         offset = port - self.base
+        if offset == PM_TMR and size == 4:          # what firmware polls in its delays
+            return self.ticks() & 0xFF_FFFF
         return sum(self._byte(offset + i) << (8 * i) for i in range(size) if offset + i < 0x40)
 
     def write(self, port: int, size: int, value: int) -> None:
