@@ -153,7 +153,8 @@ class Core(Registry):
         self.tsc = VirtualTsc(self.cpu, self.clock)
         self._tsc_hooks = [ucinternals.add_instruction_hook(self.uc, X.UC_X86_INS_RDTSC, self.tsc.rdtsc),
                            ucinternals.add_instruction_hook(self.uc, X.UC_X86_INS_RDTSCP, self.tsc.rdtscp)]
-        self.sites = CodeSites(self.uc, self._on_site, OUT_OPCODES | ALWAYS_ARMED_OPCODES, self.memory.read_fast)
+        self.sites = CodeSites(self.uc, self._on_site, OUT_OPCODES | ALWAYS_ARMED_OPCODES, self.memory.read_fast,
+                               self.memory.code_pages)
         self.exact_instructions = exact_instructions
         self.instructions = 0
         self._instructions_exact = True

@@ -66,6 +66,9 @@ class PhysicalMemory:
         # callback that maps the right view; every Python-side access reveals what it touches
         # first, as the CPU's does through a fault.
         self.hidden: list[tuple[int, int]] = []
+        # Physical pages Unicorn has translated code from since it last dropped all of it
+        # (sites.py keeps this): ringminus's own writes there drop that code (``write``).
+        self.code_pages: set[int] = set()
         self.reveal: Callable[[int, int], None] | None = None
         # One byte per RAM page, 0 where the CPU does not see the RAM (an overlay, an SMRAM
         # view, a hidden range): where it does, Python reads the array itself, which is
@@ -164,10 +167,15 @@ class PhysicalMemory:
         return False
 
     def write(self, address: int, data: bytes) -> None:
+        """Write as the CPU would (an event's stack frame, a world switch's save map): code
+        translated from these bytes is dropped, as the CPU's own stores drop it, so what runs
+        next is what is there now."""
         if self.hidden:
             self._reveal_hidden(address, len(data))
         if not self.fast.write_memory(address, bytes(data)):
             raise UnbackedMemory(address)
+        if self.code_pages and not self.code_pages.isdisjoint(range(address >> 12, ((address + len(data) - 1) >> 12) + 1)):
+            self.forget_code(address, len(data))
 
     def load(self, address: int, data: bytes) -> None:
         """Place bytes in guest RAM (loaders, --blob); the whole range must be RAM."""

@@ -176,7 +176,8 @@ class ArmedSites:
 
 class CodeSites:
     def __init__(self, uc: Uc, callback: Callable, opcodes: frozenset[bytes],
-                 read: Callable[[int, int], bytes | None]):
+                 read: Callable[[int, int], bytes | None], code_pages: set[int]):
+        """``code_pages``: the set to keep the physical pages of translated code in."""
         self._uc = uc
         self._callback = callback
         self._read = read
@@ -210,6 +211,7 @@ class CodeSites:
         # linear page, the physical pages code was translated from there.
         self._translated: dict[tuple[int, int], tuple[int, int | None]] = {}
         self._translated_from: dict[int, set[int]] = {}
+        self._code_pages = code_pages
         uc.hook_add(UC_HOOK_CODE, _never, begin=NEVER, end=NEVER)       # guards: see the docstring
         uc.hook_add(UC_HOOK_BLOCK, _never, begin=NEVER, end=NEVER)
         self._first_blocks: int | None = uc.hook_add(UC_HOOK_BLOCK, self._on_first_blocks)
@@ -294,6 +296,7 @@ class CodeSites:
                                                  pieces[1][1] if len(pieces) > 1 else None)
         for linear, physical, _data in pieces:
             self._translated_from.setdefault(linear >> 12, set()).add(physical >> 12)
+            self._code_pages.add(physical >> 12)
             page = physical & ~(PAGE - 1)
             if page not in self._first_seen:
                 self._first_seen[page] = self._read(page, PAGE)
@@ -453,4 +456,5 @@ class CodeSites:
         self.flushes += 1
         self._translated.clear()
         self._translated_from.clear()
+        self._code_pages.clear()
         self._uc.ctl_flush_tb()

@@ -385,3 +385,19 @@ def test_a_skipped_event_exit_consumes_the_event_and_keeps_rip():
     assert result.stop.reason is StopReason.HLT and result.regs["rax"] & 0xFFFF == 3
     assert [e["code"] for e in result.events if e["kind"] == "vmexit"] == [int(ExitCode.SMI)]
     assert result.smm["pending"] is False
+
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_ringminus_own_writes_over_translated_code_drop_it(exact):
+    # What ringminus writes as the CPU would (an event's stack frame, a save map) lands in
+    # guest RAM behind Unicorn's back: code translated from there must not run again.  (Fuzz
+    # streams seed 3311261: a real-mode #GP loop pushed its frames down over its handler's
+    # MOV CR4, and Unicorn ran the stale translation, unchecked, where the bytes were gone.)
+    machine = Machine(exact_instructions=exact)
+    machine.write_memory(0x7C00, asm("mov ax, 0x1111; hlt", 16, 0x7C00))
+    machine.boot("real", 0x7C00)
+    assert machine.run(timeout=30).regs["rax"] & 0xFFFF == 0x1111
+    machine.memory.write(0x7C00, asm("mov ax, 0x2222; hlt", 16, 0x7C00))
+    machine["rip"], machine.halted = 0x7C00, False
+    assert machine.run(timeout=30).regs["rax"] & 0xFFFF == 0x2222
