@@ -18,8 +18,9 @@ The number of hooks is what arming must keep small.  So:
   with the hook.
 * Code written after it was translated (DESIGN.md §3 rule 2) is found the same way: the
   guest's stores drop the translations of code they overwrite (QEMU's self-modifying-code
-  check), and ringminus's loaders drop them for what they place, so the new bytes are
-  translated, and searched, before they run.  No write hook is needed: a zero-filled .bss
+  check), and ringminus's loaders and its own writes as the CPU (``PhysicalMemory.write``,
+  told which physical pages hold translated code) drop them for what they place, so the new
+  bytes are translated, and searched, before they run.  No write hook is needed: a zero-filled .bss
   holding a stack costs nothing, and code the guest copies into it is found when it runs.
 * A site sits at the linear address its block was translated at, where the code is mapped
   now; another mapping of the same code is translated, and armed, on its own.
