@@ -177,6 +177,24 @@ class PortBus:
         if self._devices.pop(port, None) is not None and self._shadowed.get(port):
             self._devices[port] = self._shadowed[port].pop()
 
+    def movable_block(self, size: int, read: Callable[[int, int], int],
+                      write: Callable[[int, int, int], None]) -> Callable[[int | None], None]:
+        """A block of ``size`` ports whose base the guest moves (an I/O BAR): returns the
+        function that places it at a base (None: nowhere), claimed over what is there.
+        ``read(offset, size)`` and ``write(offset, size, value)`` get offsets in the block; a
+        base where the block would pass port 0xFFFF decodes nothing."""
+        placed: list[int] = []
+
+        def place(base: int | None) -> None:
+            for port in placed:
+                self.unregister(port)
+            placed.clear()
+            if base is not None and base + size <= 0x10000:
+                placed.extend(range(base, base + size))
+                self.register(placed, read=lambda port, width: read(port - base, width),
+                              write=lambda port, width, value: write(port - base, width, value), overlay=True)
+        return place
+
     def device(self, port: int) -> PortDevice | None:
         return self._devices.get(port)
 

@@ -231,26 +231,12 @@ class Ahci:
                 setattr(port, name, value)
 
 
-class _IdpPorts:
-    """BAR4's 32 ports, by absolute port number."""
-    precise = False
-
-    def __init__(self, ahci: Ahci, base: int):
-        self.ahci, self.base = ahci, base
-
-    def read(self, port: int, size: int) -> int:
-        return self.ahci.idp_read(port - self.base, size)
-
-    def write(self, port: int, size: int, value: int) -> None:
-        self.ahci.idp_write(port - self.base, size, value)
-
-
 def plug(machine, function, irq: Callable[[bool], None] | None = None) -> Ahci:
     """Attach an Ahci to ICH9's 00:1f.2 ``function`` (after boards.identify): re-declares BAR4
     (I/O, 32 bytes) and BAR5 (MMIO, 4 KiB) with map callbacks that follow the guest's
     placement.  ``irq(level)``: the function's INTx line."""
     ahci = Ahci(irq=irq, write_memory=machine.memory.write)      # a DMA write, as the CPU would see it
-    mapped: dict[str, object] = {}
+    mapped: dict[str, object] = {}            # the ABAR's MMIO region
 
     def map_abar(address: int | None) -> None:
         region = mapped.pop("abar", None)
@@ -262,15 +248,6 @@ def plug(machine, function, irq: Callable[[bool], None] | None = None) -> Ahci:
             except ValueError:              # placed over RAM or another region: not decoded here
                 pass
 
-    def map_idp(address: int | None) -> None:
-        base = mapped.pop("idp", None)
-        if base is not None:
-            for port in range(base, base + IDP_SIZE):
-                machine.ports.unregister(port)
-        if address is not None and address + IDP_SIZE <= 0x10000:
-            machine.ports.register(range(address, address + IDP_SIZE), _IdpPorts(ahci, address), overlay=True)
-            mapped["idp"] = address
-
-    function.add_bar(4, IDP_SIZE, io=True, map=map_idp)
+    function.add_bar(4, IDP_SIZE, io=True, map=machine.ports.movable_block(IDP_SIZE, ahci.idp_read, ahci.idp_write))
     function.add_bar(5, ABAR_SIZE, io=False, map=map_abar)
     return ahci

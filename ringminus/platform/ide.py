@@ -200,35 +200,11 @@ class LegacyIde:
             channel.restore(values)
 
 
-class _BmPorts:
-    precise = False
-
-    def __init__(self, ide: LegacyIde, base: int):
-        self.ide, self.base = ide, base
-
-    def read(self, port: int, size: int) -> int:
-        return self.ide.bm_read(port - self.base, size)
-
-    def write(self, port: int, size: int, value: int) -> None:
-        self.ide.bm_write(port - self.base, size, value)
-
-
 def plug(machine, function, irqs: tuple = (None, None)) -> LegacyIde:
     """Attach a LegacyIde to PIIX3's 00:01.1 ``function`` (after boards.identify): claims the
     legacy ports now and re-declares BAR4 (I/O, 16 bytes) to map the bus-master block where
     the guest places it.  ``irqs``: (irq14(level), irq15(level))."""
     ide = LegacyIde(irqs)
     machine.ports.register(ide.ports(), ide)
-    mapped: dict[str, int] = {}
-
-    def map_bm(address: int | None) -> None:
-        base = mapped.pop("bm", None)
-        if base is not None:
-            for port in range(base, base + BMDMA_SIZE):
-                machine.ports.unregister(port)
-        if address is not None and address + BMDMA_SIZE <= 0x10000:
-            machine.ports.register(range(address, address + BMDMA_SIZE), _BmPorts(ide, address), overlay=True)
-            mapped["bm"] = address
-
-    function.add_bar(4, BMDMA_SIZE, io=True, map=map_bm)
+    function.add_bar(4, BMDMA_SIZE, io=True, map=machine.ports.movable_block(BMDMA_SIZE, ide.bm_read, ide.bm_write))
     return ide

@@ -3,6 +3,7 @@ import pytest
 
 from ringminus import Machine, StopReason
 from ringminus.emulator.boot import TSS_BASE
+from ringminus.emulator.ports import PortBus
 
 from ..helpers import LOAD, asm, run_guest
 
@@ -82,3 +83,16 @@ def test_emulated_out_honours_the_tss_io_bitmap():
     _, result = run_guest(source, "protected", cpl=3, setup=setup)
     assert result.stop.reason is StopReason.EXIT and result.stop.value == 2
     assert result.regs["rbx"] == 0 and result.regs["cpl"] == 0
+
+
+def test_a_movable_block_follows_its_base_over_what_is_there():
+    bus = PortBus()
+    bus.register(0x200, read=lambda port, size: 0x11)
+    seen = []
+    place = bus.movable_block(8, lambda offset, size: offset, lambda offset, size, value: seen.append((offset, value)))
+    place(0x1FC)
+    assert bus.read(0x1FE, 1) == 2 and bus.read(0x200, 1) == 4      # offsets, over the port below
+    bus.write(0x203, 1, 0x5A)
+    assert seen == [(7, 0x5A)]
+    place(0xFFFC)                                                   # would pass 0xFFFF: nowhere
+    assert bus.read(0x200, 1) == 0x11 and bus.device(0x1FC) is None and bus.device(0xFFFC) is None
