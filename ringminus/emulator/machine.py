@@ -52,7 +52,7 @@ from .pci import PciBus
 from .plugins import Gate, HookContext, Msr, OnExit, Registry, Source
 from .ports import DEBUGCON_PORT, EXIT_PORT, DebugConsole, ExitDevice, IoAccess, PortBus, io_permitted
 from .result import EventLog, RunResult, Stop, StopReason
-from .sites import CodeSites
+from .sites import EVICTION_INTERVAL, CodeSites
 from .snapshot import CORE_PARTS, Snapshot, restore as restore_snapshot, take as take_snapshot
 
 DEFAULT_MEMORY = 64 << 20
@@ -159,6 +159,7 @@ class Core(Registry):
         self.instructions = 0
         self._instructions_exact = True
         self._slice_counted = False             # a counted slice is running (instructions_now)
+        self._next_eviction = 0                 # when counted slices next evict cold code hooks
         self.halted = False
         self.stats: Counter = Counter()
         self._scheduled: list[tuple[int, int, Callable[["Core"], None]]] = []     # by instruction count
@@ -998,10 +999,13 @@ class Core(Registry):
         if self._stepping_over is not None or shadow_step:
             budget, counting = 1, True              # run one instruction alone, then look again
         else:
+            if counting and self.instructions >= self._next_eviction:
+                self._evict_cold_sites()
             self._rearm_if_address_space_changed()
             if counting:                            # Unicorn counts only with a count
                 targets = [t for t in (limit, self._next_event_index()) if t is not None]
                 budget = min(targets) - self.instructions if targets else UNBOUNDED_COUNT
+                budget = min(budget, EVICTION_INTERVAL)         # so that cold hooks are looked at
         if deadline is not None and time.monotonic() >= deadline:
             self._stop = Stop(StopReason.TIMEOUT, self.cpu.rip)
             return
@@ -1021,6 +1025,13 @@ class Core(Registry):
         if shadow_step and self._stepping_over is None:
             self.cpu.interrupt_shadow = False
         self._after_slice(error, budget, started, deadline)
+
+    def _evict_cold_sites(self) -> None:
+        """Counted slices pay for every code hook at every instruction (sites.py): drop the
+        hooks of code that has not run since the last look, every EVICTION_INTERVAL."""
+        self._next_eviction = self.instructions + EVICTION_INTERVAL
+        self.sites.evict_cold()
+        self.cpu.clear_inflight_exception()    # dropping translations; see break_at
 
     def _rearm_if_address_space_changed(self, only_if_cheap: bool = False) -> bool:
         """Sites are armed as Unicorn translates code, at the linear address it runs at

@@ -32,6 +32,14 @@ The number of hooks is what arming must keep small.  So:
   too, and it passes on only armed starts, so a site still fires only where a flagged one
   starts.  A range never reaches past its block for density alone: the code after it in the
   page (a firmware's memset beside its port writes) would pay a callback per instruction.
+* A counted slice is different: Unicorn's instruction counter is a code hook over every
+  address, so every instruction that runs walks the whole list — each hook then costs every
+  instruction executed, not just those translated (a SeaBIOS boot on q35 spent 4 of its 5 s
+  there, 72 hooks deep).  So where instructions are counted, hooks are evicted: every
+  EVICTION_INTERVAL instructions, past COUNTED_RANGE_BUDGET hooks, the ranges none of whose
+  sites fired since the last look (init code that ran once) are deleted and everything is
+  translated again; a site evicted that runs again is armed again when its block is
+  translated.  Ranges that fire stay, so a loop of sites does not thrash.
 * ``armed`` tells the run loop whether a hook covers an instruction (Unicorn compiles it in
   differently, machine.py's ``_hooked_at_fault``), so translated code must stay in step with
   the hooks: coverage only grows over the block being translated again, or is followed by
@@ -70,6 +78,11 @@ NEVER = 1 << 63                 # non-canonical: no instruction is fetched there
 # sites at most MERGE_GAP bytes apart.
 RANGE_BUDGET = 128
 MERGE_GAP = 256
+# Where instructions are counted: hooks past which the cold ones are evicted, looked at once
+# every EVICTION_INTERVAL instructions (a full re-translation costs milliseconds; a hook,
+# about 3.5 ns an instruction counted).
+COUNTED_RANGE_BUDGET = 2
+EVICTION_INTERVAL = 100_000
 # A block longer than this is not decoded (capstone costs µs an instruction): every start that
 # reaches a flagged opcode over prefix bytes is armed instead.
 DECODE_LIMIT = 128
@@ -194,6 +207,8 @@ class CodeSites:
         self._lasts: list[int] = []                 # first and last address, and the hook
         self._hooks: list[int] = []
         self.armed = ArmedSites(self._starts, self._firsts, self._lasts)
+        self._fired: set[int] = set()               # sites that fired since the last eviction
+        self.evictions = 0                          # hooks evicted (``evict_cold``)
         # Physical addresses of sites that translated code does not honour yet, or whose
         # ranges are to be merged; the run loop calls remap whenever this has grown.
         self.physical: set[int] = set()
@@ -333,6 +348,7 @@ class CodeSites:
     # -- hooks ---------------------------------------------------------------------------
     def _fire(self, uc: Uc, address: int, size: int, data) -> None:
         if address in self._starts:     # a merged range also covers what lies between sites
+            self._fired.add(address)
             self._callback(uc, address, size, data)
 
     def _cover(self, first: int, last: int, pages: set[int]) -> None:
@@ -436,6 +452,30 @@ class CodeSites:
         if self._flush_owed:
             self._flush()
 
+    def evict_cold(self) -> None:
+        """Between counted slices: past COUNTED_RANGE_BUDGET hooks, delete the ranges none of
+        whose sites fired since the last call, and translate everything again (their blocks
+        re-arm if they run again)."""
+        fired, self._fired = self._fired, set()
+        if len(self._hooks) <= COUNTED_RANGE_BUDGET:
+            return
+        hot = {bisect.bisect_right(self._firsts, address) - 1 for address in fired}
+        keep = [i for i in range(len(self._hooks)) if i in hot]
+        if len(keep) == len(self._hooks):
+            return
+        self._context.snapshot()                    # deleting hooks may leave a #PF and CR2
+        for i in range(len(self._hooks)):
+            if i not in hot:
+                self._uc.hook_del(self._hooks[i])
+        self._context.commit()
+        self.evictions += len(self._hooks) - len(keep)
+        self._firsts[:] = [self._firsts[i] for i in keep]
+        self._lasts[:] = [self._lasts[i] for i in keep]
+        self._hooks[:] = [self._hooks[i] for i in keep]
+        self._starts.intersection_update({address for address in self._starts if address in self.armed})
+        self._hooks_after_merge = min(self._hooks_after_merge, len(self._hooks))
+        self._flush()
+
     def rescan(self) -> None:
         """Memory changed behind Unicorn's back (a snapshot taken or restored): translate
         everything again, so every block is searched as its bytes are now, and arm from
@@ -448,6 +488,7 @@ class CodeSites:
         self._lasts.clear()
         self._hooks.clear()
         self._starts.clear()
+        self._fired.clear()
         self._hooks_after_merge = 0
         self._merge_owed = False
         self._flush()

@@ -17,7 +17,7 @@ from ringminus.emulator.boot import IDT_BASE, SEL_CODE64
 from ringminus.arch.segments import SYS_INT_GATE, pack_gate
 from ringminus.emulator.loader import parse_elf
 from ringminus.emulator.ports import EXIT_PORT
-from ringminus.emulator.sites import RANGE_BUDGET
+from ringminus.emulator.sites import EVICTION_INTERVAL, MERGE_GAP, RANGE_BUDGET
 from ringminus.intercepts import InterceptControls
 from ringminus.arch.exitcodes import ExitCode
 
@@ -249,3 +249,55 @@ def test_a_fault_inside_a_range_of_sites_holds_the_flags_before_it():
     fault_rip = TEXT + 2 + 3 * 6 + 3
     _error_code, rip, _cs, rflags = struct.unpack("<4Q", machine.read_memory(result.regs["rsp"], 32))
     assert rip == fault_rip and fault_rip in machine.sites.armed and rflags == 0x46
+
+
+SPACED_CPUID = "cpuid\n" + "nop\n" * (MERGE_GAP + 64)        # a range of its own
+
+
+def test_counted_runs_evict_the_hooks_of_code_that_ran_once():
+    # Where instructions are counted every hook costs every instruction (sites.py), so the
+    # hooks of code that ran once go.  A routine of 40 CPUIDs far apart (40 ranges) runs,
+    # then a loop whose OUT fires each time, then the routine again: every CPUID exits both
+    # times, the routine's ranges are evicted during the loop, the loop's is not.
+    cold = SPACED_CPUID * 40
+    code = asm(f"""
+        mov rsp, {STACK_TOP:#x}
+        call cold
+        mov ecx, {EVICTION_INTERVAL}            # three intervals of instructions
+    hot:
+        out 0x80, al
+        dec ecx
+        jnz hot
+        call cold
+        hlt
+    cold:
+        {cold}
+        ret
+    """, 64, TEXT)
+    machine = flat_guest(code, ExitCode.CPUID)
+    result = machine.run(max_instructions=5 * EVICTION_INTERVAL, timeout=120)
+    assert result.stop.reason is StopReason.HLT
+    taken = [e["rip"] for e in exits(result) if e["name"] == "cpuid"]
+    assert len(taken) == 80 and taken[:40] == taken[40:] and len(set(taken)) == 40
+    assert result.stats["unclaimed_port_writes"] == EVICTION_INTERVAL
+    # the routine's 40 ranges (and the boot code's) went, in one look; the loop's stayed
+    assert 40 <= machine.sites.evictions <= 42 and machine.sites.flushes <= 2, \
+        (machine.sites.evictions, machine.sites.flushes)
+
+
+def test_uncounted_runs_keep_their_hooks():
+    # Without a count a hook costs only where it is reached: nothing is evicted.
+    code = asm(f"""
+        mov rsp, {STACK_TOP:#x}
+        {SPACED_CPUID * 3}
+        mov ecx, {EVICTION_INTERVAL * 2}
+    hot:
+        dec ecx
+        jnz hot
+        hlt
+    """, 64, TEXT)
+    machine = flat_guest(code, ExitCode.CPUID)
+    result = machine.run(timeout=60)
+    taken = [e["rip"] for e in exits(result)]
+    assert result.stop.reason is StopReason.HLT and len(taken) == 3
+    assert machine.sites.evictions == 0 and all(rip in machine.sites.armed for rip in taken)
