@@ -92,6 +92,11 @@ class _Watchdog(threading.Thread):
         self.join()
 
 
+# Traps that stop the slice before their instruction and leave it to run again later: an
+# interrupt shadow it is in still holds (a site stepped alone, say).
+_BEFORE_IT = frozenset({"step", "breakpoint", "miss", "mmio", "refetch", "memory"})
+
+
 @dataclass(frozen=True, slots=True)
 class _Trap:
     """What a hook saw before it stopped the slice."""
@@ -151,8 +156,10 @@ class Core(Registry):
         self._io_access: IoAccess | Callable[[], IoAccess] | None = None     # see io_access
         self.uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         self.tsc = VirtualTsc(self.cpu, self.clock)
-        self._tsc_hooks = [ucinternals.add_instruction_hook(self.uc, X.UC_X86_INS_RDTSC, self.tsc.rdtsc),
-                           ucinternals.add_instruction_hook(self.uc, X.UC_X86_INS_RDTSCP, self.tsc.rdtscp)]
+        self._tsc_hooks = [ucinternals.add_instruction_hook(self.uc, X.UC_X86_INS_RDTSC,
+                                                            lambda: self._repair_synced_flags() or self.tsc.rdtsc()),
+                           ucinternals.add_instruction_hook(self.uc, X.UC_X86_INS_RDTSCP,
+                                                            lambda: self._repair_synced_flags() or self.tsc.rdtscp())]
         self.sites = CodeSites(self.uc, self._on_site, OUT_OPCODES | ALWAYS_ARMED_OPCODES, self.memory.read_fast,
                                self.memory.code_pages)
         self.exact_instructions = exact_instructions
@@ -634,15 +641,46 @@ class Core(Registry):
                                   software=bool(ctx.i32(ucinternals.EXCEPTION_IS_INT)),
                                   cr2=ctx.u64(ucinternals.CR + 2 * 8)))
 
+    def _going_on_after_sync(self, flags_in_cc_src: bool) -> bool:
+        """A memory hook lets its instruction go on: Unicorn restored the state before calling
+        it (``_repair_synced_flags``), so the flags are put back as ``_flags_in_cc_src`` says."""
+        if flags_in_cc_src:
+            ctx = self.cpu.context.snapshot()
+            ctx.put_i32(ucinternals.CC_OP, ucinternals.CC_OP_EFLAGS)
+            ctx.commit()
+        return True
+
+    def _repair_synced_flags(self) -> None:
+        """Inside the callback of a CPUID, RDTSC(P) or memory hook, which Unicorn calls after
+        restoring the CPU state from the instruction's start record: that record holds the
+        lazy-flags operation from before a code hook's prologue folded the flags into cc_src,
+        and the instruction and its block go on with it (a CPUID then INVLPG under a count lost
+        CF: replay seed 3505518).  Where a code hook covers the instruction, the flags are
+        cc_src's."""
+        ctx = self.cpu.context.snapshot()
+        if self._hooked_at(self._linear_pc(ctx)):
+            ctx.put_i32(ucinternals.CC_OP, ucinternals.CC_OP_EFLAGS)
+            ctx.commit()
+
+    @staticmethod
+    def _linear_pc(ctx) -> int:
+        return (ctx.segment("cs").base + ctx.u64(ucinternals.EIP)) & MASK_64
+
+    def _hooked_at(self, pc: int) -> bool:
+        """Whether a code hook covers the instruction at ``pc``: the count hook, a trace, a code
+        site or a breakpoint (Unicorn compiles each in with a prologue that folds the flags
+        into cc_src)."""
+        return (ucinternals.emu_counter(self.uc) > 0 or self._tracing or pc in self.sites.armed
+                or pc in self._breakpoints)
+
     def _flags_in_cc_src(self, ctx) -> bool:
         """Unicorn bug (its PR #2373): an instruction that computes RFLAGS into cc_src before
         it faults — one a code hook covers (the count hook, a trace, a code site, a
         breakpoint), or RCL/RCR of memory, which needs CF first — gets back its earlier
         lazy-flags operation at the fault, which then misreads cc_src.  True when so: the
         flags before the faulting instruction (``ctx`` is at it) are cc_src's."""
-        pc = (ctx.segment("cs").base + ctx.u64(ucinternals.EIP)) & 0xFFFF_FFFF_FFFF_FFFF
-        if (ucinternals.emu_counter(self.uc) > 0 or self._tracing or pc in self.sites.armed
-                or pc in self._breakpoints):
+        pc = self._linear_pc(ctx)
+        if self._hooked_at(pc):
             return True
         code = self.linear.fetch(pc, 4, ctx.u64(ucinternals.CR), ctx.u64(ucinternals.CR + 24)) or b""
         bits = ucinternals.code_bits(ctx.u32(ucinternals.HFLAGS))
@@ -715,9 +753,10 @@ class Core(Registry):
         return self._first_pending() is not None
 
     def _on_bad_memory(self, uc: Uc, access: int, address: int, size: int, value: int, _data) -> bool:
-        # A data access that ends the slice: Unicorn restores the state again after this hook,
-        # so the flags are repaired once the slice has ended.
-        repair = access not in (UC_MEM_WRITE_PROT, UC_MEM_FETCH_UNMAPPED, UC_MEM_FETCH_PROT) \
+        # Unicorn restored the state from the instruction's start record before calling this
+        # (``_repair_synced_flags``): an access that ends the slice has its flags repaired once
+        # the slice has ended (Unicorn restores it again), one that goes on here.
+        repair = access not in (UC_MEM_FETCH_UNMAPPED, UC_MEM_FETCH_PROT) \
             and self._flags_in_cc_src(self.cpu.context.snapshot())
         for hidden_at, reveal in self._miss_handlers:
             if not hidden_at(address):
@@ -730,18 +769,19 @@ class Core(Registry):
             # Unicorn did not sync it before the access — inside a REP MOVS, say.)
             reveal(address)
             if self.memory.fast.read_memory(address, 1) is not None:
-                return True
+                return self._going_on_after_sync(repair)
             break                                   # the view shows nothing there
 
         if access == UC_MEM_WRITE_PROT:          # ROM: the write is dropped, as QEMU drops it
             self.stats["rom_writes_ignored"] += 1
-            return True
+            return self._going_on_after_sync(repair)
         self._trap = _Trap("memory", address=address, detail=f"access to unbacked memory at {address:#x}",
                            flags_in_cc_src=repair)
         return False
 
     def _on_cpuid(self, uc: Uc, _data) -> int:
         """CPUID answers from the table a feature gives (svm/cpuid.py), not Unicorn's Haswell."""
+        self._repair_synced_flags()
         read, write = self.cpu.fast.read, self.cpu.fast.write
         values = self._cpuid().get(read(X.UC_X86_REG_EAX) & 0xFFFF_FFFF, (0, 0, 0, 0))
         if isinstance(values, dict):                # a leaf with subleaves, by ECX
@@ -1022,8 +1062,8 @@ class Core(Registry):
         self._slice_counted = False
         self.stats["slices"] += 1
         started = ucinternals.emu_counter(self.uc) if counting else 0
-        if shadow_step and self._stepping_over is None:
-            self.cpu.interrupt_shadow = False
+        if shadow_step and self._stepping_over is None and (self._trap is None or self._trap.kind not in _BEFORE_IT):
+            self.cpu.interrupt_shadow = False       # the shadowed instruction is done (or faulted)
         self._after_slice(error, budget, started, deadline)
 
     def _evict_cold_sites(self) -> None:

@@ -233,8 +233,11 @@ def test_an_invalid_opcode_frame_holds_the_flags_before_it(between, pieces):
 # 114 and 2004 (SMRAM views and swaps), 10151 (re-arming after restore), 10372 (flags at a
 # memory stop), 70660 (flags at an invalid opcode), 80372 and 81464 (an SMI raised by OUTS),
 # 3002302 (an SMI pending when a skipped INIT exit consumed its event), 3102854 (a guest-mode
-# snapshot restored into another machine), 3103452 (a breakpoint on a faulting instruction).
-@pytest.mark.parametrize("seed", [0, 3, 59, 114, 2004, 10151, 10372, 70660, 80372, 81464, 3002302, 3102854, 3103452])
+# snapshot restored into another machine), 3103452 (a breakpoint on a faulting instruction),
+# 3505518 (flags after a hooked CPUID), 3506875 (an interrupt shadow lost where a site in it
+# was stepped alone).
+@pytest.mark.parametrize("seed", [0, 3, 59, 114, 2004, 10151, 10372, 70660, 80372, 81464, 3002302, 3102854, 3103452,
+                                  3505518, 3506875])
 def test_replay_campaign_seeds(seed):
     load("replay").one_run(seed)
 
@@ -276,6 +279,39 @@ def test_an_interrupt_raised_after_restore_is_taken_where_it_was():
     assert len(external) == 1 and external[0]["rip"] == ENTRY + sti + 2     # after STI and its shadow
     machine.restore(snap)
     assert continuation() == first
+
+
+@pytest.mark.parametrize("insn", ["cpuid", "rdtsc", "rdtscp"])
+@pytest.mark.parametrize("limit", [None, 5, 6, 100])
+def test_flags_survive_an_instruction_hook_however_the_run_is_counted(insn, limit):
+    # Unicorn restores the state before a CPUID or RDTSC hook from the instruction's start
+    # record, whose lazy-flags operation predates a code hook's prologue (the count's): the
+    # block went on with ZF, PF from the ADD misread as CF, AF once INVLPG ended it.
+    machine = Machine(memory_size=4 << 20)
+    code = asm(f"xor eax, eax; add byte ptr [eax], al; {insn}; mov eax, 0x300000; invlpg [eax]; nop; hlt", 32, 0x100000)
+    machine.write_memory(0x100000, code)
+    machine.boot("protected", 0x100000)
+    result = machine.run(max_instructions=limit)
+    assert result.regs["rflags"] & 0xFFF == 0x46
+
+
+@pytest.mark.parametrize("pieces", [(None,), (1,) * 8])
+def test_an_iret_in_the_shadow_of_sti_holds_the_interrupt(pieces):
+    # With an interrupt held, STI and IRET are sites run alone.  The IRET in STI's shadow
+    # pops IF = 0: the interrupt is never taken (it was, at the IRET, once the site there
+    # stopped the slice: the shadow was dropped although the IRET had not run).
+    machine = Machine(memory_size=2 << 20)
+    machine.write_memory(0, struct.pack("<HH", IVT_HANDLER, 0) * 256)
+    machine.write_memory(IVT_HANDLER, asm("hlt", 16, IVT_HANDLER))
+    code = asm("cli; pushf; push cs; push after; sti; iret; after: hlt", 16, ENTRY)
+    machine.write_memory(ENTRY, code)
+    machine.boot("real", ENTRY)
+    machine.raise_intr(0x20)
+    for piece in pieces:
+        result = machine.run(max_instructions=piece)
+    assert [e for e in result.events if e["kind"] == "external"] == []
+    assert result.stop.reason is StopReason.HLT and result.regs["rip"] == ENTRY + len(code)
+    assert machine.interrupts == {0x20}
 
 
 def test_a_forwarded_hypercall_completes_the_same_after_restore():
