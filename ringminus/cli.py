@@ -30,6 +30,7 @@ from .intercepts.controls import LAST_INTERCEPT_BIT, InterceptControls, msrpm_bi
 from .arch.exitcodes import parse_exit
 from .intercepts.profiles import DEFAULT_PROFILE, PROFILES
 from .platform import MACHINES
+from .platform.tables import recorded_sizes
 from .sigint import calling_on_sigint
 
 SIZE_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -453,6 +454,16 @@ def add_option_rom(machine: Machine, path: str | None) -> None:
     machine.board.add_option_rom("kvmvapic.bin", read_file(path or KVMVAPIC))
 
 
+def note_unrecorded_tables(machine: Machine) -> None:
+    """A board serves QEMU's own ACPI and SMBIOS tables for the RAM sizes they were recorded
+    for (platform/tables.py); for another size the firmware builds its own."""
+    board = machine.board
+    if board is not None and board.acpi is None:
+        sizes = ", ".join(f"{size}M" for size in recorded_sizes(board.kind))
+        print(f"ringminus: no ACPI/SMBIOS tables recorded from QEMU for {machine.memory.ram_size >> 20} MiB on "
+              f"{board.kind} (recorded: {sizes}): the firmware builds its own, unlike on QEMU", file=sys.stderr)
+
+
 def machine_kind(args: argparse.Namespace) -> str:
     """--machine, or --chipset (its alias), or the default for the boot state."""
     if args.machine and args.chipset and args.machine != args.chipset:
@@ -524,6 +535,8 @@ def prepare(args: argparse.Namespace) -> Machine:
             machine.write_memory(address, blob)
     with blaming(f"--boot {state.value} --cpl {args.cpl}"):
         machine.boot(state, entry, args.cpl)
+    if state is BootState.BIOS:
+        note_unrecorded_tables(machine)
     for name, value in args.set:
         with blaming(f"--set {name}={value:#x}"):
             machine[name] = value

@@ -14,13 +14,14 @@
 # raises only at the end of its translation block, three instructions later (RAX and RFLAGS
 # in the saved state differ; -d int shows the same EIP), where the CPU and KVM take it at the
 # next instruction boundary.  The SMM oracle (tests/oracle) is recorded the same way.
-#   tools/capture-seabios.sh pc|q35 BIOS OUT     (needs qemu-system-x86_64 and gdb)
+#   tools/capture-seabios.sh pc|q35 BIOS OUT [MEM]     (MEM: -m, 128M by default; needs
+#                                                       qemu-system-x86_64 and gdb)
 set -euo pipefail
-board=${1:?pc or q35}; bios=${2:?BIOS image}; out=${3:?output prefix}
+board=${1:?pc or q35}; bios=${2:?BIOS image}; out=${3:?output prefix}; mem=${4:-128M}
 scratch=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$scratch"' EXIT
 port=$((20000 + RANDOM % 20000))
 qemu() {
-    exec qemu-system-x86_64 -machine "$board" -accel tcg -m 128M -smp 1 -bios "$bios" -nodefaults -nographic \
+    exec qemu-system-x86_64 -machine "$board" -accel tcg -m "$mem" -smp 1 -bios "$bios" -nodefaults -nographic \
         -no-reboot -monitor none -serial "file:$scratch/serial.txt" -chardev "file,id=dbg,path=$1" \
         -device isa-debugcon,iobase=0x402,chardev=dbg "${@:2}"
 }

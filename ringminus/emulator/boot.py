@@ -129,9 +129,10 @@ def _tss(long_mode: bool) -> bytes:
     return bytes(tss)
 
 
-def _page_tables(ram_size: int) -> tuple[bytes, int]:
-    """Identity map of all RAM with 2 MiB pages (user, writable); returns (bytes, CR3)."""
-    gib = max(1, -(-ram_size // (1 << 30)))
+def _page_tables(ram_end: int) -> tuple[bytes, int]:
+    """Identity map of all RAM (up to ``ram_end``) with 2 MiB pages (user, writable);
+    returns (bytes, CR3)."""
+    gib = max(1, -(-ram_end // (1 << 30)))
     if gib > MAX_IDENTITY_GIB:
         raise ValueError(f"long-mode identity map covers at most {MAX_IDENTITY_GIB} GiB")
     pml4 = struct.pack("<Q", (PAGE_TABLES + 0x1000) | 0x7).ljust(0x1000, b"\0")
@@ -162,7 +163,7 @@ def boot_flat(machine, entry: int, long_mode: bool, cpl: int) -> None:
     cpu.set_table_register("gdtr", GDT_BASE, len(gdt) - 1)
     cpu.set_table_register("idtr", IDT_BASE, 256 * (16 if long_mode else 8) - 1)
     if long_mode:
-        tables, cr3 = _page_tables(mem.ram_size)
+        tables, cr3 = _page_tables(mem.ram_end)
         mem.load(PAGE_TABLES, tables)
         cpu["cr3"] = cr3
         cpu.set_mode_state(LONG_CR0, CR4_PAE, EFER_LME | EFER_LMA)

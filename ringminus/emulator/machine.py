@@ -237,9 +237,9 @@ class Core(Registry):
     def load_image(self, image: Image) -> int:
         for segment in image.segments:
             end = segment.address + segment.memory_size
-            if segment.address < 0 or end > self.memory.ram_size:
-                raise ValueError(f"image segment {segment.address:#x}-{end:#x} does not fit in "
-                                 f"{self.memory.ram_size >> 20} MiB of guest RAM")
+            if self.memory.ram_offset(segment.address, segment.memory_size) is None:
+                raise ValueError(f"image segment {segment.address:#x}-{end:#x} does not fit in guest RAM "
+                                 f"({self.memory.describe_ram()})")
             self.write_memory(segment.address, segment.data.ljust(segment.memory_size, b"\0"))
         return image.entry
 

@@ -21,6 +21,9 @@ ROM = UC_PROT_READ | UC_PROT_EXEC
 RW = UC_PROT_ALL
 
 
+FOUR_GIB = 1 << 32
+
+
 class MissingMemory(Exception):
     """Something ringminus itself reads or writes for the guest is not in memory (a feature's
     structures too: a VMCB, say).  A run that meets one stops with reason ``memory``."""
@@ -74,11 +77,44 @@ class PhysicalMemory:
         # view, a hidden range): where it does, Python reads the array itself, which is
         # Unicorn's memory (mem_map_ptr), instead of a ctypes call.
         self._ram_shows = bytearray(b"\1" * (ram_size // PAGE))
+        # RAM shows at 0 up to ``below_4g``, the rest at 4 GiB (``place_above_4g``).
+        self.below_4g = ram_size
         self._map(0, self.ram, RW)
 
     @property
     def ram_size(self) -> int:
         return len(self.ram)
+
+    @property
+    def ram_blocks(self) -> list[tuple[int, int, int]]:
+        """(physical base, offset in ``ram``, size) of each range RAM shows in."""
+        above = self.ram_size - self.below_4g
+        return [(0, 0, self.below_4g)] + ([(FOUR_GIB, self.below_4g, above)] if above else [])
+
+    @property
+    def ram_end(self) -> int:
+        """The physical address past the highest byte of RAM."""
+        base, _offset, size = self.ram_blocks[-1]
+        return base + size
+
+    def place_above_4g(self, below_4g: int) -> None:
+        """Show the RAM past ``below_4g`` at 4 GiB instead, leaving the hole below 4 GiB to
+        devices: QEMU's pc and q35 with more RAM than fits under their PCI hole (pc.c
+        pc_memory_init's "ram-above-4g", an alias of the same RAM block)."""
+        if not 0 < below_4g < self.below_4g or below_4g % PAGE \
+                or any(overlay.end > below_4g for overlay in self.overlays):
+            raise ValueError(f"RAM cannot be split at {below_4g:#x}")
+        self.physically(self.uc.mem_unmap, below_4g, self.ram_size - below_4g)
+        self.below_4g = below_4g
+        self._map(FOUR_GIB, self.ram[below_4g:], RW)
+
+    def ram_offset(self, address: int, size: int = 1) -> int | None:
+        """Where [address, address + size) lies in ``ram``, or None where it is not all RAM."""
+        if 0 <= address and address + size <= self.below_4g:
+            return address
+        if FOUR_GIB <= address and address + size <= FOUR_GIB + self.ram_size - self.below_4g:
+            return address - FOUR_GIB + self.below_4g
+        return None
 
     def _map(self, base: int, data: np.ndarray, perms: int) -> None:
         if not len(data):
@@ -94,7 +130,8 @@ class PhysicalMemory:
 
     def backed_ranges(self) -> list[tuple[int, int]]:
         """(start, end) of RAM and of every overlay: what an MMIO region may not cover."""
-        return [(0, self.ram_size), *((o.base, o.base + len(o.data)) for o in self.overlays)]
+        return [*((base, base + size) for base, _offset, size in self.ram_blocks),
+                *((o.base, o.base + len(o.data)) for o in self.overlays)]
 
     def add_overlay(self, name: str, base: int, data: np.ndarray, perms: int = RW, over_ram: bool = True) -> Overlay:
         """Show ``data`` at ``base`` instead of whatever RAM is there (``over_ram=False``: the
@@ -119,18 +156,23 @@ class PhysicalMemory:
         if restore_ram:
             self.map_ram(overlay.base, len(overlay.data))
 
+    def _ram_within(self, base: int, size: int):
+        """(physical start, offset in ``ram``, size) of the RAM in [base, base + size)."""
+        for block, offset, length in self.ram_blocks:
+            start, end = max(base, block), min(base + size, block + length)
+            if start < end:
+                yield start, offset + start - block, end - start
+
     def unmap_ram(self, base: int, size: int) -> None:
-        start, end = max(base, 0), min(base + size, self.ram_size)
-        if start < end:
-            self.physically(self.uc.mem_unmap, start, end - start)
-            self._set_ram_shows(start, end, False)
+        for start, offset, length in self._ram_within(base, size):
+            self.physically(self.uc.mem_unmap, start, length)
+            self._set_ram_shows(offset, offset + length, False)
 
     def map_ram(self, base: int, size: int) -> None:
         """Map the RAM in [base, base + size) (after ``unmap_ram``) as a region of its own."""
-        start, end = max(base, 0), min(base + size, self.ram_size)
-        if start < end:
-            self._map(start, self.ram[start:end], RW)
-            self._set_ram_shows(start, end, True)
+        for start, offset, length in self._ram_within(base, size):
+            self._map(start, self.ram[offset:offset + length], RW)
+            self._set_ram_shows(offset, offset + length, True)
 
     def _set_ram_shows(self, start: int, end: int, shows: bool) -> None:
         first, last = start // PAGE, -(-end // PAGE)
@@ -151,9 +193,10 @@ class PhysicalMemory:
 
     def read_fast(self, address: int, size: int) -> bytes | None:
         """``read`` for hot paths: None instead of an exception where nothing is mapped."""
-        if 0 <= address and 0 < size and address + size <= len(self.ram) \
-                and self._ram_shows.find(0, address // PAGE, (address + size - 1) // PAGE + 1) < 0:
-            return self.ram[address:address + size].tobytes()
+        offset = address if 0 <= address and address + size <= self.below_4g else self.ram_offset(address, size)
+        if offset is not None and 0 < size \
+                and self._ram_shows.find(0, offset // PAGE, (offset + size - 1) // PAGE + 1) < 0:
+            return self.ram[offset:offset + size].tobytes()
         if self.hidden:
             self._reveal_hidden(address, size)
         return self.fast.read_memory(address, size)
@@ -179,11 +222,15 @@ class PhysicalMemory:
 
     def load(self, address: int, data: bytes) -> None:
         """Place bytes in guest RAM (loaders, --blob); the whole range must be RAM."""
-        if address < 0 or address + len(data) > self.ram_size:
-            raise ValueError(f"{len(data)} bytes at {address:#x} do not fit in "
-                             f"{self.ram_size >> 20} MiB of guest RAM")
-        self.ram[address:address + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        offset = self.ram_offset(address, len(data))
+        if offset is None:
+            raise ValueError(f"{len(data)} bytes at {address:#x} do not fit in guest RAM "
+                             f"({self.describe_ram()})")
+        self.ram[offset:offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
         self.forget_code(address, len(data))
+
+    def describe_ram(self) -> str:
+        return ", ".join(f"{size >> 20} MiB at {base:#x}" for base, _offset, size in self.ram_blocks)
 
     def forget_code(self, address: int, size: int) -> None:
         """Drop the translations of [address, address + size): bytes written behind Unicorn's

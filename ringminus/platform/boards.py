@@ -161,8 +161,7 @@ class Board:
         ram = machine.memory.ram_size
         below, above = qemu_ram_split(ram, kind)
         if above:
-            raise ValueError(f"the {kind} machine puts RAM above {below >> 20} MiB at 4 GiB, which ringminus "
-                             f"does not model yet: give it at most {below >> 20} MiB")
+            machine.memory.place_above_4g(below)
         self.smi_features = add_qemu_x86_contents(self.fw_cfg, ram, below, above, cpus=1, board=kind)
         builds = recordings(kind, ram)                              # QEMU's ACPI and SMBIOS tables
         self.acpi = AcpiTables(self.fw_cfg, builds, self._acpi_state) if builds else None

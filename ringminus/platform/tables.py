@@ -16,6 +16,7 @@ at that first select, the recording built in the state the chipset is in."""
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 from importlib import resources
 from typing import Callable
@@ -49,6 +50,13 @@ def recordings(board: str, ram_size: int) -> list[dict[str, bytes]]:
         files = parse_dump(gzip.decompress(folder.joinpath(name).read_bytes()))
         builds.append({name: contents for name, contents in files.items() if name in SERVED})
     return builds
+
+
+def recorded_sizes(board: str) -> list[int]:
+    """The RAM sizes (MiB) ``board`` has recordings for."""
+    folder = resources.files(__package__).joinpath("data")
+    found = (re.fullmatch(rf"qemu-7\.2-{board}-(\d+)M-fwcfg\.bin\.gz", entry.name) for entry in folder.iterdir())
+    return sorted(int(match.group(1)) for match in found if match)
 
 
 def acpi_tables(blob: bytes) -> dict[str, bytes]:

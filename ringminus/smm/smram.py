@@ -156,7 +156,7 @@ class Smram:
 
     def _ram_behind(self, smram: SmramRange) -> bool:
         """The normal view of the range is RAM rather than nothing."""
-        return smram.end <= self.memory.ram_size
+        return self.memory.ram_offset(smram.base, smram.end - smram.base) is not None
 
     def _shows(self, smram: SmramRange, wanted: bool) -> bool:
         if smram.hidden:                 # nothing mapped: right only for an empty normal view

@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from ringminus import Machine, StopReason
+from ringminus.emulator.memory import UnbackedMemory
 from ringminus.arch.segments import SYS_INT_GATE, pack_gate
 
 from ..helpers import asm, run_cli
@@ -144,6 +145,33 @@ def test_a_snapshot_restores_pam_and_mmconfig():
     assert machine.read_memory(0xF0000, 1) == b"\x99" and windows()
     machine.restore(snapshot)
     assert machine.read_memory(0xF0000, 1) == BIOS[0x30000:0x30001] and not windows()
+
+
+@pytest.mark.parametrize("kind, below", [("pc", 0xC000_0000), ("q35", 0x8000_0000)])
+def test_ram_past_the_pci_hole_shows_at_4_gib(kind, below):
+    # -m 4G: QEMU's pc keeps 3 GiB below 4 GiB, q35 2 GiB; the rest of the same RAM shows at
+    # 4 GiB, as a long-mode guest reads it, and the hole between belongs to devices.
+    machine = Machine(machine=kind, memory_size=4 << 30)
+    machine.write_memory(below - 8, b"lowtop!!")
+    machine.write_memory(1 << 32, b"high RAM")
+    assert [(base, size) for base, _offset, size in machine.memory.ram_blocks] == [(0, below), (1 << 32, (4 << 30) - below)]
+    assert machine.memory.ram[below - 8:below + 8].tobytes() == b"lowtop!!high RAM"
+    code = asm("mov rax, 0x100000000; mov rbx, [rax]; hlt", 64, 0x100000)
+    machine.write_memory(0x100000, code)
+    machine.boot("long", 0x100000)
+    result = machine.run(max_instructions=10)
+    assert result.stop.reason is StopReason.HLT and result.regs["rbx"].to_bytes(8, "little") == b"high RAM"
+    assert machine.memory.ram_offset(below) is None and machine.memory.ram_offset((4 << 30) - 1) is None
+    with pytest.raises(UnbackedMemory):             # the hole below 4 GiB is not RAM
+        machine.read_memory(below + 0x1000_0000, 4)
+
+
+@pytest.mark.parametrize("mem, said", [("100M", True), ("4G", False)])
+def test_a_ram_size_without_qemu_tables_says_so(tmp_path, capsys, mem, said):
+    image = tmp_path / "bios.bin"
+    image.write_bytes(b"\xf4" * 0x10000)              # HLT at the reset vector
+    status, _out, err = run_cli(capsys, "run", "--machine", "q35", "--mem", mem, "--boot", "bios", str(image))
+    assert status == 0 and ("no ACPI/SMBIOS tables recorded from QEMU for 100 MiB on q35" in err) == said
 
 
 @pytest.mark.parametrize("args, message", [

@@ -28,6 +28,9 @@ END = b"No bootable device.\n"
 SMI_ENTRY, SAVE_MAP = 0x38000, 0x3FE00                     # at the reset SMBASE 0x30000
 ASEG, ASEG_SAVE_MAP = 0xA0000, 0xFE00                      # SMRAM, and its map's offset there
 RUNS = [(kind, image) for image in ("bios-256k", "bios") for kind in ("pc", "q35")]
+# With 4 GiB, RAM past the PCI hole sits at 4 GiB: 3 GiB + 1 GiB on pc, 2 + 2 on q35.
+BIG = [(kind, "bios-256k", "4096M") for kind in ("pc", "q35")]
+ALL = [(kind, image, "128M") for kind, image in RUNS] + BIG
 
 pytestmark = pytest.mark.skipif(not (SEABIOS.joinpath("bios-256k.bin").exists() and KVMVAPIC.exists()),
                                 reason=f"SeaBIOS in {SEABIOS} or {KVMVAPIC} is not installed "
@@ -46,8 +49,8 @@ class Booted:
 
 
 @functools.cache
-def ringminus_boot(kind: str, image: str) -> Booted:
-    machine = Machine(machine=kind, memory_size=128 << 20, debugcon_port=0x402)
+def ringminus_boot(kind: str, image: str, mem: str = "128M") -> Booted:
+    machine = Machine(machine=kind, memory_size=int(mem[:-1]) << 20, debugcon_port=0x402)
     machine.load_bios((SEABIOS / f"{image}.bin").read_bytes())
     machine.board.add_option_rom("kvmvapic.bin", KVMVAPIC.read_bytes())
     machine.boot("bios")
@@ -64,25 +67,25 @@ def ringminus_boot(kind: str, image: str) -> Booted:
                   save_map, bytes(machine.smram.ranges[0].data), machine.read_memory(0x30000, 0x10000))
 
 
-def recorded(kind: str, image: str, suffix: str) -> Path:
-    return DATA / f"seabios-{kind}-{image}-qemu-7.2{suffix}"
+def recorded(kind: str, image: str, suffix: str, mem: str = "128M") -> Path:
+    return DATA / f"seabios-{kind}-{image}{'' if mem == '128M' else '-' + mem}-qemu-7.2{suffix}"
 
 
 def up_to_the_end(log: str) -> list[str]:
     return log[:log.index(END.decode()) + len(END)].splitlines()
 
 
-@pytest.mark.parametrize("kind,image", RUNS)
-def test_seabios_logs_what_it_logs_on_qemu(kind, image):
-    booted = ringminus_boot(kind, image)
-    assert up_to_the_end(booted.log) == up_to_the_end(recorded(kind, image, ".log").read_text())
+@pytest.mark.parametrize("kind,image,mem", ALL)
+def test_seabios_logs_what_it_logs_on_qemu(kind, image, mem):
+    booted = ringminus_boot(kind, image, mem)
+    assert up_to_the_end(booted.log) == up_to_the_end(recorded(kind, image, ".log", mem).read_text())
     assert "SeaBIOS (version" in booted.serial          # sercon on COM1
 
 
-@pytest.mark.parametrize("kind,image", RUNS)
-def test_seabios_takes_its_smi_where_qemu_does(kind, image):
-    booted = ringminus_boot(kind, image)
-    record = recorded(kind, image, "-smi.txt")
+@pytest.mark.parametrize("kind,image,mem", ALL)
+def test_seabios_takes_its_smi_where_qemu_does(kind, image, mem):
+    booted = ringminus_boot(kind, image, mem)
+    record = recorded(kind, image, "-smi.txt", mem)
     if not record.exists():                             # QEMU took none either
         assert booted.smi_rips == [] and booted.save_map is None
         return
@@ -90,10 +93,10 @@ def test_seabios_takes_its_smi_where_qemu_does(kind, image):
     assert booted.smi_rips == [qemu_eip] and booted.smbase == ASEG     # relocated to the A-segment
 
 
-@pytest.mark.parametrize("kind", ["pc", "q35"])
-def test_seabios_leaves_smram_as_qemu_does(kind):
-    booted = ringminus_boot(kind, "bios-256k")
-    qemu = gzip.decompress(recorded(kind, "bios-256k", "-smram.bin.gz").read_bytes())
+@pytest.mark.parametrize("kind,mem", [("pc", "128M"), ("q35", "128M"), ("pc", "4096M"), ("q35", "4096M")])
+def test_seabios_leaves_smram_as_qemu_does(kind, mem):
+    booted = ringminus_boot(kind, "bios-256k", mem)
+    qemu = gzip.decompress(recorded(kind, "bios-256k", "-smram.bin.gz", mem).read_bytes())
     save_map, aseg, low = qemu[:0x200], qemu[0x200:0x20200], qemu[0x20200:]
     assert booted.save_map == save_map
     assert booted.aseg[:ASEG_SAVE_MAP] == aseg[:ASEG_SAVE_MAP]      # beyond: the recording's own SMI
@@ -104,12 +107,12 @@ LIVE = shutil.which("qemu-system-x86_64") and shutil.which("gdb")
 
 
 @pytest.mark.skipif(not LIVE, reason="qemu-system-x86_64 and gdb are not installed (apt-get install qemu-system-x86 gdb)")
-@pytest.mark.parametrize("kind,image", RUNS)
-def test_the_recordings_are_what_qemu_records(kind, image, tmp_path):
-    subprocess.run(["bash", str(TOOL), kind, str(SEABIOS / f"{image}.bin"), str(tmp_path / "now")],
+@pytest.mark.parametrize("kind,image,mem", ALL)
+def test_the_recordings_are_what_qemu_records(kind, image, mem, tmp_path):
+    subprocess.run(["bash", str(TOOL), kind, str(SEABIOS / f"{image}.bin"), str(tmp_path / "now"), mem],
                    check=True, capture_output=True, timeout=120)
     for suffix in (".log", "-smi.txt", "-smram.bin.gz"):
-        now, then = tmp_path / f"now{suffix}", recorded(kind, image, suffix)
+        now, then = tmp_path / f"now{suffix}", recorded(kind, image, suffix, mem)
         assert now.exists() == then.exists(), suffix
         if then.exists():
             assert now.read_bytes() == then.read_bytes(), suffix
