@@ -22,6 +22,8 @@ REGISTER_NAMES = frozenset(_UC_NAMES) | {"efer"} | set(SEGMENT_REGISTERS)
 _HFLAGS_KEPT = uci.HF_CPL_MASK | uci.HF_INHIBIT_IRQ      # what a loaded state says itself
 _CONTROL_NAMES = frozenset({*CONTROL, "cr8", "rflags", "eflags"})
 _PAGING_NAMES = frozenset({"cr0", "cr3", "cr4", "efer"})
+_BREAKPOINT_NAMES = frozenset({"dr0", "dr1", "dr2", "dr3", "dr7"})
+_DEBUG_RUN = slice(uci.DEBUG_REGISTERS, uci.DEBUG_REGISTERS + 8 * 8)   # dr0-dr7 in the context
 
 
 class Cpu:
@@ -32,6 +34,7 @@ class Cpu:
         self.uc = uc
         self.context = uci.Context(uc)
         self.fast = uci.FastAccess(uc)
+        self.breakpoints = uci.DebugBreakpoints(uc)     # QEMU's objects for DR0-DR3, kept in step
         # Bumped whenever ringminus writes CR0/CR3/CR4/EFER: code sites sit on linear
         # addresses, so the machine re-arms them when this moves.
         self.paging_epoch = 0
@@ -63,6 +66,8 @@ class Cpu:
             self.uc.reg_write(_UC_NAMES[name], value)     # the binding keeps QEMU's hflags in step
         else:
             self.fast.write(_UC_NAMES[name], value)
+            if name in _BREAKPOINT_NAMES:
+                self.breakpoints.rearm()
 
     @property
     def rip(self) -> int:
@@ -133,7 +138,7 @@ class Cpu:
     def load(self, state: "ArchState", context_is_current: bool = False) -> None:
         """Make ``state`` the CPU's, mode, CPL and NMI blocking included: one context round
         trip for what the register API cannot set, the C API for what QEMU must react to
-        (CR4, DR7), and a TLB flush when the translation regime changed.  Inside a
+        (CR4; DR0-DR3 and DR7, which its breakpoints follow), and a TLB flush when the translation regime changed.  Inside a
         code hook the caller must also write RIP through the API, as any change of control
         flow there must be (reference/unicorn.md §2).  ``context_is_current``: the caller's
         last capture is still the CPU's (RIP aside, which this overwrites), so no new copy
@@ -141,12 +146,11 @@ class Cpu:
         self.version += 1
         self.paging_epoch += 1
         values = state[:]                       # a plain list (quicker to index than an ArchState)
-        cr0, cr3, cr4, efer, rflags, dr7 = (values[At.cr0], values[At.cr3], values[At.cr4], values[At.efer],
-                                            values[At.rflags], values[At.dr7])
+        cr0, cr3, cr4, efer, rflags = values[At.cr0], values[At.cr3], values[At.cr4], values[At.efer], values[At.rflags]
         self.svme = bool(efer & EFER_SVME)
         efer &= ~EFER_SVME
         ctx = self.context if context_is_current else self.context.snapshot()
-        old_cr0, old_cr3, old_cr4, old_efer, old_dr7 = uci.SWITCH_CONTROLS.unpack_from(ctx.view)
+        old_cr0, old_cr3, old_cr4, old_efer, _old_dr7 = uci.SWITCH_CONTROLS.unpack_from(ctx.view)
         values[At.efer] = efer
         values[At.cr4] = old_cr4                # set below through the API, which QEMU reacts to
         hflags = values[At.hflags]
@@ -155,14 +159,15 @@ class Cpu:
         values[At.hflags] = uci.derive_hflags(
             ctx.u32(uci.HFLAGS) & ~_HFLAGS_KEPT | hflags & _HFLAGS_KEPT, cr0, efer, rflags, hflags & uci.HF_CPL_MASK,
             values[At.cs_flags], values[At.ss_flags], values[At.ds_base] | values[At.es_base] | values[At.ss_base])
+        old_debug = bytes(ctx.view[_DEBUG_RUN])
         for run, offset, fields in uci.STATE_RUNS:
             run.pack_into(ctx.view, offset, *values[fields])
+        debug_changed = ctx.view[_DEBUG_RUN] != old_debug
         ctx.commit()
-        write = self.fast.write
         if cr4 != old_cr4:
-            write(X.UC_X86_REG_CR4, cr4)        # QEMU re-derives its CR4 hflags (and may flush its TLB)
-        if dr7 != old_dr7:
-            write(X.UC_X86_REG_DR7, dr7)        # QEMU re-arms its breakpoints
+            self.fast.write(X.UC_X86_REG_CR4, cr4)     # QEMU re-derives its CR4 hflags (and may flush its TLB)
+        if debug_changed:
+            self.breakpoints.rearm()            # QEMU's breakpoints follow DR0-DR3 and DR7
         if not (cr4 ^ old_cr4) & CR4_FLUSHES_TLB and (
                 (cr0 ^ old_cr0) & (CR0_PG | CR0_WP | CR0_PE) or cr3 != old_cr3
                 or (cr4 ^ old_cr4) & TRANSLATION_CR4_BITS or (efer ^ old_efer) & (EFER_LMA | EFER_NXE)):

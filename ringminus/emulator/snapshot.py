@@ -71,6 +71,7 @@ def _take_cpu(machine: "Machine") -> tuple:
 def _put_cpu(machine: "Machine", state: tuple) -> None:
     context, svme = state
     machine.uc.context_restore(context)
+    machine.cpu.breakpoints.rearm()         # the context holds pointers to QEMU's breakpoint objects
     machine.cpu.svme = svme
     machine.cpu.paging_epoch += 1           # the Cpu's cached address space is stale now
 

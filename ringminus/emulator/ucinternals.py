@@ -42,6 +42,15 @@ OLD_EXCEPTION = 5536         # i32: QEMU's "exception in flight" (-1 = none)
 
 # Offset inside ``struct uc_struct`` of the pair (emu_counter, emu_count).
 EMU_COUNTER = 1368
+# ``uc->cpu`` (the X86CPU), and where its CPUX86State starts; the context's data is a copy of
+# that state from its start, after a CONTEXT_HEADER-byte header.
+UC_CPU = 440
+CPU_ENV = 35408
+CONTEXT_HEADER = 40
+# QEMU's breakpoint objects for DR0-DR3 (cpu_breakpoint[4], after dr[8]); BP_CPU marks them.
+BREAKPOINT_POINTERS = DEBUG_REGISTERS + 8 * 8
+BP_CPU = 0x20
+DR7_FIXED_1 = 0x400
 
 # QEMU hflags bits (target/i386/cpu.h) that ringminus maintains when it patches segments.
 HF_CPL_MASK = 0x3
@@ -94,7 +103,7 @@ def _state_struct() -> struct.Struct:
 
 STATE = _state_struct()                       # unpack_from(context) -> values in STATE_FIELDS order
 # CR0, CR3, CR4, EFER and DR7 in one read: what a world switch compares its new values with
-# to decide what QEMU must redo (flush its TLB, re-arm breakpoints).
+# to decide what QEMU must redo (flush its TLB).
 SWITCH_CONTROLS = struct.Struct(f"<{CR}xQ16xQQ{EFER - CR - 40}xQ{DEBUG_REGISTERS + 7 * 8 - EFER - 8}xQ")
 STATE_RUNS: tuple[tuple[struct.Struct, int, slice], ...] = tuple(
     (struct.Struct("<" + run), offset, slice(STATE_FIELDS.index(names[0]), STATE_FIELDS.index(names[0]) + len(names)))
@@ -323,6 +332,37 @@ class FetchTranslator:
         return self._physical.value if status == 0 else None
 
 
+class DebugBreakpoints:
+    """QEMU arms a breakpoint object for each instruction breakpoint DR7 enables when the guest
+    writes DR7 or DR0-DR3 (bpt_helper.c cpu_x86_update_dr7) and keeps pointers to them in the
+    CPU state.  ringminus's own writes of that state — a world switch, a snapshot restored,
+    a reset — change DR7 and those pointers behind QEMU's back: a breakpoint stays armed that
+    DR7 no longer enables, and a restored pointer to one freed since is freed again (replay
+    seed 3531040: glibc aborted on a double free).  ``rearm`` makes QEMU's breakpoints what
+    the registers say now: it frees every guest breakpoint and lets QEMU arm those DR7 enables."""
+
+    def __init__(self, uc: Uc):
+        lib = uc_library()
+        self._remove_all, self._update_dr7 = lib.cpu_breakpoint_remove_all_x86_64, lib.cpu_x86_update_dr7_x86_64
+        self._remove_all.argtypes, self._remove_all.restype = (ctypes.c_void_p, ctypes.c_int), None
+        self._update_dr7.argtypes, self._update_dr7.restype = (ctypes.c_void_p, ctypes.c_uint32), None
+        self._cpu = ctypes.c_uint64.from_address(uc._uch.value + UC_CPU).value
+        env = self._cpu + CPU_ENV
+        self._dr7 = ctypes.c_uint64.from_address(env + DEBUG_REGISTERS + 7 * 8 - CONTEXT_HEADER)
+        self._pointers = (ctypes.c_uint64 * 4).from_address(env + BREAKPOINT_POINTERS - CONTEXT_HEADER)
+        self._env = env
+
+    def rearm(self) -> None:
+        self._remove_all(self._cpu, BP_CPU)
+        self._pointers[:] = (0, 0, 0, 0)
+        dr7, self._dr7.value = self._dr7.value, DR7_FIXED_1      # from "nothing armed" to DR7
+        self._update_dr7(self._env, dr7 & 0xFFFF_FFFF)
+
+    def armed(self) -> int:
+        """How many DR0-DR3 breakpoint objects QEMU holds."""
+        return sum(1 for pointer in self._pointers if pointer)
+
+
 def uc_library():
     from unicorn.unicorn_py3 import unicorn as binding
     return binding.uclib
@@ -405,6 +445,20 @@ def verify() -> None:
     ctx.snapshot()
     if ctx.u64(DEBUG_REGISTERS + 7 * 8) != 0x4711 or ctx.u64(GPRS + 15 * 8) != 0x0F0F:
         fail("the debug or general registers")
+    uc.reg_write(X.UC_X86_REG_R14, 0x0E0E_1234_5678_0E0E)
+    env = ctypes.c_uint64.from_address(uc._uch.value + UC_CPU).value + CPU_ENV
+    if ctypes.string_at(env + GPRS + 14 * 8 - CONTEXT_HEADER, 8) != struct.pack("<Q", 0x0E0E_1234_5678_0E0E):
+        fail("the CPU state behind uc->cpu")
+    uc.reg_write(X.UC_X86_REG_DR0, 0x1000)
+    uc.reg_write(X.UC_X86_REG_DR7, 0x401)                    # L0: an instruction breakpoint at 0x1000
+    breakpoints = DebugBreakpoints(uc)
+    breakpoints.rearm()
+    if breakpoints.armed() != 1 or ctx.snapshot().u64(BREAKPOINT_POINTERS) == 0:
+        fail("the breakpoint pointers")
+    uc.reg_write(X.UC_X86_REG_DR7, 0x400)
+    breakpoints.rearm()
+    if breakpoints.armed() != 0:
+        fail("the breakpoint pointers")
     fast = FastAccess(uc)
     fast.write(X.UC_X86_REG_RBX, 0x1122_3344_5566_7788)
     if (fast.read(X.UC_X86_REG_RBX), uc.reg_read(X.UC_X86_REG_BX)) != (0x1122_3344_5566_7788, 0x7788) or \

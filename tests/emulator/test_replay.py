@@ -3,6 +3,8 @@ results, events, counters, memory — and a budget cut into several ``run()`` ca
 the budget in one call ends."""
 import hashlib
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -279,6 +281,37 @@ def test_an_interrupt_raised_after_restore_is_taken_where_it_was():
     assert len(external) == 1 and external[0]["rip"] == ENTRY + sti + 2     # after STI and its shadow
     machine.restore(snap)
     assert continuation() == first
+
+
+BREAKPOINT_GUEST = """
+import struct
+from ringminus import Machine
+machine = Machine(memory_size=2 << 20)
+code = bytes.fromhex("66b800700000" "0f23c0"        # mov eax, 0x7000; mov dr0, eax
+                     "66b801040000" "0f23f8"        # mov eax, 0x401; mov dr7, eax (L0: execute)
+                     "66b800040000" "0f23f8"        # mov eax, 0x400; mov dr7, eax (freed)
+                     "f4")
+machine.write_memory(0x7C00, code)
+machine.boot("real", 0x7C00)
+machine.run(max_instructions=4)
+assert machine.cpu.breakpoints.armed() == 1
+snapshot = machine.snapshot()
+machine.run(max_instructions=2)
+assert machine.cpu.breakpoints.armed() == 0
+machine.restore(snapshot)                   # DR7 = 0x401 again: its breakpoint, armed anew
+assert machine.cpu.breakpoints.armed() == 1
+result = machine.run()                      # clearing DR7 frees it: once
+assert result.stop.reason.value == "hlt" and machine.cpu.breakpoints.armed() == 0
+print("ok")
+"""
+
+
+def test_a_restored_hardware_breakpoint_is_freed_once():
+    # A snapshot holds QEMU's pointers to its DR0-DR3 breakpoint objects; restored after the
+    # guest freed one, the next DR7 write freed it again and glibc aborted (seed 3531040).
+    # In a child process: the failure is a crash.
+    done = subprocess.run([sys.executable, "-c", BREAKPOINT_GUEST], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("insn", ["cpuid", "rdtsc", "rdtscp"])
