@@ -599,11 +599,15 @@ class Core(Registry):
             delivered = self.delivery.deliver(event, injected)
         except Unsupported as why:
             self.request_stop(StopReason.UNSUPPORTED, detail=str(why))
-            return
+            delivered = None
         except UnbackedMemory as missing:
             self.request_stop(StopReason.MEMORY, missing.address, f"delivering vector {event.vector}: {missing}")
-            return
+            delivered = None
+        # Delivered or abandoned (the run stops), the event is no longer in flight: left
+        # marked, a fault of the instruction run again would be taken for a #DF (seed 3533083).
         self.cpu.clear_inflight_exception()
+        if delivered is None:
+            return
         if delivered is Delivered.SHUTDOWN:
             shutdown = self.gate.shutdown_exit(self.cpu.rip) if self.gate else None
             if shutdown is not None:

@@ -237,9 +237,9 @@ def test_an_invalid_opcode_frame_holds_the_flags_before_it(between, pieces):
 # 3002302 (an SMI pending when a skipped INIT exit consumed its event), 3102854 (a guest-mode
 # snapshot restored into another machine), 3103452 (a breakpoint on a faulting instruction),
 # 3505518 (flags after a hooked CPUID), 3506875 (an interrupt shadow lost where a site in it
-# was stepped alone).
+# was stepped alone), 3533083 (a fault still marked in flight after its delivery stopped the run).
 @pytest.mark.parametrize("seed", [0, 3, 59, 114, 2004, 10151, 10372, 70660, 80372, 81464, 3002302, 3102854, 3103452,
-                                  3505518, 3506875])
+                                  3505518, 3506875, 3533083])
 def test_replay_campaign_seeds(seed):
     load("replay").one_run(seed)
 
@@ -304,6 +304,21 @@ result = machine.run()                      # clearing DR7 frees it: once
 assert result.stop.reason.value == "hlt" and machine.cpu.breakpoints.armed() == 0
 print("ok")
 """
+
+
+def test_a_fault_whose_delivery_stopped_the_run_faults_alike_when_run_again():
+    # The #GP's frame would go below RAM's end... above it: the run stops (memory).  Run
+    # again, the instruction faults again — a #GP, not a #DF for a #GP still "in flight".
+    machine = Machine(memory_size=2 << 20)
+    machine.write_memory(0x100000, asm("mov esp, 0x300000; mov ax, 0x1238; mov ds, ax", 32, 0x100000))
+    machine.boot("protected", 0x100000)
+    machine.write_memory(IDT_BASE + 13 * 8, pack_gate(0x100100, 0x08, SYS_INT_GATE, long_mode=False))
+    details = []
+    for _ in range(2):
+        result = machine.run(max_instructions=10)
+        assert result.stop.reason is StopReason.MEMORY
+        details.append(result.stop.detail.split(":")[0])
+    assert details == ["delivering vector 13"] * 2
 
 
 def test_a_restored_hardware_breakpoint_is_freed_once():
