@@ -30,6 +30,7 @@ from .intercepts.controls import LAST_INTERCEPT_BIT, InterceptControls, msrpm_bi
 from .arch.exitcodes import parse_exit
 from .intercepts.profiles import DEFAULT_PROFILE, PROFILES
 from .platform import MACHINES
+from .platform import multiboot
 from .platform.tables import recorded_sizes
 from .sigint import calling_on_sigint
 
@@ -306,9 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="ringminus", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = commands.add_parser("run", help="run a raw guest image (flat binary, ELF, or -bios ROM)")
-    run.add_argument("image", help="flat binary or ELF32/ELF64 file")
-    run.add_argument("--boot", choices=[s.value for s in BootState], default="real",
-                     help="initial CPU state (default real)")
+    run.add_argument("image", nargs="?",
+                     help=f"flat binary or ELF32/ELF64 file; with --boot bios the ROM (with --kernel: default {SEABIOS})")
+    run.add_argument("--boot", choices=[s.value for s in BootState],
+                     help="initial CPU state (default real; bios with --kernel)")
+    run.add_argument("--kernel", metavar="FILE",
+                     help="a multiboot v1 kernel booted as QEMU's -kernel does: SeaBIOS runs QEMU's "
+                          f"multiboot_dma.bin option ROM ({MULTIBOOT_ROM}), which enters it")
+    run.add_argument("--append", default="", metavar="ARGS", help="the kernel's command line (with --kernel)")
+    run.add_argument("--initrd", metavar="FILE[,FILE...]",
+                     help="multiboot modules, comma-separated; text after a space in one is its string")
     run.add_argument("--load", type=parse_address, metavar="ADDR",
                      help="load address of a flat image (default 0x7c00 real, 0x100000 protected/long)")
     run.add_argument("--mem", type=parse_memory_size, default="64M", metavar="SIZE", help="guest RAM (default 64M)")
@@ -439,6 +447,38 @@ def load_plan(args: argparse.Namespace, state: BootState, data: bytes):
 
 
 KVMVAPIC = "/usr/share/qemu/kvmvapic.bin"      # Debian's qemu-system-data
+MULTIBOOT_ROM = "/usr/share/qemu/multiboot_dma.bin"
+SEABIOS = "/usr/share/seabios/bios-256k.bin"   # Debian's seabios: QEMU's default -bios
+
+
+def boot_state(args: argparse.Namespace) -> BootState:
+    """--boot, or bios with --kernel (which needs it), else real; and the image, which --kernel
+    makes the BIOS, Debian's SeaBIOS unless named."""
+    if args.kernel is None:
+        if args.append or args.initrd:
+            raise UsageError("--append and --initrd need --kernel")
+        if args.image is None:
+            raise UsageError("an image to run is required")
+        return BootState(args.boot or "real")
+    if args.boot not in (None, BootState.BIOS.value):
+        raise UsageError(f"--kernel boots through the BIOS: it cannot be combined with --boot {args.boot}")
+    if args.image is None:
+        args.image = SEABIOS
+    return BootState.BIOS
+
+
+def multiboot_plan(args: argparse.Namespace):
+    """--kernel's multiboot buffers and QEMU's option ROM, read and checked before any machine."""
+    if args.kernel is None:
+        return None
+    modules = []
+    for element in (args.initrd.split(",") if args.initrd else []):
+        modules.append((element, read_file(element.split(" ", 1)[0])))
+    with blaming(f"--kernel {args.kernel}"):
+        loaded = multiboot.load(read_file(args.kernel), args.kernel, args.append, modules)
+    if not os.path.exists(MULTIBOOT_ROM):
+        raise UsageError(f"--kernel needs QEMU's option ROM {MULTIBOOT_ROM} (Debian's qemu-system-data)")
+    return loaded, read_file(MULTIBOOT_ROM)
 
 
 def add_option_rom(machine: Machine, path: str | None) -> None:
@@ -468,7 +508,7 @@ def machine_kind(args: argparse.Namespace) -> str:
     """--machine, or --chipset (its alias), or the default for the boot state."""
     if args.machine and args.chipset and args.machine != args.chipset:
         raise UsageError(f"--chipset {args.chipset} contradicts --machine {args.machine} (--chipset is its alias)")
-    return args.machine or args.chipset or ("q35" if args.boot == BootState.BIOS.value else "none")
+    return args.machine or args.chipset or ("q35" if boot_state(args) is BootState.BIOS else "none")
 
 
 def new_machine(args: argparse.Namespace) -> Machine:
@@ -484,7 +524,8 @@ def new_machine(args: argparse.Namespace) -> Machine:
 
 
 def prepare(args: argparse.Namespace) -> Machine:
-    state = BootState(args.boot)
+    state = boot_state(args)
+    kernel = multiboot_plan(args)
     intercepting = args.intercept or args.intercept_exception or args.iopm or args.msrpm
     if intercepting and not args.guest:
         raise UsageError("--intercept, --intercept-exception, --iopm and --msrpm need --guest")
@@ -497,6 +538,11 @@ def prepare(args: argparse.Namespace) -> Machine:
     smram_loads = [(f"--smram-load {path}@{address:#x}", address, read_file(path)) for path, address in args.smram_load]
     machine = new_machine(args)
     add_option_rom(machine, args.option_rom)
+    if kernel is not None:
+        if machine.board is None:
+            raise UsageError("--kernel needs --machine pc or q35")
+        loaded, rom = kernel
+        loaded.install(machine.board.fw_cfg, rom)
     if machine.board is not None and not args.json:              # the serial console, live
         machine.board.uart.on_output = lambda data: (sys.stdout.write(data.decode("latin-1")), sys.stdout.flush(),
                                                      machine.output_written())
