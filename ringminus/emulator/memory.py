@@ -229,6 +229,14 @@ class PhysicalMemory:
         self.ram[offset:offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
         self.forget_code(address, len(data))
 
+    def ram_view(self, address: int, size: int) -> np.ndarray | None:
+        """The RAM at [address, address + size) itself (a numpy view: what the CPU sees, as it
+        changes), or None where that is not all RAM the CPU sees now."""
+        offset = self.ram_offset(address, size)
+        if offset is None or size <= 0 or self._ram_shows.find(0, offset // PAGE, (offset + size - 1) // PAGE + 1) >= 0:
+            return None
+        return self.ram[offset:offset + size]
+
     def describe_ram(self) -> str:
         return ", ".join(f"{size >> 20} MiB at {base:#x}" for base, _offset, size in self.ram_blocks)
 

@@ -32,6 +32,10 @@ class InterceptControls:
     vector: int = 0                 # bit n set = exit code n is intercepted
     iopm: np.ndarray = field(default_factory=lambda: np.zeros(IOPM_BYTES, dtype=np.uint8))
     msrpm: np.ndarray = field(default_factory=lambda: np.zeros(MSRPM_BYTES, dtype=np.uint8))
+    # Read from a guest hypervisor's VMCB: where its maps lie (guest physical), which the
+    # maps above then show as they are in its memory (svm/world.py bind_maps).
+    iopm_address: int | None = None
+    msrpm_address: int | None = None
 
     def set(self, *codes: int) -> None:
         for code in codes:

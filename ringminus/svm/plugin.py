@@ -157,6 +157,8 @@ def _put_svm(machine: "Machine", state: tuple) -> None:
     svm, own, monitor_armed = state
     machine.svm = copy.copy(svm)
     if own is not None:
+        own = copy.copy(own)
+        world.bind_maps(machine, own)           # the maps as this machine's memory holds them
         world.run_as_l2(machine, own, arm=False)
     elif machine.gate is not None and machine.gate.on_exit is OnExit.L1:
         machine.gate = None                # (a guest the caller entered stays the caller's)

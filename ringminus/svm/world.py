@@ -192,15 +192,22 @@ def _write_host(machine: "Machine", page: int, host) -> None:
 
 
 def _permission_map(machine: "Machine", base: int, size: int) -> np.ndarray:
-    return np.frombuffer(_read(machine, base & MAP_ADDRESS_MASK, size), dtype=np.uint8).copy()
+    """L1's IOPM or MSRPM as the CPU consults it: when it checks an intercept, not once at
+    VMRUN (KVM reads L1's map then too), so L1's or L2's stores into it count at once
+    (kvm-unit-tests' ioio test edits the map from L2).  A view of guest RAM; a copy where the
+    map is not plain RAM (a device, a window over it)."""
+    live = machine.memory.ram_view(base, size)
+    if live is not None:
+        return live
+    return np.frombuffer(_read(machine, base, size), dtype=np.uint8).copy()
 
 
 _MAP_INTERCEPTS = 1 << ExitCode.IOIO | 1 << ExitCode.MSR
 
 
 def intercept_controls(machine: "Machine", control: dict[str, int]) -> InterceptControls:
-    """The VMCB's intercepts; a permission map is read (afresh: L1 may have changed it) only
-    when its intercept is set."""
+    """The VMCB's intercepts, with L1's permission maps (``_permission_map``) where their
+    intercept is set."""
     vector = control["intercepts"]
     if not vector & _MAP_INTERCEPTS:                # the same vector, the same controls (read-only)
         cache = machine.svm_caches.controls
@@ -209,10 +216,19 @@ def intercept_controls(machine: "Machine", control: dict[str, int]) -> Intercept
         return cache[vector]
     controls = InterceptControls(vector)
     if ExitCode.IOIO in controls:
-        controls.iopm = _permission_map(machine, control["iopm_base_pa"], IOPM_BYTES)
+        controls.iopm_address = control["iopm_base_pa"] & MAP_ADDRESS_MASK
     if ExitCode.MSR in controls:
-        controls.msrpm = _permission_map(machine, control["msrpm_base_pa"], MSRPM_BYTES)
+        controls.msrpm_address = control["msrpm_base_pa"] & MAP_ADDRESS_MASK
+    bind_maps(machine, controls)
     return controls
+
+
+def bind_maps(machine: "Machine", controls: InterceptControls) -> None:
+    """Show L1's maps in ``controls`` from ``machine``'s memory (the one restored into, too)."""
+    if controls.iopm_address is not None:
+        controls.iopm = _permission_map(machine, controls.iopm_address, IOPM_BYTES)
+    if controls.msrpm_address is not None:
+        controls.msrpm = _permission_map(machine, controls.msrpm_address, MSRPM_BYTES)
 
 
 _CHECKED_FIELDS = operator.itemgetter(*[SAVE_CODEC.order.index(name)

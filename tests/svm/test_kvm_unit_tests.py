@@ -1,0 +1,33 @@
+"""kvm-unit-tests' svm.flat (tests/kut, built from the commit in SOURCE.txt) under ringminus,
+booted as its runner boots it on QEMU (q35, 4 GiB, multiboot through SeaBIOS), one test at a
+time by name: each prints PASS on the serial port and exits through port 0xF4 with QEMU's
+isa-debug-exit status, 1 for "all passed"."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from ..helpers import run_cli
+from ..platform.test_multiboot import needs_firmware
+
+SVM_FLAT = Path(__file__).parents[1] / "kut" / "svm.flat"
+
+
+def run_kut(capsys, selection: str) -> tuple[int, str]:
+    status, out, _err = run_cli(capsys, "run", "--machine", "q35", "--mem", "4G", "--kernel", SVM_FLAT,
+                                "--append", selection, "--timeout", "120", "--json")
+    return status, json.loads(out)["serial"]
+
+
+@needs_firmware
+@pytest.mark.parametrize("name", [
+    "ioio",          # L2 edits the IOPM between its port accesses: the map is L1's memory, read live
+    "null", "vmrun", "rsm",
+])
+def test_a_kvm_unit_test_passes(capsys, name):
+    status, serial = run_kut(capsys, name)
+    assert f"PASS: {name}" in serial and not re.search(r"^FAIL", serial, re.M), serial[-2000:]
+    assert re.search(r"^SUMMARY: 1 tests\r?$", serial, re.M) and status == 1
