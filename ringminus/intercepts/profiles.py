@@ -84,6 +84,9 @@ class Profile:
     #: (APM, QEMU's helper_vmrun/do_vmexit), or the CPU keeps it (KVM's vmcb01) and writes the
     #: page only when an SMI arrives in guest mode (§C.2 step 2), reading it back at RSM.
     host_save_in_memory: bool = True
+    #: #VMEXIT clears EVENTINJ's low dword (V, type, vector) and keeps its error code (QEMU's
+    #: do_vmexit), or clears both (KVM's nested_svm_vmexit; the APM's EVENTINJ.V is cleared).
+    vmexit_keeps_eventinj_error: bool = False
 
 
 PROFILES = {p.name: p for p in (
@@ -111,7 +114,7 @@ PROFILES = {p.name: p for p in (
             selective_cr0_fixed=True, rep_zero_count_intercepts=True,
             smm_writes_over_memory=True, smm_narrow_control_fields=True, smm_clears_efer_always=True,
             smm_shifted_attributes_32=True, rsm_checks=False, rsm_recomputes_lma=False,
-            smm_smbase_needs_revision_bit=True),
+            smm_smbase_needs_revision_bit=True, vmexit_keeps_eventinj_error=True),
 )}
 DEFAULT_PROFILE = "kvm"
 CHOICES = tuple(f.name for f in fields(Profile) if f.name != "name")

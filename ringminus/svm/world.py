@@ -160,11 +160,12 @@ class ControlFields:
 VMRUN_CONTROLS = ControlFields(["intercepts", "iopm_base_pa", "msrpm_base_pa", "tsc_offset", "guest_asid",
                                 "tlb_control", "int_ctl", "v_intr_vector", "interrupt_state", "nested_control",
                                 "eventinj"])
-EXIT_FIELDS = ("int_ctl", "interrupt_state", "exitcode", "exitinfo1", "exitinfo2", "exitintinfo", "nrip",
-               "guest_instruction_count", "guest_instruction_bytes")
+EXIT_FIELDS = ("int_ctl", "interrupt_state", "exitcode", "exitinfo1", "exitinfo2", "exitintinfo", "eventinj",
+               "nrip", "guest_instruction_count", "guest_instruction_bytes")
 EXIT_CONTROLS = ControlFields(list(EXIT_FIELDS))
 if EXIT_CONTROLS.order != EXIT_FIELDS:
     raise AssertionError("EXIT_FIELDS must list the fields in offset order")
+_EVENTINJ_AT = field_span(VMCB_CONTROL, "eventinj")[0] - EXIT_CONTROLS.start     # in the span #VMEXIT writes
 
 
 # -- guest memory -------------------------------------------------------------------------------
@@ -325,11 +326,17 @@ def _refuse(machine: "Machine", vmcb_pa: int, host: ArchState, reason: str) -> N
                         {"kind": "vmrun-invalid", "vmcb": vmcb_pa, "reason": reason})
 
 
-def _exit_values(exit_: VmExit, int_ctl: int, interrupt_state: int) -> tuple:
-    """EXIT_CONTROLS' values: the interrupt state, EXITCODE, EXITINFO1/2, EXITINTINFO, nRIP
-    and the instruction bytes (their count in bits 3:0 of the byte before them)."""
-    return (int_ctl, interrupt_state, int(exit_.code), exit_.info1, exit_.info2, exit_.exit_int_info,
+def _exit_values(exit_: VmExit, int_ctl: int, interrupt_state: int, eventinj: int) -> tuple:
+    """EXIT_CONTROLS' values: the interrupt state, EXITCODE, EXITINFO1/2, EXITINTINFO,
+    EVENTINJ, nRIP and the instruction bytes (their count in bits 3:0 of the byte before them)."""
+    return (int_ctl, interrupt_state, int(exit_.code), exit_.info1, exit_.info2, exit_.exit_int_info, eventinj,
             exit_.next_rip, len(exit_.insn_bytes), exit_.insn_bytes)
+
+
+def _eventinj_after_exit(machine: "Machine", eventinj: int) -> int:
+    """#VMEXIT, and a VMRUN that fails, clear EVENTINJ (the injection is over: KVM's
+    nested_svm_vmexit clears it and its error code; QEMU's do_vmexit the low dword only)."""
+    return eventinj & ~0xFFFF_FFFF if machine.profile.vmexit_keeps_eventinj_error else 0
 
 
 def _write_exit(machine: "Machine", vmcb_pa: int, exit_: VmExit) -> None:
@@ -337,7 +344,8 @@ def _write_exit(machine: "Machine", vmcb_pa: int, exit_: VmExit) -> None:
     at = vmcb_pa + EXIT_CONTROLS.start
     area = bytearray(_read(machine, at, EXIT_CONTROLS.struct.size))
     fields = EXIT_CONTROLS.parse(area)
-    EXIT_CONTROLS.pack_into(area, 0, _exit_values(exit_, fields["int_ctl"], fields["interrupt_state"]))
+    EXIT_CONTROLS.pack_into(area, 0, _exit_values(exit_, fields["int_ctl"], fields["interrupt_state"],
+                                                  _eventinj_after_exit(machine, fields["eventinj"])))
     machine.memory.write(at, area)
 
 
@@ -351,8 +359,9 @@ def _write_back(machine: "Machine", vmcb_pa: int, exit_: VmExit, guest: ArchStat
     shadow = INTERRUPT_SHADOW if guest[At.hflags] & uci.HF_INHIBIT_IRQ else 0
     at = vmcb_pa + EXIT_CONTROLS.start
     area = bytearray(_read(machine, at, _VMCB_SPAN - EXIT_CONTROLS.start))
+    eventinj = _eventinj_after_exit(machine, int.from_bytes(area[_EVENTINJ_AT:_EVENTINJ_AT + 8], "little"))
     EXIT_CONTROLS.pack_into(area, 0, _exit_values(
-        exit_, int_ctl, shadow | (GUEST_INTERRUPT_MASK if guest[At.rflags] & RFLAGS_IF else 0)))
+        exit_, int_ctl, shadow | (GUEST_INTERRUPT_MASK if guest[At.rflags] & RFLAGS_IF else 0), eventinj))
     SAVE_CODEC.store_into(area, _SAVE_AT - EXIT_CONTROLS.start, guest)
     machine.memory.write(at, area)
 
