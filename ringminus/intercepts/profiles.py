@@ -19,9 +19,6 @@ class Profile:
     #: POST_MEMACCESS intercept (APM) or decodes no operand (KVM); QEMU raises #UD at CPL>0.
     monitor_checks_operand: bool
     monitor_mwait_ud_at_cpl3: bool
-    #: F.5 — VMMCALL is #UD in real/VM86 mode before the intercept (KVM's Prot flag) or
-    #: intercepted in any mode (APM, QEMU).
-    vmmcall_prot: bool
     #: F.5 — QEMU raises #UD for VMMCALL with EFER.SVME=0 before the intercept check.
     vmmcall_needs_svme: bool
     #: F.5 — STGI/SKINIT are allowed with EFER.SVME=0 when CPUID advertises SKINIT (APM).
@@ -91,7 +88,7 @@ class Profile:
 
 PROFILES = {p.name: p for p in (
     Profile("kvm", cr_value_checks_before_intercept=False, umip_before_intercept=False,
-            monitor_checks_operand=False, monitor_mwait_ud_at_cpl3=False, vmmcall_prot=True,
+            monitor_checks_operand=False, monitor_mwait_ud_at_cpl3=False,
             vmmcall_needs_svme=False,
             stgi_skinit_without_svme=False, svm_rax_gp_before_svme_ud=True, ioio_segment=False,
             ioio_address_size=True, smi_exitinfo=False, decode_assists=False,
@@ -99,7 +96,7 @@ PROFILES = {p.name: p for p in (
             smm_zero_idtr=True, vmcall_fix_hypercall=True, vmrun_invalid_clears_gif=False,
             host_save_in_memory=False),
     Profile("apm", cr_value_checks_before_intercept=True, umip_before_intercept=True,
-            monitor_checks_operand=True, monitor_mwait_ud_at_cpl3=False, vmmcall_prot=False,
+            monitor_checks_operand=True, monitor_mwait_ud_at_cpl3=False,
             vmmcall_needs_svme=False,
             stgi_skinit_without_svme=True, svm_rax_gp_before_svme_ud=False, ioio_segment=True,
             ioio_address_size=True, smi_exitinfo=True, decode_assists=True,
@@ -107,7 +104,7 @@ PROFILES = {p.name: p for p in (
             rsm_apm_checks=True, smm_restart_fields=True, skinit=True,
             smm_svm_host_fields=True),
     Profile("qemu", cr_value_checks_before_intercept=False, umip_before_intercept=True,
-            monitor_checks_operand=False, monitor_mwait_ud_at_cpl3=True, vmmcall_prot=False,
+            monitor_checks_operand=False, monitor_mwait_ud_at_cpl3=True,
             vmmcall_needs_svme=True,
             stgi_skinit_without_svme=False, svm_rax_gp_before_svme_ud=False, ioio_segment=False,
             ioio_address_size=False, smi_exitinfo=False, decode_assists=False,

@@ -26,6 +26,7 @@ def run_kut(capsys, selection: str) -> tuple[int, str]:
 @pytest.mark.parametrize("name", [
     "ioio",          # L2 edits the IOPM between its port accesses: the map is L1's memory, read live
     "exc_inject",    # the #VMEXIT after an injection clears EVENTINJ.V
+    "mode_switch",   # VMMCALL from a real-mode L2 takes L1's intercept (kvm profile too)
     "null", "vmrun", "rsm",
 ])
 def test_a_kvm_unit_test_passes(capsys, name):
