@@ -196,11 +196,13 @@ def _permission_map(machine: "Machine", base: int, size: int) -> np.ndarray:
     """L1's IOPM or MSRPM as the CPU consults it: when it checks an intercept, not once at
     VMRUN (KVM reads L1's map then too), so L1's or L2's stores into it count at once
     (kvm-unit-tests' ioio test edits the map from L2).  A view of guest RAM; a copy where the
-    map is not plain RAM (a device, a window over it)."""
+    map is not plain RAM (a device, a window over it), all-ones where nothing is there: every
+    access intercepted, as KVM exits when it cannot read L1's map.  Never an error: a map
+    beyond MAXPHYADDR is VMRUN's consistency check to refuse."""
     live = machine.memory.ram_view(base, size)
     if live is not None:
         return live
-    return np.frombuffer(_read(machine, base, size), dtype=np.uint8).copy()
+    return np.frombuffer(machine.read_view(base, size), dtype=np.uint8).copy()
 
 
 _MAP_INTERCEPTS = 1 << ExitCode.IOIO | 1 << ExitCode.MSR

@@ -724,6 +724,17 @@ def test_eventinj_is_delivered_through_l2s_idt_before_its_first_instruction(vect
     assert exits[0].rflags & 0x200 == 0                                   # interrupt gate cleared IF
 
 
+def test_a_permission_map_where_no_ram_is_intercepts_every_access():
+    # An MSRPM inside MAXPHYADDR but where nothing is: VMRUN goes on (it used to end the run
+    # with a memory stop), and the map reads all-ones, as KVM exits when it cannot read it.
+    hv = GuestHypervisor("mov ecx, 0x10\nrdmsr\nhlt", intercepts=(HLT, 0x07C))
+    hv.control["msrpm_base_pa"] = 0x80_0000_0000
+    result = hv.run()
+    assert result.stop.reason is StopReason.HLT, result.stop
+    exits = hv.exits()
+    assert [e.exitcode for e in exits][:1] == [0x07C] and exits[0].exitinfo1 == 0
+
+
 @pytest.mark.parametrize("profile, left", [("kvm", 0), ("apm", 0), ("qemu", 0x1234 << 32)])
 def test_the_exit_after_an_injection_clears_eventinj(profile, left):
     # The injection is over once L2 runs: #VMEXIT clears EVENTINJ (kvm-unit-tests' exc_inject
