@@ -150,7 +150,7 @@ class Cpu:
         self.svme = bool(efer & EFER_SVME)
         efer &= ~EFER_SVME
         ctx = self.context if context_is_current else self.context.snapshot()
-        old_cr0, old_cr3, old_cr4, old_efer, _old_dr7 = uci.SWITCH_CONTROLS.unpack_from(ctx.view)
+        old_cr0, old_cr3, old_cr4, old_efer, old_dr7 = uci.SWITCH_CONTROLS.unpack_from(ctx.view)
         values[At.efer] = efer
         values[At.cr4] = old_cr4                # set below through the API, which QEMU reacts to
         hflags = values[At.hflags]
@@ -162,11 +162,12 @@ class Cpu:
         old_debug = bytes(ctx.view[_DEBUG_RUN])
         for run, offset, fields in uci.STATE_RUNS:
             run.pack_into(ctx.view, offset, *values[fields])
-        debug_changed = ctx.view[_DEBUG_RUN] != old_debug
+        # QEMU holds breakpoint objects only for what DR7 enables (L0-G3): none before, none after, nothing to redo
+        rearm = (old_dr7 | values[At.dr7]) & 0xFF and bytes(ctx.view[_DEBUG_RUN]) != old_debug
         ctx.commit()
         if cr4 != old_cr4:
             self.fast.write(X.UC_X86_REG_CR4, cr4)     # QEMU re-derives its CR4 hflags (and may flush its TLB)
-        if debug_changed:
+        if rearm:
             self.breakpoints.rearm()            # QEMU's breakpoints follow DR0-DR3 and DR7
         if not (cr4 ^ old_cr4) & CR4_FLUSHES_TLB and (
                 (cr0 ^ old_cr0) & (CR0_PG | CR0_WP | CR0_PE) or cr3 != old_cr3

@@ -218,7 +218,7 @@ class Registry:
 # What a feature may use of the core (in the spirit of KVM's x86_emulate_ops).  Everything
 # else on the machine is the core's own business.
 SERVICES = (
-    "cpu", "memory", "linear", "uc", "tsc",                # CPU state; physical and linear memory
+    "cpu", "memory", "linear", "read_view", "uc", "tsc",   # CPU state; physical and linear memory
     "cpu_model", "long_mode_capable", "profile",           # what the machine is
     "deliver", "raise_intr", "raise_nmi", "raise_init", "interrupts", "nmi_pending", "init_pending",   # events
     "intercepted",
