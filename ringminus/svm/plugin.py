@@ -37,8 +37,9 @@ def install(machine: "Machine") -> None:
     machine.svm_caches = world.Caches()
     machine.add_stat_keys("vmruns")
     for row in EXECUTES:
+        in_hook = IN_HOOK.get(row)
         machine.add_executor(row, lambda insn: _execute(machine, insn), in_hook=(
-            lambda insn, hook: _vmrun_in_hook(machine, insn, hook)) if row == "vmrun" else None)
+            lambda insn, hook, in_hook=in_hook: in_hook(machine, insn, hook)) if in_hook else None)
     machine.add_event_hold(lambda: not machine.svm.gif)
     machine.add_event_source(Source(50, "virtual interrupt", lambda m: bool(m.svm.int_ctl & V_IRQ),
                                     lambda m: bool(m.svm.int_ctl & V_IRQ) and _virtual_interrupt_ready(m),
@@ -116,6 +117,25 @@ def _vmrun_in_hook(machine: "Machine", insn: "Instruction", hook: "HookContext")
     machine.cpu.rip = rip                    # through the API: a code hook's block ends here
     machine.continue_in_hook()
     return True
+
+
+def _entry_path_in_hook(machine: "Machine", insn: "Instruction", hook: "HookContext") -> bool:
+    """CLGI, STGI, VMLOAD or VMSAVE from L1 inside the #UD hook, when its checks pass: a
+    hypervisor's entry (CLGI; VMLOAD; VMRUN; VMSAVE; STGI) without ending the slice five
+    times.  False: the run loop must look at it (a fault, or a guest's own L1 to ask)."""
+    if machine.gate is not None or l1_checks(machine).check(insn) is not None:
+        return False
+    try:
+        EXECUTE[insn.row.name](machine, insn)  # RIP through the API: the hook's block ends here
+    except (GuestFault, MissingMemory):
+        return False                       # the run loop executes it again and reports it
+    machine.retire(1)
+    machine.continue_in_hook()
+    return True
+
+
+IN_HOOK = {"vmrun": _vmrun_in_hook, "clgi": _entry_path_in_hook, "stgi": _entry_path_in_hook,
+           "vmload": _entry_path_in_hook, "vmsave": _entry_path_in_hook}
 
 
 def _intr_unmasked(machine: "Machine") -> bool:

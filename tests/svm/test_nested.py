@@ -798,6 +798,27 @@ def test_l2_triple_fault_is_a_shutdown_exit_when_intercepted(intercepted):
 
 # -- GIF, interrupts, NMI, SMI, INIT -----------------------------------------------------------------
 
+def test_a_hypervisors_entry_path_runs_inside_the_hooks():
+    # CLGI; VMLOAD; VMSAVE; STGI, 500 times: executed in Unicorn's #UD hook, not one slice
+    # each (issue 14, divergence 9), with the same effects: FS.base loaded, GIF set again.
+    machine = plain_l1(f"""{SET_SVME}
+        mov rax, {VMCB:#x}
+        mov qword ptr [rax + 0x448], 0x1234000
+        mov ecx, 500
+    again:
+        {CLGI}
+        {VMLOAD}
+        {VMSAVE}
+        {STGI}
+        dec ecx
+        jnz again
+        hlt""")
+    result = machine.run(timeout=60)
+    assert result.stop.reason is StopReason.HLT and machine.gif is True
+    assert machine.cpu.segment("fs").base == 0x1234000          # the save area's FS.base (+0x048)
+    assert result.stats["slices"] < 20
+
+
 def gif_smi_program(clgi: bool):
     lines = [SET_SVME.strip(), CLGI if clgi else "nop", "mov rbx, 1", "mov rcx, 2", STGI, "mov rdx, 3", "hlt"]
     return lines
