@@ -280,6 +280,10 @@ class FastAccess:
         self._lib.uc_reg_read(self._handle, X.UC_X86_REG_MSR, ctypes.byref(self._msr))
         return self._msr.value
 
+    def write_msr(self, msr: int, value: int) -> None:
+        self._msr.rid, self._msr.value = msr, value & 0xFFFF_FFFF_FFFF_FFFF
+        self._lib.uc_reg_write(self._handle, X.UC_X86_REG_MSR, ctypes.byref(self._msr))
+
     def read_memory(self, address: int, size: int) -> bytes | None:
         """Physical bytes, or None when something is not mapped."""
         if size > len(self._buffer):
@@ -463,4 +467,7 @@ def verify() -> None:
     fast.write(X.UC_X86_REG_RBX, 0x1122_3344_5566_7788)
     if (fast.read(X.UC_X86_REG_RBX), uc.reg_read(X.UC_X86_REG_BX)) != (0x1122_3344_5566_7788, 0x7788) or \
             fast.read_msr(0xC000_0080) != uc.msr_read(0xC000_0080) or fast.read_memory(0x1000, 4) != code[:4]:
+        fail("the C register and memory API")
+    fast.write_msr(0xC000_0081, 0x0023_0010_0000_0000)             # STAR
+    if uc.msr_read(0xC000_0081) != 0x0023_0010_0000_0000:
         fail("the C register and memory API")

@@ -68,8 +68,9 @@ def _save_area(machine: "Machine", page: int) -> tuple[bytearray, np.void]:
 def _vmload(machine: "Machine", insn: "Instruction") -> None:
     _, save = _save_area(machine, vmcb_address(machine, insn))
     machine.cpu.load_segments({name: read_segment(save[name]) for name in VMLOAD_SEGMENTS})
+    write_msr = machine.cpu.fast.write_msr
     for field, msr in VMLOAD_MSRS:
-        machine.uc.msr_write(msr, int(save[field]))
+        write_msr(msr, int(save[field]))
     machine.cpu.rip = insn.next_rip
 
 
@@ -81,8 +82,9 @@ def _vmsave(machine: "Machine", insn: "Instruction") -> None:
         record = save[name]
         record["selector"], record["base"], record["limit"] = segment.selector, segment.base, segment.limit
         record["attrib"] = vmcb_attrib_from_flags(segment.flags)
+    read_msr = machine.cpu.fast.read_msr
     for field, msr in VMLOAD_MSRS:
-        save[field] = machine.uc.msr_read(msr)
+        save[field] = read_msr(msr)
     machine.memory.write(page + SAVE_AREA_OFFSET, bytes(raw))
     machine.cpu.rip = insn.next_rip
 
