@@ -34,6 +34,10 @@ Expected differences (the two L1s are different hypervisors; the L2 can see that
   0x46).  Whether it shows depends on what the CPU ran before -- an L1 has -- so the two sides
   can disagree: on RFLAGS, or on whatever a flag decides next (an INTO taken or not).
   Recognised when the host-side L2, run again with a trace, stored into a page it executed.
+* The time-stamp counter.  RDTSC and RDTSCP read the virtual clock (one tick per instruction
+  retired), and on the in-guest side the L1's own instructions come first: the L2 reads a
+  larger count there (and whatever it computes from it differs).  Recognised when the
+  host-side L2, run again with a trace, executed RDTSC or RDTSCP.
 * The instruction budget.  Both sides run with the same budget, but the in-guest side also
   counts L1's own instructions (and the entry stub's), so a run that ends at the limit on one
   side may end otherwise on the other; a limit on both sides is the same outcome.
@@ -419,12 +423,24 @@ def _touches_l1(vector: TestVector, machine) -> bool:
     return any(layout.base <= v < layout.base + inguest.L1_REGION for v in vector.regs.values())
 
 
-def _rewrote_code_it_ran(vector: TestVector) -> bool:
-    """The host-side L2, run again with a trace, stored into a page it executed."""
+def _traced(vector: TestVector):
+    """The host-side L2 run again with a trace: (machine, trace lines)."""
     machine, _ = runner.prepare(vector, vector.profile)
     trace = io.StringIO()
     machine.run(max_instructions=BUDGET, timeout=TIMEOUT, trace=trace)
-    pages = {int(line.split(maxsplit=1)[0], 16) & ~0xFFF for line in trace.getvalue().splitlines() if line}
+    return machine, [line for line in trace.getvalue().splitlines() if line]
+
+
+def _read_the_tsc(vector: TestVector) -> bool:
+    """The host-side L2, run again with a trace, executed RDTSC or RDTSCP."""
+    _, lines = _traced(vector)
+    return any(line.split()[-1] in ("rdtsc", "rdtscp") for line in lines)
+
+
+def _rewrote_code_it_ran(vector: TestVector) -> bool:
+    """The host-side L2, run again with a trace, stored into a page it executed."""
+    machine, lines = _traced(vector)
+    pages = {int(line.split(maxsplit=1)[0], 16) & ~0xFFF for line in lines}
     fresh = runner.setup(vector, vector.profile).machine
     ram = machine.memory.ram_size
     return any(machine.read_memory(page, 0x1000) != fresh.read_memory(page, 0x1000) for page in pages if page < ram)
@@ -442,6 +458,8 @@ def expected_difference(vector: TestVector, host: Outcome, guest: Outcome, machi
         return "l1-memory"
     if _rewrote_code_it_ran(vector):
         return "self-modifying code (Unicorn's flags)"
+    if _read_the_tsc(vector):
+        return "the time-stamp counter (the in-guest L1's instructions take time)"
     if runner.differences(again, guest) is None:
         return "vm_hsave_pa read"
     return None
