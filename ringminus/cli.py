@@ -581,8 +581,6 @@ def prepare(args: argparse.Namespace) -> Machine:
             machine.write_memory(address, blob)
     with blaming(f"--boot {state.value} --cpl {args.cpl}"):
         machine.boot(state, entry, args.cpl)
-    if state is BootState.BIOS:
-        note_unrecorded_tables(machine)
     for name, value in args.set:
         with blaming(f"--set {name}={value:#x}"):
             machine[name] = value
@@ -645,6 +643,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                                  trace=sys.stderr if args.trace else None)
     except HypercallHandlerError as e:
         raise UsageError(one_line(e)) from None
+    if boot_state(args) is BootState.BIOS:        # after the run: a usage error stays one line
+        note_unrecorded_tables(machine)
     if args.json:
         document = result.as_dict()
         if args.dump:

@@ -226,3 +226,13 @@ def test_timer_interrupts_are_counted_not_listed_unless_asked(tmp_path, capsys, 
     result = json.loads(out)
     assert result["stop"]["reason"] == "hlt" and result["stats"]["device_interrupts"] == 10
     assert len([e for e in result["events"] if e["kind"] == "external"]) == (10 if listed else 0)
+
+
+def test_a_usage_error_after_the_board_is_built_stays_one_line(tmp_path, capsys):
+    # The note about unrecorded tables comes after the run, so a later error is the only line
+    # (fuzz inputs seed 3625147).
+    image = tmp_path / "bios.bin"
+    image.write_bytes(b"\xf4" * 0x10000)
+    status, _out, err = run_cli(capsys, "run", "--machine", "q35", "--mem", "8M", "--boot", "bios", str(image),
+                                "--guest", "--hypercall", "0x100000000000000000000=deny")
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "--hypercall" in err
