@@ -257,16 +257,23 @@ def test_a_memory_stop_reports_the_flags_before_it(pieces):
     assert result.regs["rflags"] == 0x93
 
 
+def real_mode_guest(code_source: str, handler_source: str) -> tuple[Machine, bytes]:
+    """Real mode at ENTRY, every IVT vector at IVT_HANDLER: the machine and the code's bytes."""
+    machine = Machine(memory_size=2 << 20)
+    machine.write_memory(0, struct.pack("<HH", IVT_HANDLER, 0) * 256)
+    machine.write_memory(IVT_HANDLER, asm(handler_source, 16, IVT_HANDLER))
+    code = asm(code_source, 16, ENTRY)
+    machine.write_memory(ENTRY, code)
+    machine.boot("real", ENTRY)
+    return machine, code
+
+
 def test_an_interrupt_raised_after_restore_is_taken_where_it_was():
     # The first raise_intr flags STI/POPF/IRET for code sites, and code translated before
     # (the block at ``target``, run once already) must be translated again with its STI
     # armed: after restore as in the first run, or the interrupt comes a slice late.
-    machine = Machine(memory_size=2 << 20)
-    machine.write_memory(0, struct.pack("<HH", IVT_HANDLER, 0) * 256)
-    machine.write_memory(IVT_HANDLER, asm("inc si; iret", 16, IVT_HANDLER))
-    code = asm("again: cli; jmp target; target: inc cx; sti; inc dx; inc dx; jmp again", 16, ENTRY)
-    machine.write_memory(ENTRY, code)
-    machine.boot("real", ENTRY)
+    machine, code = real_mode_guest("again: cli; jmp target; target: inc cx; sti; inc dx; inc dx; jmp again",
+                                    "inc si; iret")
     machine.run(max_instructions=7)                  # one round: back at ENTRY
     snap = machine.snapshot()
 
@@ -348,12 +355,7 @@ def test_an_iret_in_the_shadow_of_sti_holds_the_interrupt(pieces):
     # With an interrupt held, STI and IRET are sites run alone.  The IRET in STI's shadow
     # pops IF = 0: the interrupt is never taken (it was, at the IRET, once the site there
     # stopped the slice: the shadow was dropped although the IRET had not run).
-    machine = Machine(memory_size=2 << 20)
-    machine.write_memory(0, struct.pack("<HH", IVT_HANDLER, 0) * 256)
-    machine.write_memory(IVT_HANDLER, asm("hlt", 16, IVT_HANDLER))
-    code = asm("cli; pushf; push cs; push after; sti; iret; after: hlt", 16, ENTRY)
-    machine.write_memory(ENTRY, code)
-    machine.boot("real", ENTRY)
+    machine, code = real_mode_guest("cli; pushf; push cs; push after; sti; iret; after: hlt", "hlt")
     machine.raise_intr(0x20)
     for piece in pieces:
         result = machine.run(max_instructions=piece)
