@@ -193,9 +193,8 @@ class PhysicalMemory:
 
     def read_fast(self, address: int, size: int) -> bytes | None:
         """``read`` for hot paths: None instead of an exception where nothing is mapped."""
-        offset = address if 0 <= address and address + size <= self.below_4g else self.ram_offset(address, size)
-        if offset is not None and 0 < size \
-                and self._ram_shows.find(0, offset // PAGE, (offset + size - 1) // PAGE + 1) < 0:
+        offset = self._visible_offset(address, size)
+        if offset is not None:
             return self.ram[offset:offset + size].tobytes()
         if self.hidden:
             self._reveal_hidden(address, size)
@@ -232,10 +231,16 @@ class PhysicalMemory:
     def ram_view(self, address: int, size: int) -> np.ndarray | None:
         """The RAM at [address, address + size) itself (a numpy view: what the CPU sees, as it
         changes), or None where that is not all RAM the CPU sees now."""
+        offset = self._visible_offset(address, size)
+        return None if offset is None else self.ram[offset:offset + size]
+
+    def _visible_offset(self, address: int, size: int) -> int | None:
+        """``ram_offset`` where [address, address + size) is all RAM the CPU sees now (no
+        overlay, view or hidden range over it), else None."""
         offset = self.ram_offset(address, size)
         if offset is None or size <= 0 or self._ram_shows.find(0, offset // PAGE, (offset + size - 1) // PAGE + 1) >= 0:
             return None
-        return self.ram[offset:offset + size]
+        return offset
 
     def describe_ram(self) -> str:
         return ", ".join(f"{size >> 20} MiB at {base:#x}" for base, _offset, size in self.ram_blocks)
