@@ -649,9 +649,7 @@ class Core(Registry):
         """A memory hook lets its instruction go on: Unicorn restored the state before calling
         it (``_repair_synced_flags``), so the flags are put back as ``_flags_in_cc_src`` says."""
         if flags_in_cc_src:
-            ctx = self.cpu.context.snapshot()
-            ctx.put_i32(ucinternals.CC_OP, ucinternals.CC_OP_EFLAGS)
-            ctx.commit()
+            self._take_flags_from_cc_src(self.cpu.context.snapshot())
         return True
 
     def _repair_synced_flags(self) -> None:
@@ -663,8 +661,7 @@ class Core(Registry):
         cc_src's."""
         ctx = self.cpu.context.snapshot()
         if self._hooked_at(self._linear_pc(ctx)):
-            ctx.put_i32(ucinternals.CC_OP, ucinternals.CC_OP_EFLAGS)
-            ctx.commit()
+            self._take_flags_from_cc_src(ctx)
 
     @staticmethod
     def _linear_pc(ctx) -> int:
@@ -694,8 +691,13 @@ class Core(Registry):
     def _repair_flags_at_fault(self, ctx) -> None:
         """Inside the hook of a fault or an invalid opcode: undo Unicorn's misread, if any."""
         if self._flags_in_cc_src(ctx):
-            ctx.put_i32(ucinternals.CC_OP, ucinternals.CC_OP_EFLAGS)
-            ctx.commit()
+            self._take_flags_from_cc_src(ctx)
+
+    @staticmethod
+    def _take_flags_from_cc_src(ctx) -> None:
+        """Make QEMU's lazy flags "cc_src holds RFLAGS" in the CPU (``ctx`` is its copy now)."""
+        ctx.put_i32(ucinternals.CC_OP, ucinternals.CC_OP_EFLAGS)
+        ctx.commit()
 
     def _rflags_from_cc_src(self) -> None:
         """After a slice ended at such a fault (its exit already folded the misread flags into
