@@ -451,20 +451,21 @@ MULTIBOOT_ROM = "/usr/share/qemu/multiboot_dma.bin"
 SEABIOS = "/usr/share/seabios/bios-256k.bin"   # Debian's seabios: QEMU's default -bios
 
 
-def boot_state(args: argparse.Namespace) -> BootState:
-    """--boot, or bios with --kernel (which needs it), else real; and the image, which --kernel
-    makes the BIOS, Debian's SeaBIOS unless named."""
+def resolve_boot(args: argparse.Namespace) -> None:
+    """Settle --boot (given, or bios with --kernel, which needs it, else real) and the image
+    (with --kernel the BIOS: Debian's SeaBIOS unless named), once, before anything reads them."""
     if args.kernel is None:
         if args.append or args.initrd:
             raise UsageError("--append and --initrd need --kernel")
         if args.image is None:
             raise UsageError("an image to run is required")
-        return BootState(args.boot or "real")
+        args.boot = args.boot or BootState.REAL.value
+        return
     if args.boot not in (None, BootState.BIOS.value):
         raise UsageError(f"--kernel boots through the BIOS: it cannot be combined with --boot {args.boot}")
+    args.boot = BootState.BIOS.value
     if args.image is None:
         args.image = SEABIOS
-    return BootState.BIOS
 
 
 def multiboot_plan(args: argparse.Namespace):
@@ -508,7 +509,7 @@ def machine_kind(args: argparse.Namespace) -> str:
     """--machine, or --chipset (its alias), or the default for the boot state."""
     if args.machine and args.chipset and args.machine != args.chipset:
         raise UsageError(f"--chipset {args.chipset} contradicts --machine {args.machine} (--chipset is its alias)")
-    return args.machine or args.chipset or ("q35" if boot_state(args) is BootState.BIOS else "none")
+    return args.machine or args.chipset or ("q35" if args.boot == BootState.BIOS.value else "none")
 
 
 def new_machine(args: argparse.Namespace) -> Machine:
@@ -524,7 +525,8 @@ def new_machine(args: argparse.Namespace) -> Machine:
 
 
 def prepare(args: argparse.Namespace) -> Machine:
-    state = boot_state(args)
+    resolve_boot(args)
+    state = BootState(args.boot)
     kernel = multiboot_plan(args)
     intercepting = args.intercept or args.intercept_exception or args.iopm or args.msrpm
     if intercepting and not args.guest:
@@ -643,7 +645,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                  trace=sys.stderr if args.trace else None)
     except HypercallHandlerError as e:
         raise UsageError(one_line(e)) from None
-    if boot_state(args) is BootState.BIOS:        # after the run: a usage error stays one line
+    if args.boot == BootState.BIOS.value:         # after the run: a usage error stays one line
         note_unrecorded_tables(machine)
     if args.json:
         document = result.as_dict()
