@@ -978,9 +978,13 @@ class Core(Registry):
     def resume(self, ret: int | None = None, max_instructions: int | None = None,
                timeout: float | None = None, trace: TextIO | None = None) -> RunResult:
         """Run on.  ``ret`` completes what the last stop left pending (a forwarded
-        hypercall's result: hypercalls/conduit.py)."""
+        hypercall's result: hypercalls/conduit.py).  ``max_instructions`` counts from this call:
+        the completed instruction is one of them."""
+        start = self.instructions
         if not any(resume(ret) for resume in self._resume_handlers) and ret is not None:
             raise ValueError("nothing to complete with a value: the last run did not stop for a hypercall")
+        if max_instructions is not None and isinstance(max_instructions, int):
+            max_instructions = max(0, max_instructions - (self.instructions - start))
         return self.run(max_instructions, timeout, trace)
 
     def _fire_due_events(self) -> None:

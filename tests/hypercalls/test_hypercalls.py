@@ -79,6 +79,17 @@ def test_vector_93_forwarded_map_gpa_range_stops_then_completes():              
     assert again.instructions == 6 and again.hypercall is None
 
 
+@pytest.mark.parametrize("budget", [1, 2, 3])
+def test_a_resumed_budget_counts_the_completed_hypercall(budget):
+    """Replay seed 3580738: resume(ret, max_instructions=N) retired N + 1 instructions, so a
+    budget cut at a forwarded hypercall ran further than the same budget in one piece."""
+    machine = machine_for(f"mov rax, 12; {VMMCALL}; inc rbx; inc rbx; inc rbx; hlt", ranges=[(12, 1, "forward")])
+    assert machine.run(max_instructions=100).stop.reason is StopReason.HYPERCALL
+    again = machine.resume(ret=0, max_instructions=budget)
+    assert again.stop.reason is StopReason.LIMIT
+    assert again.instructions == 1 + budget and again.regs["rbx"] == budget - 1
+
+
 @pytest.mark.parametrize("nr", [KvmHypercall.VAPIC_POLL_IRQ, KvmHypercall.SCHED_YIELD, KvmHypercall.KICK_CPU])
 @pytest.mark.parametrize("boot,mask", MODES)
 def test_builtins_return_0_in_every_mode(boot, mask, nr):
