@@ -10,6 +10,7 @@ import os
 import pickle
 import select
 import signal
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -432,9 +433,27 @@ def parse_vector(value, source: str, index: int) -> TestVector:
                   tuple((b["address"], b["hex"]) for b in values["memory"]["bytes"]), values["expect"])
 
 
+def _parse_toml(text: str) -> dict:
+    """tomllib recurses once per nesting level: parse on a thread of its own, whose stack
+    starts empty, so that how deep a file may nest does not depend on the caller's stack."""
+    outcome: list = []
+
+    def parse():
+        try:
+            outcome.append(tomllib.loads(text))
+        except (ValueError, RecursionError) as e:
+            outcome.append(e)
+    thread = threading.Thread(target=parse, name="toml")
+    thread.start()
+    thread.join()
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
 def load_vectors(path: Path) -> list[TestVector]:
     try:
-        document = tomllib.loads(path.read_bytes().decode("utf-8"))
+        document = _parse_toml(path.read_bytes().decode("utf-8"))
     except OSError as e:
         raise VectorError(f"cannot read {path}: {e.strerror or e}") from None
     except ValueError as e:         # TOMLDecodeError, UnicodeDecodeError, an integer of > 4300 digits

@@ -118,6 +118,19 @@ def test_whole_vector_and_file_errors(tmp_path, capsys, text, words):
     assert_usage_error(*run_cli(capsys, "harness", path), *words)
 
 
+def test_how_deep_a_file_may_nest_does_not_depend_on_the_callers_stack(tmp_path, capsys):
+    """Inputs seed 3603741: a 100-deep array parsed, or was 'nested too deeply', or escaped as
+    a RecursionError, depending on how deep the stack calling the CLI was."""
+    path = tmp_path / "v.toml"
+    path.write_text(GOOD + "deep = " + "[" * 100 + "]" * 100 + "\n")
+
+    def called_from(depth):
+        return called_from(depth - 1) if depth else run_cli(capsys, "harness", path)
+    answers = {called_from(depth) for depth in (0, 400, 850)}
+    assert len(answers) == 1
+    assert_usage_error(*answers.pop(), "unknown key 'deep'")
+
+
 def test_asm_the_assembler_never_finishes_is_a_usage_error(tmp_path, capsys, monkeypatch):
     """keystone loops forever on a statement that is a constant wider than 64 bits (found by
     the inputs campaign); the harness gives up on it and says so."""
