@@ -1,9 +1,13 @@
 """The CPU models ringminus offers: QEMU's ``qemu64`` and ``qemu32`` (target/i386/cpu.c,
 ``builtin_x86_defs``) — vendor, leaves, signature and feature bits, minus what Unicorn cannot
-provide (the local APIC: there is none).  svm/cpuid.py turns a model into CPUID answers."""
+provide (the local APIC: there is none).  Unicorn runs its own copy of the same model, so
+an instruction the model lacks (RDTSCP, MONITOR, POPCNT on qemu64) is #UD in the
+translated code itself, as under QEMU.  svm/cpuid.py turns a model into CPUID answers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from unicorn.x86_const import UC_CPU_X86_QEMU32, UC_CPU_X86_QEMU64
 
 # Fn0000_0001 EDX: QEMU's PPRO_FEATURES without APIC (bit 9), then qemu64's additions.
 FPU, DE, PSE, TSC, MSR, PAE, MCE, CX8, SEP, MTRR, PGE, MCA, CMOV, PAT, PSE36, CLFLUSH, MMX, FXSR, SSE, SSE2 = (
@@ -28,12 +32,14 @@ class CpuModel:
     ext_edx: int
     ext_ecx: int
     address_bits: int           # Fn8000_0008 EAX: virtual << 8 | physical (0: no such leaf)
+    unicorn_model: int          # Unicorn's own model of the same name: its decoder #UDs alike
 
 
 MODELS = {m.name: m for m in (
     CpuModel("qemu64", b"AuthenticAMD", 0xD, 0x8000_000A, 0x0006_0FB1,
-             PPRO | MTRR | CLFLUSH | MCA | PSE36, SSE3 | CX16, LM | SYSCALL | NX, LAHF_LM | SVM, 0x3028),
-    CpuModel("qemu32", b"GenuineIntel", 0x4, 0x8000_0004, 0x0000_0663, PPRO, SSE3, 0, 0, 0),
+             PPRO | MTRR | CLFLUSH | MCA | PSE36, SSE3 | CX16, LM | SYSCALL | NX, LAHF_LM | SVM, 0x3028,
+             UC_CPU_X86_QEMU64),
+    CpuModel("qemu32", b"GenuineIntel", 0x4, 0x8000_0004, 0x0000_0663, PPRO, SSE3, 0, 0, 0, UC_CPU_X86_QEMU32),
 )}
 
 

@@ -1,0 +1,41 @@
+"""What a CPU model does not advertise behaves as absent (issue 14, divergence 6): the
+instruction is #UD in the translated code itself, as under QEMU TCG with the same -cpu."""
+import pytest
+
+from ringminus import Machine, StopReason
+
+from ..helpers import LOAD, boot_guest
+
+# (name, bytes, {model: executes?}); every instruction then HLTs.  Long mode for qemu64,
+# 32-bit protected mode for qemu32 (it has no long mode).
+INSTRUCTIONS = [
+    ("rdtscp", "0f01f9", {"qemu64": False, "qemu32": False}),
+    ("monitor", "0f01c8", {"qemu64": False, "qemu32": False}),
+    ("mwait", "0f01c9", {"qemu64": False, "qemu32": False}),
+    ("popcnt eax, eax", "f30fb8c0", {"qemu64": False, "qemu32": False}),
+    ("pshufb xmm0, xmm1", "660f3800c1", {"qemu64": False, "qemu32": False}),
+    ("movbe eax, [eax]", "0f38f000", {"qemu64": False, "qemu32": False}),
+    ("rdrand eax", "0fc7f0", {"qemu64": False, "qemu32": False}),
+    ("xgetbv", "0f01d0", {"qemu64": False, "qemu32": False}),
+    ("aesenc xmm0, xmm1", "660f38dcc1", {"qemu64": False, "qemu32": False}),
+    ("cmpxchg16b [rax]", "480fc708", {"qemu64": True}),
+    ("addsubps xmm0, xmm1 (SSE3)", "f20fd0c1", {"qemu64": True, "qemu32": True}),
+    ("cpuid", "0fa2", {"qemu64": True, "qemu32": True}),
+]
+CASES = [(model, name, code, executes) for name, code, answers in INSTRUCTIONS
+         for model, executes in answers.items()]
+
+
+@pytest.mark.parametrize("model,name,code,executes", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_an_instruction_runs_only_where_the_model_advertises_it(model, name, code, executes):
+    boot = "long" if model == "qemu64" else "protected"
+    machine = boot_guest(bytes.fromhex(code) + b"\xf4", boot, cpu_model=model)
+    machine["rax"] = 0x8000
+    machine["cr4"] |= 1 << 9                                        # OSFXSR: SSE is on
+    result = machine.run(max_instructions=10)
+    undefined = [e for e in result.events if e["kind"] == "exception" and e["vector"] == 6]
+    if executes:
+        assert result.stop.reason is StopReason.HLT and not undefined
+    else:
+        assert undefined and undefined[0]["rip"] == LOAD[boot]
+        assert result.stop.reason is StopReason.SHUTDOWN            # no IDT: #UD, #DF, shutdown
