@@ -14,6 +14,11 @@ EFER_SVME = 1 << 12
 # no LA57 on these CPU models.
 EFER_DEFINED = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE | EFER_SVME | (1 << 14) | (1 << 15)
 CR4_DEFINED = 0x003F_7FFF & ~(1 << 12)
+# VME PVI TSD DE PSE PAE MCE PGE PCE OSFXSR OSXMMEXCPT; UMIP, which ringminus models on every
+# CPU model (semantics.md §F.2); PCIDE, which QEMU accepts without PCID (and semantics.md
+# §E.3 #71 restores on qemu64).  A model adds the bits of the features it advertises
+# (arch/models.py, CpuModel.cr4_defined).
+CR4_ARCHITECTURAL = 0xFFF | 1 << 17
 MAX_PHYSICAL_BITS = 52
 
 CR0_PE = 1 << 0
@@ -23,6 +28,7 @@ CR0_PG = 1 << 31
 CR4_TSD, CR4_DE, CR4_PSE, CR4_PAE = 1 << 2, 1 << 3, 1 << 4, 1 << 5
 CR4_PGE, CR4_PCE, CR4_UMIP = 1 << 7, 1 << 8, 1 << 11
 CR4_LA57, CR4_PCIDE, CR4_SMEP, CR4_SMAP, CR4_PKE = 1 << 12, 1 << 17, 1 << 20, 1 << 21, 1 << 22
+CR4_VMXE, CR4_SMXE, CR4_FSGSBASE, CR4_OSXSAVE = 1 << 13, 1 << 14, 1 << 16, 1 << 18
 TRANSLATION_CR4_BITS = CR4_PSE | CR4_PAE | CR4_PGE | CR4_LA57 | CR4_PCIDE | CR4_SMEP | CR4_SMAP | CR4_PKE
 # A CR4 write that changes one of these flushes QEMU's TLB itself (cpu_x86_update_cr4).
 CR4_FLUSHES_TLB = CR4_PGE | CR4_PAE | CR4_PSE | CR4_SMEP | CR4_SMAP | CR4_LA57
@@ -46,14 +52,14 @@ DEFINED_BITS = {"rflags": (1 << 22) - 1, "cr0": U32, "cr3": (1 << MAX_PHYSICAL_B
 
 # Each rule: (the reason VMRUN reports and RSM's shutdown gives, the condition that refuses
 # the state) over cr0 cr3 cr4 efer dr6 dr7 long_mode_capable max_phys_bits cs_flags (CS's
-# descriptor-cache flags: L is bit 21, D bit 22).  MOV CR, VMRUN and RSM each apply a RuleSet
+# descriptor-cache flags: L is bit 21, D bit 22) cr4_defined (the CPU model's CR4 bits).  MOV CR, VMRUN and RSM each apply a RuleSet
 # of them, in their own order.
 CONTROL_RULES: dict[str, tuple[str, str]] = {
     "cr0_high": ("CR0[63:32] not zero", "cr0 >> 32"),
     "pg_without_pe": ("CR0.PG set with CR0.PE clear", f"cr0 & {CR0_PG:#x} and not cr0 & {CR0_PE:#x}"),
     "nw_without_cd": ("CR0.NW set with CR0.CD clear", f"cr0 & {CR0_NW:#x} and not cr0 & {CR0_CD:#x}"),
     "cr3_high": ("CR3 MBZ bits set", "cr3 >> max_phys_bits"),
-    "cr4_reserved": ("CR4 MBZ bits set", f"cr4 & {~CR4_DEFINED & (1 << 64) - 1:#x}"),
+    "cr4_reserved": ("CR4 MBZ bits set", "cr4 & ~cr4_defined"),
     "dr6_high": ("DR6[63:32] not zero", "dr6 >> 32"),
     "dr7_high": ("DR7[63:32] not zero", "dr7 >> 32"),
     "efer_reserved": ("EFER MBZ bits set", f"efer & {~EFER_DEFINED & (1 << 64) - 1:#x}"),
@@ -68,7 +74,8 @@ CONTROL_RULES: dict[str, tuple[str, str]] = {
                                f"efer & {EFER_LME:#x} and cr0 & {CR0_PG:#x} and cr4 & {CR4_PAE:#x} "
                                f"and cs_flags & {3 << 21:#x} == {3 << 21:#x}"),
 }
-_ARGUMENTS = "cr0, cr3, cr4, efer, dr6=0, dr7=0, long_mode_capable=True, max_phys_bits=MAX_PHYSICAL_BITS, cs_flags=0"
+_ARGUMENTS = ("cr0, cr3, cr4, efer, dr6=0, dr7=0, long_mode_capable=True, max_phys_bits=MAX_PHYSICAL_BITS, cs_flags=0,"
+              " cr4_defined=CR4_DEFINED")
 
 
 class RuleSet:
@@ -80,7 +87,7 @@ class RuleSet:
         self.names = names
         self.source = f"def first_refused({_ARGUMENTS}):\n" + "".join(
             f"    if {CONTROL_RULES[name][1]}:\n        return {CONTROL_RULES[name][0]!r}\n" for name in names)
-        namespace = {"MAX_PHYSICAL_BITS": MAX_PHYSICAL_BITS}
+        namespace = {"MAX_PHYSICAL_BITS": MAX_PHYSICAL_BITS, "CR4_DEFINED": CR4_DEFINED}
         exec(compile(self.source, f"<RuleSet {' '.join(names)}>", "exec"), namespace)
         self.first_refused = namespace["first_refused"]
 
@@ -90,10 +97,11 @@ _CR4_WRITE = RuleSet("cr4_reserved")
 _CR3_WRITE = RuleSet("cr3_high")
 
 
-def cr_write_refused(reg: int, value: int, cr0: int, cr4: int, efer: int) -> bool:
+def cr_write_refused(reg: int, value: int, cr0: int, cr4: int, efer: int, cr4_defined: int = CR4_DEFINED) -> bool:
     """True where MOV to CR``reg`` of ``value`` raises #GP(0) with the other control registers
-    as given (KVM's kvm_set_cr0/3/4/8 checks): reserved bits, PG without PE, NW without CD,
-    paging turned on with EFER.LME but not CR4.PAE, PAE turned off in long mode."""
+    as given (KVM's kvm_set_cr0/3/4/8 checks): reserved bits (CR4's: those the CPU model has
+    not), PG without PE, NW without CD, paging turned on with EFER.LME but not CR4.PAE, PAE
+    turned off in long mode."""
     long_mode = bool(efer & EFER_LMA)
     if reg == 0:
         turns_on_paging = value & CR0_PG and not cr0 & CR0_PG
@@ -101,7 +109,8 @@ def cr_write_refused(reg: int, value: int, cr0: int, cr4: int, efer: int) -> boo
                     or turns_on_paging and efer & EFER_LME and not cr4 & CR4_PAE
                     or not value & CR0_PG and cr4 & CR4_PCIDE)
     if reg == 4:
-        return _CR4_WRITE.first_refused(cr0, 0, value, efer) is not None or long_mode and not value & CR4_PAE
+        return (_CR4_WRITE.first_refused(cr0, 0, value, efer, cr4_defined=cr4_defined) is not None
+                or long_mode and not value & CR4_PAE)
     if reg == 3:
         return long_mode and _CR3_WRITE.first_refused(cr0, value & ~(1 << 63), cr4, efer) is not None
     if reg == 8:

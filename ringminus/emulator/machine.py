@@ -282,6 +282,11 @@ class Core(Registry):
         """qemu64 has long mode (and so the 64-bit state-save map); qemu32 does not."""
         return bool(MODELS[self.cpu_model].ext_edx & LM)
 
+    @property
+    def cr4_defined(self) -> int:
+        """The CR4 bits the CPU model has: MOV to CR4, VMRUN and RSM refuse the others."""
+        return MODELS[self.cpu_model].cr4_defined
+
     def instructions_now(self) -> int:
         """Instructions retired before the one running now: inside a hook of a counted slice
         (a device reading the clock), Unicorn's count so far; otherwise ``instructions``."""
@@ -842,7 +847,7 @@ class Core(Registry):
             if name in MSR_ROWS and self._kept_msr(ctx.u64(ucinternals.GPRS + 8) & 0xFFFF_FFFF) is not None:
                 self._trap_and_stop(_Trap("msr", address=address, outcome=insn))
                 return
-            if name == "mov_to_cr" and self._cr_write_refused(insn, ctx):
+            if name == "mov_to_cr" and self._cr_write_refused(insn, ctx, self.cr4_defined):
                 self._trap_and_stop(_Trap("fault", outcome=GuestFault(Vector.GP, 0)))    # Unicorn would take it
                 return
             changes_space = name == "mov_to_cr" and self._changes_address_space(insn, ctx)
@@ -876,12 +881,12 @@ class Core(Registry):
         return insn.reg in (3, 4) and bool(cr0 & CR0_PG)
 
     @staticmethod
-    def _cr_write_refused(insn: Instruction, ctx) -> bool:
+    def _cr_write_refused(insn: Instruction, ctx, cr4_defined: int) -> bool:
         """Unicorn executes MOV to CR without the architecture's checks (it keeps reserved
         CR4 bits, say): they are made here, on the registers of the hook's context copy."""
         value = ctx.u64(ucinternals.GPRS + 8 * insn.rm) & (MASK_64 if insn.bits == 64 else 0xFFFF_FFFF)
         return cr_write_refused(insn.reg, value, ctx.u64(ucinternals.CR), ctx.u64(ucinternals.CR + 4 * 8),
-                                ctx.u64(ucinternals.EFER))
+                                ctx.u64(ucinternals.EFER), cr4_defined)
 
     def _decode(self, code: bytes, bits: int, rip: int) -> Instruction | None:
         """Decode once per (address, bytes, mode) — DESIGN.md §3."""

@@ -219,7 +219,7 @@ class Registry:
 # else on the machine is the core's own business.
 SERVICES = (
     "cpu", "memory", "linear", "read_view", "uc", "tsc",   # CPU state; physical and linear memory
-    "cpu_model", "long_mode_capable", "profile",           # what the machine is
+    "cpu_model", "long_mode_capable", "cr4_defined", "profile",    # what the machine is
     "deliver", "raise_intr", "raise_nmi", "raise_init", "interrupts", "nmi_pending", "init_pending",   # events
     "intercepted",
     "retire", "instructions", "instructions_now", "instructions_if_exact", "exact_instructions", "halted",

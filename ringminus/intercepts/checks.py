@@ -25,7 +25,8 @@ def cr_access(insn: "Instruction", guest: "Guest") -> None:
     if insn.row.name != "mov_to_cr" or not guest.profile.cr_value_checks_before_intercept:
         return
     value = guest.register(insn.rm, 8 if insn.bits == 64 else 4)
-    if cr_write_refused(insn.reg, value, guest.cpu["cr0"], guest.cpu["cr4"], guest.cpu["efer"]):
+    if cr_write_refused(insn.reg, value, guest.cpu["cr0"], guest.cpu["cr4"], guest.cpu["efer"],
+                        guest.machine.cr4_defined):
         raise gp()
 
 

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from ..binlayout import U1, U2, U4, U8, field_span, structured, verify as verify_layout
-from ..arch.control import CONTROL_RULES, EFER_SVME, RuleSet
+from ..arch.control import CONTROL_RULES, CR4_DEFINED, EFER_SVME, RuleSet
 from ..arch.segments import Segment, flags_from_vmcb_attrib, vmcb_attrib_from_flags
 from .controls import IOPM_BYTES, MSRPM_BYTES
 from ..arch.exitcodes import ExitCode
@@ -335,10 +335,11 @@ class VmrunCandidate:
     long_mode_capable: bool
     max_phys_bits: int
     nested_paging_supported: bool
+    cr4_defined: int = CR4_DEFINED
 
     @staticmethod
     def from_vmcb(save, control, *, long_mode_capable: bool, max_phys_bits: int = 52,
-                  nested_paging_supported: bool = False) -> "VmrunCandidate":
+                  nested_paging_supported: bool = False, cr4_defined: int = CR4_DEFINED) -> "VmrunCandidate":
         return VmrunCandidate(
             efer=int(save["efer"]), cr0=int(save["cr0"]), cr3=int(save["cr3"]),
             cr4=int(save["cr4"]), dr6=int(save["dr6"]), dr7=int(save["dr7"]),
@@ -347,11 +348,11 @@ class VmrunCandidate:
             nested_control=int(control["nested_control"]),
             iopm_base_pa=int(control["iopm_base_pa"]), msrpm_base_pa=int(control["msrpm_base_pa"]),
             long_mode_capable=long_mode_capable, max_phys_bits=max_phys_bits,
-            nested_paging_supported=nested_paging_supported)
+            nested_paging_supported=nested_paging_supported, cr4_defined=cr4_defined)
 
     def control_refused(self, rules: RuleSet) -> str | None:
         return rules.first_refused(self.cr0, self.cr3, self.cr4, self.efer, self.dr6, self.dr7, self.long_mode_capable,
-                                   self.max_phys_bits, flags_from_vmcb_attrib(self.cs_attrib))
+                                   self.max_phys_bits, flags_from_vmcb_attrib(self.cs_attrib), self.cr4_defined)
 
 
 def _map_beyond_physical(base: int, size: int, max_phys_bits: int) -> bool:
@@ -401,13 +402,14 @@ VMRUN_CHECKS: tuple[tuple[str, Callable[[VmrunCandidate], bool]], ...] = (
 
 
 def consistency_failure(save, control, *, long_mode_capable: bool, max_phys_bits: int = 52,
-                        nested_paging_supported: bool = False) -> str | None:
+                        nested_paging_supported: bool = False, cr4_defined: int = CR4_DEFINED) -> str | None:
     """The reason of the first VMRUN consistency check ``save``/``control`` fail (the caller
     exits with VMEXIT_INVALID), or None.  ``save``/``control`` are records (or views over
     guest memory) of VMCB_SAVE / VMCB_CONTROL."""
     return first_failure(VmrunCandidate.from_vmcb(save, control, long_mode_capable=long_mode_capable,
                                                    max_phys_bits=max_phys_bits,
-                                                   nested_paging_supported=nested_paging_supported))
+                                                   nested_paging_supported=nested_paging_supported,
+                                                   cr4_defined=cr4_defined))
 
 
 def first_failure(candidate: VmrunCandidate) -> str | None:

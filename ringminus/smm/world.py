@@ -296,8 +296,10 @@ RSM_CONTROL_RULES = RuleSet("cr0_high", "pg_without_pe", "nw_without_cd", "cr4_r
                             "dr7_high", "efer_reserved", "lme_without_long_mode", "long_paging_without_pae")
 
 
-def _control_checks(cr0: int, cr3: int, cr4: int, efer: int, dr6: int, dr7: int, long_mode_capable: bool) -> None:
-    refused = RSM_CONTROL_RULES.first_refused(cr0, cr3, cr4, efer, dr6, dr7, long_mode_capable)
+def _control_checks(cr0: int, cr3: int, cr4: int, efer: int, dr6: int, dr7: int, long_mode_capable: bool,
+                    cr4_defined: int) -> None:
+    refused = RSM_CONTROL_RULES.first_refused(cr0, cr3, cr4, efer, dr6, dr7, long_mode_capable,
+                                              cr4_defined=cr4_defined)
     if refused is not None:
         raise InvalidSavedState(f"{refused} (CR0 {cr0:#x}, CR3 {cr3:#x}, CR4 {cr4:#x}, EFER {efer:#x})")
 
@@ -353,7 +355,8 @@ def _validate(machine: "Machine", state: ArchState, area, is_64: bool) -> None:
     profile = machine.profile
     cr0, cr4, efer = state[At.cr0], state[At.cr4], state[At.efer]
     if profile.rsm_checks:
-        _control_checks(cr0, state[At.cr3], cr4, efer if is_64 else 0, state[At.dr6], state[At.dr7], is_64)
+        _control_checks(cr0, state[At.cr3], cr4, efer if is_64 else 0, state[At.dr6], state[At.dr7], is_64,
+                        machine.cr4_defined)
         lme = is_64 and efer & EFER_LME
         if cr0 & CR0_PG and cr4 & CR4_PAE and not lme:        # KVM loads the PDPTEs (its CR0 write)
             problem = pae_pdpte_problem(machine.memory, state[At.cr3], max_physical_bits(machine.cpu_model))

@@ -268,7 +268,7 @@ def _candidate(machine: "Machine", save: tuple, control: dict[str, int]) -> Vmru
         asid=control["guest_asid"], eventinj=control["eventinj"], nested_control=control["nested_control"],
         iopm_base_pa=control["iopm_base_pa"], msrpm_base_pa=control["msrpm_base_pa"],
         long_mode_capable=machine.long_mode_capable, max_phys_bits=max_physical_bits(machine.cpu_model),
-        nested_paging_supported=False)
+        nested_paging_supported=False, cr4_defined=machine.cr4_defined)
 
 
 # -- VMRUN ----------------------------------------------------------------------------------------

@@ -39,3 +39,38 @@ def test_an_instruction_runs_only_where_the_model_advertises_it(model, name, cod
     else:
         assert undefined and undefined[0]["rip"] == LOAD[boot]
         assert result.stop.reason is StopReason.SHUTDOWN            # no IDT: #UD, #DF, shutdown
+
+
+# CR4 bits of features a model lacks (KVM's __cr4_reserved_bits, QEMU's cr4_reserved_bits):
+# VMXE, SMXE (no VMX/SMX on either model), OSXSAVE (no XSAVE), and bit 19, which no model has.
+LACKING = {"vmxe": 1 << 13, "smxe": 1 << 14, "osxsave": 1 << 18, "bit19": 1 << 19}
+
+
+@pytest.mark.parametrize("model", ["qemu64", "qemu32"])
+@pytest.mark.parametrize("bit", LACKING.values(), ids=LACKING)
+def test_mov_to_cr4_of_a_bit_the_model_lacks_is_gp(model, bit):
+    boot = "long" if model == "qemu64" else "protected"
+    source = "mov rax, cr4; or rax, rbx; mov cr4, rax; hlt" if boot == "long" else \
+        "mov eax, cr4; or eax, ebx; mov cr4, eax; hlt"
+    machine = boot_guest(source, boot, cpu_model=model)
+    machine["rbx"] = bit
+    result = machine.run(max_instructions=10)
+    faults = [e for e in result.events if e["kind"] == "exception"]
+    assert faults and faults[0]["vector"] == 13 and faults[0]["error_code"] == 0
+    # the bits every model has go in
+    machine = boot_guest(source, boot, cpu_model=model)
+    machine["rbx"] = 1 << 9 | 1 << 10                             # OSFXSR, OSXMMEXCPT
+    result = machine.run(max_instructions=10)
+    assert result.stop.reason is StopReason.HLT and result.regs["cr4"] & 0x600 == 0x600
+
+
+@pytest.mark.parametrize("bit", LACKING.values(), ids=LACKING)
+def test_rsm_to_a_cr4_bit_the_model_lacks_shuts_down(bit):
+    from ..smm.test_smm import s64_machine
+    from ..helpers import set_smram_field, smram_field
+    machine = s64_machine()
+    machine.raise_smi()
+    machine.run()
+    set_smram_field(machine, "cr4", smram_field(machine, "cr4") | bit)
+    result = machine.run()
+    assert result.stop.reason is StopReason.SHUTDOWN and "RSM: CR4 MBZ bits set" in result.stop.detail
