@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from .decode.table import EXECUTED_ROWS
 from .emulator.machine import DEFAULT_MEMORY, Core
-from .emulator.plugins import OnExit
+from .arch.exceptions import gp
+from .arch.msrs import EXISTING_MSRS
+from .emulator.plugins import Msr, OnExit
 from .emulator.ports import DEBUGCON_PORT
 from .hypercalls import plugin as hypercalls
 from .intercepts import plugin as intercepts
@@ -25,6 +27,10 @@ if sorted(_executed) != sorted(EXECUTED_ROWS):
     raise ImportError(f"rows without an executor, or executed twice: {sorted(set(_executed) ^ EXECUTED_ROWS)}")
 
 
+def _missing_msr(*_):
+    raise gp()
+
+
 class Machine(Core):
     def __init__(self, memory_size: int = DEFAULT_MEMORY, cpu_model: str = "qemu64",
                  debugcon_port: int = DEBUGCON_PORT, exact_instructions: bool = False,
@@ -42,6 +48,9 @@ class Machine(Core):
                                                             svm_world.resume_after_rsm))
         hypercalls.install(self)
         boards.install(self, machine, chipset, apm_smi)
+        # Last: an MSR no one has (arch/msrs.py) faults, where the profile says it does.
+        self.add_msr(Msr(lambda msr: self.profile.missing_msr_faults and msr not in EXISTING_MSRS,
+                         _missing_msr, _missing_msr))
 
     def load_bios(self, data: bytes) -> None:
         """Map a ``-bios`` image as QEMU does (read-only, ending at 4 GiB and, through PAM on

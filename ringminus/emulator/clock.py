@@ -66,7 +66,8 @@ class VirtualTsc:
     instructions are not counted the virtual clock stands still inside it, so each read is at
     least one tick past the last: a guest that waits for the counter to move sees it move, and
     a run and its replay from a snapshot read the same values.  A guest run by the guest's
-    own hypervisor reads it plus the VMCB's TSC_OFFSET (APM Table B-1, offset 0x050)."""
+    own hypervisor reads it plus the VMCB's TSC_OFFSET (APM Table B-1, offset 0x050).  A WRMSR
+    to the TSC (MSR 10h) sets what the writer reads now: the difference is kept in ``adjust``."""
     HZ = 1_000_000_000
 
     def __init__(self, cpu: "Cpu", clock: VirtualClock):
@@ -74,10 +75,17 @@ class VirtualTsc:
         self.clock = clock
         self.value = -1                           # the last value read, without the offset (none yet)
         self.offset = 0
+        self.adjust = 0                           # WRMSR to the TSC: added to every read
+
+    def read(self) -> int:
+        self.value = max(self.clock.now_ns() * self.HZ // 1_000_000_000, self.value + 1)
+        return (self.value + self.adjust + self.offset) & 0xFFFF_FFFF_FFFF_FFFF
+
+    def write(self, value: int) -> None:
+        self.adjust += value - self.read()
 
     def rdtsc(self) -> int:
-        self.value = max(self.clock.now_ns() * self.HZ // 1_000_000_000, self.value + 1)
-        seen = (self.value + self.offset) & 0xFFFF_FFFF_FFFF_FFFF
+        seen = self.read()
         self.cpu.fast.write(X.UC_X86_REG_RAX, seen & 0xFFFF_FFFF)
         self.cpu.fast.write(X.UC_X86_REG_RDX, seen >> 32)
         return 1                                  # the native instruction is skipped

@@ -31,6 +31,7 @@ from ..arch.control import CR0_PG, RFLAGS_IF, cr_write_refused
 from ..arch.exceptions import PUSHES_ERROR_CODE, GuestFault, Vector
 from ..arch.exitcodes import ExitCode
 from ..arch.models import LM, MODELS
+from ..arch.msrs import MSR_TSC
 from ..arch.registers import SEGMENT_REGISTERS
 from ..arch.segments import Segment
 from ..decode.decoder import Instruction, decode
@@ -198,6 +199,8 @@ class Core(Registry):
         self._armed_epoch = -1                      # paging_epoch when the last run ended
         self._armed_spaces: dict[tuple, int] = {}  # address space -> how many sites are armed there
         Registry.__init__(self, boundary.CORE_SOURCES, CORE_PARTS, STAT_KEYS)     # what features attach
+        self.add_msr(Msr(lambda msr: msr == MSR_TSC, lambda msr: self._at_cpl0(self.tsc.read),
+                         lambda msr, value: self._at_cpl0(self.tsc.write, value)))
         self.intr_unmasked: Callable[[], bool] = self._intr_unmasked     # SVM: set_intr_unmasked
         self.delivery.intercept = self._intercept_event
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
@@ -867,6 +870,12 @@ class Core(Registry):
             self.continue_in_hook(HookContext(after) if after is not None else None)
         else:
             self._trap_and_stop(_Trap("port", address=address, port=port, outcome=insn))
+
+    def _at_cpl0(self, function: Callable, *args):
+        """An MSR access: #GP(0) above CPL 0."""
+        if self.cpu.cpl:
+            raise GuestFault(Vector.GP, 0)
+        return function(*args)
 
     def _kept_msr(self, msr: int) -> Msr | None:
         return next((kept for kept in self._msrs if kept.handles(msr)), None)

@@ -104,11 +104,12 @@ def _put_events(machine: "Machine", state: tuple) -> None:
 
 def _take_count(machine: "Machine") -> tuple:
     return (machine.instructions, machine._instructions_exact, machine.tsc.value, machine.tsc.offset,
-            bytes(machine.console.output))
+            machine.tsc.adjust, bytes(machine.console.output))
 
 
 def _put_count(machine: "Machine", state: tuple) -> None:
-    machine.instructions, machine._instructions_exact, machine.tsc.value, machine.tsc.offset, console = state
+    machine.instructions, machine._instructions_exact, machine.tsc.value, machine.tsc.offset, machine.tsc.adjust, \
+        console = state
     machine.console.output = bytearray(console)
 
 

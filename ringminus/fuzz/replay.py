@@ -349,7 +349,7 @@ def final_state(machine: Machine) -> dict:
         "state": {name: value for name, value in zip(STATE_NAMES, cpu.capture()) if not name.startswith("qemu.")},
         "nmi_blocked": cpu.nmi_blocked, "interrupt_shadow": cpu.interrupt_shadow,
         "halted": machine.halted, "nmi_pending": machine.nmi_pending,
-        "interrupts": sorted(machine.interrupts), "tsc": (machine.tsc.value, machine.tsc.offset),
+        "interrupts": sorted(machine.interrupts), "tsc": (machine.tsc.value, machine.tsc.offset, machine.tsc.adjust),
         "ram": hashlib.sha1(machine.memory.ram.data).hexdigest(),
         "smram": [hashlib.sha1(r.data.data).hexdigest() for r in machine.smram.ranges],
         "smram_register": machine.smram.register,

@@ -2,7 +2,7 @@
 instruction is #UD in the translated code itself, as under QEMU TCG with the same -cpu."""
 import pytest
 
-from ringminus import Machine, StopReason
+from ringminus import StopReason
 
 from ..helpers import LOAD, boot_guest
 
@@ -74,3 +74,50 @@ def test_rsm_to_a_cr4_bit_the_model_lacks_shuts_down(bit):
     set_smram_field(machine, "cr4", smram_field(machine, "cr4") | bit)
     result = machine.run()
     assert result.stop.reason is StopReason.SHUTDOWN and "RSM: CR4 MBZ bits set" in result.stop.detail
+
+
+# -- MSRs (arch/msrs.py) ---------------------------------------------------------------------
+READ = "mov ecx, {msr:#x}; rdmsr; hlt"
+WRITE = "mov ecx, {msr:#x}; xor eax, eax; xor edx, edx; wrmsr; hlt"
+
+
+@pytest.mark.parametrize("profile,faults", [("kvm", True), ("apm", True), ("qemu", False)])
+@pytest.mark.parametrize("access", [READ, WRITE], ids=["rdmsr", "wrmsr"])
+@pytest.mark.parametrize("msr", [0x1FFF, 0x3B, 0xC000_0104, 0xC001_1FFF, 0x4000_0000])
+def test_an_msr_the_cpu_does_not_have(profile, faults, access, msr):
+    """kvm-unit-tests' divergence 6: RDMSR 0x1FFF read 0.  KVM and the APM: #GP(0); QEMU's
+    TCG reads 0 and drops the write."""
+    machine = boot_guest(access.format(msr=msr), "long", profile=profile)
+    machine["rax"] = machine["rdx"] = 0x55
+    result = machine.run(max_instructions=10)
+    gps = [e for e in result.events if e["kind"] == "exception" and e["vector"] == 13]
+    if faults:
+        assert gps and gps[0]["error_code"] == 0 and result.stop.reason is StopReason.SHUTDOWN
+    else:
+        assert not gps and result.stop.reason is StopReason.HLT and result.regs["rax"] == 0
+
+
+@pytest.mark.parametrize("msr", [0x174, 0x277, 0xC000_0081, 0xC001_0015, 0xC001_0117, 0x10])
+def test_the_msrs_the_cpu_has_do_not_fault(msr):
+    result = boot_guest(WRITE.format(msr=msr).replace("hlt", "rdmsr; hlt"), "long").run(max_instructions=10)
+    assert result.stop.reason is StopReason.HLT and not result.events
+
+
+def test_the_tsc_msr_reads_and_sets_the_time_stamp_counter():
+    source = "mov ecx, 0x10; rdmsr; mov r8, rax; mov eax, 0x100000; xor edx, edx; wrmsr; rdtsc; mov r9, rax; hlt"
+    machine = boot_guest(source, "long")
+    assert machine.run(max_instructions=6).stop.reason is StopReason.LIMIT      # up to the WRMSR
+    snapshot = machine.snapshot()
+    result = machine.run(max_instructions=20)
+    assert result.stop.reason is StopReason.HLT
+    assert result.regs["r8"] == 1                                   # one instruction retired before it
+    assert result.regs["r9"] == 0x100000 + 1                        # one tick per instruction: the WRMSR
+    other = boot_guest("hlt", "long")
+    other.restore(snapshot)                                         # the written TSC comes along
+    assert other.run(max_instructions=20).regs["r9"] == 0x100001
+
+
+@pytest.mark.parametrize("access", [READ, WRITE], ids=["rdmsr", "wrmsr"])
+def test_the_tsc_msr_at_cpl3_is_gp(access):
+    result = boot_guest(access.format(msr=0x10), "long", cpl=3).run(max_instructions=10)
+    assert [e["vector"] for e in result.events if e["kind"] == "exception"][:1] == [13]
