@@ -84,6 +84,9 @@ class Profile:
     #: #VMEXIT clears EVENTINJ's low dword (V, type, vector) and keeps its error code (QEMU's
     #: do_vmexit), or clears both (KVM's nested_svm_vmexit; the APM's EVENTINJ.V is cleared).
     vmexit_keeps_eventinj_error: bool = False
+    #: VMRUN of a legacy-PAE guest loads its PDPTEs and fails on reserved bits (KVM's
+    #: nested_svm_load_cr3; the APM's shadow-paging hypervisor) or loads nothing (QEMU).
+    vmrun_loads_pdptes: bool = True
     # -- the CPU -------------------------------------------------------------------------------
     #: RDMSR/WRMSR of an MSR the CPU does not have (arch/msrs.py) raises #GP(0) (APM, KVM) or
     #: reads 0 and drops the write (QEMU's TCG: helper_rdmsr's "XXX: exception?").
@@ -115,7 +118,8 @@ PROFILES = {p.name: p for p in (
             selective_cr0_fixed=True, rep_zero_count_intercepts=True,
             smm_writes_over_memory=True, smm_narrow_control_fields=True, smm_clears_efer_always=True,
             smm_shifted_attributes_32=True, rsm_checks=False, rsm_recomputes_lma=False,
-            smm_smbase_needs_revision_bit=True, vmexit_keeps_eventinj_error=True, missing_msr_faults=False),
+            smm_smbase_needs_revision_bit=True, vmexit_keeps_eventinj_error=True, missing_msr_faults=False,
+            vmrun_loads_pdptes=False),
 )}
 DEFAULT_PROFILE = "kvm"
 CHOICES = tuple(f.name for f in fields(Profile) if f.name != "name")

@@ -27,9 +27,10 @@ import numpy as np
 from ..binlayout import field_runs, field_span, fields_struct
 from ..emulator import ucinternals as uci
 from ..emulator.cpu import ArchState, At
-from ..arch.control import CR0_PE, RFLAGS_IF, RFLAGS_VM
+from ..arch.control import CR0_PE, CR0_PG, CR4_PAE, EFER_LME, RFLAGS_IF, RFLAGS_VM
 from ..emulator.delivery import Event, EventKind
 from ..emulator.memory import MissingMemory, UnbackedMemory
+from ..emulator.paging import pae_pdpte_problem
 from ..emulator.plugins import HookContext, OnExit
 from ..emulator.result import StopReason
 from ..intercepts.checker import VmExit
@@ -236,6 +237,7 @@ def bind_maps(machine: "Machine", controls: InterceptControls) -> None:
 
 _CHECKED_FIELDS = operator.itemgetter(*[SAVE_CODEC.order.index(name)
                                          for name in ("efer", "cr0", "cr3", "cr4", "dr6", "dr7", "cs.attrib")])
+_PAGING_FIELDS = operator.itemgetter(*[SAVE_CODEC.order.index(name) for name in ("cr0", "cr3", "cr4", "efer")])
 _CHECKED_CONTROLS = operator.itemgetter("intercepts", "guest_asid", "eventinj", "nested_control", "iopm_base_pa",
                                         "msrpm_base_pa")
 
@@ -250,6 +252,20 @@ def _consistency(machine: "Machine", save: tuple, control: dict[str, int]) -> st
             cache.clear()
         cache[key] = first_failure(_candidate(machine, save, control))
     return cache[key]
+
+
+def _pdptes_refused(machine: "Machine", save: tuple) -> str | None:
+    """A legacy-PAE L2 without nested paging: KVM loads its four PDPTEs from guest CR3 as
+    it enters the guest (nested_svm_load_cr3 -> load_pdptrs), and a present one with
+    reserved bits, or none in memory, fails the VMRUN with VMEXIT_INVALID (kvm-unit-tests'
+    svm_pae_test) — by a whole #VMEXIT, which clears GIF (out_exit_err).  QEMU's
+    helper_vmrun loads nothing: its guest faults when it walks."""
+    if not machine.profile.vmrun_loads_pdptes:
+        return None
+    cr0, cr3, cr4, efer = _PAGING_FIELDS(save)
+    if not (cr0 & CR0_PG and cr4 & CR4_PAE) or efer & EFER_LME:
+        return None
+    return pae_pdpte_problem(machine.memory, cr3, max_physical_bits(machine.cpu_model))
 
 
 class Caches:
@@ -290,7 +306,11 @@ def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, hook: HookContext | N
     save = SAVE_CODEC.struct.unpack_from(raw, _SAVE_AT)
     failure = _consistency(machine, save, control)
     if failure is not None:
-        _refuse(machine, vmcb_pa, host, failure)
+        _refuse(machine, vmcb_pa, host, failure, machine.profile.vmrun_invalid_clears_gif)
+        return host[At.rip]
+    failure = _pdptes_refused(machine, save)
+    if failure is not None:
+        _refuse(machine, vmcb_pa, host, failure, clears_gif=True)
         return host[At.rip]
     controls = intercept_controls(machine, control)
     guest = host                                    # the host's registers are in svm.host now
@@ -317,12 +337,12 @@ def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, hook: HookContext | N
     return guest[At.rip]
 
 
-def _refuse(machine: "Machine", vmcb_pa: int, host: ArchState, reason: str) -> None:
+def _refuse(machine: "Machine", vmcb_pa: int, host: ArchState, reason: str, clears_gif: bool) -> None:
     """A VMRUN that fails its consistency checks: EXITCODE = VMEXIT_INVALID, L1 goes on
     after its VMRUN (§B.5); the host state was never left."""
     _write_exit(machine, vmcb_pa, VmExit(VMEXIT_INVALID))
     machine.cpu.rip = host[At.rip]
-    if machine.profile.vmrun_invalid_clears_gif:
+    if clears_gif:
         machine.svm.gif = False
     record_exit(machine, VmExit(VMEXIT_INVALID, rip=host[At.rip]),
                         {"kind": "vmrun-invalid", "vmcb": vmcb_pa, "reason": reason})

@@ -456,6 +456,50 @@ def test_paged_real_mode_is_not_a_consistency_failure():
     assert [e.exitcode for e in hv.exits()] == [HLT]
 
 
+def pae_guest(pdpte_bits: int = 0, index: int = 1, profile: str = "kvm") -> GuestHypervisor:
+    """A legacy-PAE L2 (32-bit, paging on) on four PDPTEs at PDPT, each to a page directory
+    of 2 MiB identity pages; ``pdpte_bits`` are ORed into PDPTE ``index``."""
+    hv = GuestHypervisor("mov eax, 0x77; hlt", 32, mode="protected", profile=profile)
+    hv.save["cr0"] = 0x8000_0011
+    hv.save["cr3"] = PDPT
+    hv.save["cr4"] = 1 << 5
+    machine = hv.build()
+    for i in range(4):
+        directory = PDPT + 0x1000 * (i + 1)
+        entry = directory | 1 | (pdpte_bits if i == index else 0)
+        machine.write_memory(PDPT + 8 * i, struct.pack("<Q", entry))
+        machine.write_memory(directory, b"".join(struct.pack("<Q", (i << 30 | j << 21) | 0x83) for j in range(512)))
+    return hv
+
+
+PDPT = 0x3F_0000
+
+
+@pytest.mark.parametrize("bits", [0, 1 << 9 | 1 << 10 | 1 << 11], ids=["clean", "ignored-bits"])
+def test_a_pae_guest_runs_on_its_pdptes(bits):
+    hv = pae_guest(bits)
+    assert hv.run().stop.reason is StopReason.HLT
+    assert [e.exitcode for e in hv.exits()] == [HLT] and hv.exits()[0].rax == 0x77
+
+
+@pytest.mark.parametrize("bit", [52, 62, 63, 1, 5, 8])
+@pytest.mark.parametrize("index", [0, 3])
+def test_a_pdpte_reserved_bit_fails_vmrun(index, bit):
+    """kvm-unit-tests' svm_pae_test (no NPT): KVM loads the PDPTEs as it enters the guest, and
+    a reserved bit fails the VMRUN with VMEXIT_INVALID by a whole #VMEXIT, which clears GIF."""
+    hv = pae_guest(1 << bit, index)
+    assert hv.run().stop.reason is StopReason.HLT
+    assert [e.exitcode for e in hv.exits()] == [VMEXIT_INVALID]
+    assert hv.machine.gif is False
+
+
+def test_qemu_loads_no_pdptes_at_vmrun():
+    """QEMU's helper_vmrun checks no PDPTE: an unused bad PDPTE3 is never seen."""
+    hv = pae_guest(1 << 52, 3, profile="qemu")
+    assert hv.run().stop.reason is StopReason.HLT
+    assert [e.exitcode for e in hv.exits()] == [HLT]
+
+
 # -- #UD and #GP from the SVM instructions themselves ----------------------------------------------
 
 def recording_handlers(machine):
