@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-interrupts", action="store_true",
                      help="list each interrupt a device raises in events (default: count them, stats.device_interrupts)")
     run.add_argument("--cpu", choices=sorted(MODELS), default="qemu64",
-                     help="CPU model: qemu64 (long mode, 64-bit SMM map) or qemu32 (32-bit map)")
+                     help="CPU model: qemu64 (long mode, 64-bit SMM map), qemu32 (32-bit map) or max "
+                          "(qemu64 with every feature ringminus models)")
     run.add_argument("--machine", choices=MACHINES,
                      help="none: the bare machine (default, with q35's SMRAM register and SMI enables); "
                           "pc or q35: QEMU's board (default for --boot bios: q35)")

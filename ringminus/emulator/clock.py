@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Callable
 
 from unicorn import x86_const as X
 
+from ..arch.msrs import MSR_TSC_AUX
+
 if TYPE_CHECKING:
     from .cpu import Cpu
     from .machine import Core
@@ -91,5 +93,5 @@ class VirtualTsc:
         return 1                                  # the native instruction is skipped
 
     def rdtscp(self) -> int:
-        self.cpu.fast.write(X.UC_X86_REG_RCX, 0)  # TSC_AUX
+        self.cpu.fast.write(X.UC_X86_REG_RCX, self.cpu.fast.read_msr(MSR_TSC_AUX) & 0xFFFF_FFFF)
         return self.rdtsc()

@@ -131,6 +131,7 @@ class Core(Registry):
         self.cpu_model = cpu_model
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.uc.ctl_set_cpu_model(MODELS[cpu_model].unicorn_model)
+        ucinternals.set_features(self.uc, MODELS[cpu_model].unicorn_words())
         # No ``until`` address: with one, Unicorn stops at it and, on leaving emu_start,
         # translates ``until - 1``, overwriting CR2 when the guest's paging does not map it.
         self.uc.ctl_exits_enabled(True)

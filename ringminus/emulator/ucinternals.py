@@ -47,6 +47,10 @@ EMU_COUNTER = 1368
 UC_CPU = 440
 CPU_ENV = 35408
 CONTEXT_HEADER = 40
+# env->features[] (u64 each, past the saved context): what QEMU's decoder and helpers test
+# before they execute an instruction or accept a CR4/EFER bit.  Words by QEMU's FeatureWord.
+ENV_FEATURES = 5632
+FEATURE_WORD = {"1_edx": 0, "1_ecx": 1, "7_0_ebx": 2, "7_0_ecx": 3, "8000_0001_edx": 6, "8000_0001_ecx": 7}
 # QEMU's breakpoint objects for DR0-DR3 (cpu_breakpoint[4], after dr[8]); BP_CPU marks them.
 BREAKPOINT_POINTERS = DEBUG_REGISTERS + 8 * 8
 BP_CPU = 0x20
@@ -367,6 +371,25 @@ class DebugBreakpoints:
         return sum(1 for pointer in self._pointers if pointer)
 
 
+def set_features(uc: Uc, words: dict[str, int]) -> None:
+    """Give Unicorn's CPU these CPUID feature words (FEATURE_WORD names), before it translates
+    anything: its translated code then has exactly those instructions."""
+    uc.reg_read(X.UC_X86_REG_RAX)           # Unicorn creates its CPU lazily, at the first use
+    env = ctypes.c_uint64.from_address(uc._uch.value + UC_CPU).value + CPU_ENV
+    features = (ctypes.c_uint64 * 8).from_address(env + ENV_FEATURES)
+    for name, value in words.items():
+        features[FEATURE_WORD[name]] = value
+
+
+def native_cpuid(uc: Uc, leaf: int) -> tuple[int, int, int, int]:
+    """CPUID as Unicorn's own CPU answers it (no ringminus hook on ``uc``)."""
+    uc.mem_write(0, b"\x0f\xa2")
+    uc.reg_write(X.UC_X86_REG_RAX, leaf)
+    uc.reg_write(X.UC_X86_REG_RCX, 0)
+    uc.emu_start(0, 2)
+    return tuple(uc.reg_read(r) for r in (X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX))
+
+
 def uc_library():
     from unicorn.unicorn_py3 import unicorn as binding
     return binding.uclib
@@ -410,6 +433,12 @@ def verify() -> None:
     for what, got, want in checks:
         if got != want:
             fail(what)
+    features = Uc(UC_ARCH_X86, UC_MODE_64)
+    features.mem_map(0, 0x1000)
+    set_features(features, {"1_ecx": 1 << 23, "7_0_ebx": 1 << 3, "8000_0001_ecx": 1 << 5})
+    if native_cpuid(features, 1)[2] & (1 << 23 | 1 << 0) != 1 << 23 or native_cpuid(features, 7)[1] != 1 << 3 \
+            or native_cpuid(features, 0x8000_0001)[2] != 1 << 5:
+        fail("the CPUID feature words")
 
     # A #GP with a known error code, then INT 0x21, then a counted loop.
     code = bytes.fromhex(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 
-from ..arch.models import AMD_ALIASES, BRAND, MODELS, SKINIT, SVM, CpuModel
+from ..arch.models import BRAND, MODELS, SKINIT, SVM, CpuModel
 from ..intercepts.profiles import Profile
 
 # Fn8000_000A EDX
@@ -47,11 +47,12 @@ def cpuid_table(model: CpuModel, profile: Profile) -> dict[int, tuple[int, int, 
              0x8000_0000: (model.xlevel, ebx, ecx, edx)}
     amd = model.vendor == b"AuthenticAMD"
     ext_ecx = model.ext_ecx | (SKINIT if model.ext_ecx & SVM and profile.skinit else 0)
-    table[0x8000_0001] = (model.signature if amd else 0, 0, ext_ecx,
-                          model.ext_edx | (model.edx & AMD_ALIASES if amd else 0))
+    table[0x8000_0001] = (model.signature if amd else 0, 0, ext_ecx, model.extended_edx)
     brand = struct.unpack("<12I", BRAND.ljust(48, b"\0"))
     for i in range(3):
         table[0x8000_0002 + i] = brand[4 * i:4 * i + 4]
+    if model.level >= 7:
+        table[7] = {0: (0, model.leaf7_ebx, 0, 0), None: (0, 0, 0, 0)}
     if model.level >= 0xB:                  # topology: one thread of one core, APIC ID 0
         table[0xB] = {0: (0, 1, 0x100, 0), 1: (0, 1, 0x201, 0), None: (0, 0, 0, 0)}
     if amd and model.xlevel >= 0x8000_0006:

@@ -9,18 +9,26 @@ from ..helpers import LOAD, boot_guest
 # (name, bytes, {model: executes?}); every instruction then HLTs.  Long mode for qemu64,
 # 32-bit protected mode for qemu32 (it has no long mode).
 INSTRUCTIONS = [
-    ("rdtscp", "0f01f9", {"qemu64": False, "qemu32": False}),
-    ("monitor", "0f01c8", {"qemu64": False, "qemu32": False}),
-    ("mwait", "0f01c9", {"qemu64": False, "qemu32": False}),
-    ("popcnt eax, eax", "f30fb8c0", {"qemu64": False, "qemu32": False}),
-    ("pshufb xmm0, xmm1", "660f3800c1", {"qemu64": False, "qemu32": False}),
-    ("movbe eax, [eax]", "0f38f000", {"qemu64": False, "qemu32": False}),
-    ("rdrand eax", "0fc7f0", {"qemu64": False, "qemu32": False}),
-    ("xgetbv", "0f01d0", {"qemu64": False, "qemu32": False}),
-    ("aesenc xmm0, xmm1", "660f38dcc1", {"qemu64": False, "qemu32": False}),
-    ("cmpxchg16b [rax]", "480fc708", {"qemu64": True}),
-    ("addsubps xmm0, xmm1 (SSE3)", "f20fd0c1", {"qemu64": True, "qemu32": True}),
-    ("cpuid", "0fa2", {"qemu64": True, "qemu32": True}),
+    ("rdtscp", "0f01f9", {"qemu64": False, "qemu32": False, "max": True}),
+    ("monitor", "0f01c8", {"qemu64": False, "qemu32": False, "max": False}),
+    ("mwait", "0f01c9", {"qemu64": False, "qemu32": False, "max": False}),
+    ("popcnt eax, eax", "f30fb8c0", {"qemu64": False, "qemu32": False, "max": True}),
+    ("pshufb xmm0, xmm1", "660f3800c1", {"qemu64": False, "qemu32": False, "max": True}),
+    ("movbe eax, [eax]", "0f38f000", {"qemu64": False, "qemu32": False, "max": True}),
+    ("rdrand eax", "0fc7f0", {"qemu64": False, "qemu32": False, "max": True}),
+    ("xgetbv", "0f01d0", {"qemu64": False, "qemu32": False, "max": False}),
+    ("xsave [rax]", "0fae20", {"qemu64": False, "max": False}),
+    ("aesenc xmm0, xmm1", "660f38dcc1", {"qemu64": False, "qemu32": False, "max": True}),
+    ("pclmulqdq xmm0, xmm1, 0", "660f3a44c100", {"qemu64": False, "max": True}),
+    ("andn eax, eax, eax (BMI1)", "c4e278f2c0", {"qemu64": False, "max": True}),
+    ("adcx eax, ecx (ADX)", "660f38f6c1", {"qemu64": False, "max": True}),
+    ("extrq xmm0, xmm1 (SSE4A)", "660f79c1", {"max": True}),          # QEMU 5 TCG runs it on any model
+    ("clflushopt [rax]", "660fae38", {"qemu64": False, "max": True}),
+    ("rdpid eax", "f30fc7f8", {"qemu64": False, "max": False}),
+    ("sha1msg1 xmm0, xmm1", "0f38c9c1", {"qemu64": False, "max": False}),
+    ("cmpxchg16b [rax]", "480fc708", {"qemu64": True, "max": True}),
+    ("addsubps xmm0, xmm1 (SSE3)", "f20fd0c1", {"qemu64": True, "qemu32": True, "max": True}),
+    ("cpuid", "0fa2", {"qemu64": True, "qemu32": True, "max": True}),
 ]
 CASES = [(model, name, code, executes) for name, code, answers in INSTRUCTIONS
          for model, executes in answers.items()]
@@ -28,7 +36,7 @@ CASES = [(model, name, code, executes) for name, code, answers in INSTRUCTIONS
 
 @pytest.mark.parametrize("model,name,code,executes", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
 def test_an_instruction_runs_only_where_the_model_advertises_it(model, name, code, executes):
-    boot = "long" if model == "qemu64" else "protected"
+    boot = "protected" if model == "qemu32" else "long"
     machine = boot_guest(bytes.fromhex(code) + b"\xf4", boot, cpu_model=model)
     machine["rax"] = 0x8000
     machine["cr4"] |= 1 << 9                                        # OSFXSR: SSE is on
@@ -46,10 +54,10 @@ def test_an_instruction_runs_only_where_the_model_advertises_it(model, name, cod
 LACKING = {"vmxe": 1 << 13, "smxe": 1 << 14, "osxsave": 1 << 18, "bit19": 1 << 19}
 
 
-@pytest.mark.parametrize("model", ["qemu64", "qemu32"])
+@pytest.mark.parametrize("model", ["qemu64", "qemu32", "max"])
 @pytest.mark.parametrize("bit", LACKING.values(), ids=LACKING)
 def test_mov_to_cr4_of_a_bit_the_model_lacks_is_gp(model, bit):
-    boot = "long" if model == "qemu64" else "protected"
+    boot = "protected" if model == "qemu32" else "long"
     source = "mov rax, cr4; or rax, rbx; mov cr4, rax; hlt" if boot == "long" else \
         "mov eax, cr4; or eax, ebx; mov cr4, eax; hlt"
     machine = boot_guest(source, boot, cpu_model=model)
@@ -121,3 +129,23 @@ def test_the_tsc_msr_reads_and_sets_the_time_stamp_counter():
 def test_the_tsc_msr_at_cpl3_is_gp(access):
     result = boot_guest(access.format(msr=0x10), "long", cpl=3).run(max_instructions=10)
     assert [e["vector"] for e in result.events if e["kind"] == "exception"][:1] == [13]
+
+
+def test_max_advertises_what_it_runs():
+    """--cpu max: the CPUID words are the ones Unicorn's CPU was given (its decoder's), and
+    the CR4 bits of FSGSBASE, SMEP and SMAP go in."""
+    from ringminus.arch.models import MODELS
+    machine = boot_guest("mov eax, 7; xor ecx, ecx; cpuid; mov r8, rbx; mov eax, 0x80000001; cpuid; "
+                         "mov rax, cr4; or eax, 0x10000; mov cr4, rax; hlt", "long", cpu_model="max")
+    result = machine.run(max_instructions=20)
+    assert result.stop.reason is StopReason.HLT and result.regs["cr4"] & 0x10000
+    words = MODELS["max"].unicorn_words()
+    assert result.regs["r8"] == words["7_0_ebx"] and result.regs["rdx"] == words["8000_0001_edx"]
+    assert result.regs["rcx"] & ~(1 << 12) == words["8000_0001_ecx"]          # SKINIT: the profile's
+
+
+def test_rdtscp_reads_tsc_aux():
+    machine = boot_guest("mov ecx, 0xc0000103; mov eax, 0x1234; xor edx, edx; wrmsr; rdtscp; hlt", "long",
+                         cpu_model="max")
+    result = machine.run(max_instructions=10)
+    assert result.stop.reason is StopReason.HLT and result.regs["rcx"] == 0x1234
