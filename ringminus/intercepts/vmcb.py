@@ -27,7 +27,6 @@ import numpy as np
 from ..binlayout import U1, U2, U4, U8, field_span, structured, verify as verify_layout
 from ..arch.control import CONTROL_RULES, CR4_DEFINED, EFER_SVME, RuleSet
 from ..arch.segments import Segment, flags_from_vmcb_attrib, vmcb_attrib_from_flags
-from .controls import IOPM_BYTES, MSRPM_BYTES
 from ..arch.exitcodes import ExitCode
 
 # --- sizes and MSRs ---------------------------------------------------------------------------
@@ -355,11 +354,19 @@ class VmrunCandidate:
                                    self.max_phys_bits, flags_from_vmcb_attrib(self.cs_attrib), self.cr4_defined)
 
 
-def _map_beyond_physical(base: int, size: int, max_phys_bits: int) -> bool:
-    # "extends to a physical address >= the maximum supported": read, as KVM's
-    # nested_svm_check_bitmap_pa does, as the map's last byte not being a legal address.
-    last_byte = (base & MAP_ADDRESS_MASK) + size - 1
-    return (last_byte >> max_phys_bits) != 0
+# What the CPU reads of each map: the MSRPM's two pages; the IOPM's 65,536 port bits and one
+# byte more (an access at port 0xFFFF reaches past bit 65,535), not its third page.
+MSRPM_SPAN = 8 * 1024
+IOPM_SPAN = 8 * 1024 + 1
+
+
+def _map_beyond_physical(base: int, span: int, max_phys_bits: int) -> bool:
+    # "If the MSR or IOIO intercept table extends to a physical address that is greater than
+    # or equal to the maximum supported physical address" (APM §15.5.1), read literally, as
+    # kvm-unit-tests' test_msrpm_iopm_bitmap_addrs expects: the end of what the CPU reads,
+    # from the page-aligned base.
+    end = (base & MAP_ADDRESS_MASK) + span
+    return (end >> max_phys_bits) != 0
 
 
 def _illegal_event_injection(eventinj: int) -> bool:
@@ -389,9 +396,9 @@ VMRUN_CHECKS: tuple[tuple[str, Callable[[VmrunCandidate], bool]], ...] = (
     *(_control_rule(name) for name in VMRUN_CONTROL_RULES),
     ("VMRUN intercept clear", lambda s: not (s.intercepts >> ExitCode.VMRUN) & 1),
     ("MSRPM extends beyond the physical address space",
-     lambda s: _map_beyond_physical(s.msrpm_base_pa, MSRPM_BYTES, s.max_phys_bits)),
+     lambda s: _map_beyond_physical(s.msrpm_base_pa, MSRPM_SPAN, s.max_phys_bits)),
     ("IOPM extends beyond the physical address space",
-     lambda s: _map_beyond_physical(s.iopm_base_pa, IOPM_BYTES, s.max_phys_bits)),
+     lambda s: _map_beyond_physical(s.iopm_base_pa, IOPM_SPAN, s.max_phys_bits)),
     ("illegal event injection", lambda s: _illegal_event_injection(s.eventinj)),
     ("ASID is zero", lambda s: s.asid == 0),
     # Not in the APM's list; KVM's nested_vmcb_check_controls rejects it.
