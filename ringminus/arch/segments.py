@@ -137,6 +137,18 @@ def flags_from_32_expression(word: str, shifted: bool) -> str:
     return f"({word} & {ATTRIBUTES_MASK:#x}) << 8" if shifted else f"{word} & {FLAGS_MASK:#x}"
 
 
+VIRTUAL_ADDRESS_BITS = 48               # no CPU model has LA57
+
+
+_TOP = 1 << VIRTUAL_ADDRESS_BITS - 1
+
+
+def canonical(address: int) -> int:
+    """``address`` sign-extended from bit 47, as VMRUN and VMLOAD load a segment base (QEMU's
+    svm_canonicalization; kvm-unit-tests' test_canonicalization on hardware)."""
+    return ((address & (2 * _TOP - 1)) ^ _TOP) - _TOP & 0xFFFF_FFFF_FFFF_FFFF
+
+
 def vmcb_attrib_from_flags(flags: int) -> int:
     """The VMCB 12-bit attrib of a descriptor-cache flags word (limit 19:16 dropped)."""
     return (flags >> 8) & 0x0FF | (flags >> 12) & 0xF00

@@ -20,7 +20,7 @@ from ..emulator.boot import (RESET_CR0, RESET_DATA_SEGMENT, RESET_DR6, RESET_DR7
 from ..emulator.cpu import At
 from ..arch.control import CR0_PE
 from ..arch.registers import GPRS
-from ..arch.segments import FLAG_DB, FLAG_G, FLAG_P, FLAG_S, Segment
+from ..arch.segments import FLAG_DB, FLAG_G, FLAG_P, FLAG_S, Segment, canonical
 from ..arch.exceptions import GuestFault, Vector, gp
 from ..intercepts.vmcb import SAVE_AREA_OFFSET, SAVE_AREA_SIZE, VM_CR_R_INIT, VMCB_SAVE, read_segment
 from ..arch.segments import vmcb_attrib_from_flags
@@ -37,6 +37,7 @@ VMLOAD_SEGMENTS = ("fs", "gs", "tr", "ldtr")
 VMLOAD_MSRS = (("kernel_gs_base", 0xC000_0102), ("star", 0xC000_0081), ("lstar", 0xC000_0082),
                ("cstar", 0xC000_0083), ("sfmask", 0xC000_0084), ("sysenter_cs", 0x174),
                ("sysenter_esp", 0x175), ("sysenter_eip", 0x176))
+CANONICAL_MSRS = frozenset({0xC000_0102})          # KernelGSbase: an address, loaded canonical
 # SKINIT (APM Vol. 3 "SKINIT"): the secure loader block is 64 KiB at EAX[31:16].
 SLB_SIZE = 0x1_0000
 VM_CR_DPD, VM_CR_DIS_A20M = 1 << 0, 1 << 2
@@ -67,10 +68,12 @@ def _save_area(machine: "Machine", page: int) -> tuple[bytearray, np.void]:
 
 def _vmload(machine: "Machine", insn: "Instruction") -> None:
     _, save = _save_area(machine, vmcb_address(machine, insn))
-    machine.cpu.load_segments({name: read_segment(save[name]) for name in VMLOAD_SEGMENTS})
+    segments = {name: read_segment(save[name]) for name in VMLOAD_SEGMENTS}
+    machine.cpu.load_segments({name: Segment(s.selector, canonical(s.base), s.limit, s.flags)
+                               for name, s in segments.items()})
     write_msr = machine.cpu.fast.write_msr
     for field, msr in VMLOAD_MSRS:
-        write_msr(msr, int(save[field]))
+        write_msr(msr, canonical(int(save[field])) if msr in CANONICAL_MSRS else int(save[field]))
     machine.cpu.rip = insn.next_rip
 
 

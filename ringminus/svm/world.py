@@ -41,7 +41,7 @@ from ..arch.exitcodes import ExitCode
 from ..intercepts.vmcb import (EVENT_VALID, GUEST_INTERRUPT_MASK, INTERCEPT_WORDS, INTERRUPT_SHADOW, MAP_ADDRESS_MASK,
                                SAVE_AREA_OFFSET, V_INTR_MASKING, V_TPR_MASK, VMCB_CONTROL, VMCB_SAVE, EventInfo,
                                EventType, TlbControl, VmrunCandidate, first_failure)
-from ..arch.segments import flags_from_vmcb_attrib, vmcb_attrib_from_flags
+from ..arch.segments import canonical, flags_from_vmcb_attrib, vmcb_attrib_from_flags
 from ..arch.models import max_physical_bits
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def _codec_rows() -> list[tuple[str, int, str, str]]:
         rows += [(f"{name}.selector", selector, f"s[{selector}] & 0xFFFF", f"s[{selector}] = {{v}}"),
                  (f"{name}.attrib", flags, f"_attrib(s[{flags}])", f"s[{flags}] = _flags({{v}})"),
                  (f"{name}.limit", limit, f"s[{limit}] & 0xFFFFFFFF", f"s[{limit}] = {{v}}"),
-                 (f"{name}.base", base, f"s[{base}]", f"s[{base}] = {{v}}")]
+                 (f"{name}.base", base, f"s[{base}]", f"s[{base}] = _canonical({{v}})")]
     for name in TABLES:
         base, limit = getattr(At, f"{name}_base"), getattr(At, f"{name}_limit")
         rows += [(f"{name}.limit", limit, f"s[{limit}] & 0xFFFF", f"s[{limit}] = {{v}} & 0xFFFF"),
@@ -99,7 +99,8 @@ class SaveAreaCodec:
         rows = {path: (store, load) for path, _, store, load in _codec_rows()}
         self.struct, self.start, order = fields_struct(VMCB_SAVE, list(rows))
         host = {path for path in rows if path.split(".")[0] not in ("cr2", "dr6", "dr7")}
-        namespace = {"_pack": self.struct.pack, "_attrib": vmcb_attrib_from_flags, "_flags": flags_from_vmcb_attrib}
+        namespace = {"_pack": self.struct.pack, "_attrib": vmcb_attrib_from_flags, "_flags": flags_from_vmcb_attrib,
+                     "_canonical": canonical}
         lines = [f"def values(s):\n    return ({', '.join(rows[path][0] for path in order)},)",
                  f"def store(s):\n    return _pack({', '.join(rows[path][0] for path in order)})",
                  "def store_into(b, at, s):"]

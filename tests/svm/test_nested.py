@@ -718,6 +718,38 @@ def test_vmload_then_vmsave_round_trip():
     assert int(read_vmcb(machine, VMCB2)["control"]["guest_asid"]) == 0x55
 
 
+NONCANONICAL = 0xAAAA_0000_0000_0000           # kvm-unit-tests' mask above bit 47
+
+
+@pytest.mark.parametrize("field", ["fs", "gs", "tr", "ldtr", "kernel_gs_base"])
+def test_vmload_loads_a_noncanonical_base_canonical(field):
+    """kvm-unit-tests' test_canonicalization: VMLOAD then VMSAVE of a non-canonical base gives
+    it back sign-extended from bit 47."""
+    machine = plain_l1(f"{SET_SVME}\nmov rax, {VMCB:#x}\n{VMLOAD}\nmov rax, {VMCB2:#x}\n{VMSAVE}\nhlt")
+    buffer, v = new_vmcb()
+    low = 0x0000_8000_0103_C000
+    if field == "kernel_gs_base":
+        v["save"][field] = NONCANONICAL | low
+    else:
+        v["save"][field]["base"] = NONCANONICAL | low
+    machine.write_memory(VMCB, bytes(buffer))
+    machine.write_memory(VMCB2, bytes(new_vmcb()[0]))
+    assert machine.run(timeout=30).stop.reason is StopReason.HLT
+    saved = read_vmcb(machine, VMCB2)["save"]
+    got = int(saved[field]) if field == "kernel_gs_base" else int(saved[field]["base"])
+    assert got == 0xFFFF_8000_0103_C000
+
+
+@pytest.mark.parametrize("segment", ["es", "cs", "ss", "ds"])
+def test_vmrun_of_a_noncanonical_segment_base_enters_the_guest(segment):
+    """Same test's VMRUN half: a 64-bit L2 whose ES/CS/SS/DS base is not canonical runs (the
+    base is loaded canonical; in 64-bit mode the CPU ignores it)."""
+    hv = GuestHypervisor("mov eax, 0x77; hlt")
+    hv.save[segment]["base"] = NONCANONICAL
+    assert hv.run().stop.reason is StopReason.HLT
+    assert [e.exitcode for e in hv.exits()] == [HLT] and hv.exits()[0].rax == 0x77
+
+
 # -- EVENTINJ ----------------------------------------------------------------------------------------
 
 HANDLER_WITH_ERROR = f"""
