@@ -91,6 +91,9 @@ class Profile:
     #: RDMSR/WRMSR of an MSR the CPU does not have (arch/msrs.py) raises #GP(0) (APM, KVM) or
     #: reads 0 and drops the write (QEMU's TCG: helper_rdmsr's "XXX: exception?").
     missing_msr_faults: bool = True
+    #: IA32_APIC_BASE: a cleared global enable can be set again (KVM's kvm_lapic_set_base; the
+    #: SDM) or stays cleared until reset (QEMU's TCG apic_set_base).
+    apic_enable_sticks_off: bool = False
 
 
 PROFILES = {p.name: p for p in (
@@ -119,7 +122,7 @@ PROFILES = {p.name: p for p in (
             smm_writes_over_memory=True, smm_narrow_control_fields=True, smm_clears_efer_always=True,
             smm_shifted_attributes_32=True, rsm_checks=False, rsm_recomputes_lma=False,
             smm_smbase_needs_revision_bit=True, vmexit_keeps_eventinj_error=True, missing_msr_faults=False,
-            vmrun_loads_pdptes=False),
+            vmrun_loads_pdptes=False, apic_enable_sticks_off=True),
 )}
 DEFAULT_PROFILE = "kvm"
 CHOICES = tuple(f.name for f in fields(Profile) if f.name != "name")

@@ -204,7 +204,8 @@ class Board:
         counts from reset as QEMU's does."""
         machine = self.machine
         self.pic = Pic8259Pair().register(machine.ports)
-        self.lapic = LocalApic(machine, pic=self.pic)
+        self.lapic = LocalApic(machine, pic=self.pic,
+                               enable_sticks_off=lambda: machine.profile.apic_enable_sticks_off)
         machine.add_msr(Msr(lambda msr: msr == APIC_BASE_MSR, lambda msr: self.lapic.read_msr(),
                             lambda msr, value: self.lapic.write_msr(value)))
         self.ioapic = IoApic(self.lapic, pic=self.pic, clock=machine.clock)

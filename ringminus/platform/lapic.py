@@ -14,7 +14,8 @@ until the guest writes the divide register, although that register reads 0 (the 
 divide by 2); LVT, ICR and TPR writes store the value as written (no reserved bits); an
 unmasked LINT0 in any delivery mode lets the 8259 through, and a masked one blocks it even when
 the APIC is globally disabled; the global enable bit cannot be set again once cleared (until
-reset), and clearing it only software-disables the APIC — its registers and interrupts go on;
+reset: ``enable_sticks_off``, which KVM's in-kernel APIC does not share — a profile choice),
+and clearing it only software-disables the APIC — its registers and interrupts go on;
 shorthands address QEMU's APIC slot 0, so after the guest changes the APIC ID "self" reaches
 nothing and "all excluding self" reaches this APIC; a write to offsets 0x000-0x00F is an MSI.
 
@@ -94,10 +95,13 @@ class LocalApic:
     """The APIC of the machine's CPU: an MMIO device at APIC_BASE and the CPU's interrupt
     controller (``intr_pending``/``acknowledge``), with the 8259 pair ``pic`` behind LINT0.
     ``eoi_broadcast(vector)`` is called on an EOI of a level-triggered vector (the IOAPIC's).
-    INIT (the machine's or an IPI) resets it as QEMU's ``apic_init_reset`` does."""
+    INIT (the machine's or an IPI) resets it as QEMU's ``apic_init_reset`` does.
+    ``enable_sticks_off()``: whether a cleared global enable stays cleared (QEMU's TCG APIC)."""
 
-    def __init__(self, machine: "Core", pic: PicOutput | None = None, mmio_size: int = 0x1000):
+    def __init__(self, machine: "Core", pic: PicOutput | None = None, mmio_size: int = 0x1000,
+                 enable_sticks_off: Callable[[], bool] = lambda: True):
         self.machine, self.clock, self.pic = machine, machine.clock, pic
+        self.enable_sticks_off = enable_sticks_off
         self.eoi_broadcast: Callable[[int], None] | None = None
         self._timer = None
         self._floor = 0             # the latest time the device acted on (see _now)
@@ -470,13 +474,14 @@ class LocalApic:
 
     def write_msr(self, value: int) -> None:
         """cpu_set_apic_base + apic_set_base: the base is stored (the page does not move);
-        BSP is read-only; clearing ENABLE software-disables the APIC and cannot be undone
-        until reset; setting EXTD (x2APIC, not offered) resets the APIC ID."""
+        BSP is read-only; clearing ENABLE software-disables the APIC, and only KVM's APIC
+        (kvm_lapic_set_base) lets it be set again before a reset; setting EXTD (x2APIC, not
+        offered) resets the APIC ID."""
         if value & MSR_EXTD:
             self.id = SLOT
-        self.apicbase = (value & MSR_BASE_MASK) | (self.apicbase & (MSR_BSP | MSR_ENABLE))
+        enabled = value & MSR_ENABLE and (self.apicbase & MSR_ENABLE or not self.enable_sticks_off())
+        self.apicbase = (value & MSR_BASE_MASK) | (self.apicbase & MSR_BSP) | (MSR_ENABLE if enabled else 0)
         if not value & MSR_ENABLE:
-            self.apicbase &= ~MSR_ENABLE
             self.spurious_vec &= ~SV_ENABLE
 
     @property
