@@ -1061,7 +1061,10 @@ class Core(Registry):
         budget = 0
         # An interrupt held only by the STI/MOV SS shadow: run the one instruction the shadow
         # covers, then end the shadow (Unicorn clears it only where a block ends normally).
-        shadow_step = boundary.waiting(self) and self.cpu.interrupt_shadow
+        waiting = boundary.waiting(self)
+        if waiting:                                 # a virtual interrupt too: STI/POPF/IRET must be sites
+            self._arm_interrupt_window()
+        shadow_step = waiting and self.cpu.interrupt_shadow
         if self._stepping_over is not None or shadow_step:
             budget, counting = 1, True              # run one instruction alone, then look again
         else:

@@ -1150,6 +1150,25 @@ def test_virtual_interrupt(vintr_intercepted, l2_if):
         assert exits[0].int_ctl & V_IRQ
 
 
+def test_a_virtual_interrupt_is_taken_once_l2_sets_if():
+    """kvm-unit-tests' virq_inject alone: an L2 that starts with IF = 0 and runs STI; NOP;
+    CLI takes the pending V_IRQ after the NOP (the STI shadow).  STI was not a site unless a
+    physical interrupt had been raised before, so the virtual one was never looked at."""
+    l2 = ["mov eax, 1", "sti", "nop", "cli", "hlt"]
+    at = addresses(l2)
+    hv = GuestHypervisor("\n".join(l2))
+    handler = L2_HANDLERS
+    code = asm(HANDLER_WITHOUT_ERROR, 64, handler)
+    hv.l2 = hv.l2.ljust(handler - L2_CODE, b"\xcc") + code
+    hv.idt[16 * 0x50:16 * 0x51] = gate64(handler)
+    hv.control["int_ctl"] = V_IRQ | V_INTR_MASKING | 0xF << 16
+    hv.control["v_intr_vector"] = 0x50
+    hv.save["rflags"] = 0x2
+    assert hv.run().stop.reason is StopReason.HLT
+    assert qword(hv.machine, L2_DATA + 0x18) == at[3]                     # after STI's shadow, before CLI
+    assert [e.exitcode for e in hv.exits()] == [HLT] and hv.exits()[0].int_ctl & V_IRQ == 0
+
+
 @pytest.mark.parametrize("v_intr_masking,l2_if,host_if,exits_at_once", [
     (True, False, True, True),      # V_INTR_MASKING: the host's IF masks physical interrupts, not L2's
     (False, False, True, False),    # without it L2's IF=0 holds the interrupt
