@@ -41,6 +41,7 @@ RFLAGS_VM = 1 << 17
 RFLAGS_AC = 1 << 18
 
 DR6_BD = 1 << 13
+DR6_BS = 1 << 14
 DR7_GD = 1 << 13
 
 U32 = (1 << 32) - 1

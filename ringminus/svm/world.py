@@ -27,7 +27,8 @@ import numpy as np
 from ..binlayout import field_runs, field_span, fields_struct
 from ..emulator import ucinternals as uci
 from ..emulator.cpu import ArchState, At
-from ..arch.control import CR0_PE, CR0_PG, CR4_PAE, EFER_LME, RFLAGS_IF, RFLAGS_VM
+from ..arch.control import CR0_PE, CR0_PG, CR4_PAE, DR6_BS, EFER_LME, RFLAGS_IF, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM
+from ..arch.exceptions import Vector
 from ..emulator.delivery import Event, EventKind
 from ..emulator.memory import MissingMemory, UnbackedMemory
 from ..emulator.paging import pae_pdpte_problem
@@ -308,11 +309,11 @@ def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, hook: HookContext | N
     failure = _consistency(machine, save, control)
     if failure is not None:
         _refuse(machine, vmcb_pa, host, failure, machine.profile.vmrun_invalid_clears_gif)
-        return host[At.rip]
+        return machine.cpu.rip
     failure = _pdptes_refused(machine, save)
     if failure is not None:
         _refuse(machine, vmcb_pa, host, failure, clears_gif=True)
-        return host[At.rip]
+        return machine.cpu.rip
     controls = intercept_controls(machine, control)
     guest = host                                    # the host's registers are in svm.host now
     SAVE_CODEC.load_guest(guest, save)
@@ -347,6 +348,8 @@ def _refuse(machine: "Machine", vmcb_pa: int, host: ArchState, reason: str, clea
         machine.svm.gif = False
     record_exit(machine, VmExit(VMEXIT_INVALID, rip=host[At.rip]),
                         {"kind": "vmrun-invalid", "vmcb": vmcb_pa, "reason": reason})
+    if host[At.rflags] & RFLAGS_TF:
+        _single_step_trap(machine, host[At.rip])
 
 
 def _exit_values(exit_: VmExit, int_ctl: int, interrupt_state: int, eventinj: int) -> tuple:
@@ -418,7 +421,8 @@ def vmexit(machine: "Machine", exit_: VmExit, hook: HookContext | None = None) -
     else:
         SAVE_CODEC.restore_host(host, svm.host)
     host[At.cr0] |= CR0_PE
-    host[At.rflags] &= ~RFLAGS_VM
+    stepped = host[At.rflags] & RFLAGS_TF           # L1 single-stepped its VMRUN
+    host[At.rflags] &= ~(RFLAGS_VM | RFLAGS_RF)     # RF: the VMRUN completed
     host[At.dr7] = HOST_DR7
     host[At.hflags] &= ~uci.HF_INHIBIT_IRQ
     host.cpl = 0
@@ -429,7 +433,17 @@ def vmexit(machine: "Machine", exit_: VmExit, hook: HookContext | None = None) -
     svm.int_ctl = svm.v_intr_vector = machine.tsc.offset = 0
     leave_guest(machine)
     record_exit(machine, exit_)
+    if stepped:
+        _single_step_trap(machine, host[At.rip])
+        return cpu.rip
     return host[At.rip]
+
+
+def _single_step_trap(machine: "Machine", rip: int) -> None:
+    """L1 single-stepped its VMRUN: the #DB trap comes when VMRUN completes — after the
+    #VMEXIT, or its failure — in L1 at ``rip`` (kvm-unit-tests' host_rflags)."""
+    machine.cpu["dr6"] |= DR6_BS
+    machine.deliver(Event(Vector.DB, EventKind.EXCEPTION, rip))
 
 
 def run_as_l2(machine: "Machine", controls: InterceptControls, arm: bool = True) -> None:

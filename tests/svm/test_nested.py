@@ -1150,6 +1150,51 @@ def test_virtual_interrupt(vintr_intercepted, l2_if):
         assert exits[0].int_ctl & V_IRQ
 
 
+def test_a_single_stepped_vmrun_traps_after_the_vmexit():
+    """kvm-unit-tests' host_rflags: with the host's TF set at VMRUN, the #DB trap comes after
+    the #VMEXIT, at the instruction after VMRUN (DR6.BS), not one instruction later; L1's
+    RF is clear after it."""
+    hv = GuestHypervisor("mov eax, 1\nhlt", host_rflags=0x102)
+    machine = hv.build()
+    after_vmrun = L1_CODE + hv.l1.index(bytes.fromhex("0f01d8")) + 3
+    log = DATA + RESULTS
+    handler = f"""
+        push rax
+        push rbx
+        mov rbx, {log:#x}
+        mov rax, [rbx + 0x80]
+        inc qword ptr [rbx + 0x80]
+        push rcx
+        mov rcx, [rsp + 24]
+        mov [rbx + rax * 8], rcx
+        mov rax, {after_vmrun:#x}
+        cmp rcx, rax
+        jne db_done
+        and qword ptr [rsp + 40], -0x101
+        mov rax, dr6
+        mov [rbx + 0x88], rax
+    db_done:
+        pop rcx
+        pop rbx
+        pop rax
+        iretq"""
+    l1_gate(machine, 1, handler)
+    assert hv.run().stop.reason is StopReason.HLT
+    count = qword(machine, log + 0x80)
+    rips = [qword(machine, log + 8 * i) for i in range(count)]
+    assert rips[-1] == after_vmrun and rips[-2] == after_vmrun - 3      # VMRUN, then right after it
+    assert qword(machine, log + 0x88) & 1 << 14                              # DR6.BS
+    assert [e.exitcode for e in hv.exits()] == [HLT]
+    # a VMRUN that fails its checks completes at once: the trap follows it
+    hv = GuestHypervisor("hlt", host_rflags=0x102)
+    hv.control["guest_asid"] = 0
+    machine = hv.build()
+    l1_gate(machine, 1, handler)
+    assert hv.run().stop.reason is StopReason.HLT
+    assert [e.exitcode for e in hv.exits()] == [VMEXIT_INVALID]
+    assert qword(machine, log + 8 * (qword(machine, log + 0x80) - 1)) == after_vmrun
+
+
 def test_a_virtual_interrupt_is_taken_once_l2_sets_if():
     """kvm-unit-tests' virq_inject alone: an L2 that starts with IF = 0 and runs STI; NOP;
     CLI takes the pending V_IRQ after the NOP (the STI shadow).  STI was not a site unless a
