@@ -30,6 +30,7 @@ def run_kut(capsys, selection: str) -> tuple[int, str]:
     "null", "vmrun", "rsm",
     "pending_event",  # a self-IPI sent with interrupts off exits with INTR at VMRUN
     "virq_inject",    # V_IRQ and its intercept (VINTR) under V_INTR_MASKING
+    "host_rflags",    # a single-stepped VMRUN traps after the #VMEXIT
     "svm_pae_test",   # a legacy-PAE L2: CR3 and PDPTE reserved bits at VMRUN
     "svm_guest_state_test",     # VMRUN's consistency checks: CR4 bits the model lacks, the maps' limit, canonical bases
 ])
