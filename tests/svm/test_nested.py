@@ -1119,6 +1119,21 @@ def test_cli_irq_at_delivers_through_the_idt(tmp_path):
     assert status == (2 * 0x21 + 1) % 256                                 # the handler's exit port
 
 
+def virtual_interrupt_guest(l2: list[str], rflags: int, intercepts=(HLT,)):
+    """An L2 running ``l2`` with V_IRQ pending (vector 0x50, priority 15, V_TPR 0) under
+    V_INTR_MASKING, and a handler at L2_HANDLERS that records its frame and halts: (the
+    hypervisor, the handler's address, its code)."""
+    hv = GuestHypervisor("\n".join(l2), intercepts=intercepts)
+    handler = L2_HANDLERS
+    code = asm(HANDLER_WITHOUT_ERROR, 64, handler)
+    hv.l2 = hv.l2.ljust(handler - L2_CODE, b"\xcc") + code
+    hv.idt[16 * 0x50:16 * 0x51] = gate64(handler)
+    hv.control["int_ctl"] = V_IRQ | V_INTR_MASKING | 0xF << 16
+    hv.control["v_intr_vector"] = 0x50
+    hv.save["rflags"] = rflags
+    return hv, handler, code
+
+
 @pytest.mark.parametrize("vintr_intercepted,l2_if", [(True, True), (False, True), (False, False)])
 def test_virtual_interrupt(vintr_intercepted, l2_if):
     """V_IRQ with V_INTR_MASKING: VINTR intercept → #VMEXIT(0x064) before the guest takes it,
@@ -1126,14 +1141,8 @@ def test_virtual_interrupt(vintr_intercepted, l2_if):
     L2's IF = 0 → not taken."""
     l2 = ["nop", "hlt"]
     at = addresses(l2)
-    hv = GuestHypervisor("\n".join(l2), intercepts=(HLT, VINTR) if vintr_intercepted else (HLT,))
-    handler = L2_HANDLERS
-    code = asm(HANDLER_WITHOUT_ERROR, 64, handler)
-    hv.l2 = hv.l2.ljust(handler - L2_CODE, b"\xcc") + code
-    hv.idt[16 * 0x50:16 * 0x51] = gate64(handler)
-    hv.control["int_ctl"] = V_IRQ | V_INTR_MASKING | 0xF << 16         # priority 15, V_TPR 0
-    hv.control["v_intr_vector"] = 0x50
-    hv.save["rflags"] = 0x202 if l2_if else 0x2
+    hv, handler, code = virtual_interrupt_guest(l2, 0x202 if l2_if else 0x2,
+                                                (HLT, VINTR) if vintr_intercepted else (HLT,))
     result = hv.run()
     assert result.stop.reason is StopReason.HLT, result.stop
     exits = hv.exits()
@@ -1201,14 +1210,7 @@ def test_a_virtual_interrupt_is_taken_once_l2_sets_if():
     physical interrupt had been raised before, so the virtual one was never looked at."""
     l2 = ["mov eax, 1", "sti", "nop", "cli", "hlt"]
     at = addresses(l2)
-    hv = GuestHypervisor("\n".join(l2))
-    handler = L2_HANDLERS
-    code = asm(HANDLER_WITHOUT_ERROR, 64, handler)
-    hv.l2 = hv.l2.ljust(handler - L2_CODE, b"\xcc") + code
-    hv.idt[16 * 0x50:16 * 0x51] = gate64(handler)
-    hv.control["int_ctl"] = V_IRQ | V_INTR_MASKING | 0xF << 16
-    hv.control["v_intr_vector"] = 0x50
-    hv.save["rflags"] = 0x2
+    hv, _, _ = virtual_interrupt_guest(l2, 0x2)
     assert hv.run().stop.reason is StopReason.HLT
     assert qword(hv.machine, L2_DATA + 0x18) == at[3]                     # after STI's shadow, before CLI
     assert [e.exitcode for e in hv.exits()] == [HLT] and hv.exits()[0].int_ctl & V_IRQ == 0
@@ -1279,15 +1281,8 @@ def test_vmrun_loads_the_interrupt_shadow():
     L2's first instruction (APM §15.21.5)."""
     l2 = ["nop", "nop", "hlt"]
     at = addresses(l2)
-    hv = GuestHypervisor("\n".join(l2))
-    handler = L2_HANDLERS
-    code = asm(HANDLER_WITHOUT_ERROR, 64, handler)
-    hv.l2 = hv.l2.ljust(handler - L2_CODE, b"\xcc") + code
-    hv.idt[16 * 0x50:16 * 0x51] = gate64(handler)
-    hv.control["int_ctl"] = V_IRQ | V_INTR_MASKING | 0xF << 16
-    hv.control["v_intr_vector"] = 0x50
+    hv, _, _ = virtual_interrupt_guest(l2, 0x202)
     hv.control["interrupt_state"] = 1
-    hv.save["rflags"] = 0x202
     result = hv.run()
     assert result.stop.reason is StopReason.HLT
     assert qword(hv.machine, L2_DATA + 0x18) == at[1]                     # after the first NOP
