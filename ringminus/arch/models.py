@@ -21,8 +21,8 @@ FPU, DE, PSE, TSC, MSR, PAE, MCE, CX8, SEP, MTRR, PGE, MCA, CMOV, PAT, PSE36, CL
 PPRO = FPU | DE | PSE | TSC | MSR | MCE | CX8 | PGE | CMOV | PAT | FXSR | MMX | SSE | SSE2 | PAE | SEP
 SSE3, PCLMULQDQ, VMX, SMX, SSSE3, CX16, SSE41, SSE42, MOVBE, POPCNT, AES, XSAVE, RDRAND = (
     1 << b for b in (0, 1, 5, 6, 9, 13, 19, 20, 22, 23, 25, 26, 30))          # Fn0000_0001 ECX
-FSGSBASE, BMI1, SMEP, BMI2, ADX, SMAP, CLFLUSHOPT, CLWB = (
-    1 << b for b in (0, 3, 7, 8, 19, 20, 23, 24))                             # Fn0000_0007 EBX
+FSGSBASE, TSC_ADJUST, BMI1, SMEP, BMI2, ADX, SMAP, CLFLUSHOPT, CLWB = (
+    1 << b for b in (0, 1, 3, 7, 8, 19, 20, 23, 24))                          # Fn0000_0007 EBX
 SYSCALL, NX, MMXEXT, RDTSCP, LM = 1 << 11, 1 << 20, 1 << 22, 1 << 27, 1 << 29   # Fn8000_0001 EDX
 LAHF_LM, SVM, ABM, SSE4A, SKINIT = 1 << 0, 1 << 2, 1 << 5, 1 << 6, 1 << 12      # Fn8000_0001 ECX
 AMD_ALIASES = 0x0183F3FF      # Fn0000_0001 EDX bits AMD repeats in Fn8000_0001 EDX (QEMU)
@@ -75,7 +75,7 @@ MODELS = {m.name: m for m in (
     CpuModel("max", b"AuthenticAMD", 0xD, 0x8000_000A, 0x0000_0663, PPRO | MTRR | CLFLUSH | MCA | PSE36,
              SSE3 | PCLMULQDQ | SSSE3 | CX16 | SSE41 | SSE42 | MOVBE | POPCNT | AES | RDRAND,
              LM | SYSCALL | NX | MMXEXT | RDTSCP, LAHF_LM | SVM | ABM | SSE4A, 0x3028, UC_CPU_X86_EPYC_ROME,
-             leaf7_ebx=FSGSBASE | BMI1 | SMEP | BMI2 | ADX | SMAP | CLFLUSHOPT | CLWB),
+             leaf7_ebx=FSGSBASE | TSC_ADJUST | BMI1 | SMEP | BMI2 | ADX | SMAP | CLFLUSHOPT | CLWB),
 )}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 MSR_TSC = 0x10
 MSR_TSC_AUX = 0xC000_0103
+MSR_TSC_ADJUST = 0x3B
 MTRR_VARIABLE = range(0x200, 0x210)                      # PHYSBASE0..PHYSMASK7
 MTRR_FIXED = (0x250, 0x258, 0x259, *range(0x268, 0x270))
 MACHINE_CHECK_BANKS = range(0x400, 0x400 + 4 * 10)       # QEMU's MCE_BANKS_DEF banks of 4

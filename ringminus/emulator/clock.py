@@ -61,6 +61,11 @@ class VirtualClock:
         return timer
 
 
+def _signed64(value: int) -> int:
+    value &= 0xFFFF_FFFF_FFFF_FFFF
+    return value - (1 << 64) if value >> 63 else value
+
+
 class VirtualTsc:
     """RDTSC/RDTSCP read the time-stamp counter: the clock (``now_ns``) at HZ, 1 GHz — one tick
     per nanosecond, so at the nominal rate one tick per instruction retired, plus the time
@@ -68,8 +73,12 @@ class VirtualTsc:
     instructions are not counted the virtual clock stands still inside it, so each read is at
     least one tick past the last: a guest that waits for the counter to move sees it move, and
     a run and its replay from a snapshot read the same values.  A guest run by the guest's
-    own hypervisor reads it plus the VMCB's TSC_OFFSET (APM Table B-1, offset 0x050).  A WRMSR
-    to the TSC (MSR 10h) sets what the writer reads now: the difference is kept in ``adjust``."""
+    own hypervisor reads it plus the VMCB's TSC_OFFSET (APM Table B-1, offset 0x050).
+
+    ``adjust`` is IA32_TSC_ADJUST (MSR 3Bh, SDM 17.17.3): added to every read.  A WRMSR to
+    the TSC (MSR 10h) sets the counter without the VMCB's offset — L1's, as KVM does for a
+    write L1 does not intercept — and moves ``adjust`` by as much; a write to TSC_ADJUST
+    moves the counter by as much."""
     HZ = 1_000_000_000
 
     def __init__(self, cpu: "Cpu", clock: VirtualClock):
@@ -84,7 +93,11 @@ class VirtualTsc:
         return (self.value + self.adjust + self.offset) & 0xFFFF_FFFF_FFFF_FFFF
 
     def write(self, value: int) -> None:
-        self.adjust += value - self.read()
+        self.adjust += value - (self.read() - self.offset)
+        self.adjust = _signed64(self.adjust)
+
+    def write_adjust(self, value: int) -> None:
+        self.adjust = _signed64(value)
 
     def rdtsc(self) -> int:
         seen = self.read()

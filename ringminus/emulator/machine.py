@@ -30,8 +30,8 @@ from unicorn import x86_const as X
 from ..arch.control import CR0_PG, RFLAGS_IF, cr_write_refused
 from ..arch.exceptions import PUSHES_ERROR_CODE, GuestFault, Vector
 from ..arch.exitcodes import ExitCode
-from ..arch.models import LM, MODELS
-from ..arch.msrs import MSR_TSC
+from ..arch.models import LM, MODELS, TSC_ADJUST
+from ..arch.msrs import MSR_TSC, MSR_TSC_ADJUST
 from ..arch.registers import SEGMENT_REGISTERS
 from ..arch.segments import Segment
 from ..decode.decoder import Instruction, decode
@@ -202,6 +202,10 @@ class Core(Registry):
         Registry.__init__(self, boundary.CORE_SOURCES, CORE_PARTS, STAT_KEYS)     # what features attach
         self.add_msr(Msr(lambda msr: msr == MSR_TSC, lambda msr: self._at_cpl0(self.tsc.read),
                          lambda msr, value: self._at_cpl0(self.tsc.write, value)))
+        if MODELS[cpu_model].leaf7_ebx & TSC_ADJUST:
+            self.add_msr(Msr(lambda msr: msr == MSR_TSC_ADJUST,
+                             lambda msr: self._at_cpl0(lambda: self.tsc.adjust & MASK_64),
+                             lambda msr, value: self._at_cpl0(self.tsc.write_adjust, value)))
         self.intr_unmasked: Callable[[], bool] = self._intr_unmasked     # SVM: set_intr_unmasked
         self.delivery.intercept = self._intercept_event
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)

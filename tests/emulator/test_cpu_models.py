@@ -149,3 +149,17 @@ def test_rdtscp_reads_tsc_aux():
                          cpu_model="max")
     result = machine.run(max_instructions=10)
     assert result.stop.reason is StopReason.HLT and result.regs["rcx"] == 0x1234
+
+
+def test_tsc_adjust_on_max():
+    """IA32_TSC_ADJUST (SDM 17.17.3), which max advertises: a write to it moves the TSC by as
+    much; a write to the TSC moves it by as much."""
+    source = ("mov ecx, 0x3b; mov eax, 0x1000; xor edx, edx; wrmsr; rdtsc; mov r8, rax; "
+              "mov ecx, 0x10; mov eax, 0x100000; wrmsr; mov ecx, 0x3b; rdmsr; mov r9, rax; hlt")
+    result = boot_guest(source, "long", cpu_model="max").run(max_instructions=30)
+    assert result.stop.reason is StopReason.HLT
+    assert result.regs["r8"] == 0x1000 + 4                          # four instructions retired before RDTSC
+    assert result.regs["r9"] == 0x100000 - 8                        # the TSC went to 0x100000 at count 8
+    gps = [e for e in boot_guest("mov ecx, 0x3b; rdmsr; hlt", "long").run(max_instructions=10).events
+           if e["kind"] == "exception"]
+    assert [e["vector"] for e in gps[:1]] == [13]                   # qemu64 has no TSC_ADJUST

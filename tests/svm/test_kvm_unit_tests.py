@@ -31,6 +31,7 @@ def run_kut(capsys, selection: str) -> tuple[int, str]:
     "pending_event",  # a self-IPI sent with interrupts off exits with INTR at VMRUN
     "virq_inject",    # V_IRQ and its intercept (VINTR) under V_INTR_MASKING
     "host_rflags",    # a single-stepped VMRUN traps after the #VMEXIT
+    "tsc_adjust",     # IA32_TSC_ADJUST (max), a TSC write from L2 sets L1's counter
     "svm_pae_test",   # a legacy-PAE L2: CR3 and PDPTE reserved bits at VMRUN
     "svm_guest_state_test",     # VMRUN's consistency checks: CR4 bits the model lacks, the maps' limit, canonical bases
 ])
