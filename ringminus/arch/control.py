@@ -53,8 +53,8 @@ DEFINED_BITS = {"rflags": (1 << 22) - 1, "cr0": U32, "cr3": (1 << MAX_PHYSICAL_B
 
 # Each rule: (the reason VMRUN reports and RSM's shutdown gives, the condition that refuses
 # the state) over cr0 cr3 cr4 efer dr6 dr7 long_mode_capable max_phys_bits cs_flags (CS's
-# descriptor-cache flags: L is bit 21, D bit 22) cr4_defined (the CPU model's CR4 bits).  MOV CR, VMRUN and RSM each apply a RuleSet
-# of them, in their own order.
+# descriptor-cache flags: L is bit 21, D bit 22) cr4_defined (the CPU model's CR4 bits).
+# MOV CR, VMRUN and RSM each apply a RuleSet of them, in their own order.
 CONTROL_RULES: dict[str, tuple[str, str]] = {
     "cr0_high": ("CR0[63:32] not zero", "cr0 >> 32"),
     "pg_without_pe": ("CR0.PG set with CR0.PE clear", f"cr0 & {CR0_PG:#x} and not cr0 & {CR0_PE:#x}"),

@@ -138,8 +138,6 @@ def flags_from_32_expression(word: str, shifted: bool) -> str:
 
 
 VIRTUAL_ADDRESS_BITS = 48               # no CPU model has LA57
-
-
 _TOP = 1 << VIRTUAL_ADDRESS_BITS - 1
 
 
