@@ -97,15 +97,20 @@ def _execute(machine: "Machine", insn: "Instruction") -> None:
         machine.stats["vmruns"] += 1
 
 
+def _none_of_the_checks_can_fire(machine: "Machine", insn: "Instruction", state) -> bool:
+    """An SVM instruction of L1 whose #UD/#GP checks cannot fire, whatever their order (the
+    profile's): no LOCK, protected mode, not VM86, CPL 0, EFER.SVME — and no L1 of its own
+    to ask.  rAX is checked where it is used (vmcb_address)."""
+    return machine.gate is None and not insn.prefixes.lock and not state.cpl and state.protected \
+        and not state[At.rflags] & RFLAGS_VM and bool(state[At.efer] & EFER_SVME)
+
+
 def _vmrun_in_hook(machine: "Machine", insn: "Instruction", hook: "HookContext") -> bool:
     """VMRUN from L1 inside a hook (its code site, once a VMCB asked for VMRUN's intercept,
     else the #UD hook), when nothing faults: the world switch without ending the slice — a
     guest hypervisor's loop.  False: the run loop must look at it."""
-    # Only when none of its #UD/#GP checks can fire (then their order does not matter):
-    # protected mode, not VM86, CPL 0, EFER.SVME; rAX is checked by vmcb_address.
     state = hook.state
-    if machine.gate is not None or state.cpl or not state.protected or state[At.rflags] & RFLAGS_VM \
-            or not state[At.efer] & EFER_SVME:
+    if not _none_of_the_checks_can_fire(machine, insn, state):
         return False
     try:
         vmcb = vmcb_address(machine, insn, state[At.rax])
@@ -123,7 +128,7 @@ def _entry_path_in_hook(machine: "Machine", insn: "Instruction", hook: "HookCont
     """CLGI, STGI, VMLOAD or VMSAVE from L1 inside the #UD hook, when its checks pass: a
     hypervisor's entry (CLGI; VMLOAD; VMRUN; VMSAVE; STGI) without ending the slice five
     times.  False: the run loop must look at it (a fault, or a guest's own L1 to ask)."""
-    if machine.gate is not None or l1_checks(machine).check(insn) is not None:
+    if not _none_of_the_checks_can_fire(machine, insn, hook.state):
         return False
     try:
         EXECUTE[insn.row.name](machine, insn)  # RIP through the API: the hook's block ends here

@@ -558,6 +558,20 @@ def test_svm_instructions_at_cpl3_raise_gp0(name):
     assert machine.last_exit is None or int(machine.last_exit.code) != VMEXIT_INVALID
 
 
+@pytest.mark.parametrize("name", sorted(SVM_INSTRUCTIONS))
+def test_a_locked_svm_instruction_raises_ud(name):
+    """With EFER.SVME set at CPL 0 (where they run inside Unicorn's hooks): LOCK → #UD."""
+    machine = plain_l1(f"{SET_SVME}\nmov rax, {VMCB:#x}\nxor ecx, ecx\n.byte 0xf0\n{SVM_INSTRUCTIONS[name]}\n"
+                       f"mov rdi, {DATA + RESULTS + 0x40:#x}\nmov qword ptr [rdi], 1\nhlt")
+    recording_handlers(machine)
+    machine.write_memory(VMCB, bytes(new_vmcb()[0]))
+    assert machine.run(timeout=30).stop.reason is StopReason.HLT
+    base = DATA + RESULTS
+    insn = L1_CODE + len(asm(f"{SET_SVME}\nmov rax, {VMCB:#x}\nxor ecx, ecx", 64))
+    assert qword(machine, base) == 6 and qword(machine, base + 0x10) == insn
+    assert qword(machine, base + 0x40) == 0                               # it did not complete
+
+
 BAD_VMCB_ADDRESSES = [("vmrun", VMCB + 8), ("vmrun", VMCB + 0x800), ("vmrun", 1 << 52), ("vmrun", 1 << 40),
                       ("vmload", 1 << 52), ("vmload", 1 << 40), ("vmsave", 1 << 52), ("vmsave", 1 << 40)]
 
