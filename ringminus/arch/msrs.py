@@ -1,6 +1,7 @@
 """The MSRs the CPU has.  Unicorn's QEMU implements ``NATIVE_MSRS`` in ``helper_rdmsr``/
 ``helper_wrmsr`` (target/i386/misc_helper.c) and answers any other with 0, dropping writes;
-ringminus's features keep some more (EFER, the SVM MSRs, the TSC, the local APIC's base).
+ringminus keeps some more (EFER, the SVM MSRs, the TSC, DEBUGCTL and the last-branch MSRs,
+the local APIC's base).
 KVM on AMD also has ``ZERO_MSRS`` (x86.c kvm_get_msr_common, svm.c svm_get_msr): on these
 CPU models they read 0 and ignore writes, which is Unicorn's answer too.  Any other MSR
 does not exist: RDMSR/WRMSR of it raises #GP(0) on hardware and under KVM."""
@@ -33,7 +34,6 @@ NATIVE_MSRS = frozenset({
 ZERO_MSRS = frozenset({
     0x17, 0x2A, 0x11E, 0x199, 0x1FC,                     # PLATFORM_ID EBL_CR_POWERON BBL_CR_CTL3 PERF_CTL POWER_CTL
     0xC1, 0xC2, 0x186, 0x187,                            # P6 PERFCTR0/1, EVNTSEL0/1 (no vPMU)
-    0x1D9, 0x1DB, 0x1DC, 0x1DD, 0x1DE,                   # DEBUGCTL, the last-branch/interrupt MSRs
     *range(0xC001_0000, 0xC001_0008),                    # K7 EVNTSEL0-3, PERFCTR0-3
     *range(0xC001_0200, 0xC001_020C),                    # F15h PERF_CTL/CTR 0-5
     0xC001_0010, 0xC001_0015, 0xC001_001B, 0xC001_001F,  # SYSCFG HWCR CLK_CTL NB_CFG

@@ -46,6 +46,7 @@ from .delivery import Delivered, Delivery, Event, EventKind, Unsupported
 from .loader import Image, bios_windows, check_bios
 from .clock import VirtualClock, VirtualTsc
 from .irq import InterruptController, InterruptLine
+from .lbr import LBR_MSRS, BranchRecord
 from .memory import ROM, MissingMemory, PhysicalMemory, UnbackedMemory
 from .mmio import MmioBus, MmioDevice, MmioRegion
 from .paging import LinearMemory
@@ -202,6 +203,10 @@ class Core(Registry):
         Registry.__init__(self, boundary.CORE_SOURCES, CORE_PARTS, STAT_KEYS)     # what features attach
         self.add_msr(Msr(lambda msr: msr == MSR_TSC, lambda msr: self._at_cpl0(self.tsc.read),
                          lambda msr, value: self._at_cpl0(self.tsc.write, value)))
+        self.lbr = BranchRecord(self)
+        self.add_msr(Msr(lambda msr: msr in LBR_MSRS, lambda msr: self._at_cpl0(self.lbr.read, msr),
+                         lambda msr, value: self._at_cpl0(self._write_lbr_msr, msr, value)))
+        self.add_reset_hook(lambda: self.lbr.set_debugctl(0))
         if MODELS[cpu_model].leaf7_ebx & TSC_ADJUST:
             self.add_msr(Msr(lambda msr: msr == MSR_TSC_ADJUST,
                              lambda msr: self._at_cpl0(lambda: self.tsc.adjust & MASK_64),
@@ -875,6 +880,10 @@ class Core(Registry):
             self.continue_in_hook(HookContext(after) if after is not None else None)
         else:
             self._trap_and_stop(_Trap("port", address=address, port=port, outcome=insn))
+
+    def _write_lbr_msr(self, msr: int, value: int) -> None:
+        if not self.lbr.write(msr, value):
+            raise GuestFault(Vector.GP, 0)
 
     def _at_cpl0(self, function: Callable, *args):
         """An MSR access: #GP(0) above CPL 0."""

@@ -19,6 +19,8 @@ intercepts' last exit; a forwarded hypercall).  What they hold, and why each is 
   forwarded hypercall awaiting ``resume``, the exit ``skip_instruction`` would skip, the
   breakpoint the machine stopped at (the next run passes it);
 * the instruction count (and whether it is exact), the virtual TSC, the console;
+* DEBUGCTL and the last branch recorded (lbr.py: the recording resumes with the next
+  branch after the snapshot's point);
 * every counter ``result().stats`` reports — the machine's, the port bus's, the unclaimed
   ports, SMRAM swaps — restored, not added to: a replay counts from the snapshot's values,
   so it reports what the first run reported;
@@ -26,8 +28,8 @@ intercepts' last exit; a forwarded hypercall).  What they hold, and why each is 
   again from it); the chipset's APM status and ICH9's SMI_EN, whose ports follow PMBASE;
 * the run loop's arming state: an instruction being stepped over (a code site run alone in
   a one-instruction slice), the opcodes flagged for code sites (the interrupt-window ones
-  are added by the first ``raise_intr``, and the adding reads translated code, which may
-  map a hidden SMRAM range), the sites found that translated code does not honour yet, and
+  are added by the first interrupt raised or pending, and the adding reads translated code,
+  which may map a hidden SMRAM range), the sites found that translated code does not honour yet, and
   which address spaces the loop has armed (it re-arms when that set grows).  The sites
   armed themselves are a cache: both ``snapshot()`` and ``restore()`` make code sites arm
   again from nothing (``CodeSites.rescan``), so a replay arms where the first run did.
@@ -145,6 +147,7 @@ CORE_PARTS = (
     Part(30, "cpu", _take_cpu, _put_cpu),
     Part(50, "events", _take_events, _put_events),
     Part(60, "count", _take_count, _put_count),
+    Part(65, "lbr", lambda machine: machine.lbr.state(), lambda machine, state: machine.lbr.restore(state)),
     Part(70, "stats", _take_stats, _put_stats),
     Part(75, "pci", lambda machine: machine.pci.state(), lambda machine, state: machine.pci.restore(state)),
     Part(90, "arming", _take_arming, _put_arming),

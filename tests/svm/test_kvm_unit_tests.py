@@ -32,12 +32,12 @@ def run_kut(capsys, selection: str) -> tuple[int, str]:
     "virq_inject",    # V_IRQ and its intercept (VINTR) under V_INTR_MASKING
     "host_rflags",    # a single-stepped VMRUN traps after the #VMEXIT
     "tsc_adjust",     # IA32_TSC_ADJUST (max), a TSC write from L2 sets L1's counter
+    "svm_lbrv_test1", "svm_lbrv_test3",     # LBR without LBRV: L2's branches reach L1; #VMEXIT is no branch
     "svm_pae_test",   # a legacy-PAE L2: CR3 and PDPTE reserved bits at VMRUN
     "svm_guest_state_test",     # VMRUN's consistency checks: CR4 bits the model lacks, the maps' limit, canonical bases
 ])
 def test_a_kvm_unit_test_passes(capsys, name):
     status, serial = run_kut(capsys, name)
-    # (a test kvm-unit-tests runs as "v2" reports its checks but no line of its own name)
-    assert f"SVM test: {name}" in serial and "PASS: " in serial and not re.search(r"^FAIL", serial, re.M), \
-        serial[-2000:]
+    # (a "v2" test reports its checks but no line of its own name; some report only failures)
+    assert f"SVM test: {name}" in serial and not re.search(r"^(FAIL|SKIP)", serial, re.M), serial[-2000:]
     assert re.search(r"^SUMMARY: \d+ tests\r?$", serial, re.M) and status == 1      # no unexpected failures
