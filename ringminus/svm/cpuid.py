@@ -7,8 +7,8 @@ for the model, minus what Unicorn cannot provide (the local APIC: there is none)
 listed up to the model's maximum read as zeros, as do leaves above it.
 
 SVM (APM Vol. 3 CPUID Fn8000_0001_ECX[SVM], Fn8000_000A): revision 1, 16 ASIDs (QEMU's
-value), NRIPS always, decode assists when the profile has them (§F.9), SKINIT when the profile
-executes it (§F.5).  Nested paging is not advertised: VMRUN with NP_ENABLE fails (§B.5).
+value), NRIPS always, decode assists when the profile has them (§F.9), VGIF on max, SKINIT
+when the profile executes it (§F.5).  Nested paging is not advertised: VMRUN with NP_ENABLE fails (§B.5).
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def _vendor_registers(vendor: bytes) -> tuple[int, int, int]:
     return ebx, ecx, edx
 
 
-def svm_features(profile: Profile) -> int:
-    return NRIPS | (DECODE_ASSISTS if profile.decode_assists else 0)
+def svm_features(profile: Profile, model: CpuModel) -> int:
+    return NRIPS | (DECODE_ASSISTS if profile.decode_assists else 0) | model.svm_edx
 
 
 def cpuid_table(model: CpuModel, profile: Profile) -> dict[int, tuple[int, int, int, int]]:
@@ -60,7 +60,7 @@ def cpuid_table(model: CpuModel, profile: Profile) -> dict[int, tuple[int, int, 
     if model.address_bits:
         table[0x8000_0008] = (model.address_bits, 0, 0, 0)
     if model.ext_ecx & SVM:
-        table[LEAF_SVM] = (SVM_REVISION, SVM_ASIDS, 0, svm_features(profile))
+        table[LEAF_SVM] = (SVM_REVISION, SVM_ASIDS, 0, svm_features(profile, model))
     return {leaf: values for leaf, values in table.items()
             if leaf <= model.level or 0x8000_0000 <= leaf <= model.xlevel}
 

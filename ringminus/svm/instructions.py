@@ -22,10 +22,10 @@ from ..arch.control import CR0_PE
 from ..arch.registers import GPRS
 from ..arch.segments import FLAG_DB, FLAG_G, FLAG_P, FLAG_S, Segment, canonical
 from ..arch.exceptions import GuestFault, Vector, gp
-from ..intercepts.vmcb import SAVE_AREA_OFFSET, SAVE_AREA_SIZE, VM_CR_R_INIT, VMCB_SAVE, read_segment
+from ..intercepts.vmcb import SAVE_AREA_OFFSET, SAVE_AREA_SIZE, V_GIF, VM_CR_R_INIT, VMCB_SAVE, read_segment
 from ..arch.segments import vmcb_attrib_from_flags
 from ..arch.models import max_physical_bits
-from .world import vmrun
+from .world import virtual_gif, vmrun
 
 if TYPE_CHECKING:
     from ..decode.decoder import Instruction
@@ -94,7 +94,11 @@ def _vmsave(machine: "Machine", insn: "Instruction") -> None:
 
 def _set_gif(value: bool) -> Callable[["Machine", "Instruction"], None]:
     def execute(machine: "Machine", insn: "Instruction") -> None:
-        machine.svm.gif = value
+        svm = machine.svm
+        if virtual_gif(machine):
+            svm.int_ctl = svm.int_ctl | V_GIF if value else svm.int_ctl & ~V_GIF
+        else:
+            svm.gif = value
         machine.cpu.rip = insn.next_rip
     return execute
 

@@ -17,7 +17,7 @@ from ..emulator.plugins import Msr, OnExit, Part, Source
 from ..emulator.cpu import At
 from ..emulator.result import Section, StopReason
 from ..intercepts.plugin import l1_checks, leave_guest
-from ..intercepts.vmcb import V_IGN_TPR, V_INTR_PRIO_MASK, V_INTR_PRIO_SHIFT, V_IRQ
+from ..intercepts.vmcb import V_GIF, V_IGN_TPR, V_INTR_PRIO_MASK, V_INTR_PRIO_SHIFT, V_IRQ
 from . import msrs, world
 from .cpuid import cpuid_table
 from .instructions import EXECUTE, vmcb_address
@@ -156,6 +156,8 @@ def _virtual_interrupt_ready(machine: "Machine") -> bool:
     and its priority is above V_TPR unless V_IGN_TPR."""
     svm, cpu = machine.svm, machine.cpu
     if not svm.guest_mode or not cpu["rflags"] & RFLAGS_IF or cpu.interrupt_shadow:
+        return False
+    if world.virtual_gif(machine) and not svm.int_ctl & V_GIF:
         return False
     tpr = cpu["cr8"] if svm.v_intr_masking else svm.int_ctl & 0xF
     return bool(svm.int_ctl & V_IGN_TPR) or (svm.int_ctl & V_INTR_PRIO_MASK) >> V_INTR_PRIO_SHIFT > tpr

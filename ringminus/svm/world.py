@@ -40,10 +40,10 @@ from ..intercepts.plugin import enter_guest, leave_guest
 from ..intercepts.controls import IOPM_BYTES, MSRPM_BYTES, InterceptControls
 from ..arch.exitcodes import ExitCode
 from ..intercepts.vmcb import (EVENT_VALID, GUEST_INTERRUPT_MASK, INTERCEPT_WORDS, INTERRUPT_SHADOW, MAP_ADDRESS_MASK,
-                               SAVE_AREA_OFFSET, V_INTR_MASKING, V_TPR_MASK, VMCB_CONTROL, VMCB_SAVE, EventInfo,
+                               SAVE_AREA_OFFSET, V_GIF_ENABLE, V_INTR_MASKING, V_TPR_MASK, VMCB_CONTROL, VMCB_SAVE, EventInfo,
                                EventType, TlbControl, VmrunCandidate, first_failure)
 from ..arch.segments import canonical, flags_from_vmcb_attrib, vmcb_attrib_from_flags
-from ..arch.models import max_physical_bits
+from ..arch.models import MODELS, VGIF, max_physical_bits
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -254,6 +254,14 @@ def _consistency(machine: "Machine", save: tuple, control: dict[str, int]) -> st
             cache.clear()
         cache[key] = first_failure(_candidate(machine, save, control))
     return cache[key]
+
+
+def virtual_gif(machine: "Machine") -> bool:
+    """VGIF is on (APM §15.33): in guest mode on a model with VGIF whose VMCB sets
+    V_GIF_ENABLE, STGI and CLGI set and clear int_ctl's V_GIF instead of GIF, and V_GIF = 0
+    holds virtual interrupts (QEMU's virtual_gif_enabled, KVM's nested vGIF)."""
+    svm = machine.svm
+    return bool(svm.guest_mode and svm.int_ctl & V_GIF_ENABLE and MODELS[machine.cpu_model].svm_edx & VGIF)
 
 
 def _pdptes_refused(machine: "Machine", save: tuple) -> str | None:

@@ -29,7 +29,7 @@ IDT = 0x4000                    # L1's IDT (the long boot state's; 256 not-prese
 L1_HANDLERS = 0x180000          # L1 interrupt/exception handlers
 L2_HANDLERS = L2_CODE + 0x800
 EFER, VM_HSAVE_PA = 0xC000_0080, 0xC001_0117
-V_IRQ, V_INTR_MASKING = 1 << 8, 1 << 24
+V_IRQ, V_GIF, V_INTR_MASKING, V_GIF_ENABLE = 1 << 8, 1 << 9, 1 << 24, 1 << 25
 EVENT_VALID, EVENT_EV = 1 << 31, 1 << 11
 EXCEPTION = 3
 
@@ -1319,3 +1319,20 @@ def test_vmexit_records_the_interrupt_shadow_of_an_intercepted_instruction_after
     assert [(e.exitcode, e.rip) for e in hv.exits()] == [(CPUID, at[1]), (CPUID, at[3]), (HLT, at[4])]
     assert hv.result(0x100) == 2
     assert (hv.result(0x108) & 1, hv.result(0x110) & 1) == (0, 1)
+
+
+@pytest.mark.parametrize("model,virtual", [("max", True), ("qemu64", False)])
+def test_stgi_and_clgi_in_l2_with_vgif(model, virtual):
+    """APM §15.33 (kvm-unit-tests' vgif): on a model with VGIF and V_GIF_ENABLE set, L2's CLGI
+    and STGI clear and set int_ctl.V_GIF, not GIF, and V_GIF = 0 holds a virtual interrupt;
+    without VGIF (qemu64) they are GIF's."""
+    hv, _, _ = virtual_interrupt_guest([CLGI, "sti", "nop", "nop", "hlt"], 0x2)
+    hv.machine_args["cpu_model"] = model
+    hv.control["int_ctl"] |= V_GIF_ENABLE | V_GIF
+    assert hv.run().stop.reason is StopReason.HLT
+    exits = hv.exits()
+    assert [e.exitcode for e in exits] == [HLT]
+    if virtual:
+        assert exits[0].int_ctl & (V_GIF | V_IRQ) == V_IRQ                # V_GIF cleared, V_IRQ held
+    else:
+        assert exits[0].int_ctl & V_GIF                                  # untouched: CLGI cleared GIF
