@@ -54,7 +54,7 @@ from ..harness.vectors import BITS
 from ..intercepts import InterceptControls
 from ..intercepts.controls import LAST_INTERCEPT_BIT
 from ..intercepts.profiles import PROFILES
-from ..arch.models import MODELS
+from ..arch.models import LM, MODELS
 from . import Finding, viaboth
 
 MAX_ANSWERS = 300
@@ -178,7 +178,8 @@ def _event_kind(rng: random.Random) -> tuple[str, int]:
 def scenario(seed: int, rng: random.Random) -> Scenario:
     inguest_l1 = rng.random() < 0.05                # 64 MiB machines: costly to copy and compare
     mode, cpl = rng.choice(MODES)
-    cpu_model = "qemu64" if mode == "long" or inguest_l1 else rng.choice(sorted(MODELS))
+    long_mode_models = sorted(name for name in MODELS if MODELS[name].ext_edx & LM)
+    cpu_model = rng.choice(long_mode_models if mode == "long" or inguest_l1 else sorted(MODELS))
     bits = BITS[mode]
     events = tuple((rng.randrange(BUDGETS[-1] * 2), *_event_kind(rng)) for _ in range(rng.choice((0, 1, 2, 4, 8))))
     guest = None
