@@ -239,6 +239,8 @@ def one_run(seed: int) -> None:
     if not result.smm["smm"]:
         raise Finding("contract", f"breakpoint at the SMI handler {smbase + L.ENTRY_OFFSET:#x} outside SMM",
                       key="SMI handler outside SMM")
+    if machine.read_view(smbase + L.ENTRY_OFFSET, len(RSM)) != RSM:
+        return                                                  # the stream wrote over its handler (plain RAM)
     address = smbase + L.SAVE_AREA
     saved = machine.read_view(address, L.SAVE_AREA_SIZE)
     area = bytearray(saved)

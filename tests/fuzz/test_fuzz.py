@@ -117,3 +117,11 @@ def test_usage_errors_are_one_line_and_status_2(argv, capsys):
     assert runner.main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+
+
+def test_a_stream_that_writes_over_its_smi_handler_is_no_finding():
+    """savemap seed 4318564: the random stream stored over the RSM at SMBASE+0x8000 in plain
+    RAM before its SMI, so the handler never returned.  The campaign's round trip needs RSM
+    there; without it the run proves nothing and is not a finding."""
+    from ringminus.fuzz import savemap
+    savemap.one_run(4318564)
