@@ -308,3 +308,19 @@ expect = { completes = true }
 def test_the_campaign_tells_the_time_stamp_counter_apart():
     registers, why = campaign_verdict(READS_THE_TSC)
     assert registers == {"rax"} and why.startswith("the time-stamp counter")
+
+
+# Campaign seed 4315256, cut down: RDMSR 10h reads the same clock as RDTSC (since MSR 10h
+# stopped reading 0), and the campaign must tell it apart the same way.
+READS_THE_TSC_MSR = """
+[[vector]]
+name = "rdmsr-10-through-either-l1"
+mode = "real"
+code = "66b9100000000f32"
+expect = { completes = true }
+"""
+
+
+def test_the_campaign_tells_the_tsc_msr_apart():
+    registers, why = campaign_verdict(READS_THE_TSC_MSR)
+    assert "rax" in registers and why.startswith("the time-stamp counter")
