@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 from unicorn import UC_HOOK_CODE
 
+from ..arch.exceptions import gp
+
 if TYPE_CHECKING:
     from .machine import Core
 
@@ -39,14 +41,13 @@ class BranchRecord:
         return {MSR_DEBUGCTL: self.debugctl, MSR_LAST_BRANCH_FROM: self.from_ip,
                 MSR_LAST_BRANCH_TO: self.to_ip}.get(msr, 0)
 
-    def write(self, msr: int, value: int) -> bool:
-        """False: a reserved DEBUGCTL bit (#GP).  The branch MSRs ignore writes."""
+    def write(self, msr: int, value: int) -> None:
+        """A reserved DEBUGCTL bit is #GP(0).  The branch MSRs ignore writes."""
         if msr != MSR_DEBUGCTL:
-            return True
+            return
         if value & ~DEBUGCTL_DEFINED:
-            return False
+            raise gp()
         self.set_debugctl(value)
-        return True
 
     def set_debugctl(self, value: int) -> None:
         self.debugctl = value

@@ -201,16 +201,15 @@ class Core(Registry):
         self._armed_epoch = -1                      # paging_epoch when the last run ended
         self._armed_spaces: dict[tuple, int] = {}  # address space -> how many sites are armed there
         Registry.__init__(self, boundary.CORE_SOURCES, CORE_PARTS, STAT_KEYS)     # what features attach
-        self.add_msr(Msr(lambda msr: msr == MSR_TSC, lambda msr: self._at_cpl0(self.tsc.read),
-                         lambda msr, value: self._at_cpl0(self.tsc.write, value)))
+        self.add_msr(Msr(lambda msr: msr == MSR_TSC, lambda msr: self.tsc.read(),
+                         lambda msr, value: self.tsc.write(value)))
         self.lbr = BranchRecord(self)
-        self.add_msr(Msr(lambda msr: msr in LBR_MSRS, lambda msr: self._at_cpl0(self.lbr.read, msr),
-                         lambda msr, value: self._at_cpl0(self._write_lbr_msr, msr, value)))
+        self.add_msr(Msr(lambda msr: msr in LBR_MSRS, self.lbr.read, self.lbr.write))
         self.add_reset_hook(lambda: self.lbr.set_debugctl(0))
         if MODELS[cpu_model].leaf7_ebx & TSC_ADJUST:
             self.add_msr(Msr(lambda msr: msr == MSR_TSC_ADJUST,
-                             lambda msr: self._at_cpl0(lambda: self.tsc.adjust & MASK_64),
-                             lambda msr, value: self._at_cpl0(self.tsc.write_adjust, value)))
+                             lambda msr: self.tsc.adjust & MASK_64,
+                             lambda msr, value: self.tsc.write_adjust(value)))
         self.intr_unmasked: Callable[[], bool] = self._intr_unmasked     # SVM: set_intr_unmasked
         self.delivery.intercept = self._intercept_event
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
@@ -881,16 +880,6 @@ class Core(Registry):
         else:
             self._trap_and_stop(_Trap("port", address=address, port=port, outcome=insn))
 
-    def _write_lbr_msr(self, msr: int, value: int) -> None:
-        if not self.lbr.write(msr, value):
-            raise GuestFault(Vector.GP, 0)
-
-    def _at_cpl0(self, function: Callable, *args):
-        """An MSR access: #GP(0) above CPL 0."""
-        if self.cpu.cpl:
-            raise GuestFault(Vector.GP, 0)
-        return function(*args)
-
     def _kept_msr(self, msr: int) -> Msr | None:
         return next((kept for kept in self._msrs if kept.handles(msr)), None)
 
@@ -1300,11 +1289,14 @@ class Core(Registry):
             self.deliver(Event(Vector.UD, EventKind.EXCEPTION, rip))
 
     def _emulate_msr(self, insn: Instruction) -> None:
-        """RDMSR/WRMSR of an MSR a feature keeps (add_msr), at CPU ``insn``."""
+        """RDMSR/WRMSR of an MSR a feature keeps (add_msr), at CPU ``insn``: #GP(0) above CPL 0
+        (before the MSR is looked at), else the MSR's own read or write."""
         cpu, rip = self.cpu, insn.address
         msr = cpu["ecx"]
         kept = self._kept_msr(msr)
         try:
+            if cpu.cpl:
+                raise GuestFault(Vector.GP, 0)
             if insn.row.name == "rdmsr":
                 value = kept.read(msr)
                 cpu["rax"], cpu["rdx"] = value & 0xFFFF_FFFF, value >> 32

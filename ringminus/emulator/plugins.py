@@ -118,7 +118,8 @@ HookExecutor = Callable[["Instruction", HookContext], bool]
 
 class Msr(NamedTuple):
     """An MSR the machine keeps (Unicorn's would be wrong): ``handles(msr)`` is asked at each
-    RDMSR/WRMSR site; ``read``/``write`` raise GuestFault as the instruction would."""
+    RDMSR/WRMSR site; ``read``/``write``, called at CPL 0 only (the core raises #GP(0) above
+    it), raise GuestFault as the instruction would."""
     handles: Callable[[int], bool]
     read: Callable[[int], int]
     write: Callable[[int, int], None]

@@ -4,7 +4,7 @@ VM_HSAVE_PA and VM_CR.  Unicorn cannot hook RDMSR/WRMSR; the machine arms their 
 and calls ``read``/``write`` here for these MSRs only (every other MSR runs natively).
 
 Rules (APM Vol. 2 §3.1.7, §15.30; KVM ``kvm_valid_efer``/``set_efer``, ``svm_set_vm_cr``):
-RDMSR/WRMSR at CPL > 0 raise #GP(0); a WRMSR to EFER with a bit the CPU model does not
+RDMSR/WRMSR at CPL > 0 raise #GP(0) (the core's check, for every kept MSR); a WRMSR to EFER with a bit the CPU model does not
 support, a change of LME while paging is on, or SVME while VM_CR.SVMDIS is set raise #GP(0);
 LMA is read-only (the write keeps it).  VM_HSAVE_PA must be page-aligned and inside the
 physical address width.  VM_CR: bits 4:0 exist; once SVMDIS is set, LOCK and SVMDIS cannot
@@ -77,14 +77,10 @@ def emulates(machine: "Machine", msr: int) -> bool:
 
 
 def read(machine: "Machine", msr: int) -> int:
-    """RDMSR of an emulated MSR (GuestFault on #GP)."""
-    if machine.cpu.cpl:
-        raise gp()
+    """RDMSR of an emulated MSR at CPL 0 (the core faults the others)."""
     return EMULATED[msr][0](machine)
 
 
 def write(machine: "Machine", msr: int, value: int) -> None:
-    """WRMSR of an emulated MSR (GuestFault on #GP)."""
-    if machine.cpu.cpl:
-        raise gp()
+    """WRMSR of an emulated MSR at CPL 0 (GuestFault on #GP)."""
     EMULATED[msr][1](machine, value)

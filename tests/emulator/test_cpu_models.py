@@ -4,7 +4,7 @@ import pytest
 
 from ringminus import StopReason
 
-from ..helpers import LOAD, boot_guest
+from ..helpers import LOAD, asm, boot_guest
 
 # (name, bytes, {model: executes?}); every instruction then HLTs.  Long mode for qemu64,
 # 32-bit protected mode for qemu32 (it has no long mode).
@@ -125,10 +125,15 @@ def test_the_tsc_msr_reads_and_sets_the_time_stamp_counter():
     assert other.run(max_instructions=20).regs["r9"] == 0x100001
 
 
+@pytest.mark.parametrize("msr,machine", [(0x10, "none"), (0x1D9, "none"), (0xC000_0080, "none"), (0x1B, "q35")],
+                         ids=["tsc", "debugctl", "efer", "apic-base-on-q35"])
 @pytest.mark.parametrize("access", [READ, WRITE], ids=["rdmsr", "wrmsr"])
-def test_the_tsc_msr_at_cpl3_is_gp(access):
-    result = boot_guest(access.format(msr=0x10), "long", cpl=3).run(max_instructions=10)
-    assert [e["vector"] for e in result.events if e["kind"] == "exception"][:1] == [13]
+def test_a_kept_msr_at_cpl3_is_gp(access, msr, machine):
+    """The core's check, before any MSR's own: the local APIC's base had none."""
+    source = access.format(msr=msr)
+    result = boot_guest(source, "long", cpl=3, machine=machine).run(max_instructions=10)
+    at = LOAD["long"] + len(asm(source.split("; rdmsr")[0].split("; wrmsr")[0], 64))
+    assert [(e["vector"], e["rip"]) for e in result.events if e["kind"] == "exception"][:1] == [(13, at)]
 
 
 def test_max_advertises_what_it_runs():
