@@ -37,7 +37,7 @@ Expected differences (the two L1s are different hypervisors; the L2 can see that
 * The time-stamp counter.  RDTSC and RDTSCP read the virtual clock (one tick per instruction
   retired), and on the in-guest side the L1's own instructions come first: the L2 reads a
   larger count there (and whatever it computes from it differs).  Recognised when the
-  host-side L2, run again, read the counter: RDTSC, RDTSCP or RDMSR 10h.
+  host-side L2 read the counter: RDTSC, RDTSCP or RDMSR 10h.
 * The instruction budget.  Both sides run with the same budget, but the in-guest side also
   counts L1's own instructions (and the entry stub's), so a run that ends at the limit on one
   side may end otherwise on the other; a limit on both sides is the same outcome.
@@ -431,10 +431,9 @@ def _traced(vector: TestVector):
     return machine, [line for line in trace.getvalue().splitlines() if line]
 
 
-def _read_the_tsc(vector: TestVector) -> bool:
-    """The host-side L2, run again, read the time-stamp counter (RDTSC, RDTSCP, RDMSR 10h) or
-    wrote it: the virtual TSC holds a last value read only then."""
-    machine, _ = _traced(vector)
+def _read_the_tsc(machine) -> bool:
+    """The host-side L2 (its run's ``machine``) read the time-stamp counter (RDTSC, RDTSCP,
+    RDMSR 10h) or wrote it: the virtual TSC holds a last value read only then."""
     return machine.tsc.value >= 0
 
 
@@ -459,7 +458,7 @@ def expected_difference(vector: TestVector, host: Outcome, guest: Outcome, machi
         return "l1-memory"
     if _rewrote_code_it_ran(vector):
         return "self-modifying code (Unicorn's flags)"
-    if _read_the_tsc(vector):
+    if _read_the_tsc(machine):
         return "the time-stamp counter (the in-guest L1's instructions take time)"
     if runner.differences(again, guest) is None:
         return "vm_hsave_pa read"
