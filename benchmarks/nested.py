@@ -17,6 +17,12 @@ Baselines, on the same guest image in the same process (DESIGN.md §3 rule 5):
 * **bare Unicorn, native loop**: L1's loop alone with VMRUN replaced by a 3-byte NOP (no L2,
   no Python): what the guest instructions themselves cost.
 
+Nested paging (the ``max`` model): the same loop with NP_ENABLE and an identity map at N_CR3
+(4 KiB pages below 4 MiB, 2 MiB above), its L2 storing to one page every iteration (a warm
+working set) or to a fresh page every iteration — against the same two L2s without nested
+paging.  With nested paging ringminus fills Unicorn's TLB itself (a Python walk of both
+stages per miss), and every VMRUN and #VMEXIT flushes it, as KVM's nested transitions do.
+
 Each figure is the best of ``--repeat`` runs (exit rates on a shared machine vary by 2x).
 Timing is never asserted in tests.
 
@@ -74,6 +80,12 @@ wrong_exit:
 """
 # L2: a CPUID per iteration, each one exits.
 L2 = "l: mov eax, 0\ncpuid\njmp l"
+# L2s that store to memory first: one page over and over, or the next page each time (RSI
+# starts at FRESH_BASE; L1 never writes RSI, so it survives the exits).
+L2_WARM = "l: mov eax, 0\nmov [0x390000], eax\ncpuid\njmp l"
+L2_FRESH = "l: mov eax, 0\nmov [rsi], eax\nadd rsi, 0x1000\ncpuid\njmp l"
+FRESH_BASE = 0x1000000
+NPT_TABLES = 0x3C0000                   # PML4, PDPT, PD, two page tables
 
 
 BARE_ENTRY = ".byte 0x0f, 0x01, 0xd8"                  # VMRUN
@@ -104,12 +116,27 @@ def vmcb_bytes() -> bytes:
     return bytes(buffer)
 
 
-def ringminus_run(exits: int, profile: str = "kvm", entry: str = BARE_ENTRY) -> dict:
-    machine = Machine(profile=profile)
+def nested_tables() -> bytes:
+    """An identity map for N_CR3 = NPT_TABLES: 4 KiB pages below 4 MiB, 2 MiB pages to 1 GiB."""
+    pml4, pdpt, pd, pt = (NPT_TABLES + i * 0x1000 for i in range(4))
+    directory = [pt | 7, (pt + 0x1000) | 7] + [(i << 21) | 0x87 for i in range(2, 512)]
+    return b"".join((struct.pack("<Q", pdpt | 7).ljust(0x1000, b"\0"), struct.pack("<Q", pd | 7).ljust(0x1000, b"\0"),
+                     struct.pack("<512Q", *directory), struct.pack("<1024Q", *[(i << 12) | 7 for i in range(1024)])))
+
+
+def ringminus_run(exits: int, profile: str = "kvm", entry: str = BARE_ENTRY, l2: str = L2, npt: bool = False) -> dict:
+    machine = Machine(profile=profile, cpu_model="max" if npt else "qemu64",
+                      memory_size=(FRESH_BASE >> 20) + (exits >> 8) + 2 << 20 if l2 is L2_FRESH else 64 << 20)
     machine.write_memory(L1_CODE, l1_code(exits, entry))
-    machine.write_memory(L2_CODE, assemble(L2, L2_CODE))
-    machine.write_memory(VMCB, vmcb_bytes())
+    machine.write_memory(L2_CODE, assemble(l2, L2_CODE))
+    vmcb = bytearray(vmcb_bytes())
+    if npt:
+        control = vmcb_view(vmcb)["control"]
+        control["nested_control"], control["n_cr3"] = 1, NPT_TABLES
+        machine.write_memory(NPT_TABLES, nested_tables())
+    machine.write_memory(VMCB, bytes(vmcb))
     machine.boot("long", L1_CODE)
+    machine["rsi"] = FRESH_BASE
     t = perf_counter()
     result = machine.run()
     elapsed = perf_counter() - t
@@ -208,6 +235,9 @@ def main(argv=None) -> int:
     banner(f"{args.exits:,} CPUID round trips per run", f"best of {args.repeat}", f"profile {args.profile}")
     nested = best(lambda exits: ringminus_run(exits, args.profile), args.exits, args.repeat)
     full = best(lambda exits: ringminus_run(exits, args.profile, FULL_ENTRY), args.exits, args.repeat)
+    paging = {(name, npt): best(lambda exits, l2=l2, npt=npt: ringminus_run(exits, args.profile, l2=l2, npt=npt),
+                                args.exits, args.repeat)
+              for name, l2 in (("warm", L2_WARM), ("fresh", L2_FRESH)) for npt in (False, True)}
     switch = best(bare_switch_run, args.exits, args.repeat)
     native = best(bare_native_run, args.exits, args.repeat)
     target = 20_000
@@ -222,11 +252,17 @@ def main(argv=None) -> int:
           f"({switch['us_per_round_trip']:.1f} us per round trip)")
     print(f"bare Unicorn, native loop (VMRUN as NOP):       {native['exits_per_s']:>10,.0f} iterations/s "
           f"({native['us_per_round_trip'] * 1000:.0f} ns each)")
+    for name, what in (("warm", "one page over and over"), ("fresh", "a fresh page each time ")):
+        off, on = paging[(name, False)], paging[(name, True)]
+        print(f"L2 stores to {what}: NPT off {off['exits_per_s']:>8,.0f}/s, NPT on {on['exits_per_s']:>8,.0f}/s "
+              f"({on['exits_per_s'] / off['exits_per_s']:.2f} of off)")
     ratio = nested["us_per_round_trip"] / switch["us_per_round_trip"]
     print(f"ratio: a ringminus world switch costs {ratio:.1f}x the minimal Python switch")
     write_json(args.json, {"ringminus": nested, "ringminus_full_entry": full, "full_entry_ratio": full_ratio,
                            "bare_minimal_switch": switch, "bare_native_loop": native,
                            "ratio_to_minimal_switch": ratio, "target_exits_per_s": target,
+                           "nested_paging": {f"{name}_{'on' if npt else 'off'}": figure
+                                             for (name, npt), figure in paging.items()},
                            "unicorn": UNICORN_VERSION, "profile": args.profile})
     return 0
 

@@ -1,5 +1,6 @@
-"""Exception vectors, their classes, and the Python signal for a fault raised while ringminus
-itself performs an access on the guest's behalf (event delivery, emulated instructions)."""
+"""Exception vectors, their classes, and the Python signals for a fault raised while ringminus
+itself performs an access on the guest's behalf (event delivery, emulated instructions):
+an architectural exception, or a second translation stage's refusal."""
 from __future__ import annotations
 
 from enum import IntEnum
@@ -54,3 +55,15 @@ def gp(error_code: int = 0) -> GuestFault:
 
 def ud() -> GuestFault:
     return GuestFault(Vector.UD)
+
+
+class SecondStageFault(Exception):
+    """A guest-physical address that a second translation stage refuses (SVM nested paging's
+    #NPF): not an exception the guest sees — the hypervisor that owns the stage takes it as an
+    exit (the gate's ``second_stage_exit``).  ``info`` is the stage's fault description (for
+    SVM, EXITINFO1), ``address`` the guest-physical address."""
+
+    def __init__(self, info: int, address: int):
+        super().__init__(f"second-stage fault at guest-physical {address:#x} ({info:#x})")
+        self.info = info
+        self.address = address

@@ -25,7 +25,8 @@ FSGSBASE, TSC_ADJUST, BMI1, SMEP, BMI2, ADX, SMAP, CLFLUSHOPT, CLWB = (
     1 << b for b in (0, 1, 3, 7, 8, 19, 20, 23, 24))                          # Fn0000_0007 EBX
 SYSCALL, NX, MMXEXT, RDTSCP, LM = 1 << 11, 1 << 20, 1 << 22, 1 << 27, 1 << 29   # Fn8000_0001 EDX
 LAHF_LM, SVM, ABM, SSE4A, SKINIT = 1 << 0, 1 << 2, 1 << 5, 1 << 6, 1 << 12      # Fn8000_0001 ECX
-VGIF = 1 << 16                                                                  # Fn8000_000A EDX
+NESTED_PAGING, LBR_VIRTUALIZATION, PAUSE_FILTER, PAUSE_FILTER_THRESHOLD, VGIF, VNMI = (
+    1 << b for b in (0, 1, 10, 12, 16, 25))                                     # Fn8000_000A EDX
 AMD_ALIASES = 0x0183F3FF      # Fn0000_0001 EDX bits AMD repeats in Fn8000_0001 EDX (QEMU)
 BRAND = b"QEMU Virtual CPU version 2.5+"
 
@@ -77,7 +78,8 @@ MODELS = {m.name: m for m in (
     CpuModel("max", b"AuthenticAMD", 0xD, 0x8000_000A, 0x0000_0663, PPRO | MTRR | CLFLUSH | MCA | PSE36,
              SSE3 | PCLMULQDQ | SSSE3 | CX16 | SSE41 | SSE42 | MOVBE | POPCNT | AES | RDRAND,
              LM | SYSCALL | NX | MMXEXT | RDTSCP, LAHF_LM | SVM | ABM | SSE4A, 0x3028, UC_CPU_X86_EPYC_ROME,
-             leaf7_ebx=FSGSBASE | TSC_ADJUST | BMI1 | SMEP | BMI2 | ADX | SMAP | CLFLUSHOPT | CLWB, svm_edx=VGIF),
+             leaf7_ebx=FSGSBASE | TSC_ADJUST | BMI1 | SMEP | BMI2 | ADX | SMAP | CLFLUSHOPT | CLWB,
+             svm_edx=NESTED_PAGING | LBR_VIRTUALIZATION | PAUSE_FILTER | PAUSE_FILTER_THRESHOLD | VGIF | VNMI),
 )}
 
 

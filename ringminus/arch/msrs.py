@@ -10,6 +10,7 @@ from __future__ import annotations
 MSR_TSC = 0x10
 MSR_TSC_AUX = 0xC000_0103
 MSR_TSC_ADJUST = 0x3B
+MSR_PAT = 0x277
 MTRR_VARIABLE = range(0x200, 0x210)                      # PHYSBASE0..PHYSMASK7
 MTRR_FIXED = (0x250, 0x258, 0x259, *range(0x268, 0x270))
 MACHINE_CHECK_BANKS = range(0x400, 0x400 + 4 * 10)       # QEMU's MCE_BANKS_DEF banks of 4
@@ -23,7 +24,7 @@ NATIVE_MSRS = frozenset({
     0x179, 0x17A, 0x17B,                                 # MCG_CAP/STATUS/CTL
     0x198,                                               # PERF_STATUS
     0x1A0,                                               # MISC_ENABLE
-    *MTRR_VARIABLE, *MTRR_FIXED, 0x277, 0x2FF,           # MTRRs, PAT, MTRRdefType
+    *MTRR_VARIABLE, *MTRR_FIXED, MSR_PAT, 0x2FF,         # MTRRs, PAT, MTRRdefType
     *MACHINE_CHECK_BANKS,
     0xD90,                                               # BNDCFGS
     0xC000_0080, 0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084,   # EFER STAR LSTAR CSTAR FMASK

@@ -110,7 +110,7 @@ ROWS = (
     Row("iret",        OF("cf"),   None, Flag.NONE, None, I(E.IRET, PRE)),
     Row("int_n",       OF("cd"),   None, Flag.NONE, None, I(E.SWINT, PRE, "swint"), immediate=1),
     Row("invd",        OF("0f08"), None, P, None, I(E.INVD)),
-    Row("pause",       OF("90"),   None, Flag.NONE, None, I(E.PAUSE, PRE), prefix=0xF3),
+    Row("pause",       OF("90"),   None, Flag.NONE, None, I(E.PAUSE, PRE, "pause"), prefix=0xF3),
     Row("hlt",         OF("f4"),   None, P, None, I(E.HLT, POST, "hlt")),
     Row("invlpg",      OF("0f01"), "/7", P | MO | NA, None, I(E.INVLPG, POST, "invlpg"), operand_size=1),
     Row("invlpga",     OF("0f01"), 0xDF, PR | P | EX, "svme", I(E.INVLPGA)),

@@ -93,7 +93,7 @@ def take_pending_event(machine: "Core") -> bool:
         source = next((source for source in machine._sources if source.ready(machine)), None)
         if source is None:
             break
-        if not machine.intercepted(source.exit_code):
+        if source.exit_code is None or not machine.intercepted(source.exit_code):
             source.take(machine)
             break
         machine.halted = False

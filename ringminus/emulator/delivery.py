@@ -18,7 +18,7 @@ from ..arch.segments import (FLAG_DB, SYS_INT_GATE, SYS_INT_GATE16, SYS_TASK_GAT
                           TYPE_WRITABLE, Segment, unpack_descriptor, unpack_gate)
 from .paging import LinearMemory
 from .segmentation import canonical
-from ..arch.exceptions import CONTRIBUTORY, PUSHES_ERROR_CODE, GuestFault, Vector
+from ..arch.exceptions import CONTRIBUTORY, PUSHES_ERROR_CODE, GuestFault, SecondStageFault, Vector
 
 
 class EventKind(Enum):
@@ -86,6 +86,9 @@ class Delivery:
         self.cpu = cpu
         self.mem = linear
         self.intercept: InterceptCallback | None = None
+        # A second stage refusing an access of the delivery: its hypervisor's exit, with the
+        # event in flight (EXITINTINFO) and the RIP the event restarts at.
+        self.second_stage_exit: Callable[[SecondStageFault, Event, int], None] | None = None
 
     def _intercepted(self, event: Event, during: Event | None) -> bool:
         return self.intercept is not None and self.intercept(event, during)
@@ -101,6 +104,10 @@ class Delivery:
             try:
                 self._deliver_once(current)
                 return Delivered.DELIVERED
+            except SecondStageFault as fault:
+                restart = current.instruction_rip if current.instruction_rip is not None else current.return_rip
+                self.second_stage_exit(fault, current, restart)
+                return Delivered.INTERCEPTED
             except GuestFault as fault:
                 restart = current.instruction_rip if current.instruction_rip is not None else current.return_rip
                 nested = Event(fault.vector, EventKind.EXCEPTION, restart, fault.error_code, fault.cr2)

@@ -23,14 +23,15 @@ from typing import Callable, TextIO
 
 import numpy as np
 from unicorn import (UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR,
-                     UC_HOOK_MEM_INVALID, UC_MEM_FETCH_PROT, UC_MEM_FETCH_UNMAPPED, UC_MEM_READ_UNMAPPED,
-                     UC_MEM_WRITE_PROT, UC_MEM_WRITE_UNMAPPED, UC_MODE_64, Uc, UcError)
+                     UC_HOOK_MEM_INVALID, UC_HOOK_TLB_FILL, UC_MEM_FETCH, UC_MEM_FETCH_PROT, UC_MEM_FETCH_UNMAPPED,
+                     UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_PROT, UC_MEM_WRITE_UNMAPPED, UC_MODE_64, UC_TLB_CPU,
+                     UC_TLB_VIRTUAL, Uc, UcError)
 from unicorn import x86_const as X
 
-from ..arch.control import CR0_PG, RFLAGS_IF, cr_write_refused
-from ..arch.exceptions import PUSHES_ERROR_CODE, GuestFault, Vector
+from ..arch.control import CR0_PG, RFLAGS_IF, RFLAGS_TF, cr_write_refused
+from ..arch.exceptions import PUSHES_ERROR_CODE, GuestFault, SecondStageFault, Vector
 from ..arch.exitcodes import ExitCode
-from ..arch.models import LM, MODELS, TSC_ADJUST
+from ..arch.models import LM, MODELS, TSC_ADJUST, max_physical_bits
 from ..arch.msrs import MSR_TSC, MSR_TSC_ADJUST
 from ..arch.registers import SEGMENT_REGISTERS
 from ..arch.segments import Segment
@@ -49,7 +50,7 @@ from .irq import InterruptController, InterruptLine
 from .lbr import LBR_MSRS, BranchRecord
 from .memory import ROM, MissingMemory, PhysicalMemory, UnbackedMemory
 from .mmio import MmioBus, MmioDevice, MmioRegion
-from .paging import LinearMemory
+from .paging import LinearMemory, SecondStage
 from .pci import PciBus
 from .plugins import Gate, HookContext, Msr, OnExit, Registry, Source
 from .ports import DEBUGCON_PORT, EXIT_PORT, DebugConsole, ExitDevice, IoAccess, PortBus, io_permitted
@@ -61,6 +62,8 @@ DEFAULT_MEMORY = 64 << 20
 CLOCKS = ("virtual", "host")
 UNBOUNDED_COUNT = 1 << 62
 MASK_64 = 0xFFFF_FFFF_FFFF_FFFF
+CHAIN_LIMIT = 8                 # instructions a hook executes after its own (_chain_in_hook)
+DR7_ENABLES = 0xFF              # L0-G3: a breakpoint armed
 ROTATES = frozenset({0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3})     # group 2: /2 RCL, /3 RCR
 STAT_KEYS = ("slices", "exceptions_delivered", "interrupts_delivered", "device_interrupts", "port_reads",
              "port_writes", "unclaimed_port_reads", "unclaimed_port_writes")
@@ -111,7 +114,7 @@ class _Trap:
     port: int = 0
     detail: str = ""
     outcome: object = None      # "exit": the gate's exit; "fault": a Fault; "port", "msr": the insn
-    flags_in_cc_src: bool = False   # "memory", "miss": see Core._flags_in_cc_src
+    flags_in_cc_src: bool = False   # "memory", "miss", "refused fill": see Core._flags_in_cc_src
     handler: object = None      # "miss": the handler that maps the address
 
 
@@ -139,7 +142,7 @@ class Core(Registry):
         self.uc.ctl_set_exits([])
         self.cpu = Cpu(self.uc)
         self.memory = PhysicalMemory(self.uc, memory_size)
-        self.linear = LinearMemory(self.cpu, self.memory)
+        self.linear = LinearMemory(self.cpu, self.memory, max_physical_bits(cpu_model))
         self.delivery = Delivery(self.cpu, self.linear)
         self.ports = PortBus()
         self.console = DebugConsole(on_output=self.output_written)
@@ -212,11 +215,15 @@ class Core(Registry):
                              lambda msr, value: self.tsc.write_adjust(value)))
         self.intr_unmasked: Callable[[], bool] = self._intr_unmasked     # SVM: set_intr_unmasked
         self.delivery.intercept = self._intercept_event
+        self.delivery.second_stage_exit = lambda fault, event, rip: self.gate.take_exit(
+            self.gate.second_stage_exit(fault, event, rip))
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid_opcode)
         self.uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         self.uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
         self.uc.hook_add(UC_HOOK_MEM_INVALID, self._on_bad_memory)
+        # Called only while a second stage has Unicorn's TLB filled by ringminus (nested paging).
+        self.uc.hook_add(UC_HOOK_TLB_FILL, self._on_tlb_fill)
 
     # -- setting up ------------------------------------------------------------------------
     def boot(self, state: boot_states.BootState | str, entry: int = 0, cpl: int = 0) -> None:
@@ -284,7 +291,7 @@ class Core(Registry):
             return
         try:
             descriptor = self.delivery.read_descriptor(selector, Vector.GP, 0)
-        except (GuestFault, UnbackedMemory):
+        except (GuestFault, SecondStageFault, UnbackedMemory):
             raise ValueError(f"selector {selector:#x} is not in the descriptor table") from None
         self.cpu.load_segments({name: descriptor}, cpl=descriptor.dpl if name == "cs" else None)
 
@@ -440,6 +447,18 @@ class Core(Registry):
         self.linear.flush()
         self.cpu.fast.flush_tlb()
 
+    def set_second_stage(self, stage: SecondStage | None) -> None:
+        """Translate every guest-physical address through ``stage`` from now on (a feature's
+        nested paging), or no more (None).  Under a stage ringminus fills Unicorn's TLB itself,
+        one Python walk per TLB miss (UC_TLB_VIRTUAL and UC_HOOK_TLB_FILL); without one
+        Unicorn's own walker runs at full speed, untouched."""
+        if stage is None and self.linear.stage2 is None:
+            return
+        self.linear.stage2 = stage
+        self.uc.ctl_set_tlb_mode(UC_TLB_CPU if stage is None else UC_TLB_VIRTUAL)
+        self.cpu.fast.flush_tlb()
+        self.linear.flush_decoding()            # (the stage's own TLB is the stage's to keep)
+
     # -- services for features (plugins.SERVICES) ---------------------------------------------
     @property
     def stop(self) -> Stop | None:
@@ -478,7 +497,7 @@ class Core(Registry):
         """The length of the instruction at CS:``rip`` (1 where it cannot be read)."""
         try:
             code = self.linear.read((self.cpu.segment("cs").base + rip) & MASK_64, 15)
-        except (GuestFault, UnbackedMemory):
+        except (GuestFault, SecondStageFault, UnbackedMemory):
             return 1
         return instruction_length(code, self.cpu.code_bits()) or 1
 
@@ -730,6 +749,7 @@ class Core(Registry):
             insn = self._hook_instruction(hook.state_without_rflags)
             execute = self._hook_executors.get(insn.row.name) if insn is not None else None
             if execute is not None and execute(insn, hook):
+                self._chain_in_hook()
                 return True
         self._repair_flags_at_fault(self.cpu.context.snapshot())
         self._trap_and_stop(_Trap("invalid"))
@@ -764,6 +784,27 @@ class Core(Registry):
         if self._stop is not None or self.halted or pending is not None \
                 or not self._rearm_if_address_space_changed(only_if_cheap=True):
             self._trap_and_stop(_Trap("resume"))
+
+    def _chain_in_hook(self) -> None:
+        """A hook has just executed an instruction itself (or taken an exit) and the CPU goes
+        on: while the next instruction is one a hook executor runs — a hypervisor's CLGI;
+        VMLOAD; VMRUN, or VMSAVE; STGI after the #VMEXIT — execute it here as well, saving a
+        hook call and Unicorn's leaving its block for each.  Only where nothing could come
+        between them: no trap, stop or guest mode, and no breakpoint, single-step or debug
+        register that the skipped hooks would have honoured."""
+        for _ in range(CHAIN_LIMIT):
+            if self._trap is not None or self._stop is not None or self.gate is not None or self.halted \
+                    or not self._switch_in_hooks or self._stepping_over is not None:
+                return
+            hook = HookContext(self.cpu.capture())
+            state = hook.state
+            if state[At.rflags] & RFLAGS_TF or state[At.dr7] & DR7_ENABLES or \
+                    (state[At.cs_base] + state[At.rip]) & MASK_64 in self._breakpoints:
+                return
+            insn = self._hook_instruction(state)
+            execute = self._hook_executors.get(insn.row.name) if insn is not None else None
+            if execute is None or not execute(insn, hook):
+                return
 
     def _first_pending(self) -> Source | None:
         """The first event source with an event pending (the run loop must look at it before
@@ -801,6 +842,20 @@ class Core(Registry):
             return self._going_on_after_sync(repair)
         self._trap = _Trap("memory", address=address, detail=f"access to unbacked memory at {address:#x}",
                            flags_in_cc_src=repair)
+        return False
+
+    def _on_tlb_fill(self, uc: Uc, page: int, access: int, entry, _data) -> bool:
+        """A TLB miss under a second stage: ringminus walks both stages (paging.fill).  A
+        refusal — the guest's #PF or the stage's exit — is taken once Unicorn has ended the
+        slice (it restored the faulting instruction's state before calling this), where the
+        access's whole address is known (``_after_refused_fill``)."""
+        try:
+            entry.paddr, entry.perms = self.linear.fill(page, access)
+            return True
+        except (GuestFault, SecondStageFault):
+            pass
+        repair = access != UC_MEM_FETCH and self._flags_in_cc_src(self.cpu.context.snapshot())
+        self._trap = _Trap("refused fill", address=page, outcome=access, flags_in_cc_src=repair)
         return False
 
     def _on_cpuid(self, uc: Uc, _data) -> int:
@@ -855,6 +910,7 @@ class Core(Registry):
             name = insn.row.name
             execute = self._hook_executors.get(name) if self._switch_in_hooks else None
             if execute is not None and execute(insn, HookContext(self.cpu.capture(context_is_current=True))):
+                self._chain_in_hook()
                 return
             if name in MSR_ROWS and self._kept_msr(ctx.u64(ucinternals.GPRS + 8) & 0xFFFF_FFFF) is not None:
                 self._trap_and_stop(_Trap("msr", address=address, outcome=insn))
@@ -927,6 +983,7 @@ class Core(Registry):
             current = self.cpu.version == version             # the hook's context copy
             gate.take_exit(outcome, HookContext(self.cpu.capture(context_is_current=current)))   # #VMEXIT, here
             self.continue_in_hook()
+            self._chain_in_hook()
         else:
             self._trap_and_stop(_Trap("exit", outcome=outcome))
         return True
@@ -1136,7 +1193,7 @@ class Core(Registry):
         if trap is not None:
             if trap.flags_in_cc_src:
                 self._rflags_from_cc_src()
-            if error is None or trap.kind in ("miss", "memory"):
+            if error is None or trap.kind in ("miss", "memory", "refused fill"):
                 self._AFTER_TRAP[trap.kind](self, trap, started)
                 return
         if error is not None:
@@ -1218,6 +1275,20 @@ class Core(Registry):
         self._stop = Stop(StopReason.BREAKPOINT, self.cpu.rip)
         self._resuming_at_breakpoint = trap.address     # the next run passes it
 
+    def _after_refused_fill(self, trap: _Trap, started: int) -> None:
+        """The walk again, for the whole address (the #PF's CR2, the #NPF's guest-physical
+        address): its fault is the instruction's."""
+        self.retire(started - 1)
+        address = ucinternals.invalid_address(self.uc)
+        if address & ~0xFFF != trap.address:
+            address = trap.address
+        try:
+            self.linear.fill(address, trap.outcome)
+        except GuestFault as fault:
+            self.deliver(Event(fault.vector, EventKind.EXCEPTION, self.cpu.rip, fault.error_code, fault.cr2))
+        except SecondStageFault as fault:
+            self.gate.take_exit(self.gate.second_stage_exit(fault, None, self.cpu.rip))
+
     def _after_exit(self, trap: _Trap, started: int) -> None:
         self.retire(started - 1)
         self.gate.take_exit(trap.outcome)
@@ -1231,7 +1302,7 @@ class Core(Registry):
                    "invalid": _after_invalid, "port": _after_port, "memory": _after_memory, "exit": _after_exit,
                    "fault": _after_fault, "step": _after_step, "breakpoint": _after_breakpoint,
                    "resume": _after_resume, "miss": _after_miss, "msr": _after_msr, "mmio": _after_mmio,
-                   "refetch": _after_refetch}
+                   "refetch": _after_refetch, "refused fill": _after_refused_fill}
 
     def _follows_hlt(self) -> bool:
         """Unicorn ends a slice after HLT without a hook: only a HLT byte just before RIP
@@ -1248,7 +1319,7 @@ class Core(Registry):
             self.retire(started)
             try:
                 last = self.linear.read(rip - 1, 1)[0]
-            except (GuestFault, UnbackedMemory):
+            except (GuestFault, SecondStageFault, UnbackedMemory):
                 last = None
             one_byte = (trap.vector, last) in ((3, INT3), (4, INTO))
             kind = EventKind.SOFTWARE_EXCEPTION if one_byte else EventKind.SOFTWARE_INTERRUPT
@@ -1267,7 +1338,7 @@ class Core(Registry):
         linear = (self.cpu.segment("cs").base + rip) & MASK_64
         try:
             code = self.linear.read(linear, 15)
-        except (GuestFault, UnbackedMemory):
+        except (GuestFault, SecondStageFault, UnbackedMemory):
             code = b""
         insn = self._decode(code, self.cpu.code_bits(), rip) if code else None
         if insn is not None and self.gate is not None:

@@ -26,6 +26,7 @@ from ..decode.table import fixed_encoding
 if TYPE_CHECKING:
     from ..decode.decoder import Instruction
     from .cpu import ArchState, Cpu
+    from ..arch.exceptions import SecondStageFault
     from .delivery import Event
     from .machine import Core
     from .result import Section, Stop
@@ -37,7 +38,7 @@ class Source(NamedTuple):
     name: str
     pending: Callable[["Core"], bool]        # raised and not yet taken (the run loop must look)
     ready: Callable[["Core"], bool]          # pending and not masked now
-    exit_code: int                          # L1's intercept for it
+    exit_code: int | None                   # L1's intercept for it (None: none can take it)
     take: Callable[["Core"], None]
     consume: Callable[["Core"], None]       # no longer pending: a caller-L1 with on_exit skip handled it
     exit_info1: Callable[["Core"], int] = lambda machine: 0
@@ -110,6 +111,8 @@ class Gate(Protocol):
     def event_source_exit(self, exit_code: int, info1: int, rip: int) -> Any: ...   # INTR, NMI, SMI…
 
     def shutdown_exit(self, rip: int) -> Any: ...
+
+    def second_stage_exit(self, fault: "SecondStageFault", during: "Event | None", rip: int) -> Any: ...   # #NPF
 
 
 Executor = Callable[["Instruction"], None]
@@ -219,14 +222,14 @@ class Registry:
 # What a feature may use of the core (in the spirit of KVM's x86_emulate_ops).  Everything
 # else on the machine is the core's own business.
 SERVICES = (
-    "cpu", "memory", "linear", "read_view", "uc", "tsc",   # CPU state; physical and linear memory
+    "cpu", "memory", "linear", "read_view", "uc", "tsc", "lbr",   # CPU state; physical and linear memory
     "cpu_model", "long_mode_capable", "cr4_defined", "profile",    # what the machine is
     "deliver", "raise_intr", "raise_nmi", "raise_init", "interrupts", "nmi_pending", "init_pending",   # events
     "intercepted",
     "retire", "instructions", "instructions_now", "instructions_if_exact", "exact_instructions", "halted",
     "request_stop", "request_stop_shutdown", "stop", "stop_at", "restamp_stop", "output_written",   # stopping
     "record_event", "events", "stats", "has_run",          # the log and the counters
-    "reset_cpu", "forget_tlb", "forget_translations", "arm_opcodes",
+    "reset_cpu", "forget_tlb", "set_second_stage", "forget_translations", "arm_opcodes",
     "instruction_length_at", "decode_at", "continue_in_hook", "gate", "io_access",
-    "ports", "pci", "mmio", "remove_mmio", "interrupt_line", "interrupt_raised", "clock",    # buses, clock
+    "ports", "pci", "mmio", "remove_mmio", "interrupt_line", "interrupt_raised", "clock", "time_ns",   # buses, clock
 )

@@ -8,7 +8,7 @@ from typing import Callable, Iterable, NamedTuple, Protocol
 from .cpu import At
 from ..arch.control import RFLAGS_VM
 from .memory import UnbackedMemory
-from ..arch.exceptions import GuestFault
+from ..arch.exceptions import GuestFault, SecondStageFault
 
 DEBUGCON_PORT = 0xE9      # Bochs / QEMU debugcon
 EXIT_PORT = 0xF4          # QEMU isa-debug-exit as commonly configured (iobase=0xf4)
@@ -238,6 +238,6 @@ def io_permitted(state, linear, port: int, size: int) -> bool:
         if bitmap + 1 > tr.limit:
             return False
         bits = linear.read_u(tr.base + bitmap, 2)
-    except (GuestFault, UnbackedMemory):
+    except (GuestFault, SecondStageFault, UnbackedMemory):
         return False
     return not (bits >> (port & 7)) & ((1 << size) - 1)

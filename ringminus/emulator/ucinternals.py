@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 
 import unicorn
-from unicorn import UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_INTR, UC_MODE_64, Uc
+from unicorn import UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_INTR, UC_MODE_64, Uc, UcError
 from unicorn import x86_const as X
 
 CONTEXT_SIZE = 5608          # bytes(UcContext) on 2.1.4, header included
@@ -41,7 +41,16 @@ EXCEPTION_NEXT_EIP = 5432    # u64
 OLD_EXCEPTION = 5536         # i32: QEMU's "exception in flight" (-1 = none)
 
 # Offset inside ``struct uc_struct`` of the pair (emu_counter, emu_count).
+MASK64 = 0xFFFF_FFFF_FFFF_FFFF
+# MSRs QEMU keeps as plain fields of the CPU state (its helper_wrmsr stores them, nothing
+# else): where the context holds each, and its width.  SYSENTER_CS keeps 16 bits.
+CONTEXT_MSRS = {0x174: (4840, 4, 0xFFFF), 0x175: (4848, 8, MASK64), 0x176: (4856, 8, MASK64),
+                0xC000_0081: (4864, 8, MASK64), 0xC000_0082: (4880, 8, MASK64), 0xC000_0083: (4888, 8, MASK64),
+                0xC000_0084: (4896, 8, MASK64), 0xC000_0102: (4904, 8, MASK64)}
 EMU_COUNTER = 1368
+# uc->invalid_addr: the whole address of the access that ended a slice with an error (a TLB
+# fill hook is told only its page).
+INVALID_ADDRESS = 1416
 # ``uc->cpu`` (the X86CPU), and where its CPUX86State starts; the context's data is a copy of
 # that state from its start, after a CONTEXT_HEADER-byte header.
 UC_CPU = 440
@@ -395,6 +404,11 @@ def uc_library():
     return binding.uclib
 
 
+def invalid_address(uc: Uc) -> int:
+    """The address of the access that last ended an ``emu_start`` with an error."""
+    return ctypes.c_uint64.from_address(uc._uch.value + INVALID_ADDRESS).value
+
+
 def emu_counter(uc: Uc) -> int:
     """Unicorn's count of instructions *started* in the last counted ``emu_start``."""
     return ctypes.c_uint64.from_address(uc._uch.value + EMU_COUNTER).value
@@ -500,3 +514,16 @@ def verify() -> None:
     fast.write_msr(0xC000_0081, 0x0023_0010_0000_0000)             # STAR
     if uc.msr_read(0xC000_0081) != 0x0023_0010_0000_0000:
         fail("the C register and memory API")
+    uc.mem_write(0x2000, b"\x48\xa1" + struct.pack("<Q", 0x7654_3218))      # mov rax, [unmapped]
+    try:
+        uc.emu_start(0x2000, 0, count=1)
+    except UcError:
+        pass
+    if invalid_address(uc) != 0x7654_3218:
+        fail("the invalid-access address")
+    for n, msr in enumerate(CONTEXT_MSRS):
+        uc.msr_write(msr, 0x0123_4567_89AB_CD00 + n)
+    ctx.snapshot()
+    for n, (msr, (offset, width, mask)) in enumerate(CONTEXT_MSRS.items()):
+        if int.from_bytes(ctx.view[offset:offset + width], "little") != (0x0123_4567_89AB_CD00 + n) & mask:
+            fail(f"MSR {msr:#x} in the CPU state")

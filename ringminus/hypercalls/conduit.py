@@ -21,7 +21,7 @@ from ..decode.decoder import decode
 from ..emulator.delivery import Event, EventKind
 from ..emulator.memory import UnbackedMemory
 from ..emulator.result import StopReason
-from ..arch.exceptions import GuestFault, Vector
+from ..arch.exceptions import GuestFault, SecondStageFault, Vector
 from .filter import HypercallAction
 
 if TYPE_CHECKING:
@@ -204,6 +204,9 @@ def _emulate_vmcall(machine: "Machine", insn: "Instruction") -> "Instruction | N
         _write_code(machine, linear, VMMCALL)
     except GuestFault as fault:             # a write-protected page: the guest sees the #PF
         machine.deliver(Event(fault.vector, EventKind.EXCEPTION, rip, fault.error_code, fault.cr2))
+        return None
+    except SecondStageFault as fault:       # its hypervisor's nested tables refuse the write
+        machine.gate.take_exit(machine.gate.second_stage_exit(fault, None, rip))
         return None
     except UnbackedMemory:
         return insn

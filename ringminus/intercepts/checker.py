@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..decode.table import ROWS, Flag, Stage
 from ..arch.control import CR0_PE
-from ..arch.exceptions import GuestFault, Vector
+from ..arch.exceptions import GuestFault, SecondStageFault, Vector
 from .checks import CHECKS
 from ..arch.exitcodes import exit_name
 from .exitinfo import BUILDERS
@@ -121,6 +121,8 @@ def check(insn: "Instruction", guest: "Guest") -> VmExit | Fault | Complete | No
             return exit_
     except GuestFault as fault:
         return Fault(fault.vector, fault.error_code, fault.cr2)
+    except SecondStageFault as fault:                              # reading the operand
+        return guest.second_stage_exit(fault, None, insn.address)
     return None
 
 

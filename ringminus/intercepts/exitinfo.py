@@ -38,6 +38,36 @@ def fixed(insn, guest) -> Exit | None:
     return Exit(code) if code in guest.controls else None
 
 
+class PauseFilter:
+    """The pause filter (APM §15.14.4): VMRUN loads a counter with PAUSE_FILTER_COUNT; each
+    PAUSE decrements it and the one that brings it to zero takes the intercept.  With a
+    PAUSE_FILTER_THRESHOLD, a PAUSE more than that many cycles (TSC ticks) after the previous
+    one first reloads the counter: only a tight spin loop exits (kvm-unit-tests'
+    pause_filter_test).  ``now``: the cycle count (the virtual clock's nanoseconds, 1 GHz)."""
+
+    def __init__(self, count: int, threshold: int):
+        self.count, self.threshold = count, threshold
+        self.left = count
+        self.last: int | None = None
+
+    def expires(self, now: int) -> bool:
+        if self.threshold and self.last is not None and now - self.last > self.threshold:
+            self.left = self.count
+        self.last = now
+        self.left -= 1
+        if self.left > 0:
+            return False
+        self.left = self.count
+        return True
+
+
+def pause(insn, guest) -> Exit | None:
+    if E.PAUSE not in guest.controls:
+        return None
+    held = guest.pause_filter is not None and not guest.pause_filter.expires(guest.machine.time_ns())
+    return None if held else Exit(E.PAUSE)
+
+
 def cr_read(insn, guest) -> Exit | None:
     code = E.CR0_READ + insn.reg
     if code not in guest.controls:
@@ -161,5 +191,5 @@ def ioio(insn, guest) -> Exit | None:
 BUILDERS: dict[str, Builder] = {
     "fixed": fixed, "cr_read": cr_read, "cr_write": cr_write, "clts": clts, "lmsw": lmsw,
     "dr_read": dr_read, "dr_write": dr_write, "swint": swint, "invlpg": invlpg, "hlt": hlt,
-    "monitor": monitor, "mwait": mwait, "msr": msr, "ioio": ioio,
+    "monitor": monitor, "mwait": mwait, "msr": msr, "ioio": ioio, "pause": pause,
 }

@@ -15,9 +15,10 @@ from ..emulator.memory import UnbackedMemory
 from ..emulator.plugins import OnExit
 from ..emulator.result import StopReason
 from ..emulator.segmentation import linear_address
-from ..arch.exceptions import GuestFault, Vector
+from ..arch.exceptions import GuestFault, SecondStageFault, Vector
 from .checker import Fault, VmExit, check
 from .controls import EXCEPTION_BASE, InterceptControls
+from .exitinfo import PauseFilter
 from ..arch.exitcodes import ExitCode
 from .profiles import DEFAULT_PROFILE, profile as profile_named
 from .vmcb import V_IRQ, EventType, encode_event
@@ -60,6 +61,7 @@ class Guest:
         self.on_exit = on_exit
         self.l1_exit = l1_exit              # on_exit L1: the #VMEXIT into the guest's hypervisor (svm/)
         self.monitor_armed = False
+        self.pause_filter: PauseFilter | None = None      # the guest's own hypervisor's (svm/)
         self._virtual_interrupt_pending = False
         # checker.py: outcomes that depend on nothing else (shareable between guests)
         self.pre_except_exits: dict = {} if pre_except_exits is None else pre_except_exits
@@ -137,13 +139,19 @@ class Guest:
     def shutdown_exit(self, rip: int) -> VmExit | None:
         return VmExit(ExitCode.SHUTDOWN, rip=rip) if ExitCode.SHUTDOWN in self.controls else None
 
+    def second_stage_exit(self, fault: SecondStageFault, during: Event | None, rip: int) -> VmExit:
+        """#NPF (APM §15.25.6): EXITINFO1 the nested fault's error code and walk bits,
+        EXITINFO2 the guest-physical address; never optional (no intercept bit)."""
+        insn_bytes = self._instruction_bytes(rip) if self.profile.decode_assists else b""
+        return VmExit(ExitCode.NPF, fault.info, fault.address, rip, 0, None, exit_int_info(during), insn_bytes)
+
     def _instruction_bytes(self, rip: int) -> bytes:
         """Up to 15 bytes at CS:rIP, as the VMCB's guest-instruction-bytes field holds them."""
         linear = (self.cpu.segment("cs").base + rip) & 0xFFFF_FFFF_FFFF_FFFF
         for count in range(15, 0, -1):
             try:
                 return self.linear.read(linear, count)
-            except (GuestFault, UnbackedMemory):
+            except (GuestFault, SecondStageFault, UnbackedMemory):
                 continue
         return b""
 

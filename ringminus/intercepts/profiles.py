@@ -87,6 +87,13 @@ class Profile:
     #: VMRUN of a legacy-PAE guest loads its PDPTEs and fails on reserved bits (KVM's
     #: nested_svm_load_cr3; the APM's shadow-paging hypervisor) or loads nothing (QEMU).
     vmrun_loads_pdptes: bool = True
+    #: #NPF (nested paging, svm/npt.py): a reserved bit in a nested entry sets P with RSV
+    #: (APM, KVM) or RSV alone (QEMU 7.2's do_fault_rsvd); ID for a final fetch with the host's
+    #: NX or SMEP (KVM) or NX alone (QEMU's nested_pg_mode drops SMEP); bit 8 of a nested
+    #: PML4E reserved (AMD, KVM) or ignored (QEMU).  kvm-unit-tests' svm_npt_rsvd_bits_test.
+    npf_reserved_sets_present: bool = True
+    npf_id_with_smep: bool = True
+    nested_pml4e_bit8_reserved: bool = True
     # -- the CPU -------------------------------------------------------------------------------
     #: RDMSR/WRMSR of an MSR the CPU does not have (arch/msrs.py) raises #GP(0) (APM, KVM) or
     #: reads 0 and drops the write (QEMU's TCG: helper_rdmsr's "XXX: exception?").
@@ -122,7 +129,8 @@ PROFILES = {p.name: p for p in (
             smm_writes_over_memory=True, smm_narrow_control_fields=True, smm_clears_efer_always=True,
             smm_shifted_attributes_32=True, rsm_checks=False, rsm_recomputes_lma=False,
             smm_smbase_needs_revision_bit=True, vmexit_keeps_eventinj_error=True, missing_msr_faults=False,
-            vmrun_loads_pdptes=False, apic_enable_sticks_off=True),
+            vmrun_loads_pdptes=False, apic_enable_sticks_off=True, npf_reserved_sets_present=False,
+            npf_id_with_smep=False, nested_pml4e_bit8_reserved=False),
 )}
 DEFAULT_PROFILE = "kvm"
 CHOICES = tuple(f.name for f in fields(Profile) if f.name != "name")

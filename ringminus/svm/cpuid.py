@@ -7,8 +7,8 @@ for the model, minus what Unicorn cannot provide (the local APIC: there is none)
 listed up to the model's maximum read as zeros, as do leaves above it.
 
 SVM (APM Vol. 3 CPUID Fn8000_0001_ECX[SVM], Fn8000_000A): revision 1, 16 ASIDs (QEMU's
-value), NRIPS always, decode assists when the profile has them (§F.9), VGIF on max, SKINIT
-when the profile executes it (§F.5).  Nested paging is not advertised: VMRUN with NP_ENABLE fails (§B.5).
+value), NRIPS always, decode assists when the profile has them (§F.9), nested paging, LBR
+virtualization and VGIF on max (elsewhere VMRUN with NP_ENABLE fails, §B.5), SKINIT when the profile executes it (§F.5).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ..arch.models import BRAND, MODELS, SKINIT, SVM, CpuModel
 from ..intercepts.profiles import Profile
 
 # Fn8000_000A EDX
-NP, LBRV, SVML, NRIPS, TSC_RATE, VMCB_CLEAN, FLUSH_BY_ASID, DECODE_ASSISTS = (1 << b for b in range(8))
+SVML, NRIPS, TSC_RATE, VMCB_CLEAN, FLUSH_BY_ASID, DECODE_ASSISTS = (1 << b for b in range(2, 8))
 SVM_REVISION = 1
 SVM_ASIDS = 16
 LEAF_SVM = 0x8000_000A

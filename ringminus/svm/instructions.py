@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 
 from ..arch.models import MODELS
 from ..emulator.boot import (RESET_CR0, RESET_DATA_SEGMENT, RESET_DR6, RESET_DR7,
@@ -20,9 +19,10 @@ from ..emulator.boot import (RESET_CR0, RESET_DATA_SEGMENT, RESET_DR6, RESET_DR7
 from ..emulator.cpu import At
 from ..arch.control import CR0_PE
 from ..arch.registers import GPRS
-from ..arch.segments import FLAG_DB, FLAG_G, FLAG_P, FLAG_S, Segment, canonical
+from ..arch.segments import FLAG_DB, FLAG_G, FLAG_P, FLAG_S, Segment, canonical, flags_from_vmcb_attrib
 from ..arch.exceptions import GuestFault, Vector, gp
-from ..intercepts.vmcb import SAVE_AREA_OFFSET, SAVE_AREA_SIZE, V_GIF, VM_CR_R_INIT, VMCB_SAVE, read_segment
+from ..binlayout import field_runs, fields_struct
+from ..intercepts.vmcb import SAVE_AREA_OFFSET, V_GIF, VM_CR_R_INIT, VMCB_SAVE
 from ..arch.segments import vmcb_attrib_from_flags
 from ..arch.models import max_physical_bits
 from .world import virtual_gif, vmrun
@@ -38,6 +38,16 @@ VMLOAD_MSRS = (("kernel_gs_base", 0xC000_0102), ("star", 0xC000_0081), ("lstar",
                ("cstar", 0xC000_0083), ("sfmask", 0xC000_0084), ("sysenter_cs", 0x174),
                ("sysenter_esp", 0x175), ("sysenter_eip", 0x176))
 CANONICAL_MSRS = frozenset({0xC000_0102})          # KernelGSbase: an address, loaded canonical
+_SEGMENT_PARTS = ("selector", "attrib", "limit", "base")
+# The VMCB fields VMLOAD reads and VMSAVE writes: one struct from the first to the last (the
+# save area's bytes between them untouched: VMSAVE packs field runs into a copy of the span).
+_VMLOAD_PATHS = [f"{name}.{part}" for name in VMLOAD_SEGMENTS for part in _SEGMENT_PARTS] + \
+    [field for field, _ in VMLOAD_MSRS]
+VMLOAD_FIELDS, _VMLOAD_START, _VMLOAD_ORDER = fields_struct(VMCB_SAVE, _VMLOAD_PATHS)
+_VMLOAD_AT = SAVE_AREA_OFFSET + _VMLOAD_START
+_VMSAVE_RUNS = field_runs(VMCB_SAVE, _VMLOAD_PATHS)
+_SEGMENT_VALUES = [tuple(_VMLOAD_ORDER.index(f"{name}.{part}") for part in _SEGMENT_PARTS) for name in VMLOAD_SEGMENTS]
+_MSR_VALUES = [(msr, _VMLOAD_ORDER.index(field)) for field, msr in VMLOAD_MSRS]
 # SKINIT (APM Vol. 3 "SKINIT"): the secure loader block is 64 KiB at EAX[31:16].
 SLB_SIZE = 0x1_0000
 VM_CR_DPD, VM_CR_DIS_A20M = 1 << 0, 1 << 2
@@ -61,34 +71,34 @@ def _vmrun(machine: "Machine", insn: "Instruction") -> None:
     vmrun(machine, vmcb_address(machine, insn), insn.next_rip)
 
 
-def _save_area(machine: "Machine", page: int) -> tuple[bytearray, np.void]:
-    raw = bytearray(machine.memory.read(page + SAVE_AREA_OFFSET, SAVE_AREA_SIZE))
-    return raw, np.frombuffer(raw, dtype=VMCB_SAVE)[0]
-
-
 def _vmload(machine: "Machine", insn: "Instruction") -> None:
-    _, save = _save_area(machine, vmcb_address(machine, insn))
-    segments = {name: read_segment(save[name]) for name in VMLOAD_SEGMENTS}
-    machine.cpu.load_segments({name: Segment(s.selector, canonical(s.base), s.limit, s.flags)
-                               for name, s in segments.items()})
-    write_msr = machine.cpu.fast.write_msr
-    for field, msr in VMLOAD_MSRS:
-        write_msr(msr, canonical(int(save[field])) if msr in CANONICAL_MSRS else int(save[field]))
+    """FS, GS, TR and LDTR with their hidden state, and the SYSCALL/SYSENTER MSRs and
+    KernelGSbase, from the VMCB (bases canonical): one read, one CPU-state round trip."""
+    page = vmcb_address(machine, insn)
+    values = VMLOAD_FIELDS.unpack(machine.memory.read(page + _VMLOAD_AT, VMLOAD_FIELDS.size))
+    segments = {name: Segment(values[selector], canonical(values[base]), values[limit], flags_from_vmcb_attrib(values[attrib]))
+                for name, (selector, attrib, limit, base) in zip(VMLOAD_SEGMENTS, _SEGMENT_VALUES)}
+    machine.cpu.load_segments(segments, msrs={msr: canonical(values[at]) if msr in CANONICAL_MSRS else values[at]
+                                              for msr, at in _MSR_VALUES})
     machine.cpu.rip = insn.next_rip
 
 
 def _vmsave(machine: "Machine", insn: "Instruction") -> None:
+    """The same state into the VMCB, every byte between the fields left as it was."""
     page = vmcb_address(machine, insn)
-    raw, save = _save_area(machine, page)
-    for name in VMLOAD_SEGMENTS:
-        segment = machine.cpu.segment(name)
-        record = save[name]
-        record["selector"], record["base"], record["limit"] = segment.selector, segment.base, segment.limit
-        record["attrib"] = vmcb_attrib_from_flags(segment.flags)
-    read_msr = machine.cpu.fast.read_msr
-    for field, msr in VMLOAD_MSRS:
-        save[field] = read_msr(msr)
-    machine.memory.write(page + SAVE_AREA_OFFSET, bytes(raw))
+    segments, msrs = machine.cpu.segments_and_msrs(VMLOAD_SEGMENTS, tuple(msr for _, msr in VMLOAD_MSRS))
+    values = [0] * len(_VMLOAD_ORDER)
+    for segment, (selector, attrib, limit, base) in zip(segments, _SEGMENT_VALUES):
+        values[selector], values[attrib] = segment.selector, vmcb_attrib_from_flags(segment.flags)
+        values[limit], values[base] = segment.limit, segment.base
+    for value, (_msr, at) in zip(msrs, _MSR_VALUES):
+        values[at] = value
+    area = bytearray(machine.memory.read(page + _VMLOAD_AT, VMLOAD_FIELDS.size))
+    first = 0
+    for offset, run, count in _VMSAVE_RUNS:
+        run.pack_into(area, offset - _VMLOAD_START, *values[first:first + count])
+        first += count
+    machine.memory.write(page + _VMLOAD_AT, bytes(area))
     machine.cpu.rip = insn.next_rip
 
 

@@ -8,7 +8,7 @@ import copy
 from typing import TYPE_CHECKING
 
 from ..arch.control import EFER_SVME, RFLAGS_IF, RFLAGS_VM
-from ..arch.exceptions import GuestFault
+from ..arch.exceptions import GuestFault, Vector
 from ..arch.exitcodes import ExitCode
 from ..arch.models import MODELS
 from ..emulator.delivery import Event, EventKind
@@ -17,8 +17,8 @@ from ..emulator.plugins import Msr, OnExit, Part, Source
 from ..emulator.cpu import At
 from ..emulator.result import Section, StopReason
 from ..intercepts.plugin import l1_checks, leave_guest
-from ..intercepts.vmcb import V_GIF, V_IGN_TPR, V_INTR_PRIO_MASK, V_INTR_PRIO_SHIFT, V_IRQ
-from . import msrs, world
+from ..intercepts.vmcb import V_GIF, V_IGN_TPR, V_INTR_PRIO_MASK, V_INTR_PRIO_SHIFT, V_IRQ, V_NMI
+from . import msrs, npt, world
 from .cpuid import cpuid_table
 from .instructions import EXECUTE, vmcb_address
 from .state import SvmState
@@ -45,6 +45,9 @@ def install(machine: "Machine") -> None:
                                     lambda m: bool(m.svm.int_ctl & V_IRQ) and _virtual_interrupt_ready(m),
                                     ExitCode.VINTR, _take_virtual_interrupt, _consume_virtual_interrupt,
                                     window=True))
+    machine.add_event_source(Source(45, "virtual nmi", lambda m: _virtual_nmi_pending(m),
+                                    lambda m: _virtual_nmi_pending(m) and not m.cpu.nmi_blocked, None,
+                                    _take_virtual_nmi, _consume_virtual_nmi, window=True))
     machine.set_intr_unmasked(lambda: _intr_unmasked(machine))
     machine.add_msr(Msr(lambda msr: msrs.emulates(machine, msr), lambda msr: msrs.read(machine, msr),
                         lambda msr, value: msrs.write(machine, msr, value)))
@@ -69,6 +72,7 @@ def reset(machine: "Machine") -> None:
     if machine.svm.guest_mode:
         leave_guest(machine)
     machine.svm = SvmState(hsave_pa=machine.svm.hsave_pa, vm_cr=machine.svm.vm_cr)
+    machine.set_second_stage(None)
     machine.tsc.offset = 0
 
 
@@ -168,6 +172,23 @@ def _take_virtual_interrupt(machine: "Machine") -> None:
     machine.deliver(Event(machine.svm.v_intr_vector, EventKind.EXTERNAL, machine.cpu.rip))
 
 
+def _virtual_nmi_pending(machine: "Machine") -> bool:
+    return bool(machine.svm.int_ctl & V_NMI) and world.virtual_nmi(machine) and \
+        not (world.virtual_gif(machine) and not machine.svm.int_ctl & V_GIF)
+
+
+def _take_virtual_nmi(machine: "Machine") -> None:
+    """V_NMI becomes the guest's NMI, through its IDT, and blocks the next (V_NMI_MASK);
+    no intercept applies: it is L1's own doing."""
+    machine.svm.int_ctl &= ~V_NMI
+    machine.deliver(Event(Vector.NMI, EventKind.NMI, machine.cpu.rip))
+    machine.cpu.nmi_blocked = True
+
+
+def _consume_virtual_nmi(machine: "Machine") -> None:
+    machine.svm.int_ctl &= ~V_NMI
+
+
 def _consume_virtual_interrupt(machine: "Machine") -> None:
     machine.svm.int_ctl &= ~V_IRQ
 
@@ -177,12 +198,14 @@ def _take_svm(machine: "Machine") -> tuple:
     for the machine restored, which need not be this one); MONITOR's arming."""
     guest = machine.gate
     own = guest.controls if machine.svm.guest_mode and guest is not None else None
-    return copy.copy(machine.svm), own, guest.monitor_armed if guest is not None else False
+    return (copy.copy(machine.svm), own, guest.monitor_armed if guest is not None else False,
+            copy.copy(guest.pause_filter) if guest is not None else None)
 
 
 def _put_svm(machine: "Machine", state: tuple) -> None:
-    svm, own, monitor_armed = state
+    svm, own, monitor_armed, pause_filter = state
     machine.svm = copy.copy(svm)
+    machine.set_second_stage(npt.stage_for(machine))
     if own is not None:
         own = copy.copy(own)
         world.bind_maps(machine, own)           # the maps as this machine's memory holds them
@@ -191,3 +214,4 @@ def _put_svm(machine: "Machine", state: tuple) -> None:
         machine.gate = None                # (a guest the caller entered stays the caller's)
     if machine.gate is not None:
         machine.gate.monitor_armed = monitor_armed
+        machine.gate.pause_filter = copy.copy(pause_filter)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .npt import NestedSetting
+
 
 @dataclass
 class SvmState:
@@ -17,6 +19,10 @@ class SvmState:
     int_ctl: int = 0              # the running guest's V_TPR, V_IRQ, V_INTR_PRIO, V_IGN_TPR …
     host: tuple = ()              # the registers at L1's VMRUN (an ArchState as a tuple): the host state
     v_intr_vector: int = 0
+    nested: NestedSetting | None = None   # the running guest's nested paging (svm/npt.py), if enabled
+    host_pat: int = 0             # L1's PAT while its guest runs with nested paging on G_PAT
+    host_lbr: tuple | None = None # L1's LBR state while its guest runs with LBR virtualization
+    host_nmi_blocked: bool | None = None   # L1's NMI blocking while its guest runs with vNMI
 
     @property
     def guest_mode(self) -> bool:
@@ -25,4 +31,4 @@ class SvmState:
     def as_dict(self) -> dict:
         return {"gif": self.gif, "hsave_pa": self.hsave_pa, "vm_cr": self.vm_cr,
                 "guest_mode": self.guest_mode, "vmcb": self.vmcb_pa, "asid": self.asid,
-                "int_ctl": self.int_ctl}
+                "int_ctl": self.int_ctl, "nested_cr3": None if self.nested is None else self.nested.root}

@@ -15,11 +15,13 @@ RAX); FS, GS, TR, LDTR and the syscall MSRs belong to VMLOAD/VMSAVE.
 
 TLB: ringminus has one untagged TLB.  ASIDs keep their meaning for INVLPGA and the checks;
 VMRUN flushes when TLB_CONTROL asks for any flush and whenever the translation regime changes
-(CR0/CR3/CR4/EFER), which covers every case where a tagged TLB would differ.
+(CR0/CR3/CR4/EFER), which covers every case where a tagged TLB would differ; with nested
+paging (npt.py) every VMRUN and #VMEXIT flushes, as KVM's nested transitions do.
 """
 from __future__ import annotations
 
 import operator
+import struct
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,6 +32,7 @@ from ..emulator.cpu import ArchState, At
 from ..arch.control import CR0_PE, CR0_PG, CR4_PAE, DR6_BS, EFER_LME, RFLAGS_IF, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM
 from ..arch.exceptions import Vector
 from ..emulator.delivery import Event, EventKind
+from ..emulator.lbr import DEBUGCTL_DEFINED
 from ..emulator.memory import MissingMemory, UnbackedMemory
 from ..emulator.paging import pae_pdpte_problem
 from ..emulator.plugins import HookContext, OnExit
@@ -38,12 +41,17 @@ from ..intercepts.checker import VmExit
 from ..intercepts.guest import record_exit
 from ..intercepts.plugin import enter_guest, leave_guest
 from ..intercepts.controls import IOPM_BYTES, MSRPM_BYTES, InterceptControls
+from ..intercepts.exitinfo import PauseFilter
 from ..arch.exitcodes import ExitCode
-from ..intercepts.vmcb import (EVENT_VALID, GUEST_INTERRUPT_MASK, INTERCEPT_WORDS, INTERRUPT_SHADOW, MAP_ADDRESS_MASK,
+from ..intercepts.vmcb import (EVENT_VALID, GUEST_INTERRUPT_MASK, INTERCEPT_WORDS, INTERRUPT_SHADOW,
+                               LBR_VIRTUALIZATION_ENABLE, MAP_ADDRESS_MASK, NP_ENABLE, V_NMI_ENABLE, V_NMI_MASK,
                                SAVE_AREA_OFFSET, V_GIF_ENABLE, V_INTR_MASKING, V_TPR_MASK, VMCB_CONTROL, VMCB_SAVE, EventInfo,
                                EventType, TlbControl, VmrunCandidate, first_failure)
 from ..arch.segments import canonical, flags_from_vmcb_attrib, vmcb_attrib_from_flags
-from ..arch.models import MODELS, VGIF, max_physical_bits
+from ..arch.models import (LBR_VIRTUALIZATION, MODELS, NESTED_PAGING, PAUSE_FILTER, PAUSE_FILTER_THRESHOLD, VGIF,
+                           VNMI, max_physical_bits)
+from ..arch.msrs import MSR_PAT
+from . import npt
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -162,7 +170,7 @@ class ControlFields:
 
 VMRUN_CONTROLS = ControlFields(["intercepts", "iopm_base_pa", "msrpm_base_pa", "tsc_offset", "guest_asid",
                                 "tlb_control", "int_ctl", "v_intr_vector", "interrupt_state", "nested_control",
-                                "eventinj"])
+                                "eventinj", "n_cr3", "virt_ext", "pause_filter_count", "pause_filter_threshold"])
 EXIT_FIELDS = ("int_ctl", "interrupt_state", "exitcode", "exitinfo1", "exitinfo2", "exitintinfo", "eventinj",
                "nrip", "guest_instruction_count", "guest_instruction_bytes")
 EXIT_CONTROLS = ControlFields(list(EXIT_FIELDS))
@@ -181,6 +189,8 @@ def _read(machine: "Machine", address: int, size: int) -> bytes:
 
 
 _SAVE_AT = SAVE_AREA_OFFSET + SAVE_CODEC.start                 # the save fields' span in the VMCB
+_G_PAT_AT = SAVE_AREA_OFFSET + field_span(VMCB_SAVE, "g_pat")[0]
+_LBR_AT = SAVE_AREA_OFFSET + field_span(VMCB_SAVE, "dbgctl")[0]      # DBGCTL, BR_FROM, BR_TO, LASTEXCP_FROM/TO
 _VMCB_SPAN = _SAVE_AT + SAVE_CODEC.struct.size                 # VMRUN reads [0, _VMCB_SPAN)
 
 
@@ -264,14 +274,14 @@ def virtual_gif(machine: "Machine") -> bool:
     return bool(svm.guest_mode and svm.int_ctl & V_GIF_ENABLE and MODELS[machine.cpu_model].svm_edx & VGIF)
 
 
-def _pdptes_refused(machine: "Machine", save: tuple) -> str | None:
+def _pdptes_refused(machine: "Machine", save: tuple, control: dict[str, int]) -> str | None:
     """A legacy-PAE L2 without nested paging: KVM loads its four PDPTEs from guest CR3 as
     it enters the guest (nested_svm_load_cr3 -> load_pdptrs), and a present one with
     reserved bits, or none in memory, fails the VMRUN with VMEXIT_INVALID (kvm-unit-tests'
     svm_pae_test) — by a whole #VMEXIT, which clears GIF (out_exit_err).  QEMU's
     helper_vmrun loads nothing: its guest faults when it walks."""
-    if not machine.profile.vmrun_loads_pdptes:
-        return None
+    if not machine.profile.vmrun_loads_pdptes or control["nested_control"] & NP_ENABLE:
+        return None         # with nested paging the walk reads them, through the nested tables
     cr0, cr3, cr4, efer = _PAGING_FIELDS(save)
     if not (cr0 & CR0_PG and cr4 & CR4_PAE) or efer & EFER_LME:
         return None
@@ -284,6 +294,7 @@ class Caches:
     def __init__(self):
         self.controls: dict[int, InterceptControls] = {}       # intercept vector -> controls
         self.consistency: dict[tuple, str | None] = {}         # checked fields -> VMRUN's verdict
+        self.nested_tlbs: dict[tuple, npt.NestedTlb] = {}      # (nested tables, profile) -> their TLB
 
 
 def _candidate(machine: "Machine", save: tuple, control: dict[str, int]) -> VmrunCandidate:
@@ -294,7 +305,8 @@ def _candidate(machine: "Machine", save: tuple, control: dict[str, int]) -> Vmru
         asid=control["guest_asid"], eventinj=control["eventinj"], nested_control=control["nested_control"],
         iopm_base_pa=control["iopm_base_pa"], msrpm_base_pa=control["msrpm_base_pa"],
         long_mode_capable=machine.long_mode_capable, max_phys_bits=max_physical_bits(machine.cpu_model),
-        nested_paging_supported=False, cr4_defined=machine.cr4_defined)
+        nested_paging_supported=bool(MODELS[machine.cpu_model].svm_edx & NESTED_PAGING),
+        cr4_defined=machine.cr4_defined)
 
 
 # -- VMRUN ----------------------------------------------------------------------------------------
@@ -318,7 +330,7 @@ def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, hook: HookContext | N
     if failure is not None:
         _refuse(machine, vmcb_pa, host, failure, machine.profile.vmrun_invalid_clears_gif)
         return machine.cpu.rip
-    failure = _pdptes_refused(machine, save)
+    failure = _pdptes_refused(machine, save, control) or _vnmi_refused(machine, control)
     if failure is not None:
         _refuse(machine, vmcb_pa, host, failure, clears_gif=True)
         return machine.cpu.rip
@@ -340,11 +352,87 @@ def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, hook: HookContext | N
     svm.vmcb_pa, svm.asid, svm.gif = vmcb_pa, control["guest_asid"], True
     svm.int_ctl, svm.v_intr_vector = int_ctl, control["v_intr_vector"]
     machine.tsc.offset = control["tsc_offset"]
+    if control["nested_control"] & NP_ENABLE:
+        _enter_nested_paging(machine, vmcb_pa, control["n_cr3"])
+    if control["virt_ext"] & LBR_VIRTUALIZATION_ENABLE and MODELS[machine.cpu_model].svm_edx & LBR_VIRTUALIZATION:
+        _enter_lbr_virtualization(machine, vmcb_pa)
     run_as_l2(machine, controls)
+    _set_pause_filter(machine, control)
+    if virtual_nmi(machine):
+        svm.host_nmi_blocked, cpu.nmi_blocked = cpu.nmi_blocked, bool(int_ctl & V_NMI_MASK)
     if control["eventinj"] & EVENT_VALID:
         _inject(machine, control["eventinj"], guest[At.rip])
         return machine.cpu.rip
     return guest[At.rip]
+
+
+def _enter_nested_paging(machine: "Machine", vmcb_pa: int, n_cr3: int) -> None:
+    """NP_ENABLE: the guest's addresses go through L1's tables at N_CR3, in the format of
+    L1's paging at this VMRUN, and its PAT is G_PAT (npt.py)."""
+    svm, fast = machine.svm, machine.cpu.fast
+    svm.nested = npt.NestedSetting(n_cr3, svm.host[At.cr4], svm.host[At.efer])
+    svm.host_pat = fast.read_msr(MSR_PAT)
+    fast.write_msr(MSR_PAT, int.from_bytes(_read(machine, vmcb_pa + _G_PAT_AT, 8), "little"))
+    machine.set_second_stage(npt.stage_for(machine))
+
+
+def _leave_nested_paging(machine: "Machine", vmcb_pa: int | None) -> None:
+    """#VMEXIT (``vmcb_pa``: the guest's PAT goes to G_PAT) or an SMI (None): L1's own
+    translation and PAT again."""
+    svm, fast = machine.svm, machine.cpu.fast
+    if svm.nested is None:
+        return
+    if vmcb_pa is not None:
+        machine.memory.write(vmcb_pa + _G_PAT_AT, fast.read_msr(MSR_PAT).to_bytes(8, "little"))
+    fast.write_msr(MSR_PAT, svm.host_pat)
+    svm.nested = None
+    machine.set_second_stage(None)
+
+
+def virtual_nmi(machine: "Machine") -> bool:
+    """vNMI is on (APM §15.21.10): in guest mode on a model with vNMI whose VMCB sets
+    V_NMI_ENABLE, int_ctl's V_NMI is a pending NMI for the guest and V_NMI_MASK its NMI
+    blocking (the CPU's own while the guest runs: delivery sets it, the guest's IRET clears it)."""
+    svm = machine.svm
+    return bool(svm.guest_mode and svm.int_ctl & V_NMI_ENABLE and MODELS[machine.cpu_model].svm_edx & VNMI)
+
+
+def _vnmi_refused(machine: "Machine", control: dict[str, int]) -> str | None:
+    """KVM's nested_vmcb_check_controls: vNMI needs the NMI intercept (physical NMIs must
+    reach L1; kvm-unit-tests' vnmi test expects VMEXIT_INVALID without it)."""
+    if not (control["int_ctl"] & V_NMI_ENABLE and MODELS[machine.cpu_model].svm_edx & VNMI):
+        return None
+    return None if control["intercepts"] >> ExitCode.NMI & 1 else "V_NMI_ENABLE without the NMI intercept"
+
+
+def _set_pause_filter(machine: "Machine", control: dict[str, int]) -> None:
+    """PAUSE_FILTER_COUNT (and THRESHOLD) on a model with the pause filter: the guest's
+    PAUSE intercept waits for the count (intercepts/exitinfo.PauseFilter); 0 filters nothing."""
+    features = MODELS[machine.cpu_model].svm_edx
+    if features & PAUSE_FILTER and control["pause_filter_count"]:
+        threshold = control["pause_filter_threshold"] if features & PAUSE_FILTER_THRESHOLD else 0
+        machine.gate.pause_filter = PauseFilter(control["pause_filter_count"], threshold)
+
+
+def _enter_lbr_virtualization(machine: "Machine", vmcb_pa: int) -> None:
+    """LBR virtualization (APM §15.23): the guest's DEBUGCTL and last-branch record come from
+    the VMCB (DEBUGCTL's reserved bits dropped, as KVM's nested_vmcb02_prepare_save), L1's
+    wait for the #VMEXIT (kvm-unit-tests' svm_lbrv_nested tests)."""
+    debugctl, from_ip, to_ip = struct.unpack("<3Q", _read(machine, vmcb_pa + _LBR_AT, 24))
+    machine.svm.host_lbr = machine.lbr.state()
+    machine.lbr.restore((debugctl & DEBUGCTL_DEFINED, from_ip, to_ip))
+
+
+def _leave_lbr_virtualization(machine: "Machine", vmcb_pa: int | None) -> None:
+    """#VMEXIT stores the guest's record in the VMCB (``vmcb_pa``; None: an SMI, whose
+    RSM loads it again) and gives L1 its own back."""
+    svm = machine.svm
+    if svm.host_lbr is None:
+        return
+    if vmcb_pa is not None:
+        machine.memory.write(vmcb_pa + _LBR_AT, struct.pack("<5Q", *machine.lbr.state(), 0, 0))
+    machine.lbr.restore(svm.host_lbr)
+    svm.host_lbr = None
 
 
 def _refuse(machine: "Machine", vmcb_pa: int, host: ArchState, reason: str, clears_gif: bool) -> None:
@@ -387,6 +475,8 @@ def _write_back(machine: "Machine", vmcb_pa: int, exit_: VmExit, guest: ArchStat
     """#VMEXIT's writes into the VMCB — the exit, V_TPR and the interrupt shadow, then the
     guest state — packed into one copy of the span from the first field to the last."""
     svm = machine.svm
+    if svm.host_nmi_blocked is not None:            # the guest's NMI blocking is V_NMI_MASK
+        svm.int_ctl = svm.int_ctl & ~V_NMI_MASK | (V_NMI_MASK if machine.cpu.nmi_blocked else 0)
     int_ctl = svm.int_ctl                           # V_IRQ is clear if the guest took it
     if svm.v_intr_masking:
         int_ctl = int_ctl & ~V_TPR_MASK | machine.cpu["cr8"] & 0xF
@@ -437,6 +527,10 @@ def vmexit(machine: "Machine", exit_: VmExit, hook: HookContext | None = None) -
     cpu.load(host, context_is_current=current)
     if svm.v_intr_masking:
         cpu["cr8"] = svm.host_cr8
+    _leave_nested_paging(machine, vmcb_pa)
+    _leave_lbr_virtualization(machine, vmcb_pa)
+    if svm.host_nmi_blocked is not None:
+        cpu.nmi_blocked, svm.host_nmi_blocked = svm.host_nmi_blocked, None
     svm.vmcb_pa, svm.asid, svm.gif, svm.v_intr_masking = None, 0, False, False
     svm.int_ctl = svm.v_intr_vector = machine.tsc.offset = 0
     leave_guest(machine)
@@ -489,6 +583,8 @@ def suspend_for_smm(machine: "Machine") -> None:
     state in the HSAVE page (KVM stashes it there only now, §C.2 step 2)."""
     if machine.svm.guest_mode:
         _write_host(machine, machine.svm.hsave_pa, machine.svm.host)
+        _leave_nested_paging(machine, None)
+        _leave_lbr_virtualization(machine, None)
         machine.svm.vmcb_pa = None
         machine.tsc.offset = 0
         leave_guest(machine)
@@ -506,4 +602,9 @@ def resume_after_rsm(machine: "Machine", vmcb_pa: int) -> None:
     svm.int_ctl, svm.v_intr_vector = control["int_ctl"], control["v_intr_vector"]
     svm.v_intr_masking = bool(svm.int_ctl & V_INTR_MASKING)
     machine.tsc.offset = control["tsc_offset"]
+    if control["nested_control"] & NP_ENABLE:
+        _enter_nested_paging(machine, vmcb_pa, control["n_cr3"])
+    if control["virt_ext"] & LBR_VIRTUALIZATION_ENABLE and MODELS[machine.cpu_model].svm_edx & LBR_VIRTUALIZATION:
+        _enter_lbr_virtualization(machine, vmcb_pa)
     run_as_l2(machine, intercept_controls(machine, control))
+    _set_pause_filter(machine, control)

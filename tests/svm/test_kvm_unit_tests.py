@@ -1,4 +1,4 @@
-"""kvm-unit-tests' svm.flat (tests/kut, built from the commit in SOURCE.txt) under ringminus,
+"""kvm-unit-tests' svm.flat and svm_npt.flat (tests/kut, built from the commit in SOURCE.txt) under ringminus,
 booted as its runner boots it on QEMU (q35, 4 GiB, -cpu max, multiboot through SeaBIOS), one test at a
 time by name: each prints PASS on the serial port and exits through port 0xF4 with QEMU's
 isa-debug-exit status, 1 for "all passed"."""
@@ -14,10 +14,11 @@ from ..helpers import run_cli
 from ..platform.test_multiboot import needs_firmware
 
 SVM_FLAT = Path(__file__).parents[1] / "kut" / "svm.flat"
+SVM_NPT_FLAT = SVM_FLAT.with_name("svm_npt.flat")
 
 
-def run_kut(capsys, selection: str) -> tuple[int, str]:
-    status, out, _err = run_cli(capsys, "run", "--machine", "q35", "--mem", "4G", "--cpu", "max", "--kernel", SVM_FLAT,
+def run_kut(capsys, selection: str, kernel: Path = SVM_FLAT) -> tuple[int, str]:
+    status, out, _err = run_cli(capsys, "run", "--machine", "q35", "--mem", "4G", "--cpu", "max", "--kernel", kernel,
                                 "--append", selection, "--timeout", "120", "--json")
     return status, json.loads(out)["serial"]
 
@@ -36,9 +37,15 @@ def run_kut(capsys, selection: str) -> tuple[int, str]:
     "vgif",           # STGI/CLGI in L2 set and clear V_GIF
     "svm_pae_test",   # a legacy-PAE L2: CR3 and PDPTE reserved bits at VMRUN
     "svm_guest_state_test",     # VMRUN's consistency checks: CR4 bits the model lacks, the maps' limit, canonical bases
+    "svm_lbrv_nested_test1", "svm_lbrv_nested_test2",     # LBR virtualization
+    "vnmi",           # V_NMI delivered, V_NMI_MASK ended by the guest's IRET; the NMI intercept required
+    "pause_filter_test",        # the filter count and threshold
+    *(f"npt:{name}" for name in ("npt_nx", "npt_np", "npt_us", "npt_rw", "npt_rw_pfwalk", "npt_l1mmio",
+                                 "npt_rw_l1mmio")),      # svm_npt.flat: #NPF's EXITINFO1/2, L2 reaching L1's MMIO
 ])
 def test_a_kvm_unit_test_passes(capsys, name):
-    status, serial = run_kut(capsys, name)
+    kernel, name = (SVM_NPT_FLAT, name[4:]) if name.startswith("npt:") else (SVM_FLAT, name)
+    status, serial = run_kut(capsys, name, kernel)
     # (a "v2" test reports its checks but no line of its own name; some report only failures)
     assert f"SVM test: {name}" in serial and not re.search(r"^(FAIL|SKIP)", serial, re.M), serial[-2000:]
     assert re.search(r"^SUMMARY: \d+ tests\r?$", serial, re.M) and status == 1      # no unexpected failures
