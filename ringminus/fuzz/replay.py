@@ -8,7 +8,8 @@ ports, the debug console, RDTSC, interrupt shadows), exception handlers so runs 
 after a fault, an SMI handler (in RAM, in a private SMRAM range or in the A-segment, that
 edits its state-save map, raises further SMIs, IRETs, halts), a hypercall filter, SMIs,
 NMIs, INTRs and INITs at random instruction counts (``Machine.at_instruction``), and
-sometimes a host-side L1 (``enter_guest``) or the generated in-guest L1 of the harness.
+sometimes a host-side L1 (``enter_guest``), the generated in-guest L1 of the harness, or an
+in-guest L1 that runs the code as its L2 under damaged nested page tables (npt.py).
 
 Three comparisons, each a ``Finding("replay")`` when it fails:
 
@@ -55,7 +56,7 @@ from ..intercepts import InterceptControls
 from ..intercepts.controls import LAST_INTERCEPT_BIT
 from ..intercepts.profiles import PROFILES
 from ..arch.models import LM, MODELS
-from . import Finding, viaboth
+from . import Finding, npt, viaboth
 
 MAX_ANSWERS = 300
 BUDGETS = (150, 500, 1500)
@@ -168,6 +169,7 @@ class Scenario:
     breakpoints: tuple[int, ...]
     registers: tuple[tuple[str, int], ...]
     inguest: bool = False                        # the harness's generated in-guest L1 instead
+    npt: npt.Setup | None = None                 # an in-guest L1 running ``code`` under nested paging
 
 
 def _event_kind(rng: random.Random) -> tuple[str, int]:
@@ -177,13 +179,14 @@ def _event_kind(rng: random.Random) -> tuple[str, int]:
 
 def scenario(seed: int, rng: random.Random) -> Scenario:
     inguest_l1 = rng.random() < 0.05                # 64 MiB machines: costly to copy and compare
-    mode, cpl = rng.choice(MODES)
+    nested = None if inguest_l1 or rng.random() >= 0.1 else npt.random_setup(rng)
+    mode, cpl = ("long", 0) if nested else rng.choice(MODES)
     long_mode_models = sorted(name for name in MODELS if MODELS[name].ext_edx & LM)
-    cpu_model = rng.choice(long_mode_models if mode == "long" or inguest_l1 else sorted(MODELS))
+    cpu_model = "max" if nested else rng.choice(long_mode_models if mode == "long" or inguest_l1 else sorted(MODELS))
     bits = BITS[mode]
     events = tuple((rng.randrange(BUDGETS[-1] * 2), *_event_kind(rng)) for _ in range(rng.choice((0, 1, 2, 4, 8))))
     guest = None
-    if not inguest_l1 and rng.random() < 0.3:
+    if not inguest_l1 and not nested and rng.random() < 0.3:
         density = rng.choice((0.02, 0.1, 0.4))
         codes = tuple(c for c in range(LAST_INTERCEPT_BIT + 1) if rng.random() < density)
         exceptions = tuple(v for v in range(32) if rng.random() < density)
@@ -207,7 +210,7 @@ def scenario(seed: int, rng: random.Random) -> Scenario:
         registers=tuple((name, rng.choice((0, 1, 0x7C00, 0x100000, 0xFFFF_FFFF, rng.getrandbits(32))))
                         for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp")
                         if rng.random() < 0.2),
-        inguest=inguest_l1)
+        inguest=inguest_l1, npt=nested)
 
 
 def _schedule(machine: Machine, index: int, kind: str, vector: int) -> None:
@@ -269,6 +272,8 @@ def build(s: Scenario) -> Machine | None:
         machine = _build_inguest(s)
         if machine is None:
             return None
+    elif s.npt is not None:
+        machine = npt.build(s.npt, s.code, s.profile, s.memory_size)
     else:
         machine = Machine(memory_size=s.memory_size, cpu_model=s.cpu_model, profile=s.profile,
                           apm_smi=s.apm_smi, exact_instructions=s.exact)
@@ -437,7 +442,8 @@ def _compare(what: str, s: Scenario, first, second) -> None:
 
 
 def describe(s: Scenario) -> str:
-    guest = "in-guest L1" if s.inguest else f"L2 on_exit={s.guest[3]}" if s.guest else "no guest"
+    guest = ("in-guest L1" if s.inguest else f"L1 with nested paging {s.npt}" if s.npt
+             else f"L2 on_exit={s.guest[3]}" if s.guest else "no guest")
     return (f"{s.cpu_model} {s.profile} {s.mode} cpl{s.cpl} {guest} smram={s.smram}/{s.smram_state} "
             f"events={list(s.events)} code={s.code.hex()}")
 
@@ -458,6 +464,8 @@ def one_run(seed: int) -> None:
         if machine is None:
             return
         reference, bounded = drive(machine, whole)
+        if s.npt is not None:
+            npt.check_exits(machine, s.npt)
         other = build(s)
         pieces, bounded_too = drive(other, split)
         if not (bounded or bounded_too):

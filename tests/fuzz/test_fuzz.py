@@ -125,3 +125,19 @@ def test_a_stream_that_writes_over_its_smi_handler_is_no_finding():
     there; without it the run proves nothing and is not a finding."""
     from ringminus.fuzz import savemap
     savemap.one_run(4318564)
+
+
+def test_the_nested_paging_oracle_tells_a_wrong_npf_from_a_right_one():
+    """replay's nested-paging scenarios check every #NPF against a walk of their own
+    (fuzz/npt.py): a not-present entry explains "not present" and nothing else."""
+    from ringminus.fuzz import npt
+    from ringminus.intercepts.checker import VmExit
+    setup = npt.Setup(host_nx=False, guest_nx=False, damage=((npt._pte(npt.L2_CODE), "not present", 0),))
+    machine = npt.build(setup, b"\x90", "kvm", 4 << 20)
+    machine.run(max_instructions=200, timeout=30)
+    exits = [e for e in machine.events if getattr(e, "code", None) == npt.NPF]
+    assert exits and exits[0].info1 == npt.FINAL | npt.U and exits[0].info2 == npt.L2_CODE
+    npt.check_exits(machine, setup)                               # the right one passes
+    machine.events.append(VmExit(npt.NPF, npt.FINAL | npt.U | npt.P, npt.L2_CODE))   # "present", it says
+    with pytest.raises(Finding, match="not present"):
+        npt.check_exits(machine, setup)
