@@ -168,7 +168,7 @@ class Core(Registry):
                            ucinternals.add_instruction_hook(self.uc, X.UC_X86_INS_RDTSCP,
                                                             lambda: self._repair_synced_flags() or self.tsc.rdtscp())]
         self.sites = CodeSites(self.uc, self._on_site, OUT_OPCODES | ALWAYS_ARMED_OPCODES, self.memory.read_fast,
-                               self.memory.code_pages)
+                               self.memory.code_pages, self.linear.physical_as_executed)
         self.exact_instructions = exact_instructions
         self.instructions = 0
         self._instructions_exact = True

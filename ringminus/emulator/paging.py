@@ -231,7 +231,7 @@ class LinearMemory:
             return self.fetch(linear, size), False
         out = b""
         for page_linear, count in self._chunks(linear, size):
-            physical = self._cpu_tlb(page_linear)
+            physical = self.physical_as_executed(page_linear)
             if physical is None:
                 return out or None, True
             chunk = self.phys.read_fast(physical, count)
@@ -239,6 +239,17 @@ class LinearMemory:
                 break
             out += chunk
         return out or None, False
+
+    def physical_as_executed(self, linear: int) -> int | None:
+        """Where the CPU fetched ``linear`` from: QEMU's TLB entry (uc_vmem_translate), or
+        under a second stage ringminus's walk (a probe of QEMU's TLB would call the fill hook
+        outside any access)."""
+        if self.stage2 is None:
+            return self._cpu_tlb(linear)
+        try:
+            return self.translate(linear, fetch=True, check=False)
+        except (GuestFault, SecondStageFault):
+            return None
 
     def _code_frame(self, cr3: int, linear: int) -> int | None:
         key = (cr3, linear >> 12)

@@ -190,12 +190,14 @@ class ArmedSites:
 
 class CodeSites:
     def __init__(self, uc: Uc, callback: Callable, opcodes: frozenset[bytes],
-                 read: Callable[[int, int], bytes | None], code_pages: set[int]):
-        """``code_pages``: the set to keep the physical pages of translated code in."""
+                 read: Callable[[int, int], bytes | None], code_pages: set[int],
+                 translate: Callable[[int], int | None]):
+        """``code_pages``: the set to keep the physical pages of translated code in;
+        ``translate``: linear to physical as the CPU fetched (paging.LinearMemory)."""
         self._uc = uc
         self._callback = callback
         self._read = read
-        self._translate = ucinternals.FetchTranslator(uc)     # pages just fetched from: in the TLB
+        self._translate = translate                 # pages just fetched from: in the TLB
         # What Unicorn has mapped, without mapping anything: a range hidden since a block was
         # translated there holds no translation any more (unmapping dropped it).
         self._read_mapped = ucinternals.FastAccess(uc).read_memory
