@@ -1,19 +1,18 @@
 """Capstone, the one general disassembler: the length of any instruction (for resuming after
 one ringminus did not decode with the table: an intercepted exception's instruction,
-skipped), the instruction starts in a block (code sites), and the text of a trace."""
+skipped), the instruction starts in a block (code sites), and the text of a trace.
+Imported on first use: a run that never asks pays nothing for it (start-up time)."""
 from __future__ import annotations
 
 from functools import cache
 
-from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
-
-_MODES = {16: CS_MODE_16, 32: CS_MODE_32, 64: CS_MODE_64}
-
 
 @cache
-def disassembler(bits: int) -> Cs:
+def disassembler(bits: int):
     """Capstone for ``bits``-bit code (one per mode, shared)."""
-    return Cs(CS_ARCH_X86, _MODES[bits])
+    import capstone
+    modes = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}
+    return capstone.Cs(capstone.CS_ARCH_X86, modes[bits])
 
 
 def instruction_length(code: bytes, bits: int) -> int | None:
