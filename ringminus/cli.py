@@ -24,11 +24,11 @@ from .arch.registers import CONTROL, GPRS, LEGACY_GPRS, SEGMENT_REGISTERS
 from .emulator.loader import is_elf
 from .emulator.result import EXIT_STATUS, USAGE_ERROR_STATUS, StopReason
 from .emulator.ucinternals import UnicornLayoutError
-from .harness import VIAS, VectorError, collect, run_vector
 from .hypercalls import HypercallAction, HypercallFilterError, HypercallHandlerError
 from .intercepts.controls import LAST_INTERCEPT_BIT, InterceptControls, msrpm_bit
 from .arch.exitcodes import parse_exit
 from .intercepts.profiles import DEFAULT_PROFILE, PROFILES
+from .harness import VIAS
 from .platform import MACHINES
 from .platform import multiboot
 from .platform.tables import recorded_sizes
@@ -660,6 +660,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_harness(args: argparse.Namespace) -> int:
+    from .harness import VectorError, collect, run_vector     # (imported here: start-up time of the rest)
     interrupted = threading.Event()
 
     def interrupt() -> None:

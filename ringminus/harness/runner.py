@@ -19,6 +19,7 @@ from ..machine import Machine
 from ..emulator.boot import DEFAULT_LOAD, BootState
 from ..intercepts.controls import InterceptControls
 from ..arch.exitcodes import ExitCode
+from . import VIAS
 from .vectors import Outcome, TestVector
 
 PAGING32_DIRECTORY = 0x20000           # protected mode: PD, then one page table per 4 MiB
@@ -27,7 +28,6 @@ MAX_INSTRUCTIONS = 100_000
 TIMEOUT = 10.0
 EXCEPTION_EVENTS = ("exception", "software-exception", "icebp")   # ICEBP delivers #DB (type 3)
 PTE_PRESENT, PTE_LARGE = 1, 0x80
-VIAS = ("host", "guest", "both")
 MODE_REGISTERS = frozenset({"cr0", "cr4", "efer"})
 
 
