@@ -749,7 +749,8 @@ class Core(Registry):
             insn = self._hook_instruction(hook.state_without_rflags)
             execute = self._hook_executors.get(insn.row.name) if insn is not None else None
             if execute is not None and execute(insn, hook):
-                self._chain_in_hook()
+                if insn.row.name in self._leading_rows:
+                    self._chain_in_hook()
                 return True
         self._repair_flags_at_fault(self.cpu.context.snapshot())
         self._trap_and_stop(_Trap("invalid"))
@@ -786,12 +787,12 @@ class Core(Registry):
             self._trap_and_stop(_Trap("resume"))
 
     def _chain_in_hook(self) -> None:
-        """A hook has just executed an instruction itself (or taken an exit) and the CPU goes
-        on: while the next instruction is one a hook executor runs — a hypervisor's CLGI;
-        VMLOAD; VMRUN, or VMSAVE; STGI after the #VMEXIT — execute it here as well, saving a
-        hook call and Unicorn's leaving its block for each.  Only where nothing could come
-        between them: no trap, stop or guest mode, and no breakpoint, single-step or debug
-        register that the skipped hooks would have honoured."""
+        """A hook has just executed an instruction that leads on (add_executor), or taken an
+        exit into L1, and the CPU goes on: while the next instruction is one a hook executor
+        runs — a hypervisor's CLGI; VMLOAD; VMRUN, or VMSAVE; STGI after the #VMEXIT —
+        execute it here as well, saving a hook call and Unicorn's leaving its block for each.
+        Only where nothing could come between them: no trap, stop or guest mode, and no
+        breakpoint, single-step or debug register that the skipped hooks would have honoured."""
         for _ in range(CHAIN_LIMIT):
             if self._trap is not None or self._stop is not None or self.gate is not None or self.halted \
                     or not self._switch_in_hooks or self._stepping_over is not None:
@@ -803,7 +804,7 @@ class Core(Registry):
                 return
             insn = self._hook_instruction(state)
             execute = self._hook_executors.get(insn.row.name) if insn is not None else None
-            if execute is None or not execute(insn, hook):
+            if execute is None or not execute(insn, hook) or insn.row.name not in self._leading_rows:
                 return
 
     def _first_pending(self) -> Source | None:
@@ -910,7 +911,8 @@ class Core(Registry):
             name = insn.row.name
             execute = self._hook_executors.get(name) if self._switch_in_hooks else None
             if execute is not None and execute(insn, HookContext(self.cpu.capture(context_is_current=True))):
-                self._chain_in_hook()
+                if name in self._leading_rows:
+                    self._chain_in_hook()
                 return
             if name in MSR_ROWS and self._kept_msr(ctx.u64(ucinternals.GPRS + 8) & 0xFFFF_FFFF) is not None:
                 self._trap_and_stop(_Trap("msr", address=address, outcome=insn))

@@ -135,6 +135,7 @@ class Registry:
     def __init__(self, sources: tuple[Source, ...], parts: tuple[Part, ...], stat_keys: tuple[str, ...]):
         self._executors: dict[str, Executor] = {}
         self._hook_executors: dict[str, HookExecutor] = {}
+        self._leading_rows: set[str] = set()                   # add_executor's leads_on
         self._hook_encodings: tuple[bytes, ...] | None = ()    # None: some hook row has no fixed bytes
         self._hook_encoding_length = 0                          # the longest of them
         self._sources = sources
@@ -151,11 +152,15 @@ class Registry:
         self._reported_stats: tuple[tuple[str, Callable[[], object]], ...] = ()
         self._cpuid: Callable[[], dict] = dict
 
-    def add_executor(self, row: str, execute: Executor, in_hook: HookExecutor | None = None) -> None:
+    def add_executor(self, row: str, execute: Executor, in_hook: HookExecutor | None = None,
+                     leads_on: bool = False) -> None:
         """``execute(insn)`` runs decode-table row ``row`` when Unicorn cannot (after the
         guest-mode gate); ``in_hook(insn, state)``, if given, may run it inside the hook (True:
-        done, the slice goes on)."""
+        done, the slice goes on).  ``leads_on``: the instruction is mostly followed by another
+        one a hook executes (CLGI by VMLOAD, by VMRUN): the hook looks at the next one."""
         self._executors[row] = execute
+        if leads_on:
+            self._leading_rows.add(row)
         if in_hook is not None:
             self._hook_executors[row] = in_hook
             encoding = fixed_encoding(row)

@@ -39,7 +39,8 @@ def install(machine: "Machine") -> None:
     for row in EXECUTES:
         in_hook = IN_HOOK.get(row)
         machine.add_executor(row, lambda insn: _execute(machine, insn), in_hook=(
-            lambda insn, hook, in_hook=in_hook: in_hook(machine, insn, hook)) if in_hook else None)
+            lambda insn, hook, in_hook=in_hook: in_hook(machine, insn, hook)) if in_hook else None,
+            leads_on=row in LEADING)
     machine.add_event_hold(lambda: not machine.svm.gif)
     machine.add_event_source(Source(50, "virtual interrupt", lambda m: bool(m.svm.int_ctl & V_IRQ),
                                     lambda m: bool(m.svm.int_ctl & V_IRQ) and _virtual_interrupt_ready(m),
@@ -143,6 +144,8 @@ def _entry_path_in_hook(machine: "Machine", insn: "Instruction", hook: "HookCont
     return True
 
 
+# A hypervisor's entry is CLGI; VMLOAD; VMRUN and its exit path VMSAVE; STGI (the core chains them).
+LEADING = frozenset({"clgi", "vmload", "vmsave"})
 IN_HOOK = {"vmrun": _vmrun_in_hook, "clgi": _entry_path_in_hook, "stgi": _entry_path_in_hook,
            "vmload": _entry_path_in_hook, "vmsave": _entry_path_in_hook}
 
