@@ -35,6 +35,13 @@ HSAVE     equ 0x20000
 VMCB      equ 0x21000
 L2_STACK  equ 0x9000
 
+; a VMCB segment record at save-area offset %1: selector %2, attributes %3, 4 GiB limit
+%macro FLAT_SEGMENT 3
+    mov word [VMCB + %1], %2
+    mov word [VMCB + %1 + 2], %3
+    mov dword [VMCB + %1 + 4], 0xFFFFFFFF
+%endmacro
+
 bits 16
 org 0
 
@@ -146,18 +153,10 @@ fill_pd:
     mov dword [VMCB + 0x0C], (1 << 18) | (1 << 31)    ; CPUID, SHUTDOWN
     mov dword [VMCB + 0x10], 3                        ; VMRUN, VMMCALL
     mov dword [VMCB + 0x58], 1                        ; ASID
-    mov word [VMCB + 0x410], 0x08                     ; CS
-    mov word [VMCB + 0x412], 0xC9B
-    mov dword [VMCB + 0x414], 0xFFFFFFFF
-    mov word [VMCB + 0x420], 0x10                     ; SS
-    mov word [VMCB + 0x422], 0xC93
-    mov dword [VMCB + 0x424], 0xFFFFFFFF
-    mov word [VMCB + 0x430], 0x10                     ; DS
-    mov word [VMCB + 0x432], 0xC93
-    mov dword [VMCB + 0x434], 0xFFFFFFFF
-    mov word [VMCB + 0x400], 0x10                     ; ES
-    mov word [VMCB + 0x402], 0xC93
-    mov dword [VMCB + 0x404], 0xFFFFFFFF
+    FLAT_SEGMENT 0x410, 0x08, 0xC9B                   ; CS
+    FLAT_SEGMENT 0x420, 0x10, 0xC93                   ; SS
+    FLAT_SEGMENT 0x430, 0x10, 0xC93                   ; DS
+    FLAT_SEGMENT 0x400, 0x10, 0xC93                   ; ES
     mov dword [VMCB + 0x464], gdt_end - gdt - 1       ; GDTR
     mov dword [VMCB + 0x468], ROM + gdt
     mov dword [VMCB + 0x4D0], 0x1000                  ; EFER: SVME
