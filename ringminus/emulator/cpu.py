@@ -55,6 +55,13 @@ class Cpu:
             return self.segment(name).selector
         return self.fast.read(_UC_NAMES[name])
 
+    def paging_state(self) -> tuple[int, int, int, int, int]:
+        """CR0, CR3, CR4, EFER (without SVME) and the CPL, from one context copy: what a
+        page walk reads."""
+        ctx = self.context.snapshot()
+        return (ctx.u64(uci.CR), ctx.u64(uci.CR + 24), ctx.u64(uci.CR + 32), ctx.u64(uci.EFER),
+                ctx.u32(uci.HFLAGS) & uci.HF_CPL_MASK)
+
     def __setitem__(self, name: str, value: int) -> None:
         self.version += 1
         if name in _PAGING_NAMES:

@@ -173,6 +173,7 @@ class Core(Registry):
         self.instructions = 0
         self._instructions_exact = True
         self._slice_counted = False             # a counted slice is running (instructions_now)
+        self._in_slice = False                  # Unicorn is running guest code (emu_start)
         self._next_eviction = 0                 # when counted slices next evict cold code hooks
         self.halted = False
         self.stats: Counter = Counter()
@@ -455,9 +456,9 @@ class Core(Registry):
         if stage is None and self.linear.stage2 is None:
             return
         self.linear.stage2 = stage
+        self.memory.tlb_filled_by_hook = stage is not None
         self.uc.ctl_set_tlb_mode(UC_TLB_CPU if stage is None else UC_TLB_VIRTUAL)
-        self.cpu.fast.flush_tlb()
-        self.linear.flush_decoding()            # (the stage's own TLB is the stage's to keep)
+        self.cpu.fast.flush_tlb()               # (decoding's TLB keys by the stage; the stage keeps its own)
 
     # -- services for features (plugins.SERVICES) ---------------------------------------------
     @property
@@ -849,12 +850,15 @@ class Core(Registry):
         """A TLB miss under a second stage: ringminus walks both stages (paging.fill).  A
         refusal — the guest's #PF or the stage's exit — is taken once Unicorn has ended the
         slice (it restored the faulting instruction's state before calling this), where the
-        access's whole address is known (``_after_refused_fill``)."""
+        access's whole address is known (``_after_refused_fill``).  Outside a slice the
+        miss is Unicorn's own lookup (hook_del, ctl_remove_cache drop translations by
+        address): answered without side effects, a refusal ignored."""
         try:
-            entry.paddr, entry.perms = self.linear.fill(page, access)
+            entry.paddr, entry.perms = (self.linear.fill if self._in_slice else self.linear.look_up)(page, access)
             return True
         except (GuestFault, SecondStageFault):
-            pass
+            if not self._in_slice:
+                return False
         repair = access != UC_MEM_FETCH and self._flags_in_cc_src(self.cpu.context.snapshot())
         self._trap = _Trap("refused fill", address=page, outcome=access, flags_in_cc_src=repair)
         return False
@@ -1144,12 +1148,12 @@ class Core(Registry):
         self._switch_in_hooks = not counting and not self._tracing and (
             self.gate is None or self.gate.on_exit is OnExit.L1)
         error = None
-        self._slice_counted, self._slice_recount = counting, False
+        self._slice_counted, self._slice_recount, self._in_slice = counting, False, True
         try:
             self.uc.emu_start(self.cpu.rip, 0, count=budget)
         except UcError as e:
             error = e
-        self._slice_counted = False
+        self._slice_counted = self._in_slice = False
         self.stats["slices"] += 1
         started = ucinternals.emu_counter(self.uc) if counting else 0
         if shadow_step and self._stepping_over is None and (self._trap is None or self._trap.kind not in _BEFORE_IT):
@@ -1260,10 +1264,13 @@ class Core(Registry):
         try:
             self._trap = None
             error = None
+            self._in_slice = True
             try:
                 self.uc.emu_start(rip, 0, count=1)
             except UcError as e:
                 error = e
+            finally:
+                self._in_slice = False
             self.stats["slices"] += 1
             self._after_slice(error, 1, ucinternals.emu_counter(self.uc), None)
         finally:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, Uc
+from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UC_TLB_CPU, UC_TLB_VIRTUAL, Uc
 
 from ..arch.control import CR0_PG
 from .ucinternals import CR, Context, FastAccess
@@ -63,6 +63,9 @@ class PhysicalMemory:
         self.uc = uc
         self.fast = FastAccess(uc)
         self._context = Context(uc)
+        # Unicorn's TLB misses go to ringminus's fill hook (a second stage: Core.set_second_stage):
+        # a lookup that is no access must not reach it (it would set accessed bits).
+        self.tlb_filled_by_hook = False
         self.ram = page_aligned_array(ram_size)
         self.overlays: list[Overlay] = []
         # Ranges left unmapped until touched because their view changed (smram.py), and the
@@ -258,17 +261,22 @@ class PhysicalMemory:
         tables, can leave a #PF in flight and drops the wrong translations.  The call runs
         with paging off, where linear is physical, and the CPU's state comes back as it was.
         True when paging was on: the lookup then left an identity TLB entry for ``address``
-        (an unmap flushes its range's pages, which drop it; other callers flush)."""
+        (an unmap flushes its range's pages, which drop it; other callers flush).  While a
+        second stage fills the TLB, the lookup goes to Unicorn's own walker meanwhile."""
         ctx = self._context.snapshot()
         cr0 = ctx.u64(CR)
-        if not cr0 & CR0_PG:
+        if not cr0 & CR0_PG and not self.tlb_filled_by_hook:
             call(address, *args)
             return False
         ctx.put_u64(CR, cr0 & ~CR0_PG)
         ctx.commit()
+        if self.tlb_filled_by_hook:
+            self.uc.ctl_set_tlb_mode(UC_TLB_CPU)
         try:
             call(address, *args)
         finally:
+            if self.tlb_filled_by_hook:
+                self.uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
             ctx.put_u64(CR, cr0)
             ctx.commit()
         return True

@@ -136,9 +136,12 @@ class SecondStage(Protocol):
     SecondStageFault; ``table`` marks the guest's own page-table accesses."""
     root: int
 
-    def translate(self, address: int, write: bool, fetch: bool, table: bool) -> int: ...
+    def translate(self, address: int, write: bool, fetch: bool, table: bool, mark: bool = True) -> int: ...
 
     def flush(self) -> None: ...                 # drop cached translations (a TLB flush)
+
+    @property
+    def generation(self) -> tuple: ...          # changes whenever its translations may have
 
 
 def pae_pdpte_problem(phys: PhysicalMemory, cr3: int, max_phys_bits: int) -> str | None:
@@ -166,9 +169,10 @@ class LinearMemory:
         # A feature's second stage (svm/npt.py), while a guest runs under it: every address
         # the guest's paging gives, and every guest page-table entry, is guest-physical.
         self.stage2: SecondStage | None = None
+        self._marking = True                # walks set accessed/dirty bits (not Unicorn's own lookups)
         # Instruction fetches for decoding reuse translations, as a CPU's TLB does: keyed by
-        # CR3 and page, dropped by flush() (each run, whenever ringminus writes memory, and
-        # when a second stage comes or goes).
+        # CR3, page and the second stage's translations (its ``generation``), dropped by
+        # flush() (each run, and whenever ringminus writes memory).
         # Each entry keeps its leaf entry's bytes, compared with a fresh read on every hit, so
         # a remapped page (a PTE rewritten, even without INVLPG or across a world switch) is
         # walked afresh.  Entries: (frame, leaf address, leaf size, leaf bytes).
@@ -177,12 +181,9 @@ class LinearMemory:
 
     def flush(self) -> None:
         """Drop every cached translation: the decoding TLB's and the second stage's."""
-        self.flush_decoding()
+        self._code_tlb.clear()
         if self.stage2 is not None:
             self.stage2.flush()
-
-    def flush_decoding(self) -> None:
-        self._code_tlb.clear()
 
     def fetch(self, linear: int, size: int, cr0: int | None = None, cr3: int | None = None) -> bytes | None:
         """Up to ``size`` instruction bytes at ``linear`` (fewer at an unmapped page), or None
@@ -252,18 +253,19 @@ class LinearMemory:
             return None
 
     def _code_frame(self, cr3: int, linear: int) -> int | None:
-        key = (cr3, linear >> 12)
+        key = (cr3, linear >> 12, None if self.stage2 is None else self.stage2.generation)
         cached = self._code_tlb.get(key)
         if cached is not None:
             frame, leaf_address, leaf_size, leaf = cached
             if self.phys.read_fast(leaf_address, leaf_size) == leaf:
                 return frame
+        state = self.cpu.paging_state()
         try:
             walked = []
-            frame = self.translate(linear, walked=walked, check=False) & ~0xFFF
+            frame = self.translate(linear, walked=walked, check=False, state=state) & ~0xFFF
         except (GuestFault, SecondStageFault):
             return None
-        (leaf_address, leaf), leaf_size = walked[-1], 8 if self.cpu["cr4"] & CR4_PAE or self.cpu["efer"] & EFER_LMA else 4
+        (leaf_address, leaf), leaf_size = walked[-1], 8 if state[2] & CR4_PAE or state[3] & EFER_LMA else 4
         self._code_tlb[key] = (frame, leaf_address, leaf_size, (leaf | PTE_A).to_bytes(leaf_size, "little"))
         return frame
 
@@ -271,29 +273,28 @@ class LinearMemory:
         """A guest page-table entry: the second stage translates its address as a write
         (the CPU may set accessed/dirty bits there: APM §15.25.5, QEMU's ptw_translate)."""
         if self.stage2 is not None:
-            address = self.stage2.translate(address, True, False, True)
+            address = self.stage2.translate(address, True, False, True, self._marking)
         raw = self.phys.read_fast(address, size)
         # A walk through memory nothing backs reads zeros (not present), as QEMU's
         # unassigned reads and Unicorn's own walks do: the guest gets its #PF.
         return address, 0 if raw is None else int.from_bytes(raw, "little")
 
     def translate(self, linear: int, write: bool = False, user: bool = False, fetch: bool = False,
-                  walked: list | None = None, check: bool = True) -> int:
+                  walked: list | None = None, check: bool = True, state: tuple | None = None) -> int:
         """The host-physical address of an access to ``linear``: #PF (GuestFault) as the
         guest's paging refuses it, SecondStageFault as the second stage does.  ``check``
         False: no permission checks and no dirty bit (a fetch for decoding: the CPU runs
         there already)."""
-        cpu = self.cpu
-        cr0, cr4, efer = cpu["cr0"], cpu["cr4"], cpu["efer"]
+        cr0, cr3, cr4, efer, _cpl = self.cpu.paging_state() if state is None else state
         if not efer & EFER_LMA:
             linear &= 0xFFFF_FFFF
         if not cr0 & CR0_PG:
-            return linear if self.stage2 is None else self.stage2.translate(linear, write, fetch, False)
+            return linear if self.stage2 is None else self.stage2.translate(linear, write, fetch, False, self._marking)
         fmt = paging_format(cr4, efer, self.max_phys_bits, self.gigabyte_pages)
         smep = bool(cr4 & CR4_SMEP)
         error = (PF_W if write else 0) | (PF_U if user else 0) | (PF_I if fetch and (fmt.nx or smep) else 0)
         try:
-            result = walk(fmt, cpu["cr3"], linear, self._read_entry)
+            result = walk(fmt, cr3, linear, self._read_entry)
         except TableFault as fault:
             raise GuestFault(Vector.PF, error | (PF_P if fault.present else 0) | (PF_RSVD if fault.reserved else 0),
                              cr2=linear) from None
@@ -303,8 +304,9 @@ class LinearMemory:
             raise GuestFault(Vector.PF, error | PF_P, cr2=linear)
         physical = result.physical
         if self.stage2 is not None:
-            physical = self.stage2.translate(physical, write, fetch, False)
-        set_accessed(self.phys, result.entries, fmt.entry_size, write and check)
+            physical = self.stage2.translate(physical, write, fetch, False, self._marking)
+        if self._marking:
+            set_accessed(self.phys, result.entries, fmt.entry_size, write and check)
         return physical
 
     def _permitted(self, result: Walk, write: bool, user: bool, fetch: bool, cr0: int, cr4: int) -> bool:
@@ -323,8 +325,19 @@ class LinearMemory:
         so that a later write comes back here to set the dirty bits.  CPL 3 makes a user
         access (the hook is not told of QEMU's implicit supervisor accesses)."""
         write, fetch = access == UC_MEM_WRITE, access == UC_MEM_FETCH
-        physical = self.translate(page, write, self.cpu.cpl == 3, fetch)
+        state = self.cpu.paging_state()
+        physical = self.translate(page, write, state[4] == 3, fetch, state=state)
         return physical, UC_PROT_READ | UC_PROT_WRITE if write else UC_PROT_EXEC if fetch else UC_PROT_READ
+
+    def look_up(self, page: int, access: int) -> tuple[int, int]:
+        """``fill`` for a lookup Unicorn makes outside any access (dropping the translations
+        of an address: hook_del, ctl_remove_cache): the same walk, but it marks nothing as
+        accessed and its refusal (GuestFault, SecondStageFault) is no fault."""
+        self._marking = False
+        try:
+            return self.fill(page, access)
+        finally:
+            self._marking = True
 
     def _chunks(self, linear: int, size: int):
         while size:

@@ -19,6 +19,7 @@ gPAT: with nested paging the guest's PAT is the VMCB's G_PAT (the host's is put 
 #VMEXIT, which stores the guest's there)."""
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..arch.control import CR4_SMEP, EFER_NXE
@@ -32,6 +33,7 @@ from ..emulator.paging import (PF_I, PF_P, PF_RSVD, PF_U, PF_W, PTE_D, TableFaul
 if TYPE_CHECKING:
     from ..machine import Machine
 
+_SERIALS = itertools.count()
 NPF_FINAL = 1 << 32             # EXITINFO1: translating the guest's final physical address
 NPF_TABLE = 1 << 33             # EXITINFO1: translating a guest page-table access
 
@@ -58,6 +60,8 @@ class NestedTlb:
     def __init__(self):
         self.entries: dict[int, tuple[int, bool, bool, bool]] = {}
         self.pages: dict[int, bytes | None] = {}     # host page of a table -> its bytes when walked
+        self.serial = next(_SERIALS)                 # (translations cached elsewhere compare
+        self.flushes = 0                             # these two)
 
     def revalidate(self, memory: PhysicalMemory) -> None:
         for page, seen in self.pages.items():
@@ -68,6 +72,7 @@ class NestedTlb:
     def flush(self) -> None:
         self.entries.clear()
         self.pages.clear()
+        self.flushes += 1
 
 
 class NestedPaging:
@@ -86,7 +91,9 @@ class NestedPaging:
         raw = self.memory.read_fast(address, size)
         return address, 0 if raw is None else int.from_bytes(raw, "little")      # nothing there: not present
 
-    def translate(self, address: int, write: bool, fetch: bool, table: bool) -> int:
+    def translate(self, address: int, write: bool, fetch: bool, table: bool, mark: bool = True) -> int:
+        """``address`` through the nested tables; ``mark``: set accessed/dirty bits (and
+        keep the translation) — not for a lookup that is no access."""
         hit = self.tlb.entries.get(address >> 12)
         if hit is not None and (hit[3] or not write) and (hit[2] or not fetch):
             return hit[0] | (address & 0xFFF)
@@ -96,8 +103,9 @@ class NestedPaging:
             raise self._fault(address, write, fetch, table, fault.present, fault.reserved) from None
         if not (result.user and (result.writable or not write) and (result.executable or not fetch)):
             raise self._fault(address, write, fetch, table, True, False)
-        set_accessed(self.memory, result.entries, self.format.entry_size, write)
-        self._remember(address >> 12, result, write)
+        if mark:
+            set_accessed(self.memory, result.entries, self.format.entry_size, write)
+            self._remember(address >> 12, result, write)
         return result.physical
 
     def _remember(self, page: int, result, write: bool) -> None:
@@ -112,6 +120,12 @@ class NestedPaging:
 
     def flush(self) -> None:
         self.tlb.flush()
+
+    @property
+    def generation(self) -> tuple:
+        """Which translations these are: their TLB (one per tables, format and profile)
+        and how often it was flushed — decoding's TLB (paging.py) keys by it."""
+        return self.tlb.serial, self.tlb.flushes
 
     def _fault(self, address: int, write: bool, fetch: bool, table: bool, present: bool,
                reserved: bool) -> SecondStageFault:
