@@ -103,33 +103,21 @@ class Cpu:
     def cpl(self) -> int:
         return self.context.snapshot().u32(uci.HFLAGS) & uci.HF_CPL_MASK
 
-    def load_segments(self, segments: dict[str, Segment], cpl: int | None = None,
-                      msrs: dict[int, int] | None = None) -> None:
-        """Write segment caches (selector + hidden part) and, optionally, the CPL and MSRs
-        QEMU keeps as plain CPU-state fields (``uci.CONTEXT_MSRS``), in one context round
-        trip; hflags are re-derived the way QEMU derives them."""
+    def load_segments(self, segments: dict[str, Segment], cpl: int | None = None) -> None:
+        """Write segment caches (selector + hidden part) and, optionally, the CPL, in one
+        context round trip; hflags are re-derived the way QEMU derives them."""
         self.version += 1
         ctx = self.context.snapshot()
         for name, seg in segments.items():
             ctx.put_segment(name, uci.SegmentCache(seg.selector, seg.base, seg.limit, seg.flags))
-        for msr, value in (msrs or {}).items():
-            offset, width, mask = uci.CONTEXT_MSRS[msr]
-            ctx.view[offset:offset + width] = (value & mask).to_bytes(width, "little")
         ctx.recompute_segment_hflags(ctx.u32(uci.HFLAGS) & 3 if cpl is None else cpl)
         ctx.commit()
 
-    def segments_and_msrs(self, names: tuple[str, ...], msrs: tuple[int, ...]) -> tuple[list[Segment], list[int]]:
-        """Segment caches and CPU-state MSRs (``uci.CONTEXT_MSRS``), from one context copy."""
-        ctx = self.context.snapshot()
-        segments = []
-        for name in names:
-            cache = ctx.segment(name)
-            segments.append(Segment(cache.selector, cache.base, cache.limit, cache.flags))
-        values = []
-        for msr in msrs:
-            offset, width, _mask = uci.CONTEXT_MSRS[msr]
-            values.append(int.from_bytes(ctx.view[offset:offset + width], "little"))
-        return segments, values
+    def edit_context(self) -> "uci.Context":
+        """A fresh copy of the CPU's context to patch in place and ``commit`` (a codec's
+        world-switch fields, laid out by ucinternals); it counts as a register write."""
+        self.version += 1
+        return self.context.snapshot()
 
     def set_mode_state(self, cr0: int, cr4: int, efer: int) -> None:
         """Set CR0/CR4/EFER exactly, including leaving long mode, which register writes on a

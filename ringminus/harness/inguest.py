@@ -49,7 +49,7 @@ from ..intercepts.controls import IOPM_BYTES, MSRPM_BYTES
 from ..arch.exitcodes import ExitCode
 from ..intercepts.vmcb import (GUEST_INSTRUCTION_COUNT_MASK, MSR_VM_HSAVE_PA, VMCB_SIZE, new_vmcb,
                                set_intercept_vector, vmcb_view, write_segment)
-from ..svm.instructions import VMLOAD_MSRS
+from ..svm.vmload import MSRS as VMLOAD_MSRS
 from .runner import EXCEPTION_EVENTS, MAX_INSTRUCTIONS, TIMEOUT, NotRunnable, Setup, l2_outcome, setup, vmexit_outcome
 from .vectors import Outcome, TestVector, assemble_text
 

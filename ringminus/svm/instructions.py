@@ -12,19 +12,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-
 from ..arch.models import MODELS
 from ..emulator.boot import (RESET_CR0, RESET_DATA_SEGMENT, RESET_DR6, RESET_DR7,
                              RESET_SYSTEM_SEGMENTS, RESET_TABLE_LIMIT)
 from ..emulator.cpu import At
 from ..arch.control import CR0_PE
 from ..arch.registers import GPRS
-from ..arch.segments import FLAG_DB, FLAG_G, FLAG_P, FLAG_S, Segment, canonical, flags_from_vmcb_attrib
+from ..arch.segments import FLAG_DB, FLAG_G, FLAG_P, FLAG_S, Segment
 from ..arch.exceptions import GuestFault, Vector, gp
-from ..binlayout import field_runs, fields_struct
-from ..intercepts.vmcb import SAVE_AREA_OFFSET, V_GIF, VM_CR_R_INIT, VMCB_SAVE
-from ..arch.segments import vmcb_attrib_from_flags
+from ..intercepts.vmcb import V_GIF, VM_CR_R_INIT
 from ..arch.models import max_physical_bits
+from . import vmload
 from .world import virtual_gif, vmrun
 
 if TYPE_CHECKING:
@@ -32,22 +30,6 @@ if TYPE_CHECKING:
     from ..machine import Machine
 
 PAGE_MASK = ~0xFFF
-# What VMLOAD loads and VMSAVE saves: segments with their hidden state, then MSRs.
-VMLOAD_SEGMENTS = ("fs", "gs", "tr", "ldtr")
-VMLOAD_MSRS = (("kernel_gs_base", 0xC000_0102), ("star", 0xC000_0081), ("lstar", 0xC000_0082),
-               ("cstar", 0xC000_0083), ("sfmask", 0xC000_0084), ("sysenter_cs", 0x174),
-               ("sysenter_esp", 0x175), ("sysenter_eip", 0x176))
-CANONICAL_MSRS = frozenset({0xC000_0102})          # KernelGSbase: an address, loaded canonical
-_SEGMENT_PARTS = ("selector", "attrib", "limit", "base")
-# The VMCB fields VMLOAD reads and VMSAVE writes: one struct from the first to the last (the
-# save area's bytes between them untouched: VMSAVE packs field runs into a copy of the span).
-_VMLOAD_PATHS = [f"{name}.{part}" for name in VMLOAD_SEGMENTS for part in _SEGMENT_PARTS] + \
-    [field for field, _ in VMLOAD_MSRS]
-VMLOAD_FIELDS, _VMLOAD_START, _VMLOAD_ORDER = fields_struct(VMCB_SAVE, _VMLOAD_PATHS)
-_VMLOAD_AT = SAVE_AREA_OFFSET + _VMLOAD_START
-_VMSAVE_RUNS = field_runs(VMCB_SAVE, _VMLOAD_PATHS)
-_SEGMENT_VALUES = [tuple(_VMLOAD_ORDER.index(f"{name}.{part}") for part in _SEGMENT_PARTS) for name in VMLOAD_SEGMENTS]
-_MSR_VALUES = [(msr, _VMLOAD_ORDER.index(field)) for field, msr in VMLOAD_MSRS]
 # SKINIT (APM Vol. 3 "SKINIT"): the secure loader block is 64 KiB at EAX[31:16].
 SLB_SIZE = 0x1_0000
 VM_CR_DPD, VM_CR_DIS_A20M = 1 << 0, 1 << 2
@@ -72,33 +54,27 @@ def _vmrun(machine: "Machine", insn: "Instruction") -> None:
 
 
 def _vmload(machine: "Machine", insn: "Instruction") -> None:
-    """FS, GS, TR and LDTR with their hidden state, and the SYSCALL/SYSENTER MSRs and
-    KernelGSbase, from the VMCB (bases canonical): one read, one CPU-state round trip."""
-    page = vmcb_address(machine, insn)
-    values = VMLOAD_FIELDS.unpack(machine.memory.read(page + _VMLOAD_AT, VMLOAD_FIELDS.size))
-    segments = {name: Segment(values[selector], canonical(values[base]), values[limit], flags_from_vmcb_attrib(values[attrib]))
-                for name, (selector, attrib, limit, base) in zip(VMLOAD_SEGMENTS, _SEGMENT_VALUES)}
-    machine.cpu.load_segments(segments, msrs={msr: canonical(values[at]) if msr in CANONICAL_MSRS else values[at]
-                                              for msr, at in _MSR_VALUES})
+    """FS, GS, TR, LDTR and the syscall MSRs from the VMCB (vmload.py): one read, one
+    CPU-state round trip."""
+    codec = vmload.CODEC
+    values = codec.vmcb.unpack(machine.memory.read(vmcb_address(machine, insn) + codec.vmcb_at, codec.vmcb.size))
+    context = machine.cpu.edit_context()
+    codec.load(context.view, values)
+    context.commit()
     machine.cpu.rip = insn.next_rip
 
 
 def _vmsave(machine: "Machine", insn: "Instruction") -> None:
     """The same state into the VMCB, every byte between the fields left as it was."""
-    page = vmcb_address(machine, insn)
-    segments, msrs = machine.cpu.segments_and_msrs(VMLOAD_SEGMENTS, tuple(msr for _, msr in VMLOAD_MSRS))
-    values = [0] * len(_VMLOAD_ORDER)
-    for segment, (selector, attrib, limit, base) in zip(segments, _SEGMENT_VALUES):
-        values[selector], values[attrib] = segment.selector, vmcb_attrib_from_flags(segment.flags)
-        values[limit], values[base] = segment.limit, segment.base
-    for value, (_msr, at) in zip(msrs, _MSR_VALUES):
-        values[at] = value
-    area = bytearray(machine.memory.read(page + _VMLOAD_AT, VMLOAD_FIELDS.size))
+    codec = vmload.CODEC
+    at = vmcb_address(machine, insn) + codec.vmcb_at
+    values = codec.save(machine.cpu.context.snapshot().view)
+    area = bytearray(machine.memory.read(at, codec.vmcb.size))
     first = 0
-    for offset, run, count in _VMSAVE_RUNS:
-        run.pack_into(area, offset - _VMLOAD_START, *values[first:first + count])
+    for offset, run, count in codec.runs:
+        run.pack_into(area, offset, *values[first:first + count])
         first += count
-    machine.memory.write(page + _VMLOAD_AT, bytes(area))
+    machine.memory.write(at, bytes(area))
     machine.cpu.rip = insn.next_rip
 
 
