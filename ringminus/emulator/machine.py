@@ -174,6 +174,7 @@ class Core(Registry):
         self._instructions_exact = True
         self._slice_counted = False             # a counted slice is running (instructions_now)
         self._in_slice = False                  # Unicorn is running guest code (emu_start)
+        self._nothing_to_chain_at: set[int] = set()     # RIPs _chain_in_hook found nothing to run at
         self._next_eviction = 0                 # when counted slices next evict cold code hooks
         self.halted = False
         self.stats: Counter = Counter()
@@ -793,19 +794,30 @@ class Core(Registry):
         runs — a hypervisor's CLGI; VMLOAD; VMRUN, or VMSAVE; STGI after the #VMEXIT —
         execute it here as well, saving a hook call and Unicorn's leaving its block for each.
         Only where nothing could come between them: no trap, stop or guest mode, and no
-        breakpoint, single-step or debug register that the skipped hooks would have honoured."""
+        breakpoint, single-step or debug register that the skipped hooks would have honoured.
+        Where the next instruction was none to run here the last time (after an exit: L1's
+        code after its VMRUN), the look is not taken again: not chaining is always correct,
+        it only costs a hook."""
         for _ in range(CHAIN_LIMIT):
             if self._trap is not None or self._stop is not None or self.gate is not None or self.halted \
                     or not self._switch_in_hooks or self._stepping_over is not None:
                 return
+            rip = self.cpu.rip
+            if rip in self._nothing_to_chain_at:
+                return
             hook = HookContext(self.cpu.capture())
             state = hook.state
             if state[At.rflags] & RFLAGS_TF or state[At.dr7] & DR7_ENABLES or \
-                    (state[At.cs_base] + state[At.rip]) & MASK_64 in self._breakpoints:
+                    (state[At.cs_base] + rip) & MASK_64 in self._breakpoints:
                 return
             insn = self._hook_instruction(state)
             execute = self._hook_executors.get(insn.row.name) if insn is not None else None
-            if execute is None or not execute(insn, hook) or insn.row.name not in self._leading_rows:
+            if execute is None:
+                if len(self._nothing_to_chain_at) > 4096:
+                    self._nothing_to_chain_at.clear()
+                self._nothing_to_chain_at.add(rip)
+                return
+            if not execute(insn, hook) or insn.row.name not in self._leading_rows:
                 return
 
     def _first_pending(self) -> Source | None:
