@@ -34,7 +34,7 @@ EXECUTES = tuple(EXECUTE)                # the decode-table rows this feature ex
 
 def install(machine: "Machine") -> None:
     machine.svm = SvmState()
-    machine.svm_caches = world.Caches()
+    machine.svm_caches = world.Caches(machine.cpu_model)
     machine.add_stat_keys("vmruns")
     for row in EXECUTES:
         in_hook = IN_HOOK.get(row)
@@ -46,9 +46,11 @@ def install(machine: "Machine") -> None:
                                     lambda m: bool(m.svm.int_ctl & V_IRQ) and _virtual_interrupt_ready(m),
                                     ExitCode.VINTR, _take_virtual_interrupt, _consume_virtual_interrupt,
                                     window=True))
-    machine.add_event_source(Source(45, "virtual nmi", lambda m: _virtual_nmi_pending(m),
-                                    lambda m: _virtual_nmi_pending(m) and not m.cpu.nmi_blocked, None,
-                                    _take_virtual_nmi, _consume_virtual_nmi, window=True))
+    # (int_ctl's V_NMI first: the sources are asked at every boundary and hook, vNMI or not)
+    machine.add_event_source(Source(45, "virtual nmi", lambda m: m.svm.int_ctl & V_NMI and _virtual_nmi_pending(m),
+                                    lambda m: m.svm.int_ctl & V_NMI and _virtual_nmi_pending(m)
+                                    and not m.cpu.nmi_blocked, None, _take_virtual_nmi, _consume_virtual_nmi,
+                                    window=True))
     machine.set_intr_unmasked(lambda: _intr_unmasked(machine))
     machine.add_msr(Msr(lambda msr: msrs.emulates(machine, msr), lambda msr: msrs.read(machine, msr),
                         lambda msr, value: msrs.write(machine, msr, value)))

@@ -291,7 +291,8 @@ def _pdptes_refused(machine: "Machine", save: tuple, control: dict[str, int]) ->
 class Caches:
     """What a machine's world switches remember (per machine: its CPU model is fixed)."""
 
-    def __init__(self):
+    def __init__(self, cpu_model: str):
+        self.features = MODELS[cpu_model].svm_edx              # Fn8000_000A EDX: what VMRUN honours
         self.controls: dict[int, InterceptControls] = {}       # intercept vector -> controls
         self.consistency: dict[tuple, str | None] = {}         # checked fields -> VMRUN's verdict
         self.nested_tlbs: dict[tuple, npt.NestedTlb] = {}      # (nested tables, profile) -> their TLB
@@ -330,7 +331,8 @@ def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, hook: HookContext | N
     if failure is not None:
         _refuse(machine, vmcb_pa, host, failure, machine.profile.vmrun_invalid_clears_gif)
         return machine.cpu.rip
-    failure = _pdptes_refused(machine, save, control) or _vnmi_refused(machine, control)
+    features = machine.svm_caches.features
+    failure = _pdptes_refused(machine, save, control) or (_vnmi_refused(control) if features & VNMI else None)
     if failure is not None:
         _refuse(machine, vmcb_pa, host, failure, clears_gif=True)
         return machine.cpu.rip
@@ -352,13 +354,14 @@ def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, hook: HookContext | N
     svm.vmcb_pa, svm.asid, svm.gif = vmcb_pa, control["guest_asid"], True
     svm.int_ctl, svm.v_intr_vector = int_ctl, control["v_intr_vector"]
     machine.tsc.offset = control["tsc_offset"]
-    if control["nested_control"] & NP_ENABLE:
+    if control["nested_control"] & NP_ENABLE:        # (refused above where the model lacks it)
         _enter_nested_paging(machine, vmcb_pa, control["n_cr3"])
-    if control["virt_ext"] & LBR_VIRTUALIZATION_ENABLE and MODELS[machine.cpu_model].svm_edx & LBR_VIRTUALIZATION:
+    if control["virt_ext"] & LBR_VIRTUALIZATION_ENABLE and features & LBR_VIRTUALIZATION:
         _enter_lbr_virtualization(machine, vmcb_pa)
     run_as_l2(machine, controls)
-    _set_pause_filter(machine, control)
-    if virtual_nmi(machine):
+    if control["pause_filter_count"] and features & PAUSE_FILTER:
+        _set_pause_filter(machine, control, features)
+    if int_ctl & V_NMI_ENABLE and features & VNMI:      # vNMI: V_NMI_MASK is the guest's NMI blocking
         svm.host_nmi_blocked, cpu.nmi_blocked = cpu.nmi_blocked, bool(int_ctl & V_NMI_MASK)
     if control["eventinj"] & EVENT_VALID:
         _inject(machine, control["eventinj"], guest[At.rip])
@@ -377,11 +380,9 @@ def _enter_nested_paging(machine: "Machine", vmcb_pa: int, n_cr3: int) -> None:
 
 
 def _leave_nested_paging(machine: "Machine", vmcb_pa: int | None) -> None:
-    """#VMEXIT (``vmcb_pa``: the guest's PAT goes to G_PAT) or an SMI (None): L1's own
-    translation and PAT again."""
+    """#VMEXIT (``vmcb_pa``: the guest's PAT goes to G_PAT) or an SMI (None) from a guest
+    under nested paging: L1's own translation and PAT again."""
     svm, fast = machine.svm, machine.cpu.fast
-    if svm.nested is None:
-        return
     if vmcb_pa is not None:
         machine.memory.write(vmcb_pa + _G_PAT_AT, fast.read_msr(MSR_PAT).to_bytes(8, "little"))
     fast.write_msr(MSR_PAT, svm.host_pat)
@@ -397,21 +398,19 @@ def virtual_nmi(machine: "Machine") -> bool:
     return bool(svm.guest_mode and svm.int_ctl & V_NMI_ENABLE and MODELS[machine.cpu_model].svm_edx & VNMI)
 
 
-def _vnmi_refused(machine: "Machine", control: dict[str, int]) -> str | None:
-    """KVM's nested_vmcb_check_controls: vNMI needs the NMI intercept (physical NMIs must
-    reach L1; kvm-unit-tests' vnmi test expects VMEXIT_INVALID without it)."""
-    if not (control["int_ctl"] & V_NMI_ENABLE and MODELS[machine.cpu_model].svm_edx & VNMI):
-        return None
-    return None if control["intercepts"] >> ExitCode.NMI & 1 else "V_NMI_ENABLE without the NMI intercept"
+def _vnmi_refused(control: dict[str, int]) -> str | None:
+    """KVM's nested_vmcb_check_controls, on a model with vNMI: V_NMI_ENABLE needs the NMI
+    intercept (physical NMIs must reach L1; kvm-unit-tests' vnmi test expects VMEXIT_INVALID)."""
+    if control["int_ctl"] & V_NMI_ENABLE and not control["intercepts"] >> ExitCode.NMI & 1:
+        return "V_NMI_ENABLE without the NMI intercept"
+    return None
 
 
-def _set_pause_filter(machine: "Machine", control: dict[str, int]) -> None:
-    """PAUSE_FILTER_COUNT (and THRESHOLD) on a model with the pause filter: the guest's
-    PAUSE intercept waits for the count (intercepts/exitinfo.PauseFilter); 0 filters nothing."""
-    features = MODELS[machine.cpu_model].svm_edx
-    if features & PAUSE_FILTER and control["pause_filter_count"]:
-        threshold = control["pause_filter_threshold"] if features & PAUSE_FILTER_THRESHOLD else 0
-        machine.gate.pause_filter = PauseFilter(control["pause_filter_count"], threshold)
+def _set_pause_filter(machine: "Machine", control: dict[str, int], features: int) -> None:
+    """A PAUSE_FILTER_COUNT on a model with the pause filter (and a THRESHOLD, with that
+    too): the guest's PAUSE intercept waits for the count (intercepts/exitinfo.PauseFilter)."""
+    threshold = control["pause_filter_threshold"] if features & PAUSE_FILTER_THRESHOLD else 0
+    machine.gate.pause_filter = PauseFilter(control["pause_filter_count"], threshold)
 
 
 def _enter_lbr_virtualization(machine: "Machine", vmcb_pa: int) -> None:
@@ -427,8 +426,6 @@ def _leave_lbr_virtualization(machine: "Machine", vmcb_pa: int | None) -> None:
     """#VMEXIT stores the guest's record in the VMCB (``vmcb_pa``; None: an SMI, whose
     RSM loads it again) and gives L1 its own back."""
     svm = machine.svm
-    if svm.host_lbr is None:
-        return
     if vmcb_pa is not None:
         machine.memory.write(vmcb_pa + _LBR_AT, struct.pack("<5Q", *machine.lbr.state(), 0, 0))
     machine.lbr.restore(svm.host_lbr)
@@ -527,8 +524,10 @@ def vmexit(machine: "Machine", exit_: VmExit, hook: HookContext | None = None) -
     cpu.load(host, context_is_current=current)
     if svm.v_intr_masking:
         cpu["cr8"] = svm.host_cr8
-    _leave_nested_paging(machine, vmcb_pa)
-    _leave_lbr_virtualization(machine, vmcb_pa)
+    if svm.nested is not None:
+        _leave_nested_paging(machine, vmcb_pa)
+    if svm.host_lbr is not None:
+        _leave_lbr_virtualization(machine, vmcb_pa)
     if svm.host_nmi_blocked is not None:
         cpu.nmi_blocked, svm.host_nmi_blocked = svm.host_nmi_blocked, None
     svm.vmcb_pa, svm.asid, svm.gif, svm.v_intr_masking = None, 0, False, False
@@ -583,8 +582,10 @@ def suspend_for_smm(machine: "Machine") -> None:
     state in the HSAVE page (KVM stashes it there only now, §C.2 step 2)."""
     if machine.svm.guest_mode:
         _write_host(machine, machine.svm.hsave_pa, machine.svm.host)
-        _leave_nested_paging(machine, None)
-        _leave_lbr_virtualization(machine, None)
+        if machine.svm.nested is not None:
+            _leave_nested_paging(machine, None)
+        if machine.svm.host_lbr is not None:
+            _leave_lbr_virtualization(machine, None)
         machine.svm.vmcb_pa = None
         machine.tsc.offset = 0
         leave_guest(machine)
@@ -604,7 +605,9 @@ def resume_after_rsm(machine: "Machine", vmcb_pa: int) -> None:
     machine.tsc.offset = control["tsc_offset"]
     if control["nested_control"] & NP_ENABLE:
         _enter_nested_paging(machine, vmcb_pa, control["n_cr3"])
-    if control["virt_ext"] & LBR_VIRTUALIZATION_ENABLE and MODELS[machine.cpu_model].svm_edx & LBR_VIRTUALIZATION:
+    features = machine.svm_caches.features
+    if control["virt_ext"] & LBR_VIRTUALIZATION_ENABLE and features & LBR_VIRTUALIZATION:
         _enter_lbr_virtualization(machine, vmcb_pa)
     run_as_l2(machine, intercept_controls(machine, control))
-    _set_pause_filter(machine, control)
+    if control["pause_filter_count"] and features & PAUSE_FILTER:
+        _set_pause_filter(machine, control, features)
