@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ..arch.control import EFER_SVME, RFLAGS_IF, RFLAGS_VM
 from ..arch.exceptions import GuestFault, Vector
 from ..arch.exitcodes import ExitCode
-from ..arch.models import MODELS
+from ..arch.models import MODELS, VNMI
 from ..emulator.delivery import Event, EventKind
 from ..emulator.memory import MissingMemory
 from ..emulator.plugins import Msr, OnExit, Part, Source
@@ -46,11 +46,11 @@ def install(machine: "Machine") -> None:
                                     lambda m: bool(m.svm.int_ctl & V_IRQ) and _virtual_interrupt_ready(m),
                                     ExitCode.VINTR, _take_virtual_interrupt, _consume_virtual_interrupt,
                                     window=True))
-    # (int_ctl's V_NMI first: the sources are asked at every boundary and hook, vNMI or not)
-    machine.add_event_source(Source(45, "virtual nmi", lambda m: m.svm.int_ctl & V_NMI and _virtual_nmi_pending(m),
-                                    lambda m: m.svm.int_ctl & V_NMI and _virtual_nmi_pending(m)
-                                    and not m.cpu.nmi_blocked, None, _take_virtual_nmi, _consume_virtual_nmi,
-                                    window=True))
+    if MODELS[machine.cpu_model].svm_edx & VNMI:   # (sources are asked at every boundary and hook)
+        machine.add_event_source(Source(45, "virtual nmi", lambda m: m.svm.int_ctl & V_NMI and _virtual_nmi_pending(m),
+                                        lambda m: m.svm.int_ctl & V_NMI and _virtual_nmi_pending(m)
+                                        and not m.cpu.nmi_blocked, None, _take_virtual_nmi, _consume_virtual_nmi,
+                                        window=True))
     machine.set_intr_unmasked(lambda: _intr_unmasked(machine))
     machine.add_msr(Msr(lambda msr: msrs.emulates(machine, msr), lambda msr: msrs.read(machine, msr),
                         lambda msr, value: msrs.write(machine, msr, value)))
