@@ -66,7 +66,6 @@ V_IGN_TPR = 1 << 20
 V_INTR_MASKING = 1 << 24
 V_GIF_ENABLE = 1 << 25
 V_NMI_ENABLE = 1 << 26              # vNMI: V_NMI and V_NMI_MASK are the guest's NMI state
-V_NMI_ENABLE = 1 << 26
 X2AVIC_ENABLE = 1 << 30
 AVIC_ENABLE = 1 << 31
 

@@ -46,11 +46,9 @@ def install(machine: "Machine") -> None:
                                     lambda m: bool(m.svm.int_ctl & V_IRQ) and _virtual_interrupt_ready(m),
                                     ExitCode.VINTR, _take_virtual_interrupt, _consume_virtual_interrupt,
                                     window=True))
-    if MODELS[machine.cpu_model].svm_edx & VNMI:   # (sources are asked at every boundary and hook)
-        machine.add_event_source(Source(45, "virtual nmi", lambda m: m.svm.int_ctl & V_NMI and _virtual_nmi_pending(m),
-                                        lambda m: m.svm.int_ctl & V_NMI and _virtual_nmi_pending(m)
-                                        and not m.cpu.nmi_blocked, None, _take_virtual_nmi, _consume_virtual_nmi,
-                                        window=True))
+    if machine.svm_caches.features & VNMI:         # (sources are asked at every boundary and hook)
+        machine.add_event_source(Source(45, "virtual nmi", _virtual_nmi_pending, _virtual_nmi_ready, None,
+                                        _take_virtual_nmi, _consume_virtual_nmi, window=True))
     machine.set_intr_unmasked(lambda: _intr_unmasked(machine))
     machine.add_msr(Msr(lambda msr: msrs.emulates(machine, msr), lambda msr: msrs.read(machine, msr),
                         lambda msr, value: msrs.write(machine, msr, value)))
@@ -178,8 +176,13 @@ def _take_virtual_interrupt(machine: "Machine") -> None:
 
 
 def _virtual_nmi_pending(machine: "Machine") -> bool:
+    """V_NMI set under vNMI, and V_GIF not holding it (int_ctl first: the common answer)."""
     return bool(machine.svm.int_ctl & V_NMI) and world.virtual_nmi(machine) and \
         not (world.virtual_gif(machine) and not machine.svm.int_ctl & V_GIF)
+
+
+def _virtual_nmi_ready(machine: "Machine") -> bool:
+    return _virtual_nmi_pending(machine) and not machine.cpu.nmi_blocked
 
 
 def _take_virtual_nmi(machine: "Machine") -> None:

@@ -271,7 +271,7 @@ def virtual_gif(machine: "Machine") -> bool:
     V_GIF_ENABLE, STGI and CLGI set and clear int_ctl's V_GIF instead of GIF, and V_GIF = 0
     holds virtual interrupts (QEMU's virtual_gif_enabled, KVM's nested vGIF)."""
     svm = machine.svm
-    return bool(svm.guest_mode and svm.int_ctl & V_GIF_ENABLE and MODELS[machine.cpu_model].svm_edx & VGIF)
+    return bool(svm.guest_mode and svm.int_ctl & V_GIF_ENABLE and machine.svm_caches.features & VGIF)
 
 
 def _pdptes_refused(machine: "Machine", save: tuple, control: dict[str, int]) -> str | None:
@@ -306,7 +306,7 @@ def _candidate(machine: "Machine", save: tuple, control: dict[str, int]) -> Vmru
         asid=control["guest_asid"], eventinj=control["eventinj"], nested_control=control["nested_control"],
         iopm_base_pa=control["iopm_base_pa"], msrpm_base_pa=control["msrpm_base_pa"],
         long_mode_capable=machine.long_mode_capable, max_phys_bits=max_physical_bits(machine.cpu_model),
-        nested_paging_supported=bool(MODELS[machine.cpu_model].svm_edx & NESTED_PAGING),
+        nested_paging_supported=bool(machine.svm_caches.features & NESTED_PAGING),
         cr4_defined=machine.cr4_defined)
 
 
@@ -354,19 +354,27 @@ def vmrun(machine: "Machine", vmcb_pa: int, next_rip: int, hook: HookContext | N
     svm.vmcb_pa, svm.asid, svm.gif = vmcb_pa, control["guest_asid"], True
     svm.int_ctl, svm.v_intr_vector = int_ctl, control["v_intr_vector"]
     machine.tsc.offset = control["tsc_offset"]
-    if control["nested_control"] & NP_ENABLE:        # (refused above where the model lacks it)
-        _enter_nested_paging(machine, vmcb_pa, control["n_cr3"])
-    if control["virt_ext"] & LBR_VIRTUALIZATION_ENABLE and features & LBR_VIRTUALIZATION:
-        _enter_lbr_virtualization(machine, vmcb_pa)
-    run_as_l2(machine, controls)
-    if control["pause_filter_count"] and features & PAUSE_FILTER:
-        _set_pause_filter(machine, control, features)
+    _run_guest(machine, vmcb_pa, control, controls)
     if int_ctl & V_NMI_ENABLE and features & VNMI:      # vNMI: V_NMI_MASK is the guest's NMI blocking
         svm.host_nmi_blocked, cpu.nmi_blocked = cpu.nmi_blocked, bool(int_ctl & V_NMI_MASK)
     if control["eventinj"] & EVENT_VALID:
         _inject(machine, control["eventinj"], guest[At.rip])
         return machine.cpu.rip
     return guest[At.rip]
+
+
+def _run_guest(machine: "Machine", vmcb_pa: int, control: dict[str, int], controls: InterceptControls) -> None:
+    """The guest runs as L2 under ``controls`` with the VMCB's nested paging, LBR
+    virtualization and pause filter, as far as the model has them (NP_ENABLE without it
+    failed VMRUN's checks): at VMRUN, and at an RSM back into guest mode."""
+    features = machine.svm_caches.features
+    if control["nested_control"] & NP_ENABLE:
+        _enter_nested_paging(machine, vmcb_pa, control["n_cr3"])
+    if control["virt_ext"] & LBR_VIRTUALIZATION_ENABLE and features & LBR_VIRTUALIZATION:
+        _enter_lbr_virtualization(machine, vmcb_pa)
+    run_as_l2(machine, controls)
+    if control["pause_filter_count"] and features & PAUSE_FILTER:
+        _set_pause_filter(machine, control, features)
 
 
 def _enter_nested_paging(machine: "Machine", vmcb_pa: int, n_cr3: int) -> None:
@@ -395,7 +403,7 @@ def virtual_nmi(machine: "Machine") -> bool:
     V_NMI_ENABLE, int_ctl's V_NMI is a pending NMI for the guest and V_NMI_MASK its NMI
     blocking (the CPU's own while the guest runs: delivery sets it, the guest's IRET clears it)."""
     svm = machine.svm
-    return bool(svm.guest_mode and svm.int_ctl & V_NMI_ENABLE and MODELS[machine.cpu_model].svm_edx & VNMI)
+    return bool(svm.guest_mode and svm.int_ctl & V_NMI_ENABLE and machine.svm_caches.features & VNMI)
 
 
 def _vnmi_refused(control: dict[str, int]) -> str | None:
@@ -603,11 +611,4 @@ def resume_after_rsm(machine: "Machine", vmcb_pa: int) -> None:
     svm.int_ctl, svm.v_intr_vector = control["int_ctl"], control["v_intr_vector"]
     svm.v_intr_masking = bool(svm.int_ctl & V_INTR_MASKING)
     machine.tsc.offset = control["tsc_offset"]
-    if control["nested_control"] & NP_ENABLE:
-        _enter_nested_paging(machine, vmcb_pa, control["n_cr3"])
-    features = machine.svm_caches.features
-    if control["virt_ext"] & LBR_VIRTUALIZATION_ENABLE and features & LBR_VIRTUALIZATION:
-        _enter_lbr_virtualization(machine, vmcb_pa)
-    run_as_l2(machine, intercept_controls(machine, control))
-    if control["pause_filter_count"] and features & PAUSE_FILTER:
-        _set_pause_filter(machine, control, features)
+    _run_guest(machine, vmcb_pa, control, intercept_controls(machine, control))   # (its NMI blocking: SMRAM's)
