@@ -1299,16 +1299,18 @@ class Core(Registry):
     def _after_refused_fill(self, trap: _Trap, started: int) -> None:
         """The walk again, for the whole address (the #PF's CR2, the #NPF's guest-physical
         address): its fault is the instruction's."""
-        self.retire(started - 1)
         address = ucinternals.invalid_address(self.uc)
         if address & ~0xFFF != trap.address:
             address = trap.address
         try:
             self.linear.fill(address, trap.outcome)
         except GuestFault as fault:
-            self.deliver(Event(fault.vector, EventKind.EXCEPTION, self.cpu.rip, fault.error_code, fault.cr2))
+            self._after_fault(replace(trap, outcome=fault), started)
+            return
         except SecondStageFault as fault:
-            self.gate.take_exit(self.gate.second_stage_exit(fault, None, self.cpu.rip))
+            self._after_exit(replace(trap, outcome=self.gate.second_stage_exit(fault, None, self.cpu.rip)), started)
+            return
+        self.retire(started - 1)                    # (no fault now: the instruction runs again)
 
     def _after_exit(self, trap: _Trap, started: int) -> None:
         self.retire(started - 1)

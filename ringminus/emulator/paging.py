@@ -134,7 +134,6 @@ def set_accessed(phys: PhysicalMemory, entries: list, size: int, dirty: bool) ->
 class SecondStage(Protocol):
     """Guest-physical to host-physical (svm/npt.NestedPaging): ``translate`` raises
     SecondStageFault; ``table`` marks the guest's own page-table accesses."""
-    root: int
 
     def translate(self, address: int, write: bool, fetch: bool, table: bool, mark: bool = True) -> int: ...
 
@@ -161,11 +160,10 @@ def pae_pdpte_problem(phys: PhysicalMemory, cr3: int, max_phys_bits: int) -> str
 
 
 class LinearMemory:
-    def __init__(self, cpu: Cpu, phys: PhysicalMemory, max_phys_bits: int = 40, gigabyte_pages: bool = False):
+    def __init__(self, cpu: Cpu, phys: PhysicalMemory, max_phys_bits: int = 40):
         self.cpu = cpu
         self.phys = phys
-        self.max_phys_bits = max_phys_bits
-        self.gigabyte_pages = gigabyte_pages
+        self.max_phys_bits = max_phys_bits           # (no model has 1 GiB pages: paging_format's default)
         # A feature's second stage (svm/npt.py), while a guest runs under it: every address
         # the guest's paging gives, and every guest page-table entry, is guest-physical.
         self.stage2: SecondStage | None = None
@@ -203,8 +201,9 @@ class LinearMemory:
                 if frame is None:
                     break
                 physical = frame | (page_linear & 0xFFF)
-            else:
-                physical = self._unpaged(page_linear & 0xFFFF_FFFF)   # no paging: no long mode either
+            else:                                   # no paging: no long mode either
+                physical = (page_linear & 0xFFFF_FFFF if self.stage2 is None
+                            else self.physical_as_executed(page_linear & 0xFFFF_FFFF))
                 if physical is None:
                     break
             chunk = self.phys.read_fast(physical, count)
@@ -212,15 +211,6 @@ class LinearMemory:
                 break
             out += chunk
         return out or None
-
-    def _unpaged(self, address: int) -> int | None:
-        """The host-physical address of an unpaged fetch (None: the second stage refuses it)."""
-        if self.stage2 is None:
-            return address
-        try:
-            return self.stage2.translate(address, False, True, False)
-        except SecondStageFault:
-            return None
 
     def fetch_as_executed(self, linear: int, size: int) -> tuple[bytes | None, bool]:
         """Up to ``size`` instruction bytes at ``linear`` as the CPU fetched them: through
@@ -232,7 +222,7 @@ class LinearMemory:
             return self.fetch(linear, size), False
         out = b""
         for page_linear, count in self._chunks(linear, size):
-            physical = self.physical_as_executed(page_linear)
+            physical = self._cpu_tlb(page_linear)
             if physical is None:
                 return out or None, True
             chunk = self.phys.read_fast(physical, count)
@@ -290,7 +280,7 @@ class LinearMemory:
             linear &= 0xFFFF_FFFF
         if not cr0 & CR0_PG:
             return linear if self.stage2 is None else self.stage2.translate(linear, write, fetch, False, self._marking)
-        fmt = paging_format(cr4, efer, self.max_phys_bits, self.gigabyte_pages)
+        fmt = paging_format(cr4, efer, self.max_phys_bits)
         smep = bool(cr4 & CR4_SMEP)
         error = (PF_W if write else 0) | (PF_U if user else 0) | (PF_I if fetch and (fmt.nx or smep) else 0)
         try:
